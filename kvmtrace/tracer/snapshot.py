@@ -1,0 +1,248 @@
+"""Immutable snapshots: the one data model between the tracer and its consumers
+(dashboard, recorder, exporter, reports). Pure Python, no bcc, no rich.
+
+A snapshot holds *cumulative* figures since the tracer attached; ``Snapshot.delta(prev)`` gives
+the figures of one interval. Every figure group carries its provenance (consts.Provenance).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Optional, Sequence, Tuple
+
+from ..consts import LOG2_BUCKETS
+
+
+def log2_bucket(v: int) -> int:
+    """Bucket index of a value: 0 for 0, else bit length (2**(i-1) <= v < 2**i). Same rule as the C."""
+    if v <= 0:
+        return 0
+    return min(int(v).bit_length(), LOG2_BUCKETS - 1)
+
+
+@dataclass(frozen=True)
+class Log2Hist:
+    """log2 histogram: counts[0] = value 0; counts[i] = values in [2**(i-1), 2**i)."""
+
+    counts: Tuple[int, ...] = (0,) * LOG2_BUCKETS
+
+    @classmethod
+    def from_values(cls, values) -> "Log2Hist":
+        c = [0] * LOG2_BUCKETS
+        for v in values:
+            c[log2_bucket(v)] += 1
+        return cls(tuple(c))
+
+    @classmethod
+    def from_counts(cls, counts: Sequence[int]) -> "Log2Hist":
+        c = list(counts)[:LOG2_BUCKETS]
+        c += [0] * (LOG2_BUCKETS - len(c))
+        return cls(tuple(int(x) for x in c))
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts)
+
+    def __add__(self, other: "Log2Hist") -> "Log2Hist":
+        return Log2Hist(tuple(a + b for a, b in zip(self.counts, other.counts)))
+
+    def __sub__(self, other: "Log2Hist") -> "Log2Hist":
+        return Log2Hist(tuple(a - b for a, b in zip(self.counts, other.counts)))
+
+    @staticmethod
+    def bucket_bounds(i: int) -> Tuple[int, int]:
+        """[lo, hi) of bucket i."""
+        if i == 0:
+            return (0, 1)
+        return (1 << (i - 1), 1 << i)
+
+    def quantile(self, q: float) -> Optional[float]:
+        """Quantile estimated from the histogram by linear interpolation inside the bucket
+        holding it (the stated interpolation rule of every histogram-derived percentile).
+        None when empty."""
+        n = self.total
+        if n == 0:
+            return None
+        rank = q * n
+        seen = 0
+        for i, c in enumerate(self.counts):
+            if c == 0:
+                continue
+            if seen + c >= rank:
+                lo, hi = self.bucket_bounds(i)
+                frac = (rank - seen) / c
+                return lo + (hi - lo) * max(0.0, min(1.0, frac))
+            seen += c
+        lo, hi = self.bucket_bounds(LOG2_BUCKETS - 1)
+        return float(hi)
+
+    def nonzero(self):
+        """(lo, hi, count) for every non-empty bucket."""
+        return [(*self.bucket_bounds(i), c) for i, c in enumerate(self.counts) if c]
+
+
+EMPTY = Log2Hist()
+
+
+@dataclass(frozen=True)
+class VmInfo:
+    """One VM as seen by the tracer. ``vm_id`` is the key used by every stats row:
+    the ``struct kvm`` address as hex in exact modes, ``pid:<tgid>`` in tracepoint mode."""
+
+    vm_id: str
+    pid: int  # VMM process (tgid); 0 when unknown
+    comm: str = ""
+    name: str = ""  # guest name from the command line (QEMU -name), else ""
+    vcpus: Optional[int] = None
+    memslots: Optional[int] = None  # current memslot count (mirrored or read from the kernel)
+    memslots_provenance: str = "none"
+    partial: bool = False  # slots predate the trace (mirror incomplete)
+    alive: bool = True
+
+
+@dataclass(frozen=True)
+class HvaStats:
+    """Cumulative figures for one (VM, op)."""
+
+    vm_id: str
+    pid: int
+    op: str  # consts.Op label
+    count: int = 0  # hva operations observed (always exact: every event is counted in-kernel)
+    # latency, ns
+    lat_hist: Log2Hist = EMPTY
+    lat_count: int = 0  # operations with a latency figure
+    lat_sum_ns: int = 0
+    lat_max_ns: int = 0
+    lat_provenance: str = "none"
+    # memslots visited (matched) per operation
+    slots_hist: Log2Hist = EMPTY
+    slots_count: int = 0  # operations with a slots figure (derived figures may cover fewer)
+    slots_sum: int = 0
+    slots_max: int = 0
+    slots_provenance: str = "none"
+    # memslots scanned (linear-scan kernels only; None elsewhere)
+    scanned_sum: Optional[int] = None
+    # hva range size, bytes
+    range_hist: Log2Hist = EMPTY
+
+    @property
+    def key(self):
+        return (self.vm_id, self.op)
+
+
+@dataclass(frozen=True)
+class MemslotStats:
+    """Cumulative figures for one (VM, change type) of memslot updates."""
+
+    vm_id: str
+    pid: int
+    change: str  # consts.Change label, or "unknown" when it could not be derived
+    count: int = 0
+    errors: int = 0  # updates that returned an error
+    lat_hist: Log2Hist = EMPTY
+    lat_sum_ns: int = 0
+    lat_max_ns: int = 0
+    lat_provenance: str = "none"
+    change_provenance: str = "none"
+
+    @property
+    def key(self):
+        return (self.vm_id, self.change)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Everything the tracer knows at one instant. Cumulative unless ``is_delta``."""
+
+    seq: int
+    wall_time: float  # time.time()
+    mono_ns: int  # time.monotonic_ns()
+    elapsed_s: float  # since attach (or the interval length for a delta)
+    vms: Tuple[VmInfo, ...] = ()
+    hva: Tuple[HvaStats, ...] = ()
+    memslot: Tuple[MemslotStats, ...] = ()
+    lost_events: int = 0  # raw events dropped (ring/perf buffer full)
+    map_full: int = 0  # aggregation map insertions that failed
+    unattributed: int = 0  # hva ops from tasks that are not a known VMM (kswapd, ...)
+    self_cpu_s: float = 0.0  # CPU time of kvmtrace itself (user+sys)
+    is_delta: bool = False
+    meta: Tuple[Tuple[str, str], ...] = ()  # host, kernel, mode ... as (key, value)
+
+    def vm(self, vm_id: str) -> Optional[VmInfo]:
+        for v in self.vms:
+            if v.vm_id == vm_id:
+                return v
+        return None
+
+    def delta(self, prev: Optional["Snapshot"]) -> "Snapshot":
+        """The figures of the interval (prev, self]. Max fields stay cumulative maxima
+        (a max cannot be differenced); VM info is the current one."""
+        if prev is None:
+            return replace(self, is_delta=True)
+        ph = {h.key: h for h in prev.hva}
+        pm = {m.key: m for m in prev.memslot}
+        hva = []
+        for h in self.hva:
+            p = ph.get(h.key)
+            if p is None:
+                hva.append(h)
+                continue
+            hva.append(
+                replace(
+                    h,
+                    count=h.count - p.count,
+                    lat_hist=h.lat_hist - p.lat_hist,
+                    lat_count=h.lat_count - p.lat_count,
+                    lat_sum_ns=h.lat_sum_ns - p.lat_sum_ns,
+                    slots_hist=h.slots_hist - p.slots_hist,
+                    slots_count=h.slots_count - p.slots_count,
+                    slots_sum=h.slots_sum - p.slots_sum,
+                    scanned_sum=None if h.scanned_sum is None else h.scanned_sum - (p.scanned_sum or 0),
+                    range_hist=h.range_hist - p.range_hist,
+                )
+            )
+        mem = []
+        for m in self.memslot:
+            p = pm.get(m.key)
+            if p is None:
+                mem.append(m)
+                continue
+            mem.append(
+                replace(
+                    m,
+                    count=m.count - p.count,
+                    errors=m.errors - p.errors,
+                    lat_hist=m.lat_hist - p.lat_hist,
+                    lat_sum_ns=m.lat_sum_ns - p.lat_sum_ns,
+                )
+            )
+        return replace(
+            self,
+            hva=tuple(hva),
+            memslot=tuple(mem),
+            elapsed_s=max(0.0, (self.mono_ns - prev.mono_ns) / 1e9),
+            lost_events=self.lost_events - prev.lost_events,
+            map_full=self.map_full - prev.map_full,
+            unattributed=self.unattributed - prev.unattributed,
+            self_cpu_s=self.self_cpu_s - prev.self_cpu_s,
+            is_delta=True,
+        )
+
+    def meta_dict(self) -> dict:
+        return dict(self.meta)
+
+
+def mean(total: int, n: int) -> Optional[float]:
+    return None if n <= 0 else total / n
+
+
+__all__ = [
+    "Log2Hist",
+    "VmInfo",
+    "HvaStats",
+    "MemslotStats",
+    "Snapshot",
+    "log2_bucket",
+    "mean",
+    "EMPTY",
+]
