@@ -246,3 +246,44 @@ __all__ = [
     "mean",
     "EMPTY",
 ]
+
+
+@dataclass(frozen=True)
+class HvaEvent:
+    """One raw hva operation (only with raw events enabled). Fields a mode cannot observe are
+    -1 (latency, slots) and the provenance says how the others were obtained."""
+
+    ts_ns: int  # CLOCK_MONOTONIC (bpf_ktime_get_ns)
+    vm_id: str
+    pid: int
+    tid: int
+    op: str
+    start: int
+    end: int
+    latency_ns: int
+    slots: int  # memslots visited (matched); -1 when unknown
+    scanned: int  # memslots scanned (linear-scan kernels); -1 when not applicable
+    memslots: int  # the VM's memslot count at that moment; -1 when unknown
+    lat_provenance: str
+    slots_provenance: str
+
+
+@dataclass(frozen=True)
+class MemslotEvent:
+    """One raw memslot update."""
+
+    ts_ns: int
+    vm_id: str
+    pid: int
+    tid: int
+    change: str
+    slot: int  # slot id (low 16 bits) as passed by userspace
+    as_id: int  # address space (high 16 bits of the slot field)
+    gpa: int
+    size: int
+    hva: int
+    flags: int
+    result: int  # 0 or -errno
+    latency_ns: int
+    lat_provenance: str
+    change_provenance: str
