@@ -39,6 +39,11 @@ class KernelFacts:
     module_fentry_reason: str = ""
     ringbuf: Optional[bool] = None  # BPF ring buffer usable (5.8+)
     is_root: bool = True
+    # struct name -> {member name: element count} for array members (e.g. kvm.memslots)
+    btf_arrays: Optional[Dict[str, Dict[str, int]]] = None
+    # kallsyms: base name -> compiler clone actually present ("kvm_set_memslot.isra.0"), recorded
+    # only when the plain name is absent (a clone may have an altered signature)
+    kallsyms_clones: Dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -68,6 +73,14 @@ class OpPlan:
     scanned: str = "none"  # provenance of slots scanned (linear-scan kernels)
     skipped: Tuple[Skipped, ...] = ()
     notes: Tuple[str, ...] = ()
+    # memslot: the function whose `change` argument is read (kvm_set_memslot); "" when none
+    change_func: str = ""
+    # hva: how slots visited are counted: "handler" (per-slot handler calls nested in the
+    # callback, 5.13+), "walk" (BPF walks the memslot array at callback entry, before 5.13),
+    # "mirror" (tracepoint mode), "" (not available)
+    slots_method: str = ""
+    # parameter names (from BTF) of every function attached, for argument positions by name
+    params: Tuple[Tuple[str, Tuple[str, ...]], ...] = ()
 
     @property
     def available(self) -> bool:
@@ -81,6 +94,14 @@ class ProbePlan:
     # struct offsets (from BTF) the BPF code needs, as define name -> value
     defines: Tuple[Tuple[str, int], ...] = ()
     problems: Tuple[str, ...] = ()
+    linear_scan_reason: str = ""  # how linear_scan was decided (BTF feature, or version)
+    remedies: Tuple[Tuple[str, str], ...] = ()  # (problem, fix) for every entry of problems
+
+    def define(self, name: str) -> Optional[int]:
+        for k, v in self.defines:
+            if k == name:
+                return v
+        return None
 
     def for_op(self, op: str) -> Optional[OpPlan]:
         for p in self.ops:
@@ -91,3 +112,446 @@ class ProbePlan:
     @property
     def modes(self) -> List[str]:
         return sorted({p.attach for p in self.ops if p.available})
+
+
+# ------------------------------------------------------------------------------------------
+# Compatibility tables. Every kernel difference kvmtrace knows about is here, with the change
+# that made it necessary (see DESIGN.md section 2). Decisions are by feature (kallsyms, BTF,
+# tracefs, trial loads); the release number is used only where no feature can tell, and the
+# plan then says so.
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HvaSpec:
+    op: str
+    # MMU-notifier callbacks in virt/kvm/kvm_main.c (entry + exit give the latency)
+    callbacks: Tuple[str, ...]
+    # per-slot handlers called once per overlapping memslot from __kvm_handle_hva_range
+    # (5.13+, "KVM: Move x86's MMU notifier memslot walkers to generic code")
+    gfn_handlers: Tuple[str, ...]
+    # before 5.13 the callbacks call one arch function per operation, which walks the memslots
+    # itself: slots visited are computed by walking kvm->memslots in BPF
+    hva_handlers: Tuple[str, ...]
+    # trace events at the top of the callback (generic since 5.13; x86 had none before)
+    tracepoints: Tuple[str, ...]
+    gone: str = ""  # when the op disappeared from the kernel
+
+
+HVA_SPECS: Tuple[HvaSpec, ...] = (
+    HvaSpec(
+        "unmap",
+        ("kvm_mmu_notifier_invalidate_range_start",),
+        ("kvm_unmap_gfn_range",),
+        ("kvm_unmap_hva_range",),
+        ("kvm:kvm_unmap_hva_range",),
+    ),
+    HvaSpec(
+        "age",
+        ("kvm_mmu_notifier_clear_flush_young", "kvm_mmu_notifier_clear_young"),
+        ("kvm_age_gfn",),
+        ("kvm_age_hva",),
+        ("kvm:kvm_age_hva",),
+    ),
+    HvaSpec(
+        "test_age",
+        ("kvm_mmu_notifier_test_young",),
+        ("kvm_test_age_gfn",),
+        ("kvm_test_age_hva",),
+        ("kvm:kvm_test_age_hva",),
+    ),
+    HvaSpec(
+        "change_pte",
+        ("kvm_mmu_notifier_change_pte",),
+        ("kvm_set_spte_gfn",),
+        ("kvm_set_spte_hva",),
+        ("kvm:kvm_set_spte_hva",),
+        gone="the change_pte notifier, kvm_set_spte_gfn and the kvm_set_spte_hva event were removed in 6.10",
+    ),
+)
+
+# The memslot walker the callbacks share is __always_inline (5.13+), renamed in 6.15: there is
+# never a symbol to probe, so its callers are probed instead.
+HVA_WALKERS = ("__kvm_handle_hva_range", "kvm_handle_hva_range")
+
+# kvm_set_memslot: (kvm, mem, old, new, as_id, change) on 5.7-5.16, (kvm, old, new, change) on
+# 5.17+ (memslot rework). The position of `change` is taken from BTF by name, never assumed.
+SET_MEMSLOT = "kvm_set_memslot"
+SET_MEMSLOT_CHANGE_PARAM = "change"
+# Enclosing functions timed for whole-update latency, best first. All take (kvm, mem).
+#   __kvm_set_memory_region: exported, up to 6.13.
+#   kvm_set_memory_region: 6.14+ the old __kvm_set_memory_region became this static function
+#     (on older kernels it is the exported locking wrapper of __kvm_set_memory_region; both
+#     enclose the whole update).
+#   kvm_vm_ioctl_set_memory_region: the ioctl handler (often inlined into kvm_vm_ioctl).
+REGION_FUNCS = ("__kvm_set_memory_region", "kvm_set_memory_region", "kvm_vm_ioctl_set_memory_region")
+IOCTL_TRACEPOINTS = ("syscalls:sys_enter_ioctl", "syscalls:sys_exit_ioctl")
+
+# Functions and structs whose BTF the resolver (and the BPF code) needs; kernel.py gathers these.
+FUNCS_OF_INTEREST: Tuple[str, ...] = tuple(
+    dict.fromkeys(
+        [f for s in HVA_SPECS for f in s.callbacks + s.gfn_handlers + s.hva_handlers]
+        + list(HVA_WALKERS)
+        + [SET_MEMSLOT]
+        + list(REGION_FUNCS)
+    )
+)
+STRUCTS_OF_INTEREST: Dict[str, Tuple[str, ...]] = {
+    "mmu_notifier_range": ("start", "end"),
+    "kvm": ("memslots",),
+    # used_slots/memslots only exist on linear-scan kernels (sorted array, before 5.17)
+    "kvm_memslots": ("used_slots", "memslots", "generation"),
+    # hva_node only exists on interval-tree kernels (5.17+)
+    "kvm_memory_slot": ("userspace_addr", "npages", "id", "as_id", "base_gfn", "flags", "hva_node"),
+}
+TRACEPOINTS_OF_INTEREST: Tuple[str, ...] = tuple(
+    [t for s in HVA_SPECS for t in s.tracepoints] + list(IOCTL_TRACEPOINTS)
+    + ["raw_syscalls:sys_enter", "raw_syscalls:sys_exit"]
+)
+
+MODES = ("fentry", "kprobe", "tracepoint")
+INTERVAL_TREE_SINCE = (5, 17)  # "KVM: Keep memslots in tree-based structures instead of array-based ones"
+
+
+def parse_release(release: str) -> Optional[Tuple[int, int]]:
+    import re
+
+    m = re.match(r"(\d+)\.(\d+)", release or "")
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+class _Ctx:
+    """Per-resolve helpers over the facts."""
+
+    def __init__(self, facts: KernelFacts, modes):
+        self.f = facts
+        self.modes = tuple(m for m in MODES if m in set(modes))
+
+    # --- symbols ------------------------------------------------------------------------
+
+    def sym(self, name: str) -> bool:
+        return name in self.f.kallsyms
+
+    def module(self, name: str) -> str:
+        return self.f.kallsyms.get(name, "")
+
+    def btf_known(self, name: str) -> Optional[bool]:
+        if self.f.btf_funcs is None:
+            return None
+        return name in self.f.btf_funcs
+
+    def params(self, name: str) -> Optional[Tuple[str, ...]]:
+        if self.f.btf_funcs is None:
+            return None
+        return self.f.btf_funcs.get(name)
+
+    def why_missing(self, name: str) -> str:
+        """Why a function has no kallsyms entry: inlined (BTF knows it) or absent."""
+        clone = self.f.kallsyms_clones.get(name)
+        if clone:
+            return f"{name}: only the compiler clone {clone} exists (signature may be altered); not probed"
+        known = self.btf_known(name)
+        if known:
+            return f"{name}: in BTF but not in kallsyms: inlined everywhere, no symbol to attach to"
+        if known is None:
+            return f"{name}: not in kallsyms (no BTF to tell inlined from absent)"
+        return f"{name}: not in kallsyms nor in BTF: absent from this kernel"
+
+    # --- attach modes --------------------------------------------------------------------
+
+    def mode_refusal(self, mode: str, funcs: Tuple[str, ...]) -> Optional[str]:
+        """None when every function of ``funcs`` can be attached in ``mode``, else why not."""
+        f = self.f
+        if mode not in self.modes:
+            return f"{mode}: not among the requested modes ({','.join(self.modes) or 'none'})"
+        for fn in funcs:
+            if not self.sym(fn):
+                return self.why_missing(fn)
+        if mode == "fentry":
+            if f.btf_funcs is None:
+                return "fentry: no BTF (fentry needs the functions' BTF)"
+            for fn in funcs:
+                mod = self.module(fn)
+                if mod:
+                    if f.module_fentry is not True:
+                        why = f.module_fentry_reason or "bcc lacks module BTF support"
+                        return f"fentry on module {mod}: {why}"
+                elif f.fentry is False:
+                    return f"fentry: {f.fentry_reason or 'trial load failed'}"
+                elif f.fentry is None:
+                    return f"fentry: not verified ({f.fentry_reason or 'no trial load was made'})"
+                if fn not in f.btf_funcs:
+                    return f"fentry: {fn} has no BTF prototype"
+            return None
+        if mode == "kprobe":
+            if f.kprobes is False:
+                return f"kprobe: {f.kprobes_reason or 'unavailable'}"
+            if f.kprobes is None:
+                return f"kprobe: availability unknown ({f.kprobes_reason or 'not checked'})"
+            return None
+        return None
+
+    def tracepoints_refusal(self, tps: Tuple[str, ...]) -> Optional[str]:
+        if "tracepoint" not in self.modes:
+            return f"tracepoint: not among the requested modes ({','.join(self.modes) or 'none'})"
+        have = set(self.f.tracepoints)
+        missing = [t for t in tps if t not in have]
+        if missing:
+            return f"tracepoint {', '.join(missing)}: not present on this kernel"
+        return None
+
+
+def _linear_scan(facts: KernelFacts) -> Tuple[Optional[bool], str]:
+    """Is the hva -> memslot lookup a linear scan (before 5.17)? By BTF feature first."""
+    st = facts.btf_structs
+    if st is not None:
+        slot = st.get("kvm_memory_slot")
+        slots = st.get("kvm_memslots")
+        if slot is not None and "hva_node" in slot:
+            return False, "BTF: kvm_memory_slot.hva_node present (interval tree on hva, 5.17+)"
+        if slots is not None and "used_slots" in slots:
+            return True, "BTF: kvm_memslots.used_slots present (sorted memslot array, linear scan)"
+    v = parse_release(facts.release)
+    if v is None:
+        return None, "unknown: no BTF for struct kvm_memslots and an unparsable release"
+    lin = v < INTERVAL_TREE_SINCE
+    return lin, (
+        f"by kernel version only (no BTF for kvm_memory_slot/kvm_memslots): {v[0]}.{v[1]} "
+        f"{'<' if lin else '>='} 5.17"
+    )
+
+
+def _offset(facts: KernelFacts, struct: str, member: str) -> Optional[int]:
+    if facts.btf_structs is None:
+        return None
+    return facts.btf_structs.get(struct, {}).get(member)
+
+
+def _defines(facts: KernelFacts, linear: Optional[bool]) -> Tuple[List[Tuple[str, int]], List[str]]:
+    """BPF defines from BTF (never guessed) and the problems of missing ones."""
+    out: List[Tuple[str, int]] = []
+    missing: List[str] = []
+
+    def put(name, value, what):
+        if value is None:
+            missing.append(f"{name} ({what})")
+        else:
+            out.append((name, int(value)))
+
+    put("OFF_RANGE_START", _offset(facts, "mmu_notifier_range", "start"), "mmu_notifier_range.start")
+    put("OFF_RANGE_END", _offset(facts, "mmu_notifier_range", "end"), "mmu_notifier_range.end")
+    params = (facts.btf_funcs or {}).get(SET_MEMSLOT)
+    if params is not None and SET_MEMSLOT_CHANGE_PARAM in params:
+        out.append(("SET_MEMSLOT_CHANGE_ARG", params.index(SET_MEMSLOT_CHANGE_PARAM)))
+    else:
+        missing.append(f"SET_MEMSLOT_CHANGE_ARG ({SET_MEMSLOT} `change` parameter)")
+    if linear is not None:
+        out.append(("LINEAR_SCAN", 1 if linear else 0))
+    if linear:
+        arrays = facts.btf_arrays or {}
+        sizes = facts.btf_sizes or {}
+        put("OFF_KVM_MEMSLOTS", _offset(facts, "kvm", "memslots"), "kvm.memslots")
+        put("NR_AS", arrays.get("kvm", {}).get("memslots"), "element count of kvm.memslots")
+        put("OFF_MEMSLOTS_USED", _offset(facts, "kvm_memslots", "used_slots"), "kvm_memslots.used_slots")
+        put("OFF_MEMSLOTS_ARRAY", _offset(facts, "kvm_memslots", "memslots"), "kvm_memslots.memslots")
+        put("SIZEOF_MEMSLOT", sizes.get("kvm_memory_slot"), "sizeof(struct kvm_memory_slot)")
+        put("OFF_SLOT_UADDR", _offset(facts, "kvm_memory_slot", "userspace_addr"), "kvm_memory_slot.userspace_addr")
+        put("OFF_SLOT_NPAGES", _offset(facts, "kvm_memory_slot", "npages"), "kvm_memory_slot.npages")
+        put("OFF_SLOT_ID", _offset(facts, "kvm_memory_slot", "id"), "kvm_memory_slot.id")
+    return out, missing
+
+
+_WALK_DEFINES = (
+    "OFF_KVM_MEMSLOTS", "NR_AS", "OFF_MEMSLOTS_USED", "OFF_MEMSLOTS_ARRAY", "SIZEOF_MEMSLOT",
+    "OFF_SLOT_UADDR", "OFF_SLOT_NPAGES", "OFF_SLOT_ID",
+)
+
+
+def _resolve_hva(spec: HvaSpec, ctx: _Ctx, linear: Optional[bool], defs: Dict[str, int]) -> OpPlan:
+    f = ctx.f
+    skipped: List[Skipped] = []
+    notes: List[str] = []
+    callbacks = tuple(c for c in spec.callbacks if ctx.sym(c))
+    for c in spec.callbacks:
+        if not ctx.sym(c) and callbacks:
+            notes.append(ctx.why_missing(c) + "; its calls are not seen")
+    walk_ok = all(k in defs for k in _WALK_DEFINES)
+    range_ok = spec.op != "unmap" or ("OFF_RANGE_START" in defs and "OFF_RANGE_END" in defs)
+
+    # per-slot handlers: gfn handlers (5.13+) are called per overlapping memslot; before 5.13 an
+    # arch hva function walks the memslots itself.
+    gfn = tuple(h for h in spec.gfn_handlers if ctx.sym(h))
+    hva = tuple(h for h in spec.hva_handlers if ctx.sym(h))
+    walker_present = [w for w in HVA_WALKERS if ctx.sym(w)]
+
+    if callbacks:
+        if gfn and not walker_present:
+            # 5.13+: the callbacks share an __always_inline walker (kvm_handle_hva_range in 6.15+)
+            skipped.append(Skipped("__kvm_handle_hva_range", "always inline, no symbol; probing its callers"))
+        for mode in ("fentry", "kprobe"):
+            handlers: Tuple[str, ...] = ()
+            why = ctx.mode_refusal(mode, callbacks)
+            if why is not None:
+                skipped.append(Skipped(f"{mode} {'+'.join(callbacks)}", why))
+                continue
+            slots, method, scanned = "none", "", "none"
+            if gfn and ctx.mode_refusal(mode, gfn) is None:
+                handlers, slots, method = gfn, "exact", "handler"
+            elif hva and ctx.mode_refusal(mode, hva) is None:
+                handlers = hva
+                if walk_ok:
+                    slots, method = "exact", "walk"
+                else:
+                    notes.append("slots visited unavailable: the memslot walk needs BTF offsets of "
+                                 "kvm/kvm_memslots/kvm_memory_slot")
+            else:
+                cands = gfn or hva or spec.gfn_handlers
+                notes.append("slots visited unavailable: " + (
+                    ctx.mode_refusal(mode, cands) or "no per-slot handler symbol"))
+            if linear:
+                if walk_ok:
+                    scanned = "exact"
+                else:
+                    notes.append("slots scanned unavailable: no BTF offsets for the memslot array")
+            if not range_ok:
+                notes.append("no BTF offsets for mmu_notifier_range.start/end: range sizes not recorded")
+            params = tuple((fn, ctx.params(fn)) for fn in callbacks + handlers if ctx.params(fn) is not None)
+            if f.btf_funcs is None:
+                notes.append("no BTF: argument positions are the ones of every supported kernel, "
+                             "not verified against this one")
+            return OpPlan(
+                op=spec.op, kind="hva", attach=mode, target="+".join(callbacks), latency="exact",
+                slots=slots, callbacks=callbacks, handlers=handlers, scanned=scanned,
+                slots_method=method, skipped=tuple(skipped), notes=tuple(notes), params=params,
+            )
+    else:
+        reason = "; ".join(ctx.why_missing(c) for c in spec.callbacks)
+        if spec.gone:
+            reason += f" ({spec.gone})"
+        for mode in ("fentry", "kprobe"):
+            skipped.append(Skipped(f"{mode} {'+'.join(spec.callbacks)}", reason))
+
+    why = ctx.tracepoints_refusal(spec.tracepoints)
+    if why is None:
+        if linear:
+            notes.append("linear-scan kernel: slots scanned = memslot count of the mirrored table")
+        return OpPlan(
+            op=spec.op, kind="hva", attach="tracepoint", target=",".join(spec.tracepoints),
+            latency="syscall", slots="derived", tracepoints=spec.tracepoints,
+            scanned="derived" if linear else "none", slots_method="mirror",
+            skipped=tuple(skipped), notes=tuple(notes),
+        )
+    if spec.gone and not callbacks:
+        why += f" ({spec.gone})"
+    skipped.append(Skipped(f"tracepoint {','.join(spec.tracepoints)}", why))
+    return OpPlan(
+        op=spec.op, kind="hva", attach="none", target="", latency="none", slots="none",
+        skipped=tuple(skipped), notes=tuple(notes),
+    )
+
+
+def _resolve_memslot(ctx: _Ctx) -> OpPlan:
+    f = ctx.f
+    skipped: List[Skipped] = []
+    notes: List[str] = []
+    region = ""
+    for fn in REGION_FUNCS:
+        if ctx.sym(fn):
+            region = fn
+            break
+        skipped.append(Skipped(fn, ctx.why_missing(fn)))
+    have_set = ctx.sym(SET_MEMSLOT)
+    set_params = ctx.params(SET_MEMSLOT)
+    change_arg = None
+    if set_params is not None and SET_MEMSLOT_CHANGE_PARAM in set_params:
+        change_arg = set_params.index(SET_MEMSLOT_CHANGE_PARAM)
+    if not have_set:
+        skipped.append(Skipped(SET_MEMSLOT, ctx.why_missing(SET_MEMSLOT)))
+
+    timed = region or (SET_MEMSLOT if have_set else "")
+    if timed:
+        for mode in ("fentry", "kprobe"):
+            funcs = (timed,) + ((SET_MEMSLOT,) if have_set and timed != SET_MEMSLOT else ())
+            why = ctx.mode_refusal(mode, funcs)
+            if why is not None:
+                skipped.append(Skipped(f"{mode} {'+'.join(funcs)}", why))
+                continue
+            change = "exact" if (have_set and change_arg is not None) else "derived"
+            if have_set and change_arg is None:
+                notes.append(
+                    f"no BTF prototype of {SET_MEMSLOT}: position of `change` unknown "
+                    "((kvm, mem, old, new, as_id, change) on 5.7-5.16, (kvm, old, new, change) on 5.17+); "
+                    "change type derived from a mirrored slot table instead")
+            elif not have_set:
+                notes.append("change type derived from a mirrored slot table (no kvm_set_memslot symbol)")
+            if timed == SET_MEMSLOT:
+                notes.append("no enclosing region function: latency covers kvm_set_memslot only")
+            params = tuple((fn, ctx.params(fn)) for fn in funcs if ctx.params(fn) is not None)
+            return OpPlan(
+                op="memslot_update", kind="memslot", attach=mode, target=timed, latency="exact",
+                slots=change, callbacks=(timed,),
+                handlers=(SET_MEMSLOT,) if have_set and change == "exact" else (),
+                change_arg=change_arg if change == "exact" else None,
+                change_func=SET_MEMSLOT if change == "exact" else "",
+                skipped=tuple(skipped), notes=tuple(notes), params=params,
+            )
+    why = ctx.tracepoints_refusal(IOCTL_TRACEPOINTS)
+    if why is None:
+        return OpPlan(
+            op="memslot_update", kind="memslot", attach="tracepoint", target="ioctl(KVM_SET_USER_MEMORY_REGION/2)",
+            latency="syscall", slots="derived", tracepoints=IOCTL_TRACEPOINTS, slots_method="mirror",
+            skipped=tuple(skipped), notes=tuple(notes),
+        )
+    skipped.append(Skipped(f"tracepoint {','.join(IOCTL_TRACEPOINTS)}", why))
+    return OpPlan(
+        op="memslot_update", kind="memslot", attach="none", target="", latency="none", slots="none",
+        skipped=tuple(skipped), notes=tuple(notes),
+    )
+
+
+def _fix_for(problem: str, facts: KernelFacts) -> str:
+    p = problem.lower()
+    if "config_kprobes" in p or "kprobe_events" in p:
+        return "boot a kernel built with CONFIG_KPROBES=y (every distribution kernel has it)"
+    if "lockdown" in p:
+        return "boot with lockdown=none (or without Secure Boot lockdown) to allow kprobes/fentry"
+    if "fentry" in p and "module" in p:
+        return "install bcc >= 0.31 (MODULE_KFUNC_PROBE support) or use kprobes"
+    if "fentry" in p:
+        return "kprobes or tracepoints are used instead; for fentry use a kernel that permits BPF trampolines"
+    if "btf" in p:
+        return "boot a kernel built with CONFIG_DEBUG_INFO_BTF=y (and CONFIG_DEBUG_INFO_BTF_MODULES=y)"
+    if "tracepoint" in p or "tracefs" in p:
+        return "mount tracefs (mount -t tracefs nodev /sys/kernel/tracing) and use a kernel with CONFIG_FTRACE_SYSCALLS=y"
+    return "see `kvmtrace doctor` for the plan of the other ops"
+
+
+def resolve(facts: KernelFacts, modes=MODES) -> ProbePlan:
+    """The probe plan for this kernel: per hva op and for memslot updates, fentry > kprobe >
+    tracepoint by feature, each skipped alternative with its reason."""
+    bad = [m for m in modes if m not in MODES]
+    if bad:
+        raise ValueError(f"unknown attach mode(s) {bad}; choose from {MODES}")
+    ctx = _Ctx(facts, modes)
+    linear, linear_reason = _linear_scan(facts)
+    defs, missing = _defines(facts, linear)
+    d = dict(defs)
+    ops = [_resolve_hva(spec, ctx, linear, d) for spec in HVA_SPECS]
+    ops.append(_resolve_memslot(ctx))
+
+    problems: List[str] = []
+    if facts.btf_funcs is None:
+        problems.append("no BTF: argument positions and struct offsets unknown; exact slot walks "
+                        "and range sizes degrade")
+    for op in ops:
+        if not op.available and not (op.op == "change_pte" and any(
+                "removed in 6.10" in s.reason for s in op.skipped)):
+            problems.append(f"{op.op}: cannot be traced here ({op.skipped[-1].reason if op.skipped else 'no path'})")
+    if linear and any(p.attach in ("fentry", "kprobe") for p in ops) and not all(k in d for k in _WALK_DEFINES):
+        problems.append("linear-scan kernel without BTF offsets for the memslot array: "
+                        "slots scanned not available (" + ", ".join(m for m in missing if "SLOT" in m or "MEMSLOT" in m or "NR_AS" in m) + ")")
+    remedies = tuple((p, _fix_for(p, facts)) for p in problems)
+    return ProbePlan(
+        ops=tuple(ops), linear_scan=linear, defines=tuple(defs), problems=tuple(problems),
+        linear_scan_reason=linear_reason, remedies=remedies,
+    )
