@@ -1,0 +1,734 @@
+// SPDX-License-Identifier: GPL-2.0
+// kvmtrace BPF programs, compiled by bcc with -D defines generated in kvmtrace/tracer/cflags.py.
+//
+// Nothing here depends on kernel header struct layouts: every kernel struct offset arrives as a
+// -D define taken from the running kernel's BTF (OFF_*), and the only structs declared here are
+// uapi ones (stable ABI) and kvmtrace's own map/event records.
+//
+// Sections (each enabled by a define, so one object holds what the probe plan chose):
+//   HVA_TP_<OP>      hva op via its kvm:* tracepoint; latency bounded by the enclosing syscall
+//                    (raw_syscalls), slots derived in userspace from the mirrored memslot table
+//   HVA_EXACT_<OP>   hva op via entry/exit of its kvm_mmu_notifier_* callback (kprobe or fentry),
+//                    slots visited = per-slot handler calls inside the callback on the same thread
+//   MS_TP            memslot updates via syscalls:sys_{enter,exit}_ioctl
+//   MS_EXACT         memslot updates via kvm_set_memslot (change type) inside the outer
+//                    region-setting function (whole-update latency)
+//   MODE_FENTRY      exact programs are fentry/fexit (BTF trampolines) instead of kprobes
+//   PID_FILTER       only this tgid (VMM process)
+//   EVENTS           stream raw hva events (memslot/VM events are always streamed: userspace
+//                    mirrors the memslot table from them)
+//   USE_RINGBUF      BPF ring buffer (5.8+), else a perf buffer
+
+#include <uapi/linux/ptrace.h>
+
+#ifndef MAX_AGG
+#define MAX_AGG 16384
+#endif
+#ifndef MAX_THREADS
+#define MAX_THREADS 16384
+#endif
+#ifndef MAX_VMMS
+#define MAX_VMMS 1024
+#endif
+#ifndef MAX_SCAN
+#define MAX_SCAN 512
+#endif
+#ifndef PAGE_SIZE_B
+#define PAGE_SIZE_B 4096
+#endif
+
+// ---- records shared with userspace (kvmtrace/tracer/records.py mirrors them) ----
+enum { CNT_LOST = 0, CNT_MAPFULL = 1, CNT_NOLAT = 2, NR_CNT = 3 };
+enum { EV_HVA = 1, EV_SC_END = 2, EV_MEMSLOT = 3, EV_VM_CREATE = 4 };
+enum { HK_RANGE = 0, HK_LAT = 1, HK_SLOTS = 2 };
+
+struct hist_key {  // histogram bucket of one (vm, op) figure
+    u64 vm;        // struct kvm * (exact) or tgid (tracepoint mode)
+    u32 op;
+    u16 kind;      // HK_*
+    u16 bucket;
+};
+
+struct sum_val {   // per (vm, op): latency and slot sums; count = sum of the HK_RANGE histogram
+    u64 lat_count;
+    u64 lat_sum;
+    u64 lat_max;
+    u64 slots_count;
+    u64 slots_sum;
+    u64 slots_max;
+    u64 scanned_sum;
+    u64 tgid;      // last VMM tgid seen for this vm (exact mode attribution)
+};
+
+struct op_key {
+    u64 vm;
+    u32 op;        // hva op, or memslot change type (ms_* maps)
+    u32 pad;
+};
+
+struct ms_val {    // per (vm, change): memslot updates
+    u64 count;
+    u64 errors;
+    u64 lat_sum;
+    u64 lat_max;
+    u64 tgid;
+};
+
+struct event {     // 80 bytes
+    u64 ts;
+    u64 a;
+    u64 b;
+    u64 c;
+    u64 d;
+    u64 e;
+    s64 ret;
+    u32 kind;
+    u32 tgid;
+    u32 tid;
+    u32 x;
+    u64 vm;        // struct kvm * in exact modes, 0 in tracepoint mode
+};
+
+struct kt_region {  // uapi struct kvm_userspace_memory_region (and the head of ..._region2)
+    u32 slot;
+    u32 flags;
+    u64 guest_phys_addr;
+    u64 memory_size;
+    u64 userspace_addr;
+};
+
+BPF_PERCPU_ARRAY(counters, u64, NR_CNT);
+BPF_HASH(hists, struct hist_key, u64, MAX_AGG);
+BPF_HASH(sums, struct op_key, struct sum_val, MAX_AGG);
+BPF_HASH(ms_hists, struct hist_key, u64, MAX_AGG);
+BPF_HASH(ms_sums, struct op_key, struct ms_val, MAX_AGG);
+BPF_HASH(vmm, u32, u32, MAX_VMMS);       // known VMM tgids (tracepoint mode)
+BPF_HASH(ms_count, u32, u64, MAX_VMMS);  // memslot ioctls per tgid (exact total for tp mode)
+
+#ifdef USE_RINGBUF
+BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
+#else
+BPF_PERF_OUTPUT(events);
+#endif
+#define RB_NO_WAKEUP 1
+
+static __always_inline void bump(u32 idx)
+{
+    u64 *v = counters.lookup(&idx);
+    if (v)
+        (*v)++;
+}
+
+// bcc rewrites map calls only outside macros, hence a function rather than a macro.
+static __always_inline void emit(void *ctx, struct event *ev, u64 flags)
+{
+#ifdef USE_RINGBUF
+    if (events.ringbuf_output(ev, sizeof(*ev), flags) != 0)
+        bump(CNT_LOST);
+#else
+    if (events.perf_submit(ctx, ev, sizeof(*ev)) != 0)
+        bump(CNT_LOST);
+#endif
+}
+
+static __always_inline u32 log2_bucket(u64 v)
+{
+    // bucket 0 = 0; bucket i = [2^(i-1), 2^i); same rule as snapshot.log2_bucket
+    u32 r = 0;
+    if (v >> 32) { v >>= 32; r += 32; }
+    if (v >> 16) { v >>= 16; r += 16; }
+    if (v >> 8) { v >>= 8; r += 8; }
+    if (v >> 4) { v >>= 4; r += 4; }
+    if (v >> 2) { v >>= 2; r += 2; }
+    if (v >> 1) { v >>= 1; r += 1; }
+    r += v;  // v is 0 or 1 here
+    return r >= LOG2_BUCKETS ? LOG2_BUCKETS - 1 : r;
+}
+
+static __always_inline void hist_add(u64 vm, u32 op, u16 kind, u64 value, u64 n)
+{
+    struct hist_key k = {};
+    u64 zero = 0, *v;
+    k.vm = vm;
+    k.op = op;
+    k.kind = kind;
+    k.bucket = log2_bucket(value);
+    v = hists.lookup_or_try_init(&k, &zero);
+    if (v)
+        __sync_fetch_and_add(v, n);
+    else
+        bump(CNT_MAPFULL);
+}
+
+static __always_inline struct sum_val *sum_get(u64 vm, u32 op)
+{
+    struct op_key k = {};
+    struct sum_val zero = {}, *v;
+    k.vm = vm;
+    k.op = op;
+    v = sums.lookup_or_try_init(&k, &zero);
+    if (!v)
+        bump(CNT_MAPFULL);
+    return v;
+}
+
+static __always_inline void max_update(u64 *slot, u64 v)
+{
+    if (*slot < v)
+        *slot = v;  // a lost race only under-reports a max by one concurrent value
+}
+
+// =====================================================================================
+// Tracepoint mode: hva ops
+// =====================================================================================
+#if defined(HVA_TP_UNMAP) || defined(HVA_TP_AGE) || defined(HVA_TP_TEST_AGE) || defined(HVA_TP_CHANGE_PTE)
+#define HVA_TP 1
+
+struct sc_state {  // one system call of a VMM thread
+    u64 ts;
+    u32 n[NR_OPS];  // hva ops seen inside it, per op
+};
+BPF_TABLE("lru_hash", u32, struct sc_state, inflight, MAX_THREADS);
+
+static __always_inline int tgid_wanted(u32 tgid)
+{
+#ifdef PID_FILTER
+    return tgid == PID_FILTER;
+#else
+    return vmm.lookup(&tgid) != 0;
+#endif
+}
+
+static __always_inline int on_hva_tp(void *ctx, u32 op, u64 start, u64 end)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tgid = id >> 32, tid = (u32)id;
+#ifdef PID_FILTER
+    if (tgid != PID_FILTER)
+        return 0;
+#endif
+    hist_add(tgid, op, HK_RANGE, end - start, 1);
+    struct sc_state *s = inflight.lookup(&tid);
+    if (s && s->ts) {
+        if (op < NR_OPS)
+            s->n[op]++;
+    } else {
+        bump(CNT_NOLAT);  // not inside a traced system call (kswapd, page fault path, ...)
+    }
+#ifdef EVENTS
+    struct event ev = {};
+    ev.kind = EV_HVA;
+    ev.ts = bpf_ktime_get_ns();
+    ev.tgid = tgid;
+    ev.tid = tid;
+    ev.x = op;
+    ev.a = start;
+    ev.b = end;
+    emit(ctx, &ev, RB_NO_WAKEUP);
+#endif
+    return 0;
+}
+
+#ifdef HVA_TP_UNMAP
+TRACEPOINT_PROBE(kvm, kvm_unmap_hva_range) { return on_hva_tp(args, OP_UNMAP, args->start, args->end); }
+#endif
+#ifdef HVA_TP_AGE
+TRACEPOINT_PROBE(kvm, kvm_age_hva) { return on_hva_tp(args, OP_AGE, args->start, args->end); }
+#endif
+#ifdef HVA_TP_TEST_AGE
+TRACEPOINT_PROBE(kvm, kvm_test_age_hva) { return on_hva_tp(args, OP_TEST_AGE, args->hva, args->hva + PAGE_SIZE_B); }
+#endif
+#ifdef HVA_TP_CHANGE_PTE
+TRACEPOINT_PROBE(kvm, kvm_set_spte_hva) { return on_hva_tp(args, OP_CHANGE_PTE, args->hva, args->hva + PAGE_SIZE_B); }
+#endif
+
+TRACEPOINT_PROBE(raw_syscalls, sys_enter)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tgid = id >> 32, tid = (u32)id;
+    if (!tgid_wanted(tgid))
+        return 0;
+    struct sc_state s = {};
+    s.ts = bpf_ktime_get_ns();
+    inflight.update(&tid, &s);
+    return 0;
+}
+
+static __always_inline void sc_lat(u32 tgid, u32 op, u32 n, u64 dur)
+{
+    if (!n)
+        return;
+    hist_add(tgid, op, HK_LAT, dur, n);
+    struct sum_val *v = sum_get(tgid, op);
+    if (!v)
+        return;
+    __sync_fetch_and_add(&v->lat_count, n);
+    __sync_fetch_and_add(&v->lat_sum, dur * n);
+    max_update(&v->lat_max, dur);
+}
+
+TRACEPOINT_PROBE(raw_syscalls, sys_exit)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tgid = id >> 32, tid = (u32)id;
+    struct sc_state *s = inflight.lookup(&tid);
+    if (!s || !s->ts)
+        return 0;
+    u64 dur = bpf_ktime_get_ns() - s->ts;
+    s->ts = 0;
+    u32 total = 0;
+#pragma unroll
+    for (int i = 0; i < NR_OPS; i++) {
+        u32 n = s->n[i];
+        if (n) {
+            sc_lat(tgid, i, n, dur);
+            total += n;
+            s->n[i] = 0;
+        }
+    }
+#ifdef EVENTS
+    if (total) {
+        struct event ev = {};
+        ev.kind = EV_SC_END;
+        ev.ts = bpf_ktime_get_ns();
+        ev.tgid = tgid;
+        ev.tid = tid;
+        ev.a = dur;
+        ev.x = total;
+        emit(args, &ev, RB_NO_WAKEUP);
+    }
+#endif
+    return 0;
+}
+#endif  // HVA_TP
+
+// =====================================================================================
+// Tracepoint mode: memslot updates (and VM creation) from the ioctl system call
+// =====================================================================================
+#ifdef MS_TP
+struct ioc_state {
+    u64 ts;
+    u64 cmd;
+    u64 fd;
+    struct kt_region r;
+};
+BPF_TABLE("lru_hash", u32, struct ioc_state, ioc, MAX_THREADS);
+
+TRACEPOINT_PROBE(syscalls, sys_enter_ioctl)
+{
+    u64 cmd = (u32)args->cmd;
+    if (cmd != KVM_SET_USER_MEMORY_REGION_NR && cmd != KVM_SET_USER_MEMORY_REGION2_NR &&
+        cmd != KVM_CREATE_VM_NR)
+        return 0;
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tgid = id >> 32, tid = (u32)id;
+#ifdef PID_FILTER
+    if (tgid != PID_FILTER)
+        return 0;
+#endif
+    struct ioc_state s = {};
+    s.cmd = cmd;
+    s.fd = args->fd;
+    if (cmd != KVM_CREATE_VM_NR)
+        bpf_probe_read_user(&s.r, sizeof(s.r), (void *)args->arg);
+    s.ts = bpf_ktime_get_ns();
+    ioc.update(&tid, &s);
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_ioctl)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tgid = id >> 32, tid = (u32)id;
+    struct ioc_state *s = ioc.lookup(&tid);
+    if (!s)
+        return 0;
+    u64 now = bpf_ktime_get_ns();
+    struct event ev = {};
+    ev.tgid = tgid;
+    ev.tid = tid;
+    ev.ret = args->ret;
+    if (s->cmd == KVM_CREATE_VM_NR) {
+        if (args->ret >= 0) {
+            u32 one = 1;
+            vmm.update(&tgid, &one);
+        }
+        ev.kind = EV_VM_CREATE;
+        ev.ts = now;
+        ev.x = (u32)args->ret;
+    } else {
+        u64 zero = 0, *c = ms_count.lookup_or_try_init(&tgid, &zero);
+        if (c)
+            __sync_fetch_and_add(c, 1);
+        ev.kind = EV_MEMSLOT;
+        ev.ts = s->ts;
+        ev.a = now - s->ts;
+        ev.b = s->r.guest_phys_addr;
+        ev.c = s->r.memory_size;
+        ev.d = s->r.userspace_addr;
+        ev.e = ((u64)s->r.flags << 32) | s->r.slot;
+        ev.x = (u32)s->fd;
+    }
+    ioc.delete(&tid);
+    emit(args, &ev, 0);
+    return 0;
+}
+#endif  // MS_TP
+
+// =====================================================================================
+// Exact mode (kprobe or fentry): callback entry/exit, per-slot handlers, memslot updates
+// =====================================================================================
+#if defined(HVA_EXACT_UNMAP) || defined(HVA_EXACT_AGE) || defined(HVA_EXACT_TEST_AGE) || \
+    defined(HVA_EXACT_CHANGE_PTE) || defined(MS_EXACT)
+#define EXACT 1
+
+#ifdef MODE_FENTRY
+// fentry/fexit: ctx is the u64 argument array (return value after the arguments on fexit)
+#define ARG(ctx, n) (((u64 *)(ctx))[n])
+#ifdef FENTRY_MODULE
+#define FENTRY_(m, fn) MODULE_KFUNC_PROBE(m, fn)
+#define FEXIT_(m, fn) MODULE_KRETFUNC_PROBE(m, fn)
+#define FENTRY(fn) FENTRY_(FENTRY_MODULE, fn)
+#define FEXIT(fn) FEXIT_(FENTRY_MODULE, fn)
+#else
+#define FENTRY_(fn) KFUNC_PROBE(fn)
+#define FEXIT_(fn) KRETFUNC_PROBE(fn)
+#define FENTRY(fn) FENTRY_(fn)
+#define FEXIT(fn) FEXIT_(fn)
+#endif
+#define CTX_T void
+#else
+#define KARG_0(c) PT_REGS_PARM1(c)
+#define KARG_1(c) PT_REGS_PARM2(c)
+#define KARG_2(c) PT_REGS_PARM3(c)
+#define KARG_3(c) PT_REGS_PARM4(c)
+#define KARG_4(c) PT_REGS_PARM5(c)
+#define KARG_5(c) PT_REGS_PARM6(c)
+#define KARG_(c, n) KARG_##n(c)
+#define ARG(ctx, n) KARG_(ctx, n)
+#define CTX_T struct pt_regs
+#endif
+
+struct cb_state {  // one callback in flight on this thread
+    u64 ts;
+    u64 vm;        // struct kvm *
+    u64 start;
+    u64 end;
+    u32 op;
+    u32 slots;     // per-slot handler calls seen inside it
+    u32 scanned;   // linear-scan kernels: memslots the lookup examines
+    u32 matched;   // linear-scan kernels without per-slot handlers: overlaps computed from the table
+};
+BPF_HASH(cb_inflight, u32, struct cb_state, MAX_THREADS);
+BPF_HASH(vm_owner, u64, u32, MAX_VMMS);
+
+#if LINEAR_SCAN
+// Kernels before 5.17 look memslots up by scanning every slot of every address space: the
+// number scanned is the used_slots of each kvm_memslots; the overlaps are computed here from
+// the same array (userspace_addr, npages), read at callback entry.
+static __always_inline void scan_slots(struct cb_state *s)
+{
+    u32 scanned = 0, matched = 0;
+#pragma unroll
+    for (int as = 0; as < NR_AS; as++) {
+        u64 slots = 0;
+        int used = 0;
+        bpf_probe_read_kernel(&slots, sizeof(slots), (void *)(s->vm + OFF_KVM_MEMSLOTS + as * 8));
+        if (!slots)
+            continue;
+        bpf_probe_read_kernel(&used, sizeof(used), (void *)(slots + OFF_MEMSLOTS_USED));
+        if (used <= 0)
+            continue;
+        scanned += used;
+        for (int i = 0; i < MAX_SCAN; i++) {
+            if (i >= used)
+                break;
+            u64 base = slots + OFF_MEMSLOTS_ARRAY + (u64)i * SIZEOF_MEMSLOT;
+            u64 uaddr = 0, npages = 0;
+            bpf_probe_read_kernel(&uaddr, sizeof(uaddr), (void *)(base + OFF_SLOT_UADDR));
+            bpf_probe_read_kernel(&npages, sizeof(npages), (void *)(base + OFF_SLOT_NPAGES));
+            u64 send = uaddr + npages * PAGE_SIZE_B;
+            if (uaddr < s->end && s->start < send)
+                matched++;
+        }
+    }
+    s->scanned = scanned;
+    s->matched = matched;
+}
+#endif
+
+static __always_inline int cb_enter(u32 op, u64 mn, u64 start, u64 end)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tgid = id >> 32, tid = (u32)id;
+#ifdef PID_FILTER
+    if (tgid != PID_FILTER)
+        return 0;
+#endif
+    struct cb_state s = {};
+    s.vm = mn - OFF_KVM_MMU_NOTIFIER;
+    s.op = op;
+    s.start = start;
+    s.end = end;
+#if LINEAR_SCAN
+    scan_slots(&s);
+#endif
+    u32 *owner = vm_owner.lookup(&s.vm);
+    if (!owner)
+        vm_owner.update(&s.vm, &tgid);
+    s.ts = bpf_ktime_get_ns();
+    cb_inflight.update(&tid, &s);
+    return 0;
+}
+
+static __always_inline int cb_exit(void *ctx)
+{
+    u64 now = bpf_ktime_get_ns();
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tid = (u32)id;
+    struct cb_state *s = cb_inflight.lookup(&tid);
+    if (!s)
+        return 0;
+    u64 dur = now - s->ts;
+    u32 op = s->op;
+    u64 vm = s->vm;
+#if HANDLERS_PER_SLOT
+    u32 slots = s->slots;
+#else
+    u32 slots = s->matched;
+#endif
+    hist_add(vm, op, HK_RANGE, s->end - s->start, 1);
+    hist_add(vm, op, HK_LAT, dur, 1);
+    hist_add(vm, op, HK_SLOTS, slots, 1);
+    struct sum_val *v = sum_get(vm, op);
+    if (v) {
+        __sync_fetch_and_add(&v->lat_count, 1);
+        __sync_fetch_and_add(&v->lat_sum, dur);
+        max_update(&v->lat_max, dur);
+        __sync_fetch_and_add(&v->slots_count, 1);
+        __sync_fetch_and_add(&v->slots_sum, slots);
+        max_update(&v->slots_max, slots);
+        __sync_fetch_and_add(&v->scanned_sum, s->scanned);
+        v->tgid = id >> 32;
+    }
+#ifdef EVENTS
+    struct event ev = {};
+    ev.kind = EV_HVA;
+    ev.ts = s->ts;
+    ev.tgid = id >> 32;
+    ev.tid = tid;
+    ev.x = op;
+    ev.a = s->start;
+    ev.b = s->end;
+    ev.c = dur;
+    ev.d = ((u64)s->scanned << 32) | slots;
+    ev.vm = vm;
+    emit(ctx, &ev, RB_NO_WAKEUP);
+#endif
+    cb_inflight.delete(&tid);
+    return 0;
+}
+
+static __always_inline int handler_hit(void)
+{
+    u32 tid = (u32)bpf_get_current_pid_tgid();
+    struct cb_state *s = cb_inflight.lookup(&tid);
+    if (s)
+        s->slots++;
+    return 0;
+}
+
+// Argument positions (CB_*_ARG_*) come from BTF parameter names; a callback without an end
+// argument (test_young, change_pte take one address) covers one page.
+#define CB_RANGE(ctx, OPN, startp, endp)                                        \
+    do {                                                                         \
+        *(startp) = ARG(ctx, CB_##OPN##_START_ARG);                              \
+        *(endp) = *(startp) + PAGE_SIZE_B;                                       \
+    } while (0)
+
+#ifdef MODE_FENTRY
+#define CB_PROGS(OPN, FN, OPV)                                                   \
+    FENTRY(FN) { u64 st = 0, en = 0; CB_ARGS_##OPN(ctx, &st, &en);               \
+                 return cb_enter(OPV, ARG(ctx, 0), st, en); }                   \
+    FEXIT(FN) { return cb_exit(ctx); }
+#define HANDLER_PROG(FN) FENTRY(FN) { return handler_hit(); }
+#else
+#define CB_PROGS(OPN, FN, OPV)                                                   \
+    int kp_enter_##OPN##_##FN(struct pt_regs *ctx) { u64 st = 0, en = 0;         \
+        CB_ARGS_##OPN(ctx, &st, &en); return cb_enter(OPV, ARG(ctx, 0), st, en); } \
+    int kp_exit_##OPN##_##FN(struct pt_regs *ctx) { return cb_exit(ctx); }
+#define HANDLER_PROG(FN) int kp_handler_##FN(struct pt_regs *ctx) { return handler_hit(); }
+#endif
+#define CB_PROGS_(OPN, FN, OPV) CB_PROGS(OPN, FN, OPV)
+#define HANDLER_PROG_(FN) HANDLER_PROG(FN)
+
+// unmap: invalidate_range_start(mn, const struct mmu_notifier_range *range)
+#define CB_ARGS_UNMAP(ctx, startp, endp)                                        \
+    do {                                                                         \
+        u64 r = ARG(ctx, CB_UNMAP_RANGE_ARG);                                    \
+        bpf_probe_read_kernel(startp, 8, (void *)(r + OFF_RANGE_START));         \
+        bpf_probe_read_kernel(endp, 8, (void *)(r + OFF_RANGE_END));             \
+    } while (0)
+// age: clear_flush_young / clear_young (mn, mm, start, end)
+#define CB_ARGS_AGE(ctx, startp, endp)                                          \
+    do { *(startp) = ARG(ctx, CB_AGE_START_ARG); *(endp) = ARG(ctx, CB_AGE_END_ARG); } while (0)
+#define CB_ARGS_AGE2 CB_ARGS_AGE
+// test_age: test_young (mn, mm, address) or (mn, mm, start, end)
+#if CB_TEST_AGE_END_ARG >= 0
+#define CB_ARGS_TEST_AGE(ctx, startp, endp)                                     \
+    do { *(startp) = ARG(ctx, CB_TEST_AGE_START_ARG); *(endp) = ARG(ctx, CB_TEST_AGE_END_ARG); } while (0)
+#else
+#define CB_ARGS_TEST_AGE(ctx, startp, endp) CB_RANGE(ctx, TEST_AGE, startp, endp)
+#endif
+// change_pte (mn, mm, address, pte)
+#define CB_ARGS_CHANGE_PTE(ctx, startp, endp) CB_RANGE(ctx, CHANGE_PTE, startp, endp)
+
+#ifdef HVA_EXACT_UNMAP
+CB_PROGS_(UNMAP, CB_UNMAP_FN, OP_UNMAP)
+#ifdef H_UNMAP_FN
+HANDLER_PROG_(H_UNMAP_FN)
+#endif
+#endif
+#ifdef HVA_EXACT_AGE
+CB_PROGS_(AGE, CB_AGE_FN, OP_AGE)
+#ifdef CB_AGE2_FN
+CB_PROGS_(AGE2, CB_AGE2_FN, OP_AGE)
+#endif
+#ifdef H_AGE_FN
+HANDLER_PROG_(H_AGE_FN)
+#endif
+#endif
+#ifdef HVA_EXACT_TEST_AGE
+CB_PROGS_(TEST_AGE, CB_TEST_AGE_FN, OP_TEST_AGE)
+#ifdef H_TEST_AGE_FN
+HANDLER_PROG_(H_TEST_AGE_FN)
+#endif
+#endif
+#ifdef HVA_EXACT_CHANGE_PTE
+CB_PROGS_(CHANGE_PTE, CB_CHANGE_PTE_FN, OP_CHANGE_PTE)
+#ifdef H_CHANGE_PTE_FN
+HANDLER_PROG_(H_CHANGE_PTE_FN)
+#endif
+#endif
+
+// ---- memslot updates ----
+#ifdef MS_EXACT
+struct ms_state {
+    u64 ts;
+    u64 kvm;
+    s32 change;  // kernel enum kvm_mr_change value seen in kvm_set_memslot, -1 = not reached
+    u32 pad;
+    struct kt_region r;  // the uapi region (head of kvm_userspace_memory_region2 too)
+};
+BPF_HASH(ms_inflight, u32, struct ms_state, MAX_THREADS);
+
+// The kernel's enum kvm_mr_change (KVM_MR_CREATE=0, DELETE=1, MOVE=2, FLAGS_ONLY=3 since
+// 3.x) arrives as KMR_* defines read from BTF, mapped onto kvmtrace's Change numbering here.
+static __always_inline u32 map_change(s32 c)
+{
+    if (c == KMR_CREATE) return CHANGE_CREATE;
+    if (c == KMR_DELETE) return CHANGE_DELETE;
+    if (c == KMR_MOVE) return CHANGE_MOVE;
+    if (c == KMR_FLAGS_ONLY) return CHANGE_FLAGS_ONLY;
+    return NR_CHANGES;  // unknown
+}
+
+static __always_inline int ms_outer_enter(u64 kvm, u64 mem)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tgid = id >> 32, tid = (u32)id;
+#ifdef PID_FILTER
+    if (tgid != PID_FILTER)
+        return 0;
+#endif
+    struct ms_state s = {};
+    s.kvm = kvm;
+    s.change = -1;
+    bpf_probe_read_kernel(&s.r, sizeof(s.r), (void *)mem);
+    s.ts = bpf_ktime_get_ns();
+    ms_inflight.update(&tid, &s);
+    vm_owner.update(&kvm, &tgid);
+    return 0;
+}
+
+static __always_inline int ms_set_enter(s64 change)
+{
+    u32 tid = (u32)bpf_get_current_pid_tgid();
+    struct ms_state *s = ms_inflight.lookup(&tid);
+    if (s)
+        s->change = (s32)change;
+    return 0;
+}
+
+static __always_inline int ms_outer_exit(void *ctx, s64 ret)
+{
+    u64 now = bpf_ktime_get_ns();
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tid = (u32)id;
+    struct ms_state *s = ms_inflight.lookup(&tid);
+    if (!s)
+        return 0;
+    u64 dur = now - s->ts;
+    if (s->change < 0 && ret == 0) {
+        // no-op update (nothing changed): KVM returns before kvm_set_memslot
+        ms_inflight.delete(&tid);
+        return 0;
+    }
+    u32 ch = s->change < 0 ? NR_CHANGES : map_change(s->change);
+    struct op_key k = {};
+    k.vm = s->kvm;
+    k.op = ch;
+    struct ms_val zero = {}, *v = ms_sums.lookup_or_try_init(&k, &zero);
+    if (v) {
+        __sync_fetch_and_add(&v->count, 1);
+        if (ret != 0)
+            __sync_fetch_and_add(&v->errors, 1);
+        __sync_fetch_and_add(&v->lat_sum, dur);
+        max_update(&v->lat_max, dur);
+        v->tgid = id >> 32;
+    } else {
+        bump(CNT_MAPFULL);
+    }
+    struct hist_key hk = {};
+    hk.vm = s->kvm;
+    hk.op = ch;
+    hk.kind = HK_LAT;
+    hk.bucket = log2_bucket(dur);
+    u64 z = 0, *hv = ms_hists.lookup_or_try_init(&hk, &z);
+    if (hv)
+        __sync_fetch_and_add(hv, 1);
+    else
+        bump(CNT_MAPFULL);
+    struct event ev = {};
+    ev.kind = EV_MEMSLOT;
+    ev.ts = s->ts;
+    ev.tgid = id >> 32;
+    ev.tid = tid;
+    ev.a = dur;
+    ev.b = s->r.guest_phys_addr;
+    ev.c = s->r.memory_size;
+    ev.d = s->r.userspace_addr;
+    ev.e = ((u64)s->r.flags << 32) | s->r.slot;
+    ev.x = ch;
+    ev.ret = ret;
+    ev.vm = s->kvm;
+    ms_inflight.delete(&tid);
+    emit(ctx, &ev, 0);
+    return 0;
+}
+
+#ifdef MODE_FENTRY
+#define MS_PROGS(OUTER, SET)                                                      \
+    FENTRY(OUTER) { return ms_outer_enter(ARG(ctx, 0), ARG(ctx, 1)); }                         \
+    FEXIT(OUTER) { return ms_outer_exit(ctx, (s64)(int)ARG(ctx, MS_OUTER_NARGS)); } \
+    FENTRY(SET) { return ms_set_enter((s64)(int)ARG(ctx, SET_MEMSLOT_CHANGE_ARG)); }
+#else
+#define MS_PROGS(OUTER, SET)                                                      \
+    int kp_ms_outer_enter(struct pt_regs *ctx) { return ms_outer_enter(ARG(ctx, 0), ARG(ctx, 1)); } \
+    int kp_ms_outer_exit(struct pt_regs *ctx) { return ms_outer_exit(ctx, (s64)(int)PT_REGS_RC(ctx)); } \
+    int kp_ms_set_enter(struct pt_regs *ctx) { return ms_set_enter((s64)(int)ARG(ctx, SET_MEMSLOT_CHANGE_ARG)); }
+#endif
+#define MS_PROGS_(OUTER, SET) MS_PROGS(OUTER, SET)
+MS_PROGS_(MS_OUTER_FN, MS_SET_FN)
+#endif  // MS_EXACT
+#endif  // EXACT

@@ -1,0 +1,30 @@
+"""ctypes mirrors of the records in kvmtrace/bpf/kvmtrace.c (keep the two in step; the layout
+is checked against the C by tests/test_bpf_load.py through a real compile)."""
+
+from __future__ import annotations
+
+import ctypes as ct
+
+EV_HVA, EV_SC_END, EV_MEMSLOT, EV_VM_CREATE = 1, 2, 3, 4
+CNT_LOST, CNT_MAPFULL, CNT_NOLAT = 0, 1, 2
+HK_RANGE, HK_LAT, HK_SLOTS = 0, 1, 2
+
+
+class Event(ct.Structure):
+    _fields_ = [
+        ("ts", ct.c_uint64),
+        ("a", ct.c_uint64),
+        ("b", ct.c_uint64),
+        ("c", ct.c_uint64),
+        ("d", ct.c_uint64),
+        ("e", ct.c_uint64),
+        ("ret", ct.c_int64),
+        ("kind", ct.c_uint32),
+        ("tgid", ct.c_uint32),
+        ("tid", ct.c_uint32),
+        ("x", ct.c_uint32),
+        ("vm", ct.c_uint64),
+    ]
+
+
+EVENT_SIZE = ct.sizeof(Event)

@@ -1,0 +1,45 @@
+from kvmtrace.consts import Change
+from kvmtrace.tracer.mirror import Mirror, SlotTable
+
+MB = 1 << 20
+
+
+def brute(slots, s, e):
+    return sum(1 for (h, z) in slots if h < e and s < h + z)
+
+
+def test_overlap_matches_brute_force_with_aliases():
+    t = SlotTable()
+    ranges = [(0x10000000 + i * 4 * MB, 4 * MB) for i in range(16)]
+    ranges += [(0x10000000 + 2 * MB, 8 * MB)]  # an alias overlapping three others
+    for i, (h, z) in enumerate(ranges):
+        assert t.apply(0, i, i * 4 * MB, z, h, 0) == Change.CREATE
+    for s, e in [(0, 1), (0x10000000, 0x10001000), (0x10000000 + 4 * MB - 4096, 0x10000000 + 4 * MB + 4096),
+                 (0x10000000, 0x10000000 + 64 * MB), (0x10000000 + 64 * MB, 0x10000000 + 65 * MB),
+                 (0x10000000 + 3 * MB, 0x10000000 + 3 * MB + 1)]:
+        assert t.overlap(s, e) == brute(ranges, s, e), (hex(s), hex(e))
+
+
+def test_classify_create_move_flags_delete():
+    m = Mirror()
+    vm = "pid:1"
+    m.vm_created(vm)
+    assert m.update(vm, 3, 0x0, 2 * MB, 0x7000000, 0, True) == Change.CREATE
+    assert m.update(vm, 3, 0x0, 2 * MB, 0x7000000, 0, True) is None  # nothing changes
+    assert m.update(vm, 3, 0x0, 2 * MB, 0x7000000, 1, True) == Change.FLAGS_ONLY
+    assert m.update(vm, 3, 0x400000, 2 * MB, 0x7000000, 1, True) == Change.MOVE
+    assert m.count(vm) == 1
+    assert m.overlap(vm, 0x7000000, 0x7001000) == 1
+    assert m.update(vm, 3, 0x400000, 0, 0, 0, True) == Change.DELETE
+    assert m.count(vm) == 0 and m.overlap(vm, 0x7000000, 0x7001000) == 0
+    assert not m.partial(vm) and m.partial("pid:2")
+
+
+def test_failed_update_changes_nothing_and_address_spaces_are_distinct():
+    m = Mirror()
+    vm = "pid:1"
+    assert m.update(vm, 5, 0, MB, 0x1000000, 0, False) == Change.CREATE
+    assert m.count(vm) == 0
+    m.update(vm, (1 << 16) | 5, 0, MB, 0x1000000, 0, True)  # as_id 1, slot 5
+    m.update(vm, 5, 0, MB, 0x1000000, 0, True)  # as_id 0, slot 5
+    assert m.count(vm) == 2 and m.overlap(vm, 0x1000000, 0x1000001) == 2
