@@ -1,0 +1,17 @@
+"""Recordings, reports, comparisons and bench tables: pandas over snapshots and raw events.
+
+Layout (each module pure unless stated):
+  tables     column layout of every recorded table; Snapshot / raw events -> rows -> DataFrames
+  recording  Recorder (writes a recording directory, Parquet or CSV) and read_recording / read_inputs
+  report     recordings -> summary DataFrames (per op and VM, memslot updates, memslot-count
+             breakdown, lost events) and the JSON document of ``kvmtrace report --json``
+  compare    two sets of recordings -> one row per op (and scenario x slots) with ratios,
+             confidence intervals, a significance test and a verdict
+  bench      bench directory index, run plan, seed-style table
+  export     spreadsheet-safe CSV, JSON
+  html       self-contained HTML page with matplotlib (Agg) plots
+  render     rich tables for the terminal (rich imported inside functions only)
+
+Nothing here imports bcc; rich and matplotlib are imported lazily inside the functions that
+render.
+"""

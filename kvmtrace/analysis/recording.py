@@ -1,0 +1,619 @@
+"""Recordings on disk: the Recorder that streams intervals, and the readers.
+
+A recording is a directory::
+
+    PATH/kvmtrace-recording.json        metadata (format, version, host, kernel, label, probe plan
+                                        with provenance, start/end, lost events, status, tables)
+    Parquet format:
+    PATH/<table>/journal-NNNNNN.arrows  Arrow IPC stream, one record batch per interval, flushed
+                                        (and fsynced) after every interval
+    PATH/<table>/part-NNNNNN.parquet    the journal with the same number, compacted into Parquet
+    CSV format:
+    PATH/<table>.csv                    rows appended and flushed after every interval
+
+Why a journal and not one ParquetWriter per table: a Parquet file is unreadable until its footer
+is written at close, so a crash would lose everything. An Arrow IPC stream is readable up to its
+last complete record batch, so a crash loses at most the interval being written. Every
+``compact_every`` intervals (and at close) the journal is rewritten as a Parquet part
+(``part-K.parquet.tmp``, fsync, atomic rename, then the journal is removed). A crash between the
+rename and the removal leaves both files: readers take the part and ignore the journal of the
+same number. Memory stays bounded by one interval (writing) or one record batch (compacting),
+however long the recording runs.
+
+The ``intervals`` table is written last in every interval; readers keep only rows of intervals
+that reached it, so all tables agree on which intervals are complete.
+
+Tables and columns: ``tables.SCHEMAS``. Metadata is rewritten atomically (tmp + rename) after
+every interval, so it always states how far the recording got.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+import socket
+import time
+from dataclasses import asdict, is_dataclass
+from typing import Dict, Iterable, List, Optional, Sequence
+
+import pandas as pd
+import pyarrow as pa
+
+from .. import __version__
+from ..errors import DataFileError, UsageError
+from . import tables as T
+
+FORMAT = "kvmtrace-recording"
+FORMAT_VERSION = 1
+META_FILE = "kvmtrace-recording.json"
+BENCH_FORMAT = "kvmtrace-bench"
+BENCH_VERSION = 1
+BENCH_FILE = "kvmtrace-bench.json"
+
+_DANGEROUS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def escape_cell(s: str) -> str:
+    """Spreadsheet-safe text: a cell starting with = + - @ tab or CR is prefixed with a quote,
+    so no spreadsheet evaluates it as a formula. A leading quote is doubled, which keeps the
+    escaping reversible (``unescape_cell``)."""
+    if s and (s[0] in _DANGEROUS or s[0] == "'"):
+        return "'" + s
+    return s
+
+
+def unescape_cell(s: str) -> str:
+    if s and s[0] == "'":
+        return s[1:]
+    return s
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: str, obj, fsync: bool = True) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True, default=str)
+        f.write("\n")
+        f.flush()
+        if fsync:
+            os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def plan_to_dict(plan) -> Optional[dict]:
+    """ProbePlan (or anything dataclass-like) -> JSON-able dict, provenance included."""
+    if plan is None:
+        return None
+    if is_dataclass(plan):
+        return asdict(plan)
+    if isinstance(plan, dict):
+        return plan
+    return {"repr": repr(plan)}
+
+
+def scanned_provenance_from_plan(plan) -> Dict[str, str]:
+    out = {}
+    for p in getattr(plan, "ops", ()) or ():
+        out[p.op] = str(getattr(p, "scanned", "none"))
+    return out
+
+
+# --------------------------------------------------------------------------------- writing
+
+
+class _JournalTable:
+    """One table in Parquet format: Arrow IPC journal + compacted Parquet parts."""
+
+    def __init__(self, directory: str, name: str, fsync: bool):
+        self.dir = os.path.join(directory, name)
+        os.makedirs(self.dir, exist_ok=True)
+        self.schema = T.SCHEMAS[name]
+        self.fsync = fsync
+        self.k = 0
+        self._f = None
+        self._w = None
+        self.rows = 0
+
+    def _journal(self, k: int) -> str:
+        return os.path.join(self.dir, f"journal-{k:06d}.arrows")
+
+    def _part(self, k: int) -> str:
+        return os.path.join(self.dir, f"part-{k:06d}.parquet")
+
+    def append(self, table: pa.Table) -> None:
+        if table.num_rows == 0:
+            return
+        if self._w is None:
+            self._f = open(self._journal(self.k), "wb")
+            self._w = pa.ipc.new_stream(self._f, self.schema)
+        self._w.write_table(table)
+        self._f.flush()
+        if self.fsync:
+            os.fsync(self._f.fileno())
+        self.rows += table.num_rows
+
+    def compact(self) -> None:
+        if self._w is None:
+            return
+        import pyarrow.parquet as pq
+
+        self._w.close()
+        self._f.close()
+        self._w = self._f = None
+        src, dst = self._journal(self.k), self._part(self.k)
+        tmp = dst + ".tmp"
+        with pa.memory_map(src) as m:
+            reader = pa.ipc.open_stream(m)
+            writer = pq.ParquetWriter(tmp, self.schema, compression="zstd")
+            pending: List[pa.RecordBatch] = []
+            n = 0
+            for batch in reader:
+                pending.append(batch)
+                n += batch.num_rows
+                if n >= 1_000_000:
+                    writer.write_table(pa.Table.from_batches(pending, self.schema))
+                    pending, n = [], 0
+            if pending:
+                writer.write_table(pa.Table.from_batches(pending, self.schema))
+            writer.close()
+        if self.fsync:
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, dst)
+        if self.fsync:
+            _fsync_dir(self.dir)
+        os.unlink(src)
+        self.k += 1
+
+    def close(self) -> None:
+        self.compact()
+
+
+class _CsvTable:
+    def __init__(self, directory: str, name: str, fsync: bool):
+        self.path = os.path.join(directory, f"{name}.csv")
+        self.columns = T.columns(name)
+        self.text = [c in T.TEXT_COLUMNS for c in self.columns]
+        self.fsync = fsync
+        self._f = open(self.path, "w", newline="")
+        self._w = csv.writer(self._f, lineterminator="\n")
+        self._w.writerow(self.columns)
+        self._f.flush()
+        self.rows = 0
+
+    def append(self, table: pa.Table) -> None:
+        if table.num_rows == 0:
+            return
+        cols = [table.column(c).to_pylist() for c in self.columns]
+        for row in zip(*cols):
+            self._w.writerow(
+                [
+                    ("" if v is None else (escape_cell(v) if t else v))
+                    for v, t in zip(row, self.text)
+                ]
+            )
+        self._f.flush()
+        if self.fsync:
+            os.fsync(self._f.fileno())
+        self.rows += table.num_rows
+
+    def compact(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self._f.close()
+
+
+class Recorder:
+    """Streams intervals into a recording directory. Use as a context manager; ``write`` once
+    per interval with ``snap.delta(prev)`` and the raw events received in that interval.
+    ``close`` (or leaving the ``with``) compacts and marks the recording complete."""
+
+    def __init__(
+        self,
+        path: str,
+        fmt: str = "parquet",
+        meta: Optional[dict] = None,
+        events: bool = False,
+        compact_every: int = 300,
+        fsync: bool = True,
+        plan=None,
+    ):
+        if fmt not in ("parquet", "csv"):
+            raise UsageError(f"unknown recording format {fmt!r}", "use --format parquet or --format csv")
+        if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
+            raise UsageError(f"{path} already exists", "choose a new path for the recording (it becomes a directory)")
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError as e:
+            raise UsageError(f"cannot create {path}: {e.strerror}", "choose a writable location") from e
+        self.path = path
+        self.fmt = fmt
+        self.events = events
+        self.compact_every = max(1, int(compact_every))
+        self.fsync = fsync
+        self.interval = 0
+        self.lost_events = 0
+        self.totals = {"hva_ops": 0, "memslot_updates": 0, "hva_events": 0, "memslot_events": 0}
+        self._scanned_prov = scanned_provenance_from_plan(plan)
+        names = T.AGG_TABLES + (T.EVENT_TABLES if events else ())
+        cls = _JournalTable if fmt == "parquet" else _CsvTable
+        # "intervals" last: an interval is complete once its intervals row is written.
+        order = [n for n in names if n != "intervals"] + ["intervals"]
+        self._tables = {n: cls(path, n, fsync) for n in order}
+        now = time.time()
+        m = dict(meta or {})
+        self.meta = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "kvmtrace_version": __version__,
+            "storage": fmt,
+            "host": m.pop("host", socket.gethostname()),
+            "kernel": m.pop("kernel", os.uname().release),
+            "label": m.pop("label", ""),
+            "start": m.pop("start", now),
+            "end": None,
+            "status": "recording",
+            "intervals": 0,
+            "lost_events": 0,
+            "events": bool(events),
+            "probe_plan": plan_to_dict(plan) if plan is not None else m.pop("probe_plan", None),
+            "tables": {n: T.columns(n) for n in order},
+        }
+        self.meta.update(m)
+        self._meta_path = os.path.join(path, META_FILE)
+        write_json_atomic(self._meta_path, self.meta, fsync)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self.close(status="complete" if exc_type is None or exc_type is KeyboardInterrupt else "failed")
+
+    def write(self, delta, events: Iterable = ()) -> int:
+        """Record one interval; returns its number. ``events``: HvaEvent / MemslotEvent objects."""
+        if self._tables is None:
+            raise RuntimeError("recorder is closed")
+        if not delta.is_delta:
+            raise ValueError("Recorder.write needs snap.delta(prev)")
+        i = self.interval
+        hva_ev, mem_ev = T.split_events(events) if self.events else ([], [])
+        rows = T.snapshot_rows(delta, i, self._scanned_prov, len(hva_ev), len(mem_ev))
+        for name, tab in self._tables.items():
+            if name == "hva_events":
+                data = T.to_arrow(name, T.event_columns(hva_ev, name, i))
+            elif name == "memslot_events":
+                data = T.to_arrow(name, T.event_columns(mem_ev, name, i))
+            else:
+                data = T.to_arrow(name, rows[name])
+            tab.append(data)
+        self.interval += 1
+        self.lost_events += int(delta.lost_events)
+        ir = rows["intervals"][0]
+        for k in self.totals:
+            self.totals[k] += ir[k]
+        if self.interval % self.compact_every == 0:
+            for tab in self._tables.values():
+                tab.compact()
+        self.meta.update(
+            end=float(delta.wall_time), intervals=self.interval, lost_events=self.lost_events, totals=dict(self.totals)
+        )
+        write_json_atomic(self._meta_path, self.meta, self.fsync)
+        return i
+
+    def update_meta(self, **kw) -> None:
+        self.meta.update(kw)
+        write_json_atomic(self._meta_path, self.meta, self.fsync)
+
+    def bytes_on_disk(self) -> int:
+        n = 0
+        for root, _, files in os.walk(self.path):
+            for f in files:
+                try:
+                    n += os.path.getsize(os.path.join(root, f))
+                except OSError:
+                    pass
+        return n
+
+    def close(self, status: str = "complete", **meta) -> None:
+        if self._tables is None:
+            return
+        for tab in self._tables.values():
+            tab.close()
+        self._tables = None
+        self.meta.update(meta)
+        self.meta["status"] = status
+        if self.meta.get("end") is None:
+            self.meta["end"] = time.time()
+        write_json_atomic(self._meta_path, self.meta, self.fsync)
+
+
+# --------------------------------------------------------------------------------- reading
+
+
+class Recording:
+    """A recording read back: ``meta`` (dict) and one DataFrame per table (``tables``).
+    ``source`` names it in merged reports; ``bench`` holds scenario/slots/workload for bench
+    runs; ``warnings`` says what was tolerated (unfinished recording, torn last interval)."""
+
+    def __init__(self, path: str, meta: dict, tables: Dict[str, pd.DataFrame], warnings: List[str]):
+        self.path = path
+        self.meta = meta
+        self.tables = tables
+        self.warnings = warnings
+        self.source = meta.get("label") or os.path.basename(os.path.normpath(path))
+        self.bench: Optional[dict] = None
+
+    @property
+    def has_events(self) -> bool:
+        return "hva_events" in self.tables
+
+    def __getitem__(self, name: str) -> pd.DataFrame:
+        return self.tables[name]
+
+
+_PART = re.compile(r"^(part|journal)-(\d{6})\.(parquet|arrows)$")
+
+
+def _read_journal(path: str, schema: pa.Schema, warnings: List[str]) -> pa.Table:
+    batches = []
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise DataFileError(f"{path}: cannot read: {e.strerror}") from e
+    if not data:
+        return schema.empty_table()
+    try:
+        reader = pa.ipc.open_stream(pa.BufferReader(data))
+    except pa.ArrowInvalid as e:
+        raise DataFileError(f"{path}: not an Arrow stream ({e})", "the recording is damaged or not a kvmtrace recording") from e
+    if not reader.schema.equals(schema):
+        raise DataFileError(f"{path}: columns differ from this kvmtrace's {FORMAT} v{FORMAT_VERSION}")
+    while True:
+        try:
+            batches.append(reader.read_next_batch())
+        except StopIteration:
+            break
+        except (pa.ArrowInvalid, OSError, EOFError):
+            warnings.append(f"{os.path.basename(path)}: torn last interval dropped (recorder stopped mid-write)")
+            break
+    return pa.Table.from_batches(batches, schema)
+
+
+def _read_parquet_table(directory: str, name: str, columns: Optional[Sequence[str]], warnings: List[str]) -> pa.Table:
+    import pyarrow.parquet as pq
+
+    schema = T.SCHEMAS[name]
+    tdir = os.path.join(directory, name)
+    if not os.path.isdir(tdir):
+        raise DataFileError(f"{directory}: table {name!r} is missing", "the recording is incomplete or damaged")
+    found: Dict[int, Dict[str, str]] = {}
+    for fn in os.listdir(tdir):
+        m = _PART.match(fn)
+        if m:
+            found.setdefault(int(m.group(2)), {})[m.group(1)] = os.path.join(tdir, fn)
+    parts = []
+    for k in sorted(found):
+        f = found[k]
+        if "part" in f:
+            try:
+                t = pq.read_table(f["part"], columns=list(columns) if columns else None)
+            except Exception as e:  # pyarrow raises several types for damaged files
+                raise DataFileError(
+                    f"{f['part']}: truncated or corrupt Parquet part ({e})", "the recording was damaged after it was written"
+                ) from e
+            want = schema if not columns else pa.schema([schema.field(c) for c in columns])
+            if not t.schema.equals(want):
+                raise DataFileError(f"{f['part']}: columns differ from this kvmtrace's {FORMAT} v{FORMAT_VERSION}")
+        else:
+            t = _read_journal(f["journal"], schema, warnings)
+            if columns:
+                t = t.select(list(columns))
+        parts.append(t)
+    if not parts:
+        s = schema if not columns else pa.schema([schema.field(c) for c in columns])
+        return s.empty_table()
+    return pa.concat_tables(parts)
+
+
+def _read_csv_table(directory: str, name: str, columns: Optional[Sequence[str]], warnings: List[str]) -> pa.Table:
+    import pyarrow.csv as pcsv
+
+    schema = T.SCHEMAS[name]
+    path = os.path.join(directory, f"{name}.csv")
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError as e:
+        raise DataFileError(f"{directory}: table {name!r} is missing ({name}.csv)", "the recording is incomplete") from e
+    header = ",".join(schema.names).encode()
+    first = data.split(b"\n", 1)[0]
+    if first != header:
+        raise DataFileError(f"{path}: columns differ from this kvmtrace's {FORMAT} v{FORMAT_VERSION}")
+    if not data.endswith(b"\n"):
+        data = data[: data.rfind(b"\n") + 1]
+        warnings.append(f"{name}.csv: torn last line dropped (recorder stopped mid-write)")
+    try:
+        t = pcsv.read_csv(
+            io.BytesIO(data),
+            convert_options=pcsv.ConvertOptions(
+                column_types={f.name: f.type for f in schema},
+                include_columns=list(columns) if columns else None,
+                strings_can_be_null=False,
+            ),
+        )
+    except pa.ArrowInvalid as e:
+        raise DataFileError(f"{path}: unreadable CSV ({e})", "the recording is damaged") from e
+    for c in t.column_names:
+        if c in T.TEXT_COLUMNS:
+            vals = [unescape_cell(v) for v in t.column(c).to_pylist()]
+            t = t.set_column(t.schema.get_field_index(c), c, pa.array(vals, pa.string()))
+    return t
+
+
+def read_meta(path: str) -> dict:
+    """Metadata of a recording directory, checked for format and version."""
+    if not os.path.exists(path):
+        raise DataFileError(f"{path}: no such file or directory")
+    if not os.path.isdir(path):
+        size = os.path.getsize(path)
+        what = "an empty file" if size == 0 else "a file"
+        raise DataFileError(
+            f"{path}: {what}, not a kvmtrace recording (a recording is a directory holding {META_FILE})",
+            "pass the directory written by `kvmtrace record -o` or `kvmtrace bench -o`",
+        )
+    mp = os.path.join(path, META_FILE)
+    if not os.path.exists(mp):
+        what = "an empty directory" if not os.listdir(path) else "a directory without " + META_FILE
+        raise DataFileError(
+            f"{path}: {what}, not a kvmtrace recording",
+            "pass the directory written by `kvmtrace record -o` or `kvmtrace bench -o`",
+        )
+    try:
+        with open(mp) as f:
+            text = f.read()
+    except OSError as e:
+        raise DataFileError(f"{mp}: cannot read: {e.strerror}") from e
+    if not text.strip():
+        raise DataFileError(f"{mp}: empty metadata file", "the recording is damaged")
+    try:
+        meta = json.loads(text)
+    except ValueError as e:
+        raise DataFileError(f"{mp}: truncated or invalid JSON ({e})", "the recording is damaged") from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise DataFileError(f"{path}: not a kvmtrace recording (format {meta.get('format') if isinstance(meta, dict) else None!r})")
+    v = meta.get("format_version")
+    if v != FORMAT_VERSION:
+        raise DataFileError(
+            f"{path}: recording format version {v}, this kvmtrace ({__version__}) reads version {FORMAT_VERSION}",
+            "use the kvmtrace version that wrote it (recorded by kvmtrace " + str(meta.get("kvmtrace_version")) + ")",
+        )
+    return meta
+
+
+_CATEGORICAL = {"vm_id", "op", "change", "lat_provenance", "slots_provenance", "change_provenance"}
+
+
+def _to_pandas(t: pa.Table, categorical: bool) -> pd.DataFrame:
+    if categorical:
+        import pyarrow.compute as pc
+
+        for i, f in enumerate(t.schema):
+            if f.name in _CATEGORICAL and pa.types.is_string(f.type):
+                t = t.set_column(i, f.name, pc.dictionary_encode(t.column(i)))
+    return t.to_pandas()
+
+
+def read_recording(
+    path: str,
+    tables: Optional[Sequence[str]] = None,
+    event_columns: Optional[Dict[str, Sequence[str]]] = None,
+) -> Recording:
+    """Read a recording directory. ``tables`` limits which tables are read (default: all);
+    ``event_columns`` limits the columns of event tables (they can hold millions of rows; their
+    text columns come back categorical)."""
+    meta = read_meta(path)
+    warnings: List[str] = []
+    present = list((meta.get("tables") or {}).keys()) or list(T.AGG_TABLES)
+    for n in present:
+        if n not in T.SCHEMAS:
+            raise DataFileError(f"{path}: unknown table {n!r} in metadata", "written by a different kvmtrace version?")
+    want = [n for n in present if tables is None or n in tables or n == "intervals"]
+    storage = meta.get("storage", "parquet")
+    reader = _read_parquet_table if storage == "parquet" else _read_csv_table
+    if storage not in ("parquet", "csv"):
+        raise DataFileError(f"{path}: unknown storage {storage!r}")
+    out: Dict[str, pd.DataFrame] = {}
+    arrow: Dict[str, pa.Table] = {}
+    for n in want:
+        cols = None
+        if event_columns and n in event_columns:
+            cols = list(dict.fromkeys(["interval"] + list(event_columns[n])))
+        arrow[n] = reader(path, n, cols, warnings)
+    iv = arrow["intervals"]
+    if iv.num_rows == 0:
+        raise DataFileError(f"{path}: recording holds no complete interval", "record for at least one interval")
+    last = max(iv.column("interval").to_pylist())
+    import pyarrow.compute as pc
+
+    for n, t in arrow.items():
+        if n != "intervals" and t.num_rows:
+            mx = pc.max(t.column("interval")).as_py()
+            if mx is not None and mx > last:
+                t = t.filter(pc.less_equal(t.column("interval"), last))
+                warnings.append(f"{n}: rows of interval {mx} dropped (interval not complete)")
+        out[n] = _to_pandas(t, n in T.EVENT_TABLES)
+    if meta.get("status") == "recording":
+        warnings.append(f"{path}: recorder did not finish (crash or still running); using intervals 0..{last}")
+    return Recording(path, meta, out, warnings)
+
+
+# --------------------------------------------------------------------------------- bench dirs
+
+
+def is_bench_dir(path: str) -> bool:
+    return os.path.isdir(path) and os.path.exists(os.path.join(path, BENCH_FILE))
+
+
+def read_bench_index(path: str) -> dict:
+    p = os.path.join(path, BENCH_FILE)
+    try:
+        with open(p) as f:
+            idx = json.load(f)
+    except ValueError as e:
+        raise DataFileError(f"{p}: truncated or invalid JSON ({e})", "the bench directory is damaged") from e
+    if not isinstance(idx, dict) or idx.get("format") != BENCH_FORMAT:
+        raise DataFileError(f"{path}: not a kvmtrace bench directory")
+    if idx.get("format_version") != BENCH_VERSION:
+        raise DataFileError(
+            f"{path}: bench format version {idx.get('format_version')}, this kvmtrace reads version {BENCH_VERSION}"
+        )
+    return idx
+
+
+def read_inputs(paths: Sequence[str], **kw) -> List[Recording]:
+    """Recordings and bench directories -> list of Recording (bench runs carry ``.bench``).
+    Sources get unique names."""
+    recs: List[Recording] = []
+    for p in paths:
+        if is_bench_dir(p):
+            idx = read_bench_index(p)
+            runs = idx.get("runs") or []
+            if not runs:
+                raise DataFileError(f"{p}: bench directory holds no completed run")
+            for run in runs:
+                r = read_recording(os.path.join(p, run["recording"]), **kw)
+                r.bench = {
+                    "scenario": run.get("scenario", ""),
+                    "slots": run.get("slots"),
+                    "iterations": run.get("iterations"),
+                    "workload": run.get("workload") or {},
+                    "bench_dir": p,
+                }
+                r.source = f"{run.get('scenario')}/{run.get('slots')}"
+                recs.append(r)
+        else:
+            recs.append(read_recording(p, **kw))
+    seen: Dict[str, int] = {}
+    for r in recs:
+        n = seen.get(r.source, 0)
+        seen[r.source] = n + 1
+        if n:
+            r.source = f"{r.source}#{n + 1}"
+    return recs

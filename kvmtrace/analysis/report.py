@@ -1,0 +1,454 @@
+"""Recordings -> report tables (pure pandas), and the JSON document of ``kvmtrace report --json``.
+
+Every latency / slots figure says where it comes from:
+  ``latency_source`` = "raw events" (exact percentiles over every recorded operation, numpy's
+  linear interpolation between order statistics) when the recording holds a raw event for every
+  operation the in-kernel counters saw for that row; otherwise HIST_SOURCE (the in-kernel log2
+  histogram, linear interpolation within the bucket), with the reason when raw events exist but
+  are incomplete (lost events). Means are always exact (in-kernel sums / counts); maxima are the
+  in-kernel maxima (exact).
+and ``*_provenance`` (exact / syscall / derived / none) says how the tracer observed it. Rows with
+different provenance are never merged: provenance is part of every grouping key.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+
+from .. import __version__
+from . import tables as T
+from .recording import Recording
+
+HIST_SOURCE = "log2 histogram, linear interpolation within bucket"
+EVENT_SOURCE = "raw events"
+QS = (0.5, 0.9, 0.99)
+REPORT_FORMAT = "kvmtrace-report"
+REPORT_VERSION = 1
+
+HVA_KEY = ["vm_id", "pid", "op", "lat_provenance", "slots_provenance"]
+MEM_KEY = ["vm_id", "pid", "change", "lat_provenance", "change_provenance"]
+
+# Columns of the event tables a report needs (reading only these keeps 10M-event reports fast).
+EVENT_COLUMNS = {
+    "hva_events": ["vm_id", "pid", "op", "latency_ns", "slots", "scanned", "memslots", "lat_provenance", "slots_provenance"],
+    "memslot_events": ["vm_id", "pid", "change", "result", "latency_ns", "lat_provenance", "change_provenance"],
+}
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def event_stats(ev: pd.DataFrame, key: List[str], col: str, qs: Sequence[float] = QS) -> pd.DataFrame:
+    """Exact statistics of ``col`` per ``key`` over raw events (rows with col < 0 = unknown are
+    left out). Columns: n, p50.., max, mean, events (all rows of the group, known or not)."""
+    names = [f"p{int(round(q * 100))}" for q in qs]
+    cols = ["events", "n"] + names + ["max", "mean"]
+    if ev is None or ev.empty:
+        return pd.DataFrame(columns=key + cols).set_index(key)
+    vals = ev[col].to_numpy(dtype=np.int64)
+    rows = []
+    for k, idx in ev.groupby(key, observed=True, sort=True).indices.items():
+        v = vals[idx]
+        v = v[v >= 0]
+        k = k if isinstance(k, tuple) else (k,)
+        if len(v):
+            p = np.percentile(v, [q * 100 for q in qs])
+            rows.append(list(k) + [len(idx), len(v)] + [float(x) for x in p] + [float(v.max()), float(v.mean())])
+        else:
+            rows.append(list(k) + [len(idx), 0] + [math.nan] * (len(qs) + 2))
+    out = pd.DataFrame(rows, columns=key + cols)
+    for c in key:
+        if c in ("pid",):
+            out[c] = out[c].astype("int64")
+        else:
+            out[c] = out[c].astype(str)
+    return out.set_index(key)
+
+
+def _hist_q(counts: np.ndarray, qs=QS) -> List[float]:
+    r = T.hist_quantiles(counts, qs)
+    return [math.nan if x is None else float(x) for x in r]
+
+
+def _div(a, b) -> float:
+    try:
+        a, b = float(a), float(b)
+    except (TypeError, ValueError):
+        return math.nan
+    if b == 0 or math.isnan(a) or math.isnan(b):
+        return math.nan
+    return a / b
+
+
+def _norm_keys(df: pd.DataFrame, key: List[str]) -> pd.DataFrame:
+    df = df.copy()
+    for c in key:
+        df[c] = df[c].astype("int64") if c == "pid" else df[c].astype(str)
+    return df
+
+
+def _last_vm_info(df: pd.DataFrame) -> Dict[tuple, dict]:
+    info: Dict[tuple, dict] = {}
+    if df.empty:
+        return info
+    last = df.sort_values("interval").groupby(["vm_id", "pid"], sort=False).tail(1)
+    for r in last.itertuples(index=False):
+        info[(str(r.vm_id), int(r.pid))] = {"comm": r.comm, "name": r.name, "memslots": int(r.memslots)}
+    return info
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+def hva_ops(hva: pd.DataFrame, duration_s: float, events: Optional[pd.DataFrame] = None, vm_info=None) -> pd.DataFrame:
+    """One recording's hva rows (and its raw events, if any) -> one row per VM x op x provenance:
+    count, rate, latency p50/p90/p99/max/mean, slots visited mean/p99/max, slots scanned."""
+    out_cols = [
+        "vm_id", "pid", "comm", "name", "memslots", "op", "count", "count_provenance", "duration_s", "rate_per_s",
+        "lat_n", "lat_p50_ns", "lat_p90_ns", "lat_p99_ns", "lat_max_ns", "lat_mean_ns", "lat_provenance", "latency_source",
+        "slots_n", "slots_mean", "slots_p99", "slots_max", "slots_provenance", "slots_source",
+        "scanned_mean", "scanned_max", "scanned_provenance",
+    ]
+    if hva.empty:
+        return pd.DataFrame(columns=out_cols)
+    hva = _norm_keys(hva, HVA_KEY)
+    vm_info = vm_info if vm_info is not None else _last_vm_info(hva)
+    g = hva.groupby(HVA_KEY, sort=True)
+    agg = g.agg(
+        count=("count", "sum"),
+        lat_count=("lat_count", "sum"),
+        lat_sum_ns=("lat_sum_ns", "sum"),
+        lat_max_ns=("lat_max_ns", "max"),
+        slots_count=("slots_count", "sum"),
+        slots_sum=("slots_sum", "sum"),
+        slots_max=("slots_max", "max"),
+        scanned_provenance=("scanned_provenance", "first"),
+    )
+    agg["scanned_sum"] = g["scanned_sum"].sum(min_count=1)
+    lat_h = g[T.LAT_B].sum()
+    slot_h = g[T.SLOTS_B].sum()
+    ev = None
+    ev_lat = ev_slots = ev_scan = None
+    if events is not None and not events.empty:
+        ev = events
+        ev_lat = event_stats(ev, HVA_KEY, "latency_ns")
+        ev_slots = event_stats(ev, HVA_KEY, "slots")
+        ev_scan = event_stats(ev, HVA_KEY, "scanned")
+    rows = []
+    for k, a in agg.iterrows():
+        vm_id, pid, op, lprov, sprov = k
+        info = vm_info.get((vm_id, pid), {})
+        count = int(a["count"])
+        row = {
+            "vm_id": vm_id, "pid": pid, "comm": info.get("comm", ""), "name": info.get("name", ""),
+            "memslots": info.get("memslots", -1), "op": op, "count": count, "count_provenance": "exact",
+            "duration_s": duration_s, "rate_per_s": _div(count, duration_s),
+            "lat_provenance": lprov, "slots_provenance": sprov, "scanned_provenance": a["scanned_provenance"],
+        }
+        complete = ev_lat is not None and k in ev_lat.index and int(ev_lat.loc[k, "events"]) == count
+        why = ""
+        if ev_lat is not None and not complete:
+            got = int(ev_lat.loc[k, "events"]) if k in ev_lat.index else 0
+            why = f" (raw events incomplete: {got} of {count})"
+        # latency
+        if lprov == "none" or int(a["lat_count"]) == 0:
+            row.update(lat_n=0, lat_p50_ns=math.nan, lat_p90_ns=math.nan, lat_p99_ns=math.nan,
+                       lat_max_ns=math.nan, lat_mean_ns=math.nan, latency_source="none")
+        elif complete and int(ev_lat.loc[k, "n"]) == int(a["lat_count"]):
+            e = ev_lat.loc[k]
+            row.update(lat_n=int(e["n"]), lat_p50_ns=e["p50"], lat_p90_ns=e["p90"], lat_p99_ns=e["p99"],
+                       lat_max_ns=float(a["lat_max_ns"]), lat_mean_ns=_div(a["lat_sum_ns"], a["lat_count"]),
+                       latency_source=EVENT_SOURCE)
+        else:
+            p50, p90, p99 = _hist_q(lat_h.loc[k].to_numpy())
+            row.update(lat_n=int(a["lat_count"]), lat_p50_ns=p50, lat_p90_ns=p90, lat_p99_ns=p99,
+                       lat_max_ns=float(a["lat_max_ns"]), lat_mean_ns=_div(a["lat_sum_ns"], a["lat_count"]),
+                       latency_source=HIST_SOURCE + why)
+        # slots visited
+        if sprov == "none" or int(a["slots_count"]) == 0:
+            row.update(slots_n=0, slots_mean=math.nan, slots_p99=math.nan, slots_max=math.nan, slots_source="none")
+        elif complete and int(ev_slots.loc[k, "n"]) == int(a["slots_count"]):
+            row.update(slots_n=int(a["slots_count"]), slots_mean=_div(a["slots_sum"], a["slots_count"]),
+                       slots_p99=ev_slots.loc[k, "p99"], slots_max=float(a["slots_max"]), slots_source=EVENT_SOURCE)
+        else:
+            row.update(slots_n=int(a["slots_count"]), slots_mean=_div(a["slots_sum"], a["slots_count"]),
+                       slots_p99=_hist_q(slot_h.loc[k].to_numpy(), (0.99,))[0], slots_max=float(a["slots_max"]),
+                       slots_source=HIST_SOURCE + why)
+        # slots scanned (linear-scan kernels)
+        if pd.isna(a["scanned_sum"]):
+            row.update(scanned_mean=math.nan, scanned_max=math.nan)
+        else:
+            denom = int(a["slots_count"]) or count
+            row.update(scanned_mean=_div(a["scanned_sum"], denom),
+                       scanned_max=float(ev_scan.loc[k, "max"]) if complete and ev_scan is not None and k in ev_scan.index else math.nan)
+        rows.append(row)
+    return pd.DataFrame(rows, columns=out_cols)
+
+
+def memslot_updates(mem: pd.DataFrame, events: Optional[pd.DataFrame] = None, vm_info=None) -> pd.DataFrame:
+    """One recording's memslot rows -> one row per VM x change type x provenance."""
+    out_cols = ["vm_id", "pid", "comm", "name", "change", "count", "errors", "change_provenance", "lat_n",
+                "lat_p50_ns", "lat_p90_ns", "lat_p99_ns", "lat_max_ns", "lat_mean_ns", "lat_provenance", "latency_source"]
+    if mem.empty:
+        return pd.DataFrame(columns=out_cols)
+    mem = _norm_keys(mem, MEM_KEY)
+    vm_info = vm_info if vm_info is not None else _last_vm_info(mem)
+    g = mem.groupby(MEM_KEY, sort=True)
+    agg = g.agg(count=("count", "sum"), errors=("errors", "sum"), lat_sum_ns=("lat_sum_ns", "sum"),
+                lat_max_ns=("lat_max_ns", "max"))
+    lat_h = g[T.LAT_B].sum()
+    ev_lat = event_stats(events, MEM_KEY, "latency_ns") if events is not None and not events.empty else None
+    rows = []
+    for k, a in agg.iterrows():
+        vm_id, pid, change, lprov, cprov = k
+        info = vm_info.get((vm_id, pid), {})
+        count = int(a["count"])
+        n_lat = int(lat_h.loc[k].sum())
+        row = {"vm_id": vm_id, "pid": pid, "comm": info.get("comm", ""), "name": info.get("name", ""),
+               "change": change, "count": count, "errors": int(a["errors"]), "change_provenance": cprov,
+               "lat_provenance": lprov}
+        complete = ev_lat is not None and k in ev_lat.index and int(ev_lat.loc[k, "events"]) == count
+        why = ""
+        if ev_lat is not None and not complete:
+            got = int(ev_lat.loc[k, "events"]) if k in ev_lat.index else 0
+            why = f" (raw events incomplete: {got} of {count})"
+        if lprov == "none" or n_lat == 0:
+            row.update(lat_n=0, lat_p50_ns=math.nan, lat_p90_ns=math.nan, lat_p99_ns=math.nan,
+                       lat_max_ns=math.nan, lat_mean_ns=math.nan, latency_source="none")
+        elif complete and int(ev_lat.loc[k, "n"]) == n_lat:
+            e = ev_lat.loc[k]
+            row.update(lat_n=int(e["n"]), lat_p50_ns=e["p50"], lat_p90_ns=e["p90"], lat_p99_ns=e["p99"],
+                       lat_max_ns=float(a["lat_max_ns"]), lat_mean_ns=_div(a["lat_sum_ns"], n_lat),
+                       latency_source=EVENT_SOURCE)
+        else:
+            p50, p90, p99 = _hist_q(lat_h.loc[k].to_numpy())
+            row.update(lat_n=n_lat, lat_p50_ns=p50, lat_p90_ns=p90, lat_p99_ns=p99, lat_max_ns=float(a["lat_max_ns"]),
+                       lat_mean_ns=_div(a["lat_sum_ns"], n_lat), latency_source=HIST_SOURCE + why)
+        rows.append(row)
+    return pd.DataFrame(rows, columns=out_cols)
+
+
+def memslot_bucket_label(b: int) -> str:
+    if b <= 0:
+        return "0"
+    lo, hi = T.Log2Hist.bucket_bounds(b)
+    return f"{lo}-{hi - 1}"
+
+
+BY_MEMSLOTS_COLS = ["op", "memslots_bucket", "memslots_min", "memslots_max", "count", "lat_p50_ns", "lat_p99_ns",
+                    "lat_mean_ns", "lat_provenance", "latency_source", "slots_mean", "slots_provenance",
+                    "scanned_mean", "memslots_source"]
+
+
+def by_memslots(hva: pd.DataFrame, events: Optional[pd.DataFrame] = None) -> pd.DataFrame:
+    """hva ops by the VM's memslot count (log2 buckets). From raw events (each carries the count
+    at that moment) when they cover every operation; else from interval rows, taking the VM's
+    memslot count at the end of the interval (``memslots_source`` says which)."""
+    from .synth import log2_buckets
+
+    total = int(hva["count"].sum()) if not hva.empty else 0
+    use_events = events is not None and len(events) == total and total > 0 and (events["memslots"] >= 0).any()
+    rows = []
+    if use_events:
+        ev = events[events["memslots"] >= 0].copy()
+        ev["b"] = log2_buckets(ev["memslots"].to_numpy())
+        lat = ev["latency_ns"].to_numpy()
+        sl = ev["slots"].to_numpy()
+        sc = ev["scanned"].to_numpy()
+        ms = ev["memslots"].to_numpy()
+        for (op, b, lp, sp), idx in ev.groupby(["op", "b", "lat_provenance", "slots_provenance"], sort=True, observed=True).indices.items():
+            l = lat[idx]
+            l = l[l >= 0]
+            s = sl[idx]
+            s = s[s >= 0]
+            c = sc[idx]
+            c = c[c >= 0]
+            p50, p99 = (np.percentile(l, [50, 99]) if len(l) else (math.nan, math.nan))
+            rows.append([str(op), memslot_bucket_label(int(b)), int(ms[idx].min()), int(ms[idx].max()), len(idx),
+                         float(p50), float(p99), float(l.mean()) if len(l) else math.nan, str(lp),
+                         EVENT_SOURCE if len(l) else "none", float(s.mean()) if len(s) else math.nan, str(sp),
+                         float(c.mean()) if len(c) else math.nan, "memslot count per event"])
+    elif not hva.empty:
+        h = hva[hva["memslots"] >= 0].copy()
+        if not h.empty:
+            h = _norm_keys(h, ["op", "lat_provenance", "slots_provenance"])
+            h["b"] = log2_buckets(h["memslots"].to_numpy())
+            g = h.groupby(["op", "b", "lat_provenance", "slots_provenance"], sort=True)
+            agg = g.agg(count=("count", "sum"), lat_count=("lat_count", "sum"), lat_sum_ns=("lat_sum_ns", "sum"),
+                        slots_count=("slots_count", "sum"), slots_sum=("slots_sum", "sum"),
+                        mmin=("memslots", "min"), mmax=("memslots", "max"))
+            agg["scanned_sum"] = g["scanned_sum"].sum(min_count=1)
+            lat_h = g[T.LAT_B].sum()
+            for k, a in agg.iterrows():
+                op, b, lp, sp = k
+                has_lat = lp != "none" and int(a["lat_count"]) > 0
+                p50, p99 = _hist_q(lat_h.loc[k].to_numpy(), (0.5, 0.99)) if has_lat else (math.nan, math.nan)
+                rows.append([op, memslot_bucket_label(int(b)), int(a["mmin"]), int(a["mmax"]), int(a["count"]),
+                             p50, p99, _div(a["lat_sum_ns"], a["lat_count"]) if has_lat else math.nan, lp,
+                             HIST_SOURCE if has_lat else "none", _div(a["slots_sum"], a["slots_count"]), sp,
+                             _div(a["scanned_sum"], a["slots_count"] or a["count"]), "VM memslot count at interval end"])
+    return pd.DataFrame(rows, columns=BY_MEMSLOTS_COLS)
+
+
+def sources(recs: Sequence[Recording]) -> pd.DataFrame:
+    """One row per input recording: where, what, how long, lost events and status."""
+    rows = []
+    for r in recs:
+        iv = r["intervals"]
+        b = r.bench or {}
+        wl = b.get("workload") or {}
+        rows.append({
+            "source": r.source, "path": r.path, "host": r.meta.get("host", ""), "kernel": r.meta.get("kernel", ""),
+            "label": r.meta.get("label", ""), "scenario": b.get("scenario", ""),
+            "bench_slots": b.get("slots") if b.get("slots") is not None else -1,
+            "iter_avg_s": float(wl.get("iter_avg_s", math.nan)) if wl.get("iter_avg_s") is not None else math.nan,
+            "iter_best_s": float(wl.get("iter_best_s", math.nan)) if wl.get("iter_best_s") is not None else math.nan,
+            "start": r.meta.get("start"), "end": r.meta.get("end"),
+            "duration_s": float(iv["elapsed_s"].sum()), "intervals": int(len(iv)),
+            "status": r.meta.get("status", ""), "lost_events": int(iv["lost_events"].sum()),
+            "map_full": int(iv["map_full"].sum()), "unattributed": int(iv["unattributed"].sum()),
+            "raw_events": bool(r.has_events),
+            "hva_events": int(len(r.tables["hva_events"])) if "hva_events" in r.tables else 0,
+            "memslot_events": int(len(r.tables["memslot_events"])) if "memslot_events" in r.tables else 0,
+            "warnings": "; ".join(r.warnings),
+        })
+    return pd.DataFrame(rows)
+
+
+def _prefix(df: pd.DataFrame, r: Recording, src: pd.Series) -> pd.DataFrame:
+    df = df.copy()
+    front = {"source": r.source, "host": src["host"], "kernel": src["kernel"], "scenario": src["scenario"],
+             "bench_slots": src["bench_slots"]}
+    for i, (c, v) in enumerate(front.items()):
+        df.insert(i, c, v)
+    return df
+
+
+class Report:
+    """All report tables, each a DataFrame: ``sources``, ``hva_ops`` (per VM x op),
+    ``hva_ops_total`` (per op, all VMs of a source), ``memslot_updates``, ``by_memslots``;
+    ``hist`` holds summed latency histograms per (source, op) for the plots."""
+
+    TABLES = ("sources", "hva_ops", "hva_ops_total", "memslot_updates", "by_memslots")
+
+    def __init__(self, tables: Dict[str, pd.DataFrame], hist: pd.DataFrame):
+        self.tables = tables
+        self.hist = hist
+
+    def __getitem__(self, k):
+        return self.tables[k]
+
+    @property
+    def lost_events(self) -> int:
+        s = self.tables["sources"]
+        return int(s["lost_events"].sum()) if not s.empty else 0
+
+
+def build_report(recs: Sequence[Recording]) -> Report:
+    src = sources(recs)
+    parts: Dict[str, List[pd.DataFrame]] = {t: [] for t in Report.TABLES if t != "sources"}
+    hists = []
+    for i, r in enumerate(recs):
+        s = src.iloc[i]
+        hva, mem = r["hva"], r["memslot"]
+        hev = r.tables.get("hva_events")
+        mev = r.tables.get("memslot_events")
+        dur = float(s["duration_s"])
+        info = _last_vm_info(_norm_keys(r["vms"], ["vm_id", "pid"])) if not r["vms"].empty else {}
+        info.update(_last_vm_info(_norm_keys(hva, ["vm_id", "pid"])) if not hva.empty else {})
+        parts["hva_ops"].append(_prefix(hva_ops(hva, dur, hev, info), r, s))
+        # per op over all VMs: the same aggregation with the VM erased
+        hva_all = hva.assign(vm_id="*", pid=0, comm="", name="", memslots=-1) if not hva.empty else hva
+        hev_all = hev.assign(vm_id="*", pid=0) if hev is not None and not hev.empty else hev
+        parts["hva_ops_total"].append(_prefix(hva_ops(hva_all, dur, hev_all, {}), r, s))
+        info_m = dict(info)
+        info_m.update(_last_vm_info(_norm_keys(mem, ["vm_id", "pid"])) if not mem.empty else {})
+        parts["memslot_updates"].append(_prefix(memslot_updates(mem, mev, info_m), r, s))
+        parts["by_memslots"].append(_prefix(by_memslots(hva, hev), r, s))
+        if not hva.empty:
+            h = _norm_keys(hva, ["op", "lat_provenance"]).groupby(["op", "lat_provenance"], sort=True)[T.LAT_B].sum()
+            h = h.reset_index()
+            h.insert(0, "source", r.source)
+            hists.append(h)
+    tables = {"sources": src}
+    for t, ps in parts.items():
+        ps = [p for p in ps if not p.empty]
+        tables[t] = pd.concat(ps, ignore_index=True) if ps else pd.DataFrame()
+    hist = pd.concat(hists, ignore_index=True) if hists else pd.DataFrame()
+    return Report(tables, hist)
+
+
+# ----------------------------------------------------------------------------- JSON
+
+
+def _num(v):
+    if v is None:
+        return None
+    if isinstance(v, (np.integer,)):
+        return int(v)
+    if isinstance(v, (np.floating, float)):
+        f = float(v)
+        return None if math.isnan(f) else f
+    if isinstance(v, (np.bool_,)):
+        return bool(v)
+    return v
+
+
+def _latency(r) -> dict:
+    return {"p50": _num(r["lat_p50_ns"]), "p90": _num(r["lat_p90_ns"]), "p99": _num(r["lat_p99_ns"]),
+            "max": _num(r["lat_max_ns"]), "mean": _num(r["lat_mean_ns"]), "n": _num(r["lat_n"]),
+            "provenance": r["lat_provenance"], "source": r["latency_source"]}
+
+
+def _hva_json(df: pd.DataFrame) -> List[dict]:
+    out = []
+    for _, r in df.iterrows():
+        out.append({
+            "source": r["source"], "host": r["host"], "kernel": r["kernel"], "scenario": r["scenario"],
+            "bench_slots": _num(r["bench_slots"]), "vm": r["vm_id"], "pid": _num(r["pid"]), "comm": r["comm"],
+            "name": r["name"], "memslots": _num(r["memslots"]), "op": r["op"], "count": _num(r["count"]),
+            "count_provenance": r["count_provenance"], "rate_per_s": _num(r["rate_per_s"]),
+            "latency_ns": _latency(r),
+            "slots_visited": {"mean": _num(r["slots_mean"]), "p99": _num(r["slots_p99"]), "max": _num(r["slots_max"]),
+                              "n": _num(r["slots_n"]), "provenance": r["slots_provenance"], "source": r["slots_source"]},
+            "slots_scanned": {"mean": _num(r["scanned_mean"]), "max": _num(r["scanned_max"]),
+                              "provenance": r["scanned_provenance"]},
+        })
+    return out
+
+
+def to_json(rep: Report) -> dict:
+    """The ``kvmtrace report --json`` document (schema: docs/report.schema.json)."""
+    src = rep["sources"]
+    mem = []
+    for _, r in rep["memslot_updates"].iterrows() if not rep["memslot_updates"].empty else []:
+        mem.append({"source": r["source"], "vm": r["vm_id"], "pid": _num(r["pid"]), "comm": r["comm"],
+                    "change": r["change"], "change_provenance": r["change_provenance"], "count": _num(r["count"]),
+                    "errors": _num(r["errors"]), "latency_ns": _latency(r)})
+    bym = []
+    for _, r in rep["by_memslots"].iterrows() if not rep["by_memslots"].empty else []:
+        bym.append({"source": r["source"], "op": r["op"], "memslots_bucket": r["memslots_bucket"],
+                    "memslots_min": _num(r["memslots_min"]), "memslots_max": _num(r["memslots_max"]),
+                    "count": _num(r["count"]),
+                    "latency_ns": {"p50": _num(r["lat_p50_ns"]), "p99": _num(r["lat_p99_ns"]),
+                                   "mean": _num(r["lat_mean_ns"]), "provenance": r["lat_provenance"],
+                                   "source": r["latency_source"]},
+                    "slots_visited": {"mean": _num(r["slots_mean"]), "provenance": r["slots_provenance"]},
+                    "slots_scanned": {"mean": _num(r["scanned_mean"])}, "memslots_source": r["memslots_source"]})
+    return {
+        "format": REPORT_FORMAT,
+        "format_version": REPORT_VERSION,
+        "kvmtrace_version": __version__,
+        "sources": [{k: _num(v) for k, v in row.items()} for row in src.to_dict("records")],
+        "hva_ops": _hva_json(rep["hva_ops"]) if not rep["hva_ops"].empty else [],
+        "hva_ops_total": _hva_json(rep["hva_ops_total"]) if not rep["hva_ops_total"].empty else [],
+        "memslot_updates": mem,
+        "by_memslots": bym,
+        "lost_events": rep.lost_events,
+        "lost_events_by_source": [{"source": s, "lost_events": int(n)} for s, n in zip(src["source"], src["lost_events"])]
+        if not src.empty else [],
+    }

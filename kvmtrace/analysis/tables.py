@@ -1,0 +1,331 @@
+"""Column layout of every table of a recording, and the conversion of snapshots and raw events
+into rows (tidy: one row per interval x VM x op, interval x VM x change, interval, event).
+
+Histograms are stored as fixed columns ``<name>_b00`` .. ``<name>_b63`` (bucket 0 = value 0,
+bucket i = [2**(i-1), 2**i)), so they sum with a plain groupby. Provenance columns travel with
+every figure group.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from ..consts import LOG2_BUCKETS
+from ..tracer.snapshot import HvaEvent, Log2Hist, MemslotEvent, Snapshot
+
+I64 = pa.int64()
+F64 = pa.float64()
+STR = pa.string()
+BOOL = pa.bool_()
+
+
+def hist_columns(prefix: str) -> List[str]:
+    return [f"{prefix}_b{i:02d}" for i in range(LOG2_BUCKETS)]
+
+
+LAT_B = hist_columns("lat")
+SLOTS_B = hist_columns("slots")
+RANGE_B = hist_columns("range")
+
+_INTERVAL = [("interval", I64), ("t_start", F64), ("t_end", F64), ("elapsed_s", F64)]
+_VM = [
+    ("vm_id", STR),
+    ("pid", I64),
+    ("comm", STR),
+    ("name", STR),
+    ("memslots", I64),  # VM memslot count at interval end; -1 unknown
+    ("memslots_provenance", STR),
+]
+
+SCHEMAS: Dict[str, pa.Schema] = {
+    "intervals": pa.schema(
+        [
+            ("interval", I64),
+            ("seq", I64),
+            ("t_start", F64),
+            ("t_end", F64),
+            ("elapsed_s", F64),
+            ("lost_events", I64),
+            ("map_full", I64),
+            ("unattributed", I64),
+            ("self_cpu_s", F64),
+            ("vms", I64),
+            ("hva_ops", I64),
+            ("memslot_updates", I64),
+            ("hva_events", I64),
+            ("memslot_events", I64),
+        ]
+    ),
+    "vms": pa.schema(
+        _INTERVAL
+        + _VM
+        + [("vcpus", I64), ("partial", BOOL), ("alive", BOOL)]
+    ),
+    "hva": pa.schema(
+        _INTERVAL
+        + _VM
+        + [
+            ("op", STR),
+            ("count", I64),
+            ("lat_count", I64),
+            ("lat_sum_ns", I64),
+            ("lat_max_ns", I64),  # cumulative maximum since attach (a max cannot be differenced)
+            ("lat_provenance", STR),
+            ("slots_count", I64),
+            ("slots_sum", I64),
+            ("slots_max", I64),  # cumulative maximum since attach
+            ("slots_provenance", STR),
+            ("scanned_sum", I64),  # null: not a linear-scan kernel
+            ("scanned_provenance", STR),
+        ]
+        + [(c, I64) for c in LAT_B + SLOTS_B + RANGE_B]
+    ),
+    "memslot": pa.schema(
+        _INTERVAL
+        + _VM
+        + [
+            ("change", STR),
+            ("count", I64),
+            ("errors", I64),
+            ("lat_sum_ns", I64),
+            ("lat_max_ns", I64),  # cumulative maximum since attach
+            ("lat_provenance", STR),
+            ("change_provenance", STR),
+        ]
+        + [(c, I64) for c in LAT_B]
+    ),
+    "hva_events": pa.schema(
+        [
+            ("interval", I64),
+            ("ts_ns", I64),
+            ("vm_id", STR),
+            ("pid", I64),
+            ("tid", I64),
+            ("op", STR),
+            ("start", I64),
+            ("end", I64),
+            ("latency_ns", I64),
+            ("slots", I64),
+            ("scanned", I64),
+            ("memslots", I64),
+            ("lat_provenance", STR),
+            ("slots_provenance", STR),
+        ]
+    ),
+    "memslot_events": pa.schema(
+        [
+            ("interval", I64),
+            ("ts_ns", I64),
+            ("vm_id", STR),
+            ("pid", I64),
+            ("tid", I64),
+            ("change", STR),
+            ("slot", I64),
+            ("as_id", I64),
+            ("gpa", I64),
+            ("size", I64),
+            ("hva", I64),
+            ("flags", I64),
+            ("result", I64),
+            ("latency_ns", I64),
+            ("lat_provenance", STR),
+            ("change_provenance", STR),
+        ]
+    ),
+}
+
+# Tables always present in a recording; event tables only when raw events were recorded.
+AGG_TABLES = ("intervals", "vms", "hva", "memslot")
+EVENT_TABLES = ("hva_events", "memslot_events")
+TEXT_COLUMNS = {"vm_id", "comm", "name", "op", "change"}  # user-influenced text (CSV escaping)
+
+
+def columns(table: str) -> List[str]:
+    return list(SCHEMAS[table].names)
+
+
+def _i64(v) -> int:
+    """Fit an unsigned kernel value into int64 (addresses above 2**63 wrap, as in C)."""
+    v = int(v)
+    if v >= 1 << 63:
+        v -= 1 << 64
+    return v
+
+
+def snapshot_rows(
+    delta: Snapshot,
+    interval: int,
+    scanned_provenance: Optional[Dict[str, str]] = None,
+    n_hva_events: int = 0,
+    n_memslot_events: int = 0,
+) -> Dict[str, List[dict]]:
+    """Rows of every aggregate table for one interval. ``delta`` is ``snap.delta(prev)``.
+    Rows whose figures did not change in the interval are left out (zero rows carry nothing)."""
+    if not delta.is_delta:
+        raise ValueError("snapshot_rows needs an interval (snap.delta(prev)), not a cumulative snapshot")
+    t_end = float(delta.wall_time)
+    t_start = t_end - float(delta.elapsed_s)
+    base = {"interval": interval, "t_start": t_start, "t_end": t_end, "elapsed_s": float(delta.elapsed_s)}
+    vms = {v.vm_id: v for v in delta.vms}
+    scanned_provenance = scanned_provenance or {}
+
+    def vm_cols(vm_id: str, pid: int) -> dict:
+        v = vms.get(vm_id)
+        if v is None:
+            return {"vm_id": vm_id, "pid": pid, "comm": "", "name": "", "memslots": -1, "memslots_provenance": "none"}
+        return {
+            "vm_id": vm_id,
+            "pid": pid or v.pid,
+            "comm": v.comm,
+            "name": v.name,
+            "memslots": -1 if v.memslots is None else int(v.memslots),
+            "memslots_provenance": v.memslots_provenance if v.memslots is not None else "none",
+        }
+
+    out: Dict[str, List[dict]] = {"intervals": [], "vms": [], "hva": [], "memslot": []}
+    for v in delta.vms:
+        r = dict(base)
+        r.update(vm_cols(v.vm_id, v.pid))
+        r.update({"vcpus": -1 if v.vcpus is None else int(v.vcpus), "partial": bool(v.partial), "alive": bool(v.alive)})
+        out["vms"].append(r)
+    hva_total = 0
+    for h in delta.hva:
+        if h.count == 0 and h.lat_count == 0 and h.slots_count == 0:
+            continue
+        hva_total += h.count
+        r = dict(base)
+        r.update(vm_cols(h.vm_id, h.pid))
+        sprov = scanned_provenance.get(h.op) or (h.slots_provenance if h.scanned_sum is not None else "none")
+        r.update(
+            {
+                "op": h.op,
+                "count": int(h.count),
+                "lat_count": int(h.lat_count),
+                "lat_sum_ns": int(h.lat_sum_ns),
+                "lat_max_ns": int(h.lat_max_ns),
+                "lat_provenance": str(h.lat_provenance),
+                "slots_count": int(h.slots_count),
+                "slots_sum": int(h.slots_sum),
+                "slots_max": int(h.slots_max),
+                "slots_provenance": str(h.slots_provenance),
+                "scanned_sum": None if h.scanned_sum is None else int(h.scanned_sum),
+                "scanned_provenance": str(sprov) if h.scanned_sum is not None else "none",
+            }
+        )
+        r.update(zip(LAT_B, h.lat_hist.counts))
+        r.update(zip(SLOTS_B, h.slots_hist.counts))
+        r.update(zip(RANGE_B, h.range_hist.counts))
+        out["hva"].append(r)
+    mem_total = 0
+    for m in delta.memslot:
+        if m.count == 0 and m.errors == 0:
+            continue
+        mem_total += m.count
+        r = dict(base)
+        r.update(vm_cols(m.vm_id, m.pid))
+        r.update(
+            {
+                "change": m.change,
+                "count": int(m.count),
+                "errors": int(m.errors),
+                "lat_sum_ns": int(m.lat_sum_ns),
+                "lat_max_ns": int(m.lat_max_ns),
+                "lat_provenance": str(m.lat_provenance),
+                "change_provenance": str(m.change_provenance),
+            }
+        )
+        r.update(zip(LAT_B, m.lat_hist.counts))
+        out["memslot"].append(r)
+    out["intervals"].append(
+        {
+            "interval": interval,
+            "seq": int(delta.seq),
+            "t_start": t_start,
+            "t_end": t_end,
+            "elapsed_s": float(delta.elapsed_s),
+            "lost_events": int(delta.lost_events),
+            "map_full": int(delta.map_full),
+            "unattributed": int(delta.unattributed),
+            "self_cpu_s": float(delta.self_cpu_s),
+            "vms": len(delta.vms),
+            "hva_ops": hva_total,
+            "memslot_updates": mem_total,
+            "hva_events": int(n_hva_events),
+            "memslot_events": int(n_memslot_events),
+        }
+    )
+    return out
+
+
+_HVA_EV_FIELDS = [c for c in columns("hva_events") if c != "interval"]
+_MEM_EV_FIELDS = [c for c in columns("memslot_events") if c != "interval"]
+_WRAP = {"start", "end", "gpa", "hva", "size"}
+
+
+def event_columns(events: Sequence, table: str, interval: int) -> Dict[str, list]:
+    """Column lists (not rows: cheaper for millions of events) for a batch of raw events."""
+    fields = _HVA_EV_FIELDS if table == "hva_events" else _MEM_EV_FIELDS
+    cols: Dict[str, list] = {"interval": [interval] * len(events)}
+    for f in fields:
+        vals = [getattr(e, f) for e in events]
+        if f in _WRAP:
+            vals = [_i64(v) for v in vals]
+        cols[f] = vals
+    return cols
+
+
+def split_events(events: Iterable) -> Tuple[list, list]:
+    hva, mem = [], []
+    for e in events:
+        if isinstance(e, HvaEvent):
+            hva.append(e)
+        elif isinstance(e, MemslotEvent):
+            mem.append(e)
+    return hva, mem
+
+
+def to_arrow(table: str, rows_or_cols) -> pa.Table:
+    """rows (list of dicts) or columns (dict of lists) -> arrow table with the table's schema."""
+    schema = SCHEMAS[table]
+    if isinstance(rows_or_cols, dict):
+        return pa.table({n: pa.array(rows_or_cols[n], type=schema.field(n).type) for n in schema.names}, schema=schema)
+    return pa.Table.from_pylist(list(rows_or_cols), schema=schema)
+
+
+def empty_frame(table: str) -> pd.DataFrame:
+    return SCHEMAS[table].empty_table().to_pandas()
+
+
+def frames_from_snapshots(
+    snapshots: Sequence[Snapshot], scanned_provenance: Optional[Dict[str, str]] = None
+) -> Dict[str, pd.DataFrame]:
+    """Cumulative snapshots (in order) -> one tidy frame per aggregate table, interval numbers
+    from 0. Pure; used by tests and by in-memory consumers."""
+    rows: Dict[str, List[dict]] = {t: [] for t in AGG_TABLES}
+    prev = None
+    for i, snap in enumerate(snapshots):
+        d = snap if snap.is_delta else snap.delta(prev)
+        prev = snap
+        for t, rs in snapshot_rows(d, i, scanned_provenance).items():
+            rows[t].extend(rs)
+    return {t: to_arrow(t, rs).to_pandas() for t, rs in rows.items()}
+
+
+def events_frame(events: Sequence, table: str, interval: int = 0) -> pd.DataFrame:
+    return to_arrow(table, event_columns(list(events), table, interval)).to_pandas()
+
+
+def hist_sum(df: pd.DataFrame, cols: List[str]) -> np.ndarray:
+    """Summed histogram counts over the rows of ``df``."""
+    if df.empty:
+        return np.zeros(len(cols), dtype=np.int64)
+    return df[cols].to_numpy(dtype=np.int64).sum(axis=0)
+
+
+def hist_quantiles(counts, qs: Sequence[float]) -> List[Optional[float]]:
+    h = Log2Hist.from_counts([int(c) for c in counts])
+    return [h.quantile(q) for q in qs]
