@@ -210,6 +210,35 @@ TRACEPOINTS_OF_INTEREST: Tuple[str, ...] = tuple(
 )
 
 MODES = ("fentry", "kprobe", "tracepoint")
+
+# Why a function or trace event may be missing: the kernel change behind it.
+HISTORY: Dict[str, str] = {
+    "__kvm_handle_hva_range": "__always_inline memslot walker, 5.13+",
+    "kvm_handle_hva_range": "the 6.15 name of the __always_inline walker",
+    "kvm_mmu_notifier_change_pte": "change_pte notifier removed in 6.10",
+    "kvm_set_spte_gfn": "removed with change_pte in 6.10",
+    "kvm_set_spte_hva": "arch function before 5.13, then kvm_set_spte_gfn",
+    "kvm_unmap_hva_range": "arch function before 5.13, replaced by kvm_unmap_gfn_range",
+    "kvm_age_hva": "arch function before 5.13, replaced by kvm_age_gfn",
+    "kvm_test_age_hva": "arch function before 5.13, replaced by kvm_test_age_gfn",
+    "kvm_unmap_gfn_range": "5.13+ (generic memslot walkers); older kernels call kvm_unmap_hva_range",
+    "kvm_age_gfn": "5.13+; older kernels call kvm_age_hva",
+    "kvm_test_age_gfn": "5.13+; older kernels call kvm_test_age_hva",
+    "__kvm_set_memory_region": "became the static kvm_set_memory_region in 6.14",
+    "kvm_vm_ioctl_set_memory_region": "static, usually inlined into kvm_vm_ioctl",
+    "kvm_set_memslot": "5.7+; static, may be inlined",
+    "kvm:kvm_set_spte_hva": "removed with change_pte in 6.10",
+    "kvm:kvm_unmap_hva_range": "generic trace event since 5.13; x86 had none before",
+    "kvm:kvm_age_hva": "generic trace event since 5.13; x86 had none before",
+    "kvm:kvm_test_age_hva": "generic trace event since 5.13; x86 had none before",
+    "syscalls:sys_enter_ioctl": "needs CONFIG_FTRACE_SYSCALLS",
+    "syscalls:sys_exit_ioctl": "needs CONFIG_FTRACE_SYSCALLS",
+}
+
+
+def _hist(name: str) -> str:
+    h = HISTORY.get(name)
+    return f" ({h})" if h else ""
 INTERVAL_TREE_SINCE = (5, 17)  # "KVM: Keep memslots in tree-based structures instead of array-based ones"
 
 
@@ -254,8 +283,8 @@ class _Ctx:
         if known:
             return f"{name}: in BTF but not in kallsyms: inlined everywhere, no symbol to attach to"
         if known is None:
-            return f"{name}: not in kallsyms (no BTF to tell inlined from absent)"
-        return f"{name}: not in kallsyms nor in BTF: absent from this kernel"
+            return f"{name}: not in kallsyms (no BTF to tell inlined from absent){_hist(name)}"
+        return f"{name}: not in kallsyms nor in BTF: absent from this kernel{_hist(name)}"
 
     # --- attach modes --------------------------------------------------------------------
 
@@ -297,7 +326,7 @@ class _Ctx:
         have = set(self.f.tracepoints)
         missing = [t for t in tps if t not in have]
         if missing:
-            return f"tracepoint {', '.join(missing)}: not present on this kernel"
+            return f"tracepoint {', '.join(missing)}: not present on this kernel{_hist(missing[0])}"
         return None
 
 
@@ -426,8 +455,6 @@ def _resolve_hva(spec: HvaSpec, ctx: _Ctx, linear: Optional[bool], defs: Dict[st
             )
     else:
         reason = "; ".join(ctx.why_missing(c) for c in spec.callbacks)
-        if spec.gone:
-            reason += f" ({spec.gone})"
         for mode in ("fentry", "kprobe"):
             skipped.append(Skipped(f"{mode} {'+'.join(spec.callbacks)}", reason))
 
@@ -441,8 +468,6 @@ def _resolve_hva(spec: HvaSpec, ctx: _Ctx, linear: Optional[bool], defs: Dict[st
             scanned="derived" if linear else "none", slots_method="mirror",
             skipped=tuple(skipped), notes=tuple(notes),
         )
-    if spec.gone and not callbacks:
-        why += f" ({spec.gone})"
     skipped.append(Skipped(f"tracepoint {','.join(spec.tracepoints)}", why))
     return OpPlan(
         op=spec.op, kind="hva", attach="none", target="", latency="none", slots="none",
@@ -544,8 +569,10 @@ def resolve(facts: KernelFacts, modes=MODES) -> ProbePlan:
         problems.append("no BTF: argument positions and struct offsets unknown; exact slot walks "
                         "and range sizes degrade")
     for op in ops:
-        if not op.available and not (op.op == "change_pte" and any(
-                "removed in 6.10" in s.reason for s in op.skipped)):
+        spec = next((h for h in HVA_SPECS if h.op == op.op), None)
+        gone = spec is not None and spec.gone and not any(ctx.sym(c) for c in spec.callbacks) \
+            and not any(t in facts.tracepoints for t in spec.tracepoints)
+        if not op.available and not gone:
             problems.append(f"{op.op}: cannot be traced here ({op.skipped[-1].reason if op.skipped else 'no path'})")
     if linear and any(p.attach in ("fentry", "kprobe") for p in ops) and not all(k in d for k in _WALK_DEFINES):
         problems.append("linear-scan kernel without BTF offsets for the memslot array: "

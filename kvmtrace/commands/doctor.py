@@ -1,0 +1,285 @@
+"""`kvmtrace doctor`: what this host supports and the probe plan kvmtrace would use.
+
+``collect()`` gathers a plain-dict report (the ``--json`` output, schema in
+docs/doctor.schema.json); ``render()`` prints it with rich. Exit status 0 when at least the
+unmap op can be traced, 3 otherwise; 2 without the privilege to check (root or
+CAP_BPF+CAP_PERFMON)."""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+from typing import Dict, List, Optional
+
+import click
+
+from ..errors import CapabilityMissing, PermissionProblem, UsageError
+
+SCHEMA_VERSION = 1
+EXIT_OK = 0
+EXIT_NO_UNMAP = CapabilityMissing.exit_code  # 3
+
+
+def _parse_modes(text: Optional[str]):
+    from ..tracer.plan import MODES
+
+    if not text:
+        return MODES
+    modes = tuple(m.strip() for m in text.split(",") if m.strip())
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes:
+        raise UsageError(f"unknown attach mode(s) {', '.join(bad) or '(none)'}",
+                         f"--modes takes a comma-separated subset of {','.join(MODES)}")
+    return modes
+
+
+def _plan_rows(plan) -> List[dict]:
+    rows = []
+    for p in plan.ops:
+        rows.append({
+            "op": p.op,
+            "kind": p.kind,
+            "target": p.target,
+            "attach": p.attach,
+            "latency": p.latency,
+            "slots": p.slots,
+            "scanned": p.scanned,
+            "callbacks": list(p.callbacks),
+            "handlers": list(p.handlers),
+            "tracepoints": list(p.tracepoints),
+            "change_arg": p.change_arg,
+            "skipped": [{"alternative": s.alternative, "reason": s.reason} for s in p.skipped],
+            "notes": list(p.notes),
+        })
+    return rows
+
+
+def _problems(g, hdr, devkvm, tfs_state: str, plan) -> List[Dict[str, str]]:
+    f = g.facts
+    out: List[Dict[str, str]] = []
+
+    def add(problem, fix):
+        if not any(x["problem"] == problem for x in out):
+            out.append({"problem": problem, "fix": fix})
+
+    if not devkvm.present:
+        add(f"KVM missing: {devkvm.detail}",
+            "enable virtualization in the firmware and load KVM: modprobe kvm_intel (or kvm_amd)")
+    elif not devkvm.accessible:
+        add(f"/dev/kvm: {devkvm.detail}", "run as root or add the user to the kvm group")
+    if g.bcc_version is None:
+        add(f"bcc unavailable: {g.bcc_error}", "apt-get install python3-bpfcc (then re-create the venv with "
+            "--system-site-packages, or run `make setup`)")
+    if hdr.kind == "none":
+        add("no kernel headers for bcc", f"apt-get install linux-headers-{platform.release()} "
+            "(or run `make setup`, which links the distribution's generic headers)")
+    if not g.btf.vmlinux:
+        add(f"no BTF: {g.btf.error}", "boot a kernel built with CONFIG_DEBUG_INFO_BTF=y; without it argument "
+            "positions and struct offsets are unknown")
+    elif g.kvm_module and g.kvm_module not in g.btf.modules:
+        add(f"no BTF for module {g.kvm_module}", "boot a kernel built with CONFIG_DEBUG_INFO_BTF_MODULES=y")
+    if g.tracefs is None:
+        add(f"tracefs: {tfs_state}", "mount -t tracefs nodev /sys/kernel/tracing (as root)")
+    if f.kprobes is not True:
+        add(f"kprobes unavailable: {f.kprobes_reason}",
+            "boot a kernel with CONFIG_KPROBES=y (every distribution kernel has it)"
+            + ("; lockdown=confidentiality also forbids them" if g.lockdown == "confidentiality" else "")
+            + "; meanwhile tracepoints give syscall-bounded latency and derived slots")
+    fe_ok = f.module_fentry if g.kvm_module else f.fentry
+    fe_reason = f.module_fentry_reason if g.kvm_module else f.fentry_reason
+    if fe_ok is not True:
+        where = f" on module {g.kvm_module}" if g.kvm_module else ""
+        fix = ("install bcc >= 0.31 (MODULE_KFUNC_PROBE) or rely on kprobes"
+               if "module" in fe_reason else
+               "a kernel that permits BPF trampolines (fentry) on KVM functions; kprobes or tracepoints are used instead")
+        if "EPERM" in fe_reason and g.lockdown and g.lockdown != "none":
+            fix += f" (lockdown={g.lockdown} is set here and may be the cause)"
+        add(f"fentry{where} unavailable: {fe_reason}", fix)
+    if f.ringbuf is False:
+        add(f"BPF ring buffer unavailable: {g.ringbuf_reason}", "raw events fall back to the perf buffer "
+            "(kernel 5.8+ has the ring buffer)")
+    for prob, fix in plan.remedies:
+        if prob.startswith("no BTF") and not g.btf.vmlinux:
+            continue
+        add(prob, fix)
+    return out
+
+
+def collect(modes=None, trial: bool = True, gathered=None) -> dict:
+    """The doctor report as a JSON-ready dict. ``gathered`` (a kernel.GatheredFacts) may be
+    given by tests; otherwise the live system is read."""
+    from ..tracer import host, kernel
+    from ..tracer.plan import MODES, resolve
+
+    modes = modes or MODES
+    g = gathered if gathered is not None else kernel.gather(trial=trial)
+    f = g.facts
+    plan = resolve(f, modes)
+    priv = host.privileges()
+    hdr = host.headers(f.release)
+    devkvm = host.dev_kvm()
+    vms, unreadable = host.vms()
+    unmap = plan.for_op("unmap")
+    ok = bool(unmap and unmap.available)
+    report = {
+        "schema_version": SCHEMA_VERSION,
+        "kernel": {
+            "release": f.release,
+            "machine": platform.machine(),
+            "config_source": g.config_source,
+            "lockdown": g.lockdown,
+            "tracefs": {"path": g.tracefs, "state": g.tracefs_state},
+            "kprobes": {"available": f.kprobes, "reason": f.kprobes_reason},
+            "fentry": {"available": f.fentry, "reason": f.fentry_reason},
+            "module_fentry": {"available": f.module_fentry, "reason": f.module_fentry_reason},
+            "ringbuf": {"available": f.ringbuf, "reason": g.ringbuf_reason},
+            "tracepoints": list(f.tracepoints),
+            "linear_scan": plan.linear_scan,
+            "linear_scan_reason": plan.linear_scan_reason,
+        },
+        "privileges": {"euid": priv.euid, "root": priv.root, "capabilities": dict(priv.caps)},
+        "bcc": {
+            "version": g.bcc_version,
+            "error": g.bcc_error,
+            "headers": {"kind": hdr.kind, "path": hdr.path, "detail": hdr.detail},
+        },
+        "btf": {
+            "vmlinux": g.btf.vmlinux,
+            "modules": list(g.btf.modules),
+            "error": g.btf.error,
+            "functions": {k: list(v) for k, v in sorted((f.btf_funcs or {}).items())},
+        },
+        "kvm": {
+            "dev_kvm": {"present": devkvm.present, "accessible": devkvm.accessible, "detail": devkvm.detail},
+            "missing": not devkvm.present,
+            "module": g.kvm_module,
+            "built_in": (g.kvm_loaded and not g.kvm_module),
+            "loaded": g.kvm_loaded,
+        },
+        "vms": [
+            {"pid": v.pid, "comm": v.comm, "name": v.name, "vm_fds": v.vm_fds, "vcpus": v.vcpus} for v in vms
+        ],
+        "vms_unreadable_processes": unreadable,
+        "modes": list(modes),
+        "plan": _plan_rows(plan),
+        "defines": {k: v for k, v in plan.defines},
+        "problems": _problems(g, hdr, devkvm, g.tracefs_state, plan),
+        "ok": ok,
+        "exit_code": EXIT_OK if ok else EXIT_NO_UNMAP,
+    }
+    return report
+
+
+# --- rendering ------------------------------------------------------------------------------
+
+
+def _yn(v) -> str:
+    return "yes" if v is True else "no" if v is False else "unknown"
+
+
+def render(r: dict, console) -> None:
+    from rich.table import Table
+
+    k = r["kernel"]
+    facts = Table(show_header=False, box=None, pad_edge=False)
+    facts.add_column("what", style="bold", no_wrap=True)
+    facts.add_column("value", overflow="fold")
+    caps = r["privileges"]["capabilities"]
+    capstr = " ".join(f"{c}={'yes' if v else 'no'}" for c, v in caps.items())
+    facts.add_row("kernel", f"{k['release']} ({k['machine']})")
+    facts.add_row("privileges", f"{'root' if r['privileges']['root'] else 'euid ' + str(r['privileges']['euid'])}; {capstr}")
+    facts.add_row("lockdown", k["lockdown"] or "unknown")
+    b = r["btf"]
+    facts.add_row("BTF", f"vmlinux {_yn(b['vmlinux'])}" + (
+        f"; modules: {', '.join(b['modules'])}" if b["modules"] else "")
+        + (f" ({b['error']})" if b["error"] else ""))
+    facts.add_row("kprobes", f"{_yn(k['kprobes']['available'])}: {k['kprobes']['reason']}")
+    kvm = r["kvm"]
+    if kvm["module"]:
+        facts.add_row("fentry", f"{_yn(k['module_fentry']['available'])} (module {kvm['module']}): "
+                      f"{k['module_fentry']['reason']}")
+    else:
+        facts.add_row("fentry", f"{_yn(k['fentry']['available'])}: {k['fentry']['reason']}")
+    facts.add_row("ring buffer", f"{_yn(k['ringbuf']['available'])}: {k['ringbuf']['reason']}")
+    facts.add_row("tracefs", f"{k['tracefs']['path'] or '-'} ({k['tracefs']['state']})")
+    facts.add_row("tracepoints", ", ".join(k["tracepoints"]) or "none of interest")
+    bcc = r["bcc"]
+    facts.add_row("bcc", (bcc["version"] or f"missing ({bcc['error']})")
+                  + f"; headers: {bcc['headers']['kind']} ({bcc['headers']['detail']})")
+    ls = k["linear_scan"]
+    facts.add_row("memslot lookup", ("linear scan" if ls else "interval tree" if ls is False else "unknown")
+                  + f" ({k['linear_scan_reason']})")
+    dk = kvm["dev_kvm"]
+    facts.add_row("KVM", ("MISSING: " if kvm["missing"] else "") + f"/dev/kvm {dk['detail']}; "
+                  + (f"module {kvm['module']}" if kvm["module"] else "built in" if kvm["built_in"] else "not loaded"))
+    if r["vms"]:
+        vmtxt = "; ".join(
+            f"pid {v['pid']} {v['comm']}" + (f" '{v['name']}'" if v["name"] else "")
+            + f" ({v['vcpus']} vCPU{'s' if v['vcpus'] != 1 else ''}"
+            + (f", {v['vm_fds']} VMs" if v["vm_fds"] > 1 else "") + ")"
+            for v in r["vms"])
+    else:
+        vmtxt = "none running"
+    if r["vms_unreadable_processes"]:
+        vmtxt += f" ({r['vms_unreadable_processes']} processes not readable)"
+    facts.add_row("VMs now", vmtxt)
+    console.print(facts)
+    console.print()
+
+    t = Table(title="Probe plan", title_justify="left", show_lines=False)
+    t.add_column("op", no_wrap=True)
+    t.add_column("attach", no_wrap=True)
+    t.add_column("target", overflow="fold", min_width=24)
+    t.add_column("latency", no_wrap=True)
+    t.add_column("slots", no_wrap=True)
+    t.add_column("scanned", no_wrap=True)
+    for p in r["plan"]:
+        t.add_row(p["op"], p["attach"], p["target"] or "-", p["latency"],
+                  p["slots"] + (" (change type)" if p["kind"] == "memslot" else ""), p["scanned"])
+    console.print(t)
+    console.print("Skipped alternatives:")
+    for p in r["plan"]:
+        for s in p["skipped"]:
+            console.print(f"  {p['op']}: {s['alternative']} -- {s['reason']}", highlight=False)
+        for n in p["notes"]:
+            console.print(f"  {p['op']}: note: {n}", highlight=False)
+    if r["defines"]:
+        console.print("BTF defines: " + " ".join(f"{k}={v}" for k, v in r["defines"].items()), highlight=False)
+    console.print()
+    if r["problems"]:
+        console.print("Problems:")
+        for pr in r["problems"]:
+            console.print(f"  - {pr['problem']}", highlight=False)
+            console.print(f"    fix: {pr['fix']}", highlight=False)
+    if r["ok"]:
+        console.print(f"OK: unmap can be traced ({r['plan'][0]['attach']}).", highlight=False)
+    else:
+        console.print("NOT OK: the unmap op cannot be traced on this host (see problems).", highlight=False)
+
+
+@click.command("doctor")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable report (schema: docs/doctor.schema.json)")
+@click.option("--modes", default=None, metavar="LIST",
+              help="attach modes to consider, comma-separated (default fentry,kprobe,tracepoint)")
+def doctor(as_json: bool, modes: Optional[str]):
+    """What this host supports and the probe plan kvmtrace would use.
+
+    Exit status 0 when at least the unmap op can be traced, 3 otherwise."""
+    from ..tracer import host
+
+    mode_tuple = _parse_modes(modes)
+    if not host.privileges().enough:
+        raise PermissionProblem(
+            "doctor needs root, or CAP_BPF and CAP_PERFMON (run: sudo kvmtrace doctor)", "", exit_code=2)
+    report = collect(mode_tuple)
+    if as_json:
+        click.echo(json.dumps(report, indent=2, sort_keys=False))
+    else:
+        from rich.console import Console
+
+        tty = sys.stdout.isatty()
+        console = Console(no_color=not tty, highlight=False, width=None if tty else 120)
+        render(report, console)
+    if report["exit_code"]:
+        sys.exit(report["exit_code"])
