@@ -1,0 +1,275 @@
+"""Drives the view from a tracer session: ``run_live``. Used by ``kvmtrace top`` and
+``kvmtrace demo``.
+
+The session's maps are read once per interval (only ``session.snapshots()`` is called); key
+presses and terminal resizes re-render the last snapshot pair without touching the tracer.
+Modes: live screen (stdout is a terminal), batch (stdout is not a terminal: a plain table per
+interval, like ``top -b``), ``once``, ``log``; ``csv_path`` adds per-interval CSV rows to any.
+Ctrl-C or ``q`` ends the run with a final summary (cumulative totals) and a restored terminal.
+"""
+
+from __future__ import annotations
+
+import _thread
+import platform
+import sys
+import threading
+from dataclasses import replace
+from typing import Optional, Sequence, TextIO
+
+from ..errors import UsageError
+from ..tracer.snapshot import Snapshot
+from .model import ALL_OPS, SORT_KEYS, ViewOptions, build_view, cycle_selected, shown_ops
+from .plain import CsvSink, LogFormatter, plain_table
+from .terminal import KeyReader
+from .view import render
+
+QUIT_GRACE_S = 0.3  # after `q`, how long the session may take to honour stop() before we interrupt it
+
+
+def make_options(
+    sort: str = "ops",
+    pids: Sequence[int] = (),
+    vms: Sequence[str] = (),
+    ops: Sequence[str] = (),
+    interval: Optional[float] = None,
+) -> ViewOptions:
+    """Validated ViewOptions (UsageError on a bad sort key or op name)."""
+    if sort not in SORT_KEYS:
+        raise UsageError(f"unknown sort key {sort!r}", f"use one of: {', '.join(SORT_KEYS)}")
+    bad = [o for o in ops if o not in ALL_OPS]
+    if bad:
+        raise UsageError(f"unknown op {', '.join(bad)}", f"use one of: {', '.join(ALL_OPS)}")
+    if interval is not None and interval <= 0:
+        raise UsageError(f"interval must be positive, not {interval}", "give --interval in seconds, e.g. 1")
+    return ViewOptions(
+        sort=sort,
+        pids=tuple(int(p) for p in pids),
+        vms=tuple(vms),
+        ops=tuple(o for o in ALL_OPS if o in ops),
+        interval=interval,
+    )
+
+
+def merged_meta(snap: Optional[Snapshot], session_meta) -> dict:
+    """Snapshot meta, overridden by the session's, with host and kernel filled in."""
+    m = dict(snap.meta) if snap is not None else {}
+    m.update({k: v for k, v in dict(session_meta or {}).items() if isinstance(v, (str, int, float))})
+    m.setdefault("host", platform.node())
+    m.setdefault("kernel", platform.release())
+    return m
+
+
+def _isatty(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+class _Screen:
+    """The renderable given to rich.Live: renders the shown snapshot pair at the width rich
+    offers, so a terminal resize re-lays the screen out at the next refresh."""
+
+    def __init__(self, meta_of, plan, opts: ViewOptions, ascii_bars: bool):
+        self.meta_of = meta_of
+        self.plan = plan
+        self.opts = opts
+        self.ascii_bars = ascii_bars
+        self.shown = (None, None)  # (cum, delta) on screen
+        self.latest = (None, None)  # newest pair (differs while paused)
+
+    def update(self, cum: Snapshot, delta: Snapshot):
+        self.latest = (cum, delta)
+        if not self.opts.paused:
+            self.shown = self.latest
+
+    def key(self, ch: str) -> bool:
+        """Apply a key; True when it changed what is shown."""
+        if ch == "s":
+            self.opts = self.opts.next_sort()
+        elif ch == "p":
+            self.opts = replace(self.opts, paused=not self.opts.paused)
+            if not self.opts.paused:
+                self.shown = self.latest
+        elif ch == "v":
+            cum, delta = self.shown
+            if cum is None:
+                return False
+            view = build_view(cum, delta, self.plan, self.opts)
+            self.opts = replace(self.opts, selected=cycle_selected(view, self.opts.selected))
+        else:
+            return False
+        return True
+
+    def __rich_console__(self, console, options):
+        cum, delta = self.shown
+        yield render(cum, delta, self.meta_of(cum), self.plan, self.opts, options.max_width, self.ascii_bars)
+
+
+class _Quit:
+    def __init__(self):
+        self.requested = False
+        self.done = False
+        self.lock = threading.Lock()
+
+    def request(self):
+        """`q`: ask the session to stop; if it is still inside an interval after a grace time,
+        interrupt the main thread (the same path as Ctrl-C)."""
+        self.requested = True
+
+        def late():
+            with self.lock:
+                if not self.done:
+                    _thread.interrupt_main()
+
+        t = threading.Timer(QUIT_GRACE_S, late)
+        t.daemon = True
+        t.start()
+
+    def finish(self):
+        with self.lock:
+            self.done = True
+
+
+def run_live(
+    session,
+    duration: Optional[float] = None,
+    once: bool = False,
+    log: bool = False,
+    csv_path: Optional[str] = None,
+    sort: str = "ops",
+    pids: Sequence[int] = (),
+    vms: Sequence[str] = (),
+    ops: Sequence[str] = (),
+    interval: Optional[float] = None,
+    keys: Optional[bool] = None,
+    out: Optional[TextIO] = None,
+    stop=None,
+) -> Optional[Snapshot]:
+    """Show ``session`` (a TraceSession, already entered) until ``duration`` elapses, ``stop()``
+    is true, ``q`` or Ctrl-C; return the last cumulative snapshot (None if no interval completed).
+
+    ``keys``: read keys (s/v/p/q) when stdin is a terminal (default: only in the live screen).
+    ``out``: where to write (default sys.stdout); colour and cursor codes only on a terminal.
+    """
+    if once and log:
+        raise UsageError("--once and --log exclude each other", "choose one of them")
+    if interval is None:
+        interval = getattr(session, "interval", None)
+    opts = make_options(sort, pids, vms, ops, interval)
+    out = out if out is not None else sys.stdout
+    plan = getattr(session, "plan", None)
+    session_meta = getattr(session, "meta", None)
+
+    def meta_of(snap):
+        return merged_meta(snap, session_meta)
+
+    sink = CsvSink(csv_path) if csv_path else None
+    try:
+        if once or log or not _isatty(out):
+            return _run_stream(session, duration, once, log, sink, plan, meta_of, opts, out, stop)
+        return _run_screen(session, duration, sink, plan, meta_of, opts, out, keys is not False, stop)
+    finally:
+        if sink is not None:
+            sink.close()
+
+
+def _emit(out: TextIO, text: str):
+    out.write(text + "\n")
+    out.flush()
+
+
+def _run_stream(session, duration, once, log, sink, plan, meta_of, opts, out, stop) -> Optional[Snapshot]:
+    tty = _isatty(out)
+    logf = LogFormatter(shown_ops(plan, (), opts), repeat=20 if tty else 0) if log else None
+    prev = last = None
+    try:
+        for snap in session.snapshots(duration=duration, stop=stop):
+            delta = snap.delta(prev)
+            prev = last = snap
+            if sink is not None:
+                sink.write(snap, delta, plan, opts)
+            if once:
+                _emit(out, plain_table(snap, delta, meta_of(snap), plan, opts))
+                return snap
+            if logf is not None:
+                for line in logf.lines_for(snap, delta, plan, opts):
+                    _emit(out, line)
+            else:
+                _emit(out, plain_table(snap, delta, meta_of(snap), plan, opts) + "\n")
+    except KeyboardInterrupt:
+        pass
+    _summary(out, last, plan, meta_of, opts, logf)
+    return last
+
+
+def _summary(out, last, plan, meta_of, opts, logf=None):
+    try:
+        if last is None:
+            _emit(out, "kvmtrace top: stopped before the first interval completed")
+        elif logf is not None:
+            for line in logf.lines_for(last, None, plan, opts, summary=True):
+                _emit(out, line)
+        else:
+            _emit(out, plain_table(last, None, meta_of(last), plan, opts, summary=True))
+    except BrokenPipeError:
+        pass
+
+
+def _run_screen(session, duration, sink, plan, meta_of, opts, out, want_keys, stop) -> Optional[Snapshot]:
+    from rich.console import Console
+    from rich.live import Live
+
+    console = Console(file=out)
+    ascii_bars = not (console.encoding or "").lower().startswith("utf")
+    screen = _Screen(meta_of, plan, opts, ascii_bars)
+    quit_ = _Quit()
+    live_ref = []
+
+    def on_key(ch: str):
+        if ch in ("q", "Q"):
+            quit_.request()
+            return
+        if screen.key(ch) and live_ref:
+            live_ref[0].refresh()
+
+    def should_stop() -> bool:
+        return quit_.requested or (stop is not None and stop())
+
+    last = None
+    prev = None
+    try:
+        with KeyReader(on_key, enabled=want_keys) as keys:
+            screen.opts = replace(screen.opts, keys=keys.active)
+            with Live(
+                screen,
+                console=console,
+                screen=True,
+                auto_refresh=True,
+                refresh_per_second=2,
+                redirect_stdout=False,
+                redirect_stderr=False,
+            ) as live:
+                live_ref.append(live)
+                try:
+                    for snap in session.snapshots(duration=duration, stop=should_stop):
+                        delta = snap.delta(prev)
+                        prev = last = snap
+                        if sink is not None:
+                            sink.write(snap, delta, plan, opts)
+                        screen.update(snap, delta)
+                        live.refresh()
+                        if quit_.requested:
+                            break
+                except KeyboardInterrupt:
+                    pass
+                finally:
+                    quit_.finish()
+                    live_ref.clear()
+            if keys.error is not None:
+                raise keys.error
+    except KeyboardInterrupt:
+        quit_.finish()
+    _summary(out, last, plan, meta_of, screen.opts)
+    return last

@@ -1,0 +1,259 @@
+"""Script-friendly outputs of ``kvmtrace top``, like kvm_stat's ``-1``, ``-l`` and ``-L``:
+the plain table (``--once``, batch mode, final summary), one log line per interval (``--log``)
+and per-interval CSV rows (``--csv``). No colour, no cursor codes, uncompacted numbers
+(latency in integer ns), ``-`` for unknown values, comment lines start with ``#``."""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import os
+from typing import List, Mapping, Optional, Sequence
+
+from ..errors import DataFileError
+from ..tracer.snapshot import Snapshot
+from .fmt import plain_num
+from .model import ALL_CHANGES, ALL_OPS, UNKNOWN_CHANGE, View, ViewOptions, VmRow, build_view
+from .view import attach_summary, cpu_percent
+
+
+def _ns(v: Optional[float]) -> str:
+    return "-" if v is None else str(int(round(v)))
+
+
+def _name(r: VmRow) -> str:
+    name = (r.name or "?").replace(" ", "_")
+    return name if r.alive else name + "(exited)"
+
+
+def _memslots(r: VmRow) -> str:
+    if r.memslots is None:
+        return "-"
+    return f"~{r.memslots}" if r.memslots_partial else str(r.memslots)
+
+
+def table_columns(view: View) -> List[str]:
+    cols = ["pid", "vm", "memslots", "vcpus"]
+    cols += [f"{op}/s" for op in view.ops]
+    cols += ["p50_ns", "p99_ns", "lat_prov", "slots_mean", "slots_max", "slots_prov"]
+    if view.show_scanned:
+        cols.append("scanned_mean")
+    cols += [f"{ch}/s" for ch in view.changes]
+    return cols
+
+
+def table_cells(view: View, r: VmRow, total: bool = False) -> List[str]:
+    vm = f"{len(view.rows)}_VM{'' if len(view.rows) == 1 else 's'}" if total else _name(r)
+    c = ["total" if total else str(r.pid), vm, _memslots(r)]
+    c.append(plain_num(r.vcpus))
+    c += [plain_num(r.rates.get(op)) for op in view.ops]
+    c += [_ns(r.p50), _ns(r.p99), r.lat_provenance, plain_num(r.slots_mean), plain_num(r.slots_max), r.slots_provenance]
+    if view.show_scanned:
+        c.append(plain_num(r.scanned_mean))
+    c += [plain_num(r.upd_rates.get(ch)) for ch in view.changes]
+    return c
+
+
+def _align(rows: List[List[str]]) -> List[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    out = []
+    for row in rows:
+        cells = []
+        for i, (cell, w) in enumerate(zip(row, widths)):
+            cells.append(cell.ljust(w) if i == 1 else cell.rjust(w))
+        out.append("  ".join(cells).rstrip())
+    return out
+
+
+def plain_header(cum: Snapshot, delta: Snapshot, meta: Mapping, plan, what: str) -> List[str]:
+    cpu = cpu_percent(delta)
+    return [
+        f"# kvmtrace top {what}: host {meta.get('host') or '?'} kernel {meta.get('kernel') or '?'}"
+        f" interval_s {delta.elapsed_s:.3f} elapsed_s {cum.elapsed_s:.3f}",
+        "# " + attach_summary(plan),
+        f"# lost_events {delta.lost_events} map_full {delta.map_full} unattributed {delta.unattributed}"
+        f" kvmtrace_cpu {'-' if cpu is None else f'{cpu:.1f}%'}",
+    ]
+
+
+def plain_table(
+    cum: Snapshot,
+    delta: Optional[Snapshot],
+    meta: Mapping,
+    plan,
+    opts: ViewOptions,
+    summary: bool = False,
+) -> str:
+    """The plain table of one interval (or, with ``summary``, of the whole run: rates are
+    counts divided by the time since attach, percentiles from the cumulative histograms)."""
+    view = build_view(cum, delta, plan, opts, summary=summary)
+    d = cum.delta(None) if (summary or delta is None) else delta
+    lines = plain_header(cum, d, meta, plan, "summary since start" if summary else "interval")
+    if not view.rows:
+        if view.vms_running and opts.filtered:
+            lines.append(f"no VMs match {opts.filter_text()} ({view.vms_running} running)")
+        else:
+            lines.append("no VMs running" if not summary else "no VMs seen")
+        return "\n".join(lines)
+    rows = [table_columns(view)] + [table_cells(view, r) for r in view.rows]
+    rows.append(table_cells(view, view.total, total=True))
+    lines += _align(rows)
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- --log
+
+
+class LogFormatter:
+    """One line per interval with the totals over the shown VMs (``--log``); the header is
+    printed first and, on a terminal, again every ``repeat`` lines (as kvm_stat does)."""
+
+    def __init__(self, ops: Sequence[str], changes: Sequence[str] = ALL_CHANGES, repeat: int = 0):
+        self.ops = tuple(ops)
+        self.changes = tuple(changes)
+        self.repeat = repeat
+        self.lines = 0
+        self.cols = ["time", "vms"] + [f"{op}/s" for op in self.ops]
+        self.cols += ["p50_ns", "p99_ns", "slots_mean", "slots_max"]
+        self.cols += [f"{ch}/s" for ch in self.changes]
+        self.cols += ["lost", "map_full", "unattr/s", "cpu%"]
+        self.widths = [max(len(c), 8) for c in self.cols]
+
+    def _fmt(self, cells: Sequence[str]) -> str:
+        return " ".join(c.rjust(w) for c, w in zip(cells, self.widths))
+
+    def header(self) -> str:
+        return self._fmt(self.cols)
+
+    def cells(self, view: View, delta: Snapshot, label: str) -> List[str]:
+        t = view.total
+        e = delta.elapsed_s
+        c = [label, str(len(view.rows))]
+        c += [plain_num(t.rates.get(op)) for op in self.ops]
+        c += [_ns(t.p50), _ns(t.p99), plain_num(t.slots_mean), plain_num(t.slots_max)]
+        c += [plain_num(t.upd_rates.get(ch, 0.0 if e > 0 else None)) for ch in self.changes]
+        cpu = cpu_percent(delta)
+        c += [
+            str(delta.lost_events),
+            str(delta.map_full),
+            plain_num(delta.unattributed / e if e > 0 else None),
+            plain_num(cpu),
+        ]
+        return c
+
+    def lines_for(self, cum: Snapshot, delta: Snapshot, plan, opts: ViewOptions, summary: bool = False) -> List[str]:
+        """The line of one interval (with the header when due); with ``summary`` the final line
+        over the whole run, labelled ``total``."""
+        view = build_view(cum, delta, plan, opts, summary=summary)
+        d = cum.delta(None) if summary else delta
+        if summary:
+            label = "total"
+        else:
+            label = datetime.datetime.fromtimestamp(cum.wall_time).strftime("%H:%M:%S")
+        out = []
+        if self.lines == 0 or (self.repeat and self.lines % self.repeat == 0 and not summary):
+            out.append(self.header())
+        out.append(self._fmt(self.cells(view, d, label)))
+        self.lines += 1
+        return out
+
+
+# ---------------------------------------------------------------------------- --csv
+
+CSV_CHANGES = ALL_CHANGES + (UNKNOWN_CHANGE,)
+
+
+def csv_columns() -> List[str]:
+    cols = ["wall_time", "seq", "interval_s", "vm_id", "pid", "name", "alive", "memslots", "memslots_partial", "vcpus"]
+    for op in ALL_OPS:
+        cols += [f"{op}_count", f"{op}_per_s"]
+    cols += ["lat_p50_ns", "lat_p99_ns", "lat_provenance"]
+    cols += ["slots_count", "slots_mean", "slots_max", "slots_provenance", "scanned_mean"]
+    for ch in CSV_CHANGES:
+        cols += [f"{ch}_count", f"{ch}_per_s"]
+    cols += ["memslot_errors", "lost_events", "map_full", "unattributed", "kvmtrace_cpu_s"]
+    return cols
+
+
+def _csv_val(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return "1" if v else "0"
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return str(v)
+
+
+def csv_rows(cum: Snapshot, delta: Snapshot, plan, opts: ViewOptions) -> List[List[str]]:
+    """One row per shown VM for one interval. Op columns are always all of consts.Op (zero
+    when not traced or filtered out by --op), so files stay appendable across runs."""
+    view = build_view(cum, delta, plan, opts)
+    e = delta.elapsed_s
+    out = []
+    for r in view.rows:
+        v = [
+            f"{cum.wall_time:.3f}",
+            cum.seq,
+            round(e, 6),
+            r.vm_id,
+            r.pid,
+            r.name,
+            r.alive,
+            r.memslots,
+            r.memslots_partial,
+            r.vcpus,
+        ]
+        for op in ALL_OPS:
+            n = r.counts.get(op, 0)
+            v += [n, (n / e) if e > 0 else None]
+        p50, p99 = r.p50, r.p99
+        v += [None if p50 is None else round(p50), None if p99 is None else round(p99), r.lat_provenance]
+        v += [r.slots_count, r.slots_mean, r.slots_max, r.slots_provenance, r.scanned_mean]
+        for ch in CSV_CHANGES:
+            n = r.upd_counts.get(ch, 0)
+            v += [n, (n / e) if e > 0 else None]
+        v += [r.upd_errors, delta.lost_events, delta.map_full, delta.unattributed, round(delta.self_cpu_s, 6)]
+        out.append([_csv_val(x) for x in v])
+    return out
+
+
+class CsvSink:
+    """Appends per-interval rows to a CSV file; writes the header only when the file is new
+    or empty, and refuses a file whose header is not kvmtrace top's."""
+
+    def __init__(self, path: str):
+        self.path = path
+        cols = csv_columns()
+        try:
+            existing = os.path.getsize(path) if os.path.exists(path) else 0
+            if existing:
+                with open(path, newline="") as f:
+                    first = next(csv.reader(f), [])
+                if first != cols:
+                    raise DataFileError(
+                        f"{path} is not a kvmtrace top CSV file (its header differs)",
+                        "give --csv a new file name, or remove the file",
+                    )
+            self._f = open(path, "a", newline="")
+        except OSError as e:
+            raise DataFileError(f"cannot write {path}: {e.strerror}", "check the path and its permissions") from None
+        self._w = csv.writer(self._f)
+        if not existing:
+            self._w.writerow(cols)
+            self._f.flush()
+
+    def write(self, cum: Snapshot, delta: Snapshot, plan, opts: ViewOptions) -> int:
+        rows = csv_rows(cum, delta, plan, opts)
+        self._w.writerows(rows)
+        self._f.flush()
+        return len(rows)
+
+    def close(self):
+        self._f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

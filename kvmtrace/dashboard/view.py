@@ -1,0 +1,285 @@
+"""The live view as a pure function: (cumulative snapshot, interval snapshot, meta, plan, options,
+width) -> rich renderable. No I/O, no clock, no BPF: tested with synthetic snapshots."""
+
+from __future__ import annotations
+
+import io
+from typing import List, Mapping, Optional
+
+from rich.console import Console, Group, RenderableType
+from rich.constrain import Constrain
+from rich.table import Table
+from rich.text import Text
+
+from ..tracer.snapshot import Log2Hist, Snapshot
+from .fmt import fmt_count, fmt_duration, fmt_int, fmt_mean, fmt_ns, fmt_rate
+from .model import MIXED, View, ViewOptions, VmRow, build_view, panel_hists
+
+CHANGE_HEADERS = {"create": "create", "delete": "delete", "move": "move", "flags_only": "flags"}
+BAR_WIDTH = 16
+MAX_HIST_ROWS = 12
+
+
+# ---------------------------------------------------------------------------- header
+
+
+def attach_summary(plan) -> str:
+    """'unmap,age tracepoint (lat syscall, slots derived) · memslot ...', ops grouped when
+    they share attach mode and provenance."""
+    if plan is None:
+        return "attach: unknown (no probe plan)"
+    groups = {}
+    order = []
+    untraced = []
+    for p in plan.ops:
+        if not p.available:
+            untraced.append(p.op)
+            continue
+        second = "change" if p.kind == "memslot" else "slots"
+        key = (p.attach, p.latency, second, p.slots)
+        if key not in groups:
+            groups[key] = []
+            order.append(key)
+        groups[key].append("memslot" if p.kind == "memslot" else p.op)
+    parts = [f"{','.join(groups[k])} {k[0]} (lat {k[1]}, {k[2]} {k[3]})" for k in order]
+    if untraced:
+        parts.append("not traced: " + ",".join(untraced))
+    return "attach: " + (" · ".join(parts) if parts else "nothing attached")
+
+
+def cpu_percent(delta: Snapshot) -> Optional[float]:
+    if delta.elapsed_s <= 0:
+        return None
+    return 100.0 * delta.self_cpu_s / delta.elapsed_s
+
+
+def header_lines(cum: Snapshot, delta: Snapshot, meta: Mapping, plan, opts: ViewOptions, view: View) -> List[Text]:
+    host = meta.get("host") or "?"
+    kernel = meta.get("kernel") or "?"
+    interval = opts.interval if opts.interval is not None else delta.elapsed_s
+    l1 = Text()
+    l1.append("kvmtrace top", style="bold")
+    l1.append(f" · host {host} · kernel {kernel} · interval {interval:.1f}s · up {fmt_duration(cum.elapsed_s)}")
+    if opts.paused:
+        l1.append(" · ")
+        l1.append("PAUSED", style="reverse")
+    l2 = Text(attach_summary(plan))
+
+    l3 = Text()
+
+    def warn(label: str, value: int, total: int):
+        l3.append(f"{label} ")
+        l3.append(str(value), style="bold red" if value else "")
+        if total != value:
+            l3.append(f" (total {total})")
+
+    warn("lost events", delta.lost_events, cum.lost_events)
+    l3.append(" · ")
+    warn("map full", delta.map_full, cum.map_full)
+    un_rate = fmt_rate(delta.unattributed / delta.elapsed_s) if delta.elapsed_s > 0 else "-"
+    l3.append(f" · unattributed ops {delta.unattributed} ({un_rate}/s)")
+    cpu = cpu_percent(delta)
+    l3.append(f" · kvmtrace CPU {'-' if cpu is None else f'{cpu:.1f}%'}")
+
+    l4 = Text(f"VMs {view.vms_running} running")
+    if opts.filtered or opts.ops:
+        l4.append(f" · filter {opts.filter_text()} ({view.vms_hidden} hidden)")
+    l4.append(f" · sort {opts.sort}")
+    if opts.keys:
+        l4.append(" · keys: s sort, v panel VM, p pause, q quit", style="dim")
+    return [l1, l2, l3, l4]
+
+
+# ---------------------------------------------------------------------------- VM table
+
+
+def _memslots(r: VmRow) -> str:
+    if r.memslots is None:
+        return "-"
+    return f"~{r.memslots}" if r.memslots_partial else str(r.memslots)
+
+
+def _name(r: VmRow, width: int = 16) -> str:
+    suffix = " (exited)" if not r.alive else ""
+    name = r.name
+    room = max(1, width - len(suffix))
+    if len(name) > room:
+        name = name[: room - 1] + "…"
+    return name + suffix
+
+
+def vm_table(view: View) -> Table:
+    t = Table(
+        box=None,
+        padding=(0, 1, 0, 0),
+        pad_edge=False,
+        show_edge=False,
+        collapse_padding=True,
+        header_style="bold",
+    )
+    t.add_column("PID", justify="right", no_wrap=True)
+    t.add_column("VM", justify="left", no_wrap=True, overflow="ellipsis", min_width=6, max_width=16)
+    t.add_column("mem\nslots", justify="right", no_wrap=True)
+    t.add_column("vCPU", justify="right", no_wrap=True)
+    for i, op in enumerate(view.ops):
+        t.add_column(("ops/s\n" if i == 0 else "\n") + op, justify="right", no_wrap=True)
+    t.add_column("lat\np50", justify="right", no_wrap=True)
+    t.add_column("\np99", justify="right", no_wrap=True)
+    t.add_column("slots\nmean", justify="right", no_wrap=True)
+    t.add_column("\nmax", justify="right", no_wrap=True)
+    if view.show_scanned:
+        t.add_column("scan\nmean", justify="right", no_wrap=True)
+    for i, ch in enumerate(view.changes):
+        label = CHANGE_HEADERS.get(ch, ch)
+        t.add_column(("upd/s\n" if i == 0 else "\n") + label, justify="right", no_wrap=True)
+
+    def cells(r: VmRow, total: bool):
+        c = [
+            "" if total else str(r.pid),
+            r.name if total else _name(r),
+            _memslots(r),
+            fmt_int(r.vcpus),
+        ]
+        c += [fmt_rate(r.rates.get(op)) for op in view.ops]
+        c += [fmt_ns(r.p50), fmt_ns(r.p99), fmt_mean(r.slots_mean), fmt_int(r.slots_max)]
+        if view.show_scanned:
+            c.append(fmt_mean(r.scanned_mean))
+        c += [fmt_rate(r.upd_rates.get(ch)) for ch in view.changes]
+        return c
+
+    for r in view.rows:
+        t.add_row(*cells(r, False), style=None if r.alive else "dim")
+    if len(view.rows) > 1:
+        t.add_row(*cells(view.total, True), style="bold", end_section=False)
+    return t
+
+
+def caption(view: View) -> Text:
+    lat = view.lat_provenance
+    slots = view.slots_provenance
+    parts = [f"latency p50/p99 of the interval, estimated from log2 histogram ({lat})"]
+    parts.append(f"slots visited ({slots}), max since start")
+    if view.show_scanned:
+        parts.append("scan = memslots scanned (linear lookup)")
+    if any(r.memslots_partial for r in view.rows):
+        parts.append("~ memslot count incomplete (slots predate the trace)")
+    if MIXED in (lat, slots):
+        parts.append("mixed provenance: use --op to separate ops")
+    return Text(" · ".join(parts), style="dim")
+
+
+# ---------------------------------------------------------------------------- detail panel
+
+
+def _slot_label(lo: int, hi: int) -> str:
+    return str(lo) if hi - lo <= 1 else f"{lo}-{hi - 1}"
+
+
+def _lat_label(lo: int, hi: int) -> str:
+    return f"{fmt_ns(lo)}-{fmt_ns(hi)}"
+
+
+def hist_lines(hist: Log2Hist, label, ascii_bars: bool = False, max_rows: int = MAX_HIST_ROWS) -> List[str]:
+    """One line per log2 bucket between the first and last non-empty one; when there are more
+    than ``max_rows`` the lowest buckets are folded into the first line ("<=")."""
+    idx = [i for i, c in enumerate(hist.counts) if c]
+    if not idx:
+        return ["(no data)"]
+    first, last = idx[0], idx[-1]
+    rows = []
+    folded = 0
+    if last - first + 1 > max_rows:
+        cut = last - max_rows + 1
+        folded = sum(hist.counts[first:cut])
+        first = cut
+    for i in range(first, last + 1):
+        lo, hi = Log2Hist.bucket_bounds(i)
+        rows.append((label(lo, hi), hist.counts[i]))
+    if folded:
+        lo, hi = Log2Hist.bucket_bounds(first)
+        rows[0] = ("<" + label(lo, hi).split("-")[-1], rows[0][1] + folded)
+    peak = max(c for _, c in rows)
+    lw = max(len(lbl) for lbl, _ in rows)
+    cw = max(len(fmt_count(c)) for _, c in rows)
+    ch = "#" if ascii_bars else "█"
+    out = []
+    for lbl, c in rows:
+        n = 0 if peak == 0 else round(BAR_WIDTH * c / peak)
+        if c and n == 0:
+            n = 1
+        out.append(f"{lbl:>{lw}} {fmt_count(c):>{cw}} {ch * n}")
+    return out
+
+
+def panel(cum: Snapshot, view: View, ascii_bars: bool = False) -> Optional[RenderableType]:
+    if view.panel_vm is None:
+        return None
+    row = next(r for r in view.rows if r.vm_id == view.panel_vm)
+    lat, lat_prov, slots, slots_prov, n = panel_hists(cum, view.panel_vm, view.ops)
+    title = Text()
+    title.append(f"VM {row.pid} {row.name}", style="bold")
+    title.append(f" · since start: {n} ops ({','.join(view.ops)})")
+    left = [f"latency ({lat_prov})"] + hist_lines(lat, _lat_label, ascii_bars)
+    right = [f"slots visited ({slots_prov})"] + hist_lines(slots, _slot_label, ascii_bars)
+    grid = Table.grid(padding=(0, 4, 0, 0))
+    grid.add_column(no_wrap=True, overflow="crop")
+    grid.add_column(no_wrap=True, overflow="crop")
+    grid.add_row(Text("\n".join(left)), Text("\n".join(right)))
+    return Group(title, grid)
+
+
+# ---------------------------------------------------------------------------- the screen
+
+
+def render(
+    cum: Optional[Snapshot],
+    delta: Optional[Snapshot],
+    meta: Mapping,
+    plan,
+    opts: ViewOptions,
+    width: int,
+    ascii_bars: bool = False,
+) -> RenderableType:
+    """One screen of ``kvmtrace top``. ``cum`` is the cumulative snapshot, ``delta`` the interval
+    (``cum.delta(prev)``). Before the first snapshot ``cum`` is None."""
+    if cum is None:
+        return Constrain(Text(f"kvmtrace top · waiting for the first interval ({opts.interval or 1:.1f}s)…"), width)
+    if delta is None:
+        delta = cum.delta(None)
+    view = build_view(cum, delta, plan, opts)
+    parts: List[RenderableType] = header_lines(cum, delta, meta, plan, opts, view)
+    parts.append(Text(""))
+    if not view.rows:
+        if view.vms_running and (opts.filtered):
+            parts.append(Text(f"no VMs match {opts.filter_text()} ({view.vms_running} running)", style="bold"))
+        else:
+            parts.append(Text("no VMs running", style="bold"))
+        return Constrain(Group(*parts), width)
+    parts.append(vm_table(view))
+    parts.append(caption(view))
+    p = panel(cum, view, ascii_bars)
+    if p is not None:
+        parts.append(Text(""))
+        parts.append(p)
+    return Constrain(Group(*parts), width)
+
+
+def render_text(
+    cum: Optional[Snapshot],
+    delta: Optional[Snapshot],
+    meta: Mapping,
+    plan,
+    opts: ViewOptions,
+    width: int,
+    ascii_bars: bool = False,
+) -> str:
+    """``render`` as plain text (no colour, no cursor codes), trailing spaces stripped."""
+    buf = io.StringIO()
+    console = Console(
+        file=buf, width=width, force_terminal=False, color_system=None, legacy_windows=False, soft_wrap=False
+    )
+    console.print(render(cum, delta, meta, plan, opts, width, ascii_bars))
+    return "\n".join(line.rstrip() for line in buf.getvalue().splitlines())
+
+
+__all__ = ["render", "render_text", "attach_summary", "hist_lines", "header_lines", "vm_table"]
