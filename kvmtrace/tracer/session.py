@@ -264,10 +264,12 @@ class TraceSession:
         self.close()
 
     def _resolve(self) -> ProbePlan:
-        from .kernel import gather_facts
+        from .kernel import gather
         from .plan import resolve
 
-        self.facts = gather_facts(trial_fentry=self.modes is None or "fentry" in self.modes)
+        g = gather(trial=self.modes is None or "fentry" in self.modes)
+        self.gathered = g
+        self.facts = g.facts
         kwargs = {}
         if self.modes:
             kwargs["modes"] = tuple(self.modes)
