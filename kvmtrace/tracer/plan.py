@@ -445,9 +445,10 @@ def _resolve_hva(spec: HvaSpec, ctx: _Ctx, linear: Optional[bool], defs: Dict[st
             if not range_ok:
                 notes.append("no BTF offsets for mmu_notifier_range.start/end: range sizes not recorded")
             params = tuple((fn, ctx.params(fn)) for fn in callbacks + handlers if ctx.params(fn) is not None)
-            if f.btf_funcs is None:
-                notes.append("no BTF: argument positions are the ones of every supported kernel, "
-                             "not verified against this one")
+            unverified = [fn for fn in callbacks + handlers if ctx.params(fn) is None]
+            if unverified:
+                notes.append(f"no BTF prototype for {', '.join(unverified)}: argument positions are the "
+                             "ones every supported kernel uses, not verified against this one")
             return OpPlan(
                 op=spec.op, kind="hva", attach=mode, target="+".join(callbacks), latency="exact",
                 slots=slots, callbacks=callbacks, handlers=handlers, scanned=scanned,
@@ -544,6 +545,9 @@ def _fix_for(problem: str, facts: KernelFacts) -> str:
         return "install bcc >= 0.31 (MODULE_KFUNC_PROBE support) or use kprobes"
     if "fentry" in p:
         return "kprobes or tracepoints are used instead; for fentry use a kernel that permits BPF trampolines"
+    if "btf offsets" in p:
+        return ("boot a kernel with BTF for KVM: CONFIG_DEBUG_INFO_BTF=y, and CONFIG_DEBUG_INFO_BTF_MODULES=y "
+                "(5.11+) when KVM is a module")
     if "btf" in p:
         return "boot a kernel built with CONFIG_DEBUG_INFO_BTF=y (and CONFIG_DEBUG_INFO_BTF_MODULES=y)"
     if "tracepoint" in p or "tracefs" in p:
@@ -575,8 +579,9 @@ def resolve(facts: KernelFacts, modes=MODES) -> ProbePlan:
         if not op.available and not gone:
             problems.append(f"{op.op}: cannot be traced here ({op.skipped[-1].reason if op.skipped else 'no path'})")
     if linear and any(p.attach in ("fentry", "kprobe") for p in ops) and not all(k in d for k in _WALK_DEFINES):
-        problems.append("linear-scan kernel without BTF offsets for the memslot array: "
-                        "slots scanned not available (" + ", ".join(m for m in missing if "SLOT" in m or "MEMSLOT" in m or "NR_AS" in m) + ")")
+        problems.append("linear-scan kernel without BTF offsets for the memslot array: slots scanned "
+                        "(and, before 5.13, slots visited) not available; missing " + ", ".join(
+                            m for m in missing if m.split(" ", 1)[0] in _WALK_DEFINES))
     remedies = tuple((p, _fix_for(p, facts)) for p in problems)
     return ProbePlan(
         ops=tuple(ops), linear_scan=linear, defines=tuple(defs), problems=tuple(problems),
