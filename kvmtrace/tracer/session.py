@@ -305,7 +305,7 @@ class TraceSession:
         self.cflags = cflags
         self._rusage0 = self._cpu()
         try:
-            self.bpf = BPF(text=source(), cflags=cflags)
+            self.bpf = BPF(text=source().encode(), cflags=cflags)
             self._attach_kprobes()
         except KvmtraceError:
             self.close()
