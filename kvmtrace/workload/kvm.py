@@ -1,0 +1,266 @@
+"""Thin ctypes layer over /dev/kvm, mmap and madvise. No C compiler, no kernel headers.
+
+Only uapi structures are declared here (stable ABI). ioctl numbers are derived with the
+kernel's _IO/_IOR/_IOW rule from the struct sizes below; the two that the tracer also needs
+come from ``kvmtrace.consts`` and are cross-checked at import time.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import mmap as _mmap
+import os
+
+from .. import consts
+
+# --- libc ------------------------------------------------------------------------------------
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+_libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
+_libc.ioctl.restype = ctypes.c_int
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_libc.mmap.restype = ctypes.c_void_p
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.munmap.restype = ctypes.c_int
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_libc.madvise.restype = ctypes.c_int
+_libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+_libc.memset.restype = ctypes.c_void_p
+
+try:  # glibc only; used to keep malloc from returning memory (munmap/trim fire notifier events)
+    _mallopt = _libc.mallopt
+    _mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    _mallopt.restype = ctypes.c_int
+except AttributeError:  # pragma: no cover - non-glibc
+    _mallopt = None
+
+PAGE_SIZE = _mmap.PAGESIZE
+
+PROT_READ = 0x1
+PROT_WRITE = 0x2
+MAP_PRIVATE = 0x02
+MAP_ANONYMOUS = 0x20
+MAP_NORESERVE = 0x4000
+MAP_FAILED = ctypes.c_void_p(-1).value
+
+MADV_DONTNEED = 4
+MADV_COLD = 20
+MADV_PAGEOUT = 21
+MADV_NOHUGEPAGE = 15
+
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+
+# --- ioctl numbers ---------------------------------------------------------------------------
+
+_IOC_WRITE = 1
+_IOC_READ = 2
+
+
+def _ioc(direction: int, nr: int, size: int) -> int:
+    return (direction << 30) | (size << 16) | (consts.KVMIO << 8) | nr
+
+
+def _io(nr: int) -> int:
+    return _ioc(0, nr, 0)
+
+
+class KvmUserspaceMemoryRegion(ctypes.Structure):
+    """struct kvm_userspace_memory_region (include/uapi/linux/kvm.h)."""
+
+    _fields_ = [
+        ("slot", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("guest_phys_addr", ctypes.c_uint64),
+        ("memory_size", ctypes.c_uint64),
+        ("userspace_addr", ctypes.c_uint64),
+    ]
+
+
+class KvmRegs(ctypes.Structure):
+    """struct kvm_regs (x86)."""
+
+    _fields_ = [
+        (n, ctypes.c_uint64)
+        for n in (
+            "rax rbx rcx rdx rsi rdi rsp rbp r8 r9 r10 r11 r12 r13 r14 r15 rip rflags".split()
+        )
+    ]
+
+
+class KvmSegment(ctypes.Structure):
+    _fields_ = [
+        ("base", ctypes.c_uint64),
+        ("limit", ctypes.c_uint32),
+        ("selector", ctypes.c_uint16),
+        ("type", ctypes.c_uint8),
+        ("present", ctypes.c_uint8),
+        ("dpl", ctypes.c_uint8),
+        ("db", ctypes.c_uint8),
+        ("s", ctypes.c_uint8),
+        ("l", ctypes.c_uint8),
+        ("g", ctypes.c_uint8),
+        ("avl", ctypes.c_uint8),
+        ("unusable", ctypes.c_uint8),
+        ("padding", ctypes.c_uint8),
+    ]
+
+
+class KvmDtable(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_uint64), ("limit", ctypes.c_uint16), ("padding", ctypes.c_uint16 * 3)]
+
+
+class KvmSregs(ctypes.Structure):
+    """struct kvm_sregs (x86)."""
+
+    _fields_ = [(n, KvmSegment) for n in "cs ds es fs gs ss tr ldt".split()] + [
+        ("gdt", KvmDtable),
+        ("idt", KvmDtable),
+    ] + [(n, ctypes.c_uint64) for n in "cr0 cr2 cr3 cr4 cr8 efer apic_base".split()] + [
+        ("interrupt_bitmap", ctypes.c_uint64 * 4)
+    ]
+
+
+class KvmRunHead(ctypes.Structure):
+    """The first fields of struct kvm_run and its io exit member."""
+
+    _fields_ = [
+        ("request_interrupt_window", ctypes.c_uint8),
+        ("immediate_exit", ctypes.c_uint8),
+        ("padding1", ctypes.c_uint8 * 6),
+        ("exit_reason", ctypes.c_uint32),
+        ("ready_for_interrupt_injection", ctypes.c_uint8),
+        ("if_flag", ctypes.c_uint8),
+        ("flags", ctypes.c_uint16),
+        ("cr8", ctypes.c_uint64),
+        ("apic_base", ctypes.c_uint64),
+        # union at offset 32; io: direction, size, port, count, data_offset
+        ("io_direction", ctypes.c_uint8),
+        ("io_size", ctypes.c_uint8),
+        ("io_port", ctypes.c_uint16),
+        ("io_count", ctypes.c_uint32),
+        ("io_data_offset", ctypes.c_uint64),
+    ]
+
+
+assert ctypes.sizeof(KvmUserspaceMemoryRegion) == 32
+assert ctypes.sizeof(KvmRegs) == 144
+assert ctypes.sizeof(KvmSregs) == 312
+
+KVM_GET_API_VERSION = _io(0x00)
+KVM_CREATE_VM = _io(0x01)
+KVM_CHECK_EXTENSION = _io(0x03)
+KVM_GET_VCPU_MMAP_SIZE = _io(0x04)
+KVM_CREATE_VCPU = _io(0x41)
+KVM_SET_USER_MEMORY_REGION = _ioc(_IOC_WRITE, 0x46, ctypes.sizeof(KvmUserspaceMemoryRegion))
+KVM_RUN = _io(0x80)
+KVM_GET_REGS = _ioc(_IOC_READ, 0x81, ctypes.sizeof(KvmRegs))
+KVM_SET_REGS = _ioc(_IOC_WRITE, 0x82, ctypes.sizeof(KvmRegs))
+KVM_GET_SREGS = _ioc(_IOC_READ, 0x83, ctypes.sizeof(KvmSregs))
+KVM_SET_SREGS = _ioc(_IOC_WRITE, 0x84, ctypes.sizeof(KvmSregs))
+
+assert KVM_CREATE_VM == consts.KVM_CREATE_VM
+assert KVM_SET_USER_MEMORY_REGION == consts.KVM_SET_USER_MEMORY_REGION
+
+KVM_API_VERSION = 12
+KVM_CAP_NR_MEMSLOTS = 10
+KVM_CAP_USER_MEMORY = 3
+
+KVM_EXIT_NAMES = {
+    0: "unknown",
+    2: "io",
+    5: "hlt",
+    8: "shutdown",
+    9: "fail_entry",
+    17: "internal_error",
+}
+KVM_EXIT_IO = 2
+KVM_EXIT_HLT = 5
+
+
+class OsCallError(OSError):
+    """An OSError that names the call that failed."""
+
+    def __init__(self, call: str, err: int):
+        super().__init__(err, f"{call}: {os.strerror(err)}")
+        self.call = call
+
+
+def ioctl(fd: int, request: int, arg=0) -> int:
+    """ioctl returning the result; raises OsCallError with the errno on -1."""
+    if isinstance(arg, ctypes.Structure):
+        ptr = ctypes.cast(ctypes.byref(arg), ctypes.c_void_p)
+    else:
+        ptr = ctypes.c_void_p(arg)
+    r = _libc.ioctl(fd, request, ptr)
+    if r < 0:
+        raise OsCallError(f"ioctl {request:#x}", ctypes.get_errno())
+    return r
+
+
+def ioctl_raw(fd: int, request: int, arg) -> int:
+    """ioctl returning -errno instead of raising (hot paths and expected failures)."""
+    r = _libc.ioctl(fd, request, arg)
+    if r < 0:
+        return -ctypes.get_errno()
+    return r
+
+
+def mmap_anon(size: int, noreserve: bool = False) -> int:
+    flags = MAP_PRIVATE | MAP_ANONYMOUS | (MAP_NORESERVE if noreserve else 0)
+    addr = _libc.mmap(None, size, PROT_READ | PROT_WRITE, flags, -1, 0)
+    if addr is None or addr == MAP_FAILED:
+        raise OsCallError("mmap", ctypes.get_errno())
+    return addr
+
+
+def mmap_fd(fd: int, size: int) -> int:
+    MAP_SHARED = 0x01
+    addr = _libc.mmap(None, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
+    if addr is None or addr == MAP_FAILED:
+        raise OsCallError("mmap", ctypes.get_errno())
+    return addr
+
+
+def munmap(addr: int, size: int) -> None:
+    if _libc.munmap(addr, size) < 0:
+        raise OsCallError("munmap", ctypes.get_errno())
+
+
+def madvise(addr: int, size: int, advice: int) -> None:
+    if _libc.madvise(addr, size, advice) < 0:
+        raise OsCallError("madvise", ctypes.get_errno())
+
+
+# The hot loops call this directly (no wrapper frame): returns 0 or -1.
+madvise_raw = _libc.madvise
+
+
+def memset(addr: int, value: int, size: int) -> None:
+    _libc.memset(addr, value, size)
+
+
+def touch_pages(addr: int, size: int) -> None:
+    """Fault every page of [addr, addr+size) in by writing one byte per page."""
+    buf = (ctypes.c_char * size).from_address(addr)
+    for off in range(0, size, PAGE_SIZE):
+        buf[off] = b"\x01"
+
+
+PR_SET_THP_DISABLE = 41
+
+
+def quiet_process_memory() -> None:
+    """Keep this process from adding notifier calls of its own once the VM exists: stop glibc
+    malloc from handing memory back (trim, munmap of mmapped chunks), and disable THP for the
+    whole process (a munmap inside a huge page splits it first: one more callback)."""
+    if _mallopt is not None:
+        _mallopt(M_MMAP_THRESHOLD, 32 << 20)
+        _mallopt(M_TRIM_THRESHOLD, 0x7FFFFFFF)
+    try:
+        _libc.prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0)
+    except AttributeError:  # pragma: no cover
+        pass
