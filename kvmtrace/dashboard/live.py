@@ -22,7 +22,7 @@ from ..tracer.snapshot import Snapshot
 from .model import ALL_OPS, SORT_KEYS, ViewOptions, build_view, cycle_selected, shown_ops
 from .plain import CsvSink, LogFormatter, plain_table
 from .terminal import KeyReader
-from .view import render
+from .view import render, render_summary
 
 QUIT_GRACE_S = 0.3  # after `q`, how long the session may take to honour stop() before we interrupt it
 
@@ -204,13 +204,15 @@ def _run_stream(session, duration, once, log, sink, plan, meta_of, opts, out, st
     return last
 
 
-def _summary(out, last, plan, meta_of, opts, logf=None):
+def _summary(out, last, plan, meta_of, opts, logf=None, console=None):
     try:
         if last is None:
             _emit(out, "kvmtrace top: stopped before the first interval completed")
         elif logf is not None:
             for line in logf.lines_for(last, None, plan, opts, summary=True):
                 _emit(out, line)
+        elif console is not None:
+            console.print(render_summary(last, meta_of(last), plan, opts, console.width))
         else:
             _emit(out, plain_table(last, None, meta_of(last), plan, opts, summary=True))
     except BrokenPipeError:
@@ -271,5 +273,5 @@ def _run_screen(session, duration, sink, plan, meta_of, opts, out, want_keys, st
                 raise keys.error
     except KeyboardInterrupt:
         quit_.finish()
-    _summary(out, last, plan, meta_of, screen.opts)
+    _summary(out, last, plan, meta_of, replace(screen.opts, paused=False), console=console)
     return last

@@ -171,12 +171,9 @@ def caption(view: View) -> Text:
 # ---------------------------------------------------------------------------- detail panel
 
 
-def _slot_label(lo: int, hi: int) -> str:
+def bucket_label(lo: int, hi: int) -> str:
+    """Bucket [lo, hi) as inclusive integers: "0", "1", "2-3", "512-1023"."""
     return str(lo) if hi - lo <= 1 else f"{lo}-{hi - 1}"
-
-
-def _lat_label(lo: int, hi: int) -> str:
-    return f"{fmt_ns(lo)}-{fmt_ns(hi)}"
 
 
 def hist_lines(hist: Log2Hist, label, ascii_bars: bool = False, max_rows: int = MAX_HIST_ROWS) -> List[str]:
@@ -197,7 +194,7 @@ def hist_lines(hist: Log2Hist, label, ascii_bars: bool = False, max_rows: int = 
         rows.append((label(lo, hi), hist.counts[i]))
     if folded:
         lo, hi = Log2Hist.bucket_bounds(first)
-        rows[0] = ("<" + label(lo, hi).split("-")[-1], rows[0][1] + folded)
+        rows[0] = (f"<{hi}", rows[0][1] + folded)
     peak = max(c for _, c in rows)
     lw = max(len(lbl) for lbl, _ in rows)
     cw = max(len(fmt_count(c)) for _, c in rows)
@@ -219,8 +216,8 @@ def panel(cum: Snapshot, view: View, ascii_bars: bool = False) -> Optional[Rende
     title = Text()
     title.append(f"VM {row.pid} {row.name}", style="bold")
     title.append(f" · since start: {n} ops ({','.join(view.ops)})")
-    left = [f"latency ({lat_prov})"] + hist_lines(lat, _lat_label, ascii_bars)
-    right = [f"slots visited ({slots_prov})"] + hist_lines(slots, _slot_label, ascii_bars)
+    left = [f"latency ns ({lat_prov})"] + hist_lines(lat, bucket_label, ascii_bars)
+    right = [f"slots visited ({slots_prov})"] + hist_lines(slots, bucket_label, ascii_bars)
     grid = Table.grid(padding=(0, 4, 0, 0))
     grid.add_column(no_wrap=True, overflow="crop")
     grid.add_column(no_wrap=True, overflow="crop")
@@ -283,3 +280,30 @@ def render_text(
 
 
 __all__ = ["render", "render_text", "attach_summary", "hist_lines", "header_lines", "vm_table"]
+
+
+def render_summary(cum: Snapshot, meta: Mapping, plan, opts: ViewOptions, width: int) -> RenderableType:
+    """The final summary on a terminal: the VM table over the whole run (rates = counts / time
+    since attach, percentiles from the cumulative histograms), exited VMs included."""
+    view = build_view(cum, None, plan, opts, summary=True)
+    whole = cum.delta(None)
+    cpu = cpu_percent(whole)
+    head = Text()
+    head.append("kvmtrace top summary", style="bold")
+    head.append(
+        f" · {fmt_duration(cum.elapsed_s)} since start · host {meta.get('host') or '?'}"
+        f" · kernel {meta.get('kernel') or '?'}"
+    )
+    info = Text(
+        f"lost events {cum.lost_events} · map full {cum.map_full} · unattributed ops {cum.unattributed}"
+        f" · kvmtrace CPU {'-' if cpu is None else f'{cpu:.1f}%'} ({cum.self_cpu_s:.2f}s)"
+    )
+    parts: List[RenderableType] = [head, Text(attach_summary(plan)), info]
+    if not view.rows:
+        parts.append(Text("no VMs seen"))
+    else:
+        parts.append(vm_table(view))
+        cap = caption(view)
+        cap.plain = cap.plain.replace("of the interval", "since start")
+        parts.append(cap)
+    return Constrain(Group(*parts), width)
