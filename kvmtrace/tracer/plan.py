@@ -198,7 +198,7 @@ FUNCS_OF_INTEREST: Tuple[str, ...] = tuple(
 )
 STRUCTS_OF_INTEREST: Dict[str, Tuple[str, ...]] = {
     "mmu_notifier_range": ("start", "end"),
-    "kvm": ("memslots",),
+    "kvm": ("memslots", "mmu_notifier"),  # mmu_notifier: struct kvm * from the callback's mn
     # used_slots/memslots only exist on linear-scan kernels (sorted array, before 5.17)
     "kvm_memslots": ("used_slots", "memslots", "generation"),
     # hva_node only exists on interval-tree kernels (5.17+)
@@ -369,6 +369,7 @@ def _defines(facts: KernelFacts, linear: Optional[bool]) -> Tuple[List[Tuple[str
 
     put("OFF_RANGE_START", _offset(facts, "mmu_notifier_range", "start"), "mmu_notifier_range.start")
     put("OFF_RANGE_END", _offset(facts, "mmu_notifier_range", "end"), "mmu_notifier_range.end")
+    put("OFF_KVM_MMU_NOTIFIER", _offset(facts, "kvm", "mmu_notifier"), "kvm.mmu_notifier")
     params = (facts.btf_funcs or {}).get(SET_MEMSLOT)
     if params is not None and SET_MEMSLOT_CHANGE_PARAM in params:
         out.append(("SET_MEMSLOT_CHANGE_ARG", params.index(SET_MEMSLOT_CHANGE_PARAM)))
