@@ -1,0 +1,186 @@
+"""kvmtrace bench: the workload at each memslot count x scenario, each run traced and recorded,
+then the seed-style table. Two bench directories feed `kvmtrace compare` directly."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import click
+
+# The child starts as this gate, so its pid is known (and traced) before the workload runs; the
+# gate execs the workload (same pid) once the tracer is attached and writes a line to stdin.
+GATE = "import os,sys; sys.stdin.buffer.readline(); os.execv(sys.argv[1], sys.argv[1:])"
+KVM_CHECK_EXTENSION = 0xAE03  # _IO(KVMIO, 0x03)
+KVM_CAP_NR_MEMSLOTS = 10
+
+
+def kernel_max_memslots() -> int:
+    """KVM_CAP_NR_MEMSLOTS of this kernel (memslots per address space)."""
+    import fcntl
+
+    from ..errors import CapabilityMissing, PermissionProblem
+
+    try:
+        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError as e:
+        raise CapabilityMissing("no /dev/kvm on this host", "load kvm (modprobe kvm_intel or kvm_amd) or run where KVM exists") from e
+    except PermissionError as e:
+        raise PermissionProblem("no permission to open /dev/kvm", "run as root or add the user to the kvm group") from e
+    try:
+        return int(fcntl.ioctl(fd, KVM_CHECK_EXTENSION, KVM_CAP_NR_MEMSLOTS))
+    finally:
+        os.close(fd)
+
+
+def workload_cmd(slots: int, scenario: str, iterations: int, json_out: str, slot_size=None) -> list:
+    cmd = [sys.executable, "-m", "kvmtrace.workload", "--slots", str(slots), "--scenario", scenario,
+           "--iterations", str(iterations), "--json-out", json_out]
+    if slot_size:
+        cmd += ["--slot-size", str(slot_size)]
+    return cmd
+
+
+def _tail(path: str, n: int = 5) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return " | ".join(line.rstrip() for line in f.readlines()[-n:])
+    except OSError:
+        return ""
+
+
+def run_one(directory, scenario, slots, iterations, interval, events, slot_size, timeout, flag, status) -> dict:
+    """One traced workload run; returns its index entry."""
+    import json
+
+    from ..analysis.bench import run_dir_name
+    from ..analysis.recording import Recorder
+    from ..tracer.session import TraceSession
+    from .record import run_recording, session_meta
+
+    name = run_dir_name(scenario, slots)
+    rdir = os.path.join(directory, "runs", name)
+    os.makedirs(os.path.dirname(rdir), exist_ok=True)
+    rec_path = os.path.join(rdir, "recording")
+    os.makedirs(rdir, exist_ok=True)
+    wl_json = os.path.join(rdir, "workload.json")
+    log_path = os.path.join(rdir, "workload.log")
+    env = dict(os.environ)
+    pkg_parent = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = pkg_parent + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    cmd = workload_cmd(slots, scenario, iterations, wl_json, slot_size)
+    entry = {"scenario": scenario, "slots": slots, "iterations": iterations, "recording": os.path.join("runs", name, "recording"),
+             "workload_json": os.path.join("runs", name, "workload.json"), "command": cmd[1:], "status": "failed"}
+    with open(log_path, "wb") as log:
+        child = subprocess.Popen([sys.executable, "-c", GATE] + cmd, stdin=subprocess.PIPE, stdout=log,
+                                 stderr=subprocess.STDOUT, env=env)
+        try:
+            deadline = [None]
+
+            def stop():
+                if flag.is_set():
+                    return True
+                if deadline[0] is not None and time.monotonic() > deadline[0]:
+                    return True
+                return child.poll() is not None
+
+            with TraceSession(pid=child.pid, interval=interval, events=events) as s:
+                meta = {k: v for k, v in session_meta(s, f"{scenario}/{slots}", child.pid, interval, events).items() if v is not None}
+                meta["bench"] = {"scenario": scenario, "slots": slots, "iterations": iterations}
+                with Recorder(rec_path, meta=meta, events=events, plan=s.plan) as rec:
+                    child.stdin.write(b"go\n")
+                    child.stdin.close()
+                    t0 = time.monotonic()
+                    deadline[0] = t0 + timeout
+                    run_recording(s, rec, stop=stop, status=status)
+                    status.done()
+            entry["duration_s"] = round(time.monotonic() - t0, 3)
+        finally:
+            if child.poll() is None:
+                child.terminate()
+                try:
+                    child.wait(10)
+                except subprocess.TimeoutExpired:
+                    child.kill()
+                    child.wait()
+    entry["exit_code"] = child.returncode
+    if flag.is_set():
+        entry["status"] = "interrupted"
+    elif child.returncode != 0:
+        entry["status"] = "failed"
+        entry["error"] = _tail(log_path) or f"workload exited with {child.returncode}"
+    else:
+        try:
+            with open(wl_json) as f:
+                entry["workload"] = json.load(f)
+            entry["status"] = "ok"
+        except (OSError, ValueError) as e:
+            entry["error"] = f"workload wrote no readable JSON ({e})"
+    return entry
+
+
+@click.command()
+@click.option("--slots", "slots_text", default="10,30,50,100,509", show_default=True, help="memslot counts, comma-separated")
+@click.option("--scenario", "scen_text", default="unmap,unmap-chunked,move-active,move-inactive,map", show_default=True,
+              help="workload scenarios, comma-separated")
+@click.option("-o", "--output", "directory", required=True, type=click.Path(), help="bench directory to create")
+@click.option("--iterations", type=int, default=3, show_default=True, help="workload iterations per run")
+@click.option("--interval", type=float, default=0.5, show_default=True, help="tracer interval, seconds")
+@click.option("--events", is_flag=True, help="record raw events too (exact percentiles and tests; more overhead)")
+@click.option("--slot-size", default=None, help="passed to the workload's --slot-size")
+@click.option("--timeout", type=float, default=900.0, show_default=True, help="seconds before a run is stopped")
+def bench(slots_text, scen_text, directory, iterations, interval, events, slot_size, timeout):
+    """Run the workload at each memslot count x scenario under the tracer, record every run into
+    DIR, and print the seed-style table (time per iteration, per-op latency, slots visited and
+    scanned). `kvmtrace compare DIR_BEFORE DIR_AFTER` compares two bench directories."""
+    from ..analysis.bench import check_slots, new_index, parse_scenarios, parse_slots, save_index, seed_table
+    from ..analysis.recording import read_inputs
+    from ..analysis.render import bench_renderables, print_renderables
+    from ..errors import KvmtraceError, UsageError
+    from .record import StatusLine, stop_on_signals
+
+    slots = parse_slots(slots_text)
+    scenarios = parse_scenarios(scen_text)
+    if iterations < 1:
+        raise UsageError(f"--iterations must be >= 1, not {iterations}")
+    check_slots(slots, kernel_max_memslots())
+    if os.path.exists(directory) and (not os.path.isdir(directory) or os.listdir(directory)):
+        raise UsageError(f"{directory} already exists", "choose a new directory for the bench output")
+    os.makedirs(directory, exist_ok=True)
+    idx = new_index({"host": os.uname().nodename, "kernel": os.uname().release, "slots": slots,
+                     "scenarios": scenarios, "iterations": iterations, "interval_s": interval, "raw_events": events})
+    save_index(directory, {**idx, "runs": []})
+    flag = threading.Event()
+    status = StatusLine()
+    failed = []
+    total = len(slots) * len(scenarios)
+    n = 0
+    with stop_on_signals(flag):
+        for scenario in scenarios:
+            for nslots in slots:
+                if flag.is_set():
+                    break
+                n += 1
+                click.echo(f"[{n}/{total}] {scenario} with {nslots} memslots, {iterations} iterations", err=True)
+                try:
+                    entry = run_one(directory, scenario, nslots, iterations, interval, events, slot_size, timeout, flag, status)
+                except KvmtraceError:
+                    raise
+                if entry["status"] == "ok":
+                    idx["runs"].append(entry)
+                else:
+                    failed.append(entry)
+                    idx.setdefault("failed_runs", []).append(entry)
+                    click.echo(f"  {entry['status']}: {entry.get('error', '')}", err=True)
+                save_index(directory, idx)
+    if idx["runs"]:
+        print_renderables(bench_renderables(seed_table(read_inputs([directory]))))
+    click.echo(f"bench output in {directory} ({len(idx['runs'])} runs ok, {len(failed)} not); "
+               f"compare two with: kvmtrace compare BEFORE_DIR AFTER_DIR", err=True)
+    if flag.is_set():
+        raise KvmtraceError("bench interrupted; completed runs are kept", exit_code=130)
+    if failed:
+        raise KvmtraceError(f"{len(failed)} bench run(s) failed; see workload.log in {directory}/runs/", exit_code=1)

@@ -1,0 +1,43 @@
+"""kvmtrace report: summarise one or more recordings (or bench directories) into one report."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path())
+@click.option("--csv", "csv_dir", type=click.Path(), default=None, help="write one CSV per table into this directory")
+@click.option("--json", "as_json", is_flag=True, help="print the report as JSON (schema: docs/report.schema.json)")
+@click.option("--html", "html_file", type=click.Path(), default=None, help="write a self-contained HTML page with plots")
+def report(paths, csv_dir, as_json, html_file):
+    """Summarise recordings: per VM and op count, rate, latency percentiles, slots visited and
+    scanned; memslot updates by change type; breakdown by memslot count; lost events.
+
+    Several PATHs (e.g. one per host) merge into one report."""
+    from ..analysis import export
+    from ..analysis.recording import read_inputs
+    from ..analysis.report import EVENT_COLUMNS, Report, build_report, to_json
+
+    recs = read_inputs(list(paths), event_columns=EVENT_COLUMNS)
+    rep = build_report(recs)
+    if csv_dir:
+        written = export.write_csv_tables({t: rep[t] for t in Report.TABLES}, csv_dir)
+        click.echo(f"wrote {len(written)} CSV files to {csv_dir}", err=as_json)
+    if html_file:
+        from ..analysis.html import report_html
+
+        try:
+            with open(html_file, "w") as f:
+                f.write(report_html(rep))
+        except OSError as e:
+            from ..errors import UsageError
+
+            raise UsageError(f"cannot write {html_file}: {e.strerror}", "choose a writable path for --html") from e
+        click.echo(f"wrote {html_file}", err=as_json)
+    if as_json:
+        click.echo(export.dumps(to_json(rep)))
+    else:
+        from ..analysis.render import print_renderables, report_renderables
+
+        print_renderables(report_renderables(rep))
