@@ -21,5 +21,14 @@ test: setup
 test-host: setup
 	KVMTRACE_LAB=0 bash scripts/run-tests.sh
 
+# kernel lab (root): build/cache the Debian 11/12/13 guest images, then boot each and run the lab
+# tests inside (docs/lab.md). ~20-25 min cold, a few minutes warm.
+.PHONY: lab
+lab:
+	bash lab/build-image.sh all
+
+test-lab: setup
+	KVMTRACE_LAB=$${KVMTRACE_LAB:-1} $(PY) -m pytest -ra -m lab tests/lab
+
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -71,7 +71,7 @@ EOS
   cp /etc/ssl/certs/ca-certificates.crt "$R/etc/ssl/certs/ca-certificates.crt"
   cp "$LAB_DIR/guest-requirements.txt" "$R/tmp/req.txt"
   lab_say "$suite: venv /opt/kvmtrace-venv + pip install"
-  chroot "$R" env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root sh -ec '
+  chroot "$R" env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root PIP_CERT=/etc/ssl/certs/ca-certificates.crt sh -ec '
     python3 -m venv --system-site-packages /opt/kvmtrace-venv
     /opt/kvmtrace-venv/bin/python -m pip install -q --disable-pip-version-check --no-cache-dir --upgrade "pip<25.3"
     /opt/kvmtrace-venv/bin/python -m pip install -q --disable-pip-version-check --no-cache-dir -r /tmp/req.txt

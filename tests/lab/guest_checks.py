@@ -1,0 +1,709 @@
+#!/usr/bin/env python3
+"""Lab checks, run INSIDE a kernel-lab guest as root (lab/run.sh SUITE -- python3 tests/lab/guest_checks.py).
+
+Each check is one function that returns (status, reason, details) with status "pass", "fail" or
+"skip"; a check that raises is reported as "fail" with the exception, so a half-built feature shows
+up as its own failing check instead of crashing the tier. Every result is printed as one line
+
+    KVMTRACE-LAB-CHECK {"check": NAME, "status": ..., "reason": ..., "details": {...}, "seconds": ...}
+
+and appended to $KVMTRACE_LAB_RESULTS/checks.jsonl. tests/lab/test_lab.py (on the host) turns each
+line into its own pytest assertion. Python 3.9 compatible (Debian 11), no third-party imports at
+module level (the host imports CHECKS from here).
+
+Expectations come from the project's issues (kernel lab, tracer, workload, report):
+  - doctor --json: plan attach = fentry on 6.12, kprobe on 5.10 and 6.1, for hva ops and memslot
+    updates, with latency and slots provenance "exact"; kprobe on 6.12 when fentry is switched off;
+  - unmap count per VM (record + report --json) = the workload's ground truth, in every mode;
+  - slots visited per page-sized unmap = 1 (the overlap count); slots scanned = memslot count on
+    5.10 (linear scan), not growing with the memslot count on 6.1 / 6.12;
+  - memslot updates by change type = ground truth, with latency;
+  - no kprobe events or BPF programs left after kvmtrace exits, also after SIGKILL.
+
+Options (environment): KVMTRACE_LAB_ONLY=name,name (run only these), KVMTRACE_LAB_WRONG=1 (enable
+the deliberately wrong check `harness_wrong_expectation`, to prove the harness can fail).
+"""
+
+import json
+import mmap
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+
+MARK = "KVMTRACE-LAB-CHECK "
+KVMTRACE = [sys.executable, "-m", "kvmtrace.cli"]
+TRACEFS = "/sys/kernel/tracing"
+RESULTS = os.environ.get("KVMTRACE_LAB_RESULTS") or ""  # set in main()
+MODES = ("fentry", "kprobe", "tracepoint")
+SLOTS_SMALL, SLOTS_LARGE = 8, 64
+
+# The host-side test parametrises over this list (kept static so pytest can collect it).
+CHECKS = [
+    "env_kvm",
+    "baseline_kprobe_counts",
+    "baseline_fentry_counts",
+    "doctor_json",
+    "doctor_plan_default",
+    "doctor_plan_without_fentry",
+    "doctor_explains_fallback",
+    "workload_ground_truth",
+] + [
+    "%s_%s" % (what, mode)
+    for mode in MODES
+    for what in ("record_unmap_count", "record_slots_visited", "record_slots_scanned",
+                 "record_memslot_updates", "cleanup_after_exit")
+] + [
+    "cleanup_after_sigkill",
+    "harness_wrong_expectation",
+]
+
+
+class Skip(Exception):
+    pass
+
+
+class Fail(Exception):
+    pass
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+
+
+def kernel_version():
+    m = re.match(r"(\d+)\.(\d+)", os.uname().release)
+    return (int(m.group(1)), int(m.group(2)))
+
+
+KVER = kernel_version()
+LINEAR_SCAN = KVER < (5, 17)
+EXPECTED_DEFAULT_MODE = "fentry" if KVER >= (6, 12) else "kprobe"
+
+
+def run(cmd, timeout=600, check=False, **kw):
+    t = time.time()
+    p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
+                       timeout=timeout, **kw)
+    p.seconds = round(time.time() - t, 1)
+    if check and p.returncode != 0:
+        raise Fail("%s exited %d: %s" % (" ".join(cmd), p.returncode, tail(p.stderr or p.stdout)))
+    return p
+
+
+def tail(text, n=8):
+    lines = [ln for ln in (text or "").strip().splitlines() if ln.strip()]
+    return " | ".join(lines[-n:])[-1200:]
+
+
+_help_cache = {}
+
+
+def kvmtrace_help(sub):
+    """`kvmtrace SUB --help` text; Fail (not built yet) when the command does not exist."""
+    if sub not in _help_cache:
+        p = run(KVMTRACE + [sub, "--help"], timeout=300)
+        _help_cache[sub] = p
+    p = _help_cache[sub]
+    if p.returncode != 0:
+        raise Fail("`kvmtrace %s` is not available yet (exit %d: %s)" % (sub, p.returncode, tail(p.stderr or p.stdout, 3)))
+    return p.stdout
+
+
+def mode_args(sub, modes):
+    """CLI arguments restricting `kvmtrace SUB` to attach `modes`, or None if it has no such option."""
+    h = kvmtrace_help(sub)
+    if "--modes" in h:
+        return ["--modes", ",".join(modes)]
+    if "--mode" in h and len(modes) == 1:
+        return ["--mode", modes[0]]
+    if modes == ("kprobe", "tracepoint") and "--no-fentry" in h:
+        return ["--no-fentry"]
+    return None
+
+
+def kprobe_events():
+    try:
+        with open(os.path.join(TRACEFS, "kprobe_events")) as f:
+            return [ln.strip() for ln in f if ln.strip()]
+    except OSError:
+        return []
+
+
+def bpf_prog_ids():
+    """Set of loaded BPF program ids (bpftool), or None without bpftool."""
+    if not shutil.which("bpftool"):
+        return None
+    p = run(["bpftool", "-j", "prog", "show"], timeout=60)
+    if p.returncode != 0:
+        return None
+    try:
+        return {(x["id"], x.get("name", ""), x.get("type", "")) for x in json.loads(p.stdout or "[]")}
+    except ValueError:
+        return None
+
+
+def kallsyms_has(name):
+    with open("/proc/kallsyms") as f:
+        for ln in f:
+            parts = ln.split()
+            if len(parts) >= 3 and parts[2] == name:
+                return True
+    return False
+
+
+def unmap_handler():
+    return "kvm_unmap_gfn_range" if kallsyms_has("kvm_unmap_gfn_range") else "kvm_unmap_hva_range"
+
+
+# --------------------------------------------------------------------------------------------
+# a tiny independent VM (ctypes, no kvmtrace code): the baseline for raw kprobe/fentry counts
+
+KVM_CREATE_VM = 0xAE01
+KVM_SET_USER_MEMORY_REGION = 0x4020AE46
+MADV_DONTNEED = 4
+MADV_NOHUGEPAGE = 15
+
+
+class MiniVm:
+    """A VM with `nslots` memslots of `slot_size` bytes of anonymous memory (no vCPU)."""
+
+    def __init__(self, nslots=8, slot_size=1 << 20):
+        import ctypes
+        import fcntl
+
+        self.ctypes, self.fcntl = ctypes, fcntl
+        self.libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        self.libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        self.kvm = os.open("/dev/kvm", os.O_RDWR)
+        self.vm = fcntl.ioctl(self.kvm, KVM_CREATE_VM, 0)
+        self.slot_size, self.nslots = slot_size, nslots
+        self.mem = mmap.mmap(-1, nslots * slot_size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self.base = ctypes.addressof(ctypes.c_char.from_buffer(self.mem))
+        self._madvise(self.base, nslots * slot_size, MADV_NOHUGEPAGE)
+        for i in range(nslots):
+            self.set_slot(i, slot_size)
+        for off in range(0, nslots * slot_size, mmap.PAGESIZE):
+            self.mem[off] = 1
+
+    def _madvise(self, addr, size, advice):
+        if self.libc.madvise(self.ctypes.c_void_p(addr), size, advice) != 0:
+            raise OSError(self.ctypes.get_errno(), "madvise")
+
+    def set_slot(self, i, size):
+        import struct
+
+        buf = bytearray(struct.pack("IIQQQ", i, 0, i * self.slot_size, size, self.base + i * self.slot_size))
+        self.fcntl.ioctl(self.vm, KVM_SET_USER_MEMORY_REGION, buf)
+
+    def unmap_page(self, slot, page=0):
+        self._madvise(self.base + slot * self.slot_size + page * mmap.PAGESIZE, mmap.PAGESIZE, MADV_DONTNEED)
+
+    def close(self):
+        os.close(self.vm)
+        os.close(self.kvm)
+        del self.base
+        try:
+            self.mem.close()
+        except BufferError:
+            pass
+
+
+def _baseline(prog_kind):
+    from bcc import BPF
+
+    handler = unmap_handler()
+    names = ["kvm_mmu_notifier_invalidate_range_start", handler, "kvm_set_memslot"]
+    pid = os.getpid()
+    body = "BPF_ARRAY(counts, u64, 3);\n" \
+           "static __always_inline int inc(int i) {\n" \
+           "  if ((bpf_get_current_pid_tgid() >> 32) != %d) return 0;\n" \
+           "  u64 *v = counts.lookup(&i); if (v) __sync_fetch_and_add(v, 1); return 0; }\n" % pid
+    if prog_kind == "kprobe":
+        body += "".join("int on_%d(void *ctx) { return inc(%d); }\n" % (i, i) for i in range(3))
+        b = BPF(text=body)
+        for i, fn in enumerate(names):
+            b.attach_kprobe(event=fn, fn_name="on_%d" % i)
+    else:
+        if not BPF.support_kfunc():
+            raise Skip("bcc says fentry is unsupported here (BPF.support_kfunc() is False)")
+        body += "".join("MODULE_KFUNC_PROBE(kvm, %s) { inc(%d); return 0; }\n" % (fn, i) for i, fn in enumerate(names))
+        try:
+            b = BPF(text=body)
+        except Exception as e:  # bcc 0.26 on 6.1: "No such file or directory" (vmlinux BTF only)
+            raise Skip("fentry on the kvm module does not load with this bcc: %s" % (str(e).strip()[:300],))
+    vm = MiniVm(nslots=8)
+    before = [b["counts"][b["counts"].Key(i)].value for i in range(3)]
+    for s in range(4):
+        vm.unmap_page(s)
+    mid = [b["counts"][b["counts"].Key(i)].value for i in range(3)]
+    vm.set_slot(7, 0)  # delete one slot
+    after = [b["counts"][b["counts"].Key(i)].value for i in range(3)]
+    vm.close()
+    b.cleanup()
+    got = {"invalidate": mid[0] - before[0], "unmap_handler": mid[1] - before[1], "set_memslot_on_delete": after[2] - mid[2],
+           "set_memslot_total": after[2], "handler": handler}
+    return got
+
+
+def _expect_baseline(got, wrong=0):
+    det = dict(got)
+    want = 4 + wrong
+    if got["invalidate"] != want or got["unmap_handler"] != want:
+        raise Fail("4 single-page MADV_DONTNEED in 4 slots: expected %d invalidations and %d %s calls, counted %d and %d"
+                   % (want, want, got["handler"], got["invalidate"], got["unmap_handler"]))
+    if got["set_memslot_on_delete"] < 1:
+        raise Fail("deleting a memslot fired kvm_set_memslot %d times" % got["set_memslot_on_delete"])
+    return "pass", "exact: %d invalidations, %d %s, %d kvm_set_memslot (delete)" % (
+        got["invalidate"], got["unmap_handler"], got["handler"], got["set_memslot_on_delete"]), det
+
+
+# --------------------------------------------------------------------------------------------
+# checks
+
+
+def check_env_kvm():
+    facts = {"kernel": os.uname().release, "kvm_dev": os.path.exists("/dev/kvm"),
+             "module_btf_kvm": os.path.exists("/sys/kernel/btf/kvm"), "vmlinux_btf": os.path.exists("/sys/kernel/btf/vmlinux"),
+             "python": sys.version.split()[0], "bpftool": bool(shutil.which("bpftool"))}
+    for fn in ("kvm_mmu_notifier_invalidate_range_start", "kvm_unmap_gfn_range", "kvm_unmap_hva_range",
+               "kvm_set_memslot", "__kvm_set_memory_region", "kvm_set_memory_region"):
+        facts["sym_" + fn] = kallsyms_has(fn)
+    try:
+        import bcc
+        from bcc import BPF
+
+        facts["bcc"] = getattr(bcc, "__version__", "?")
+        facts["support_kfunc"] = bool(BPF.support_kfunc())
+    except Exception as e:
+        facts["bcc"] = "import failed: %s" % e
+    if not facts["kvm_dev"]:
+        raise Fail("/dev/kvm missing after modprobe kvm_amd (see the serial log)")
+    return "pass", "kernel %s, bcc %s, support_kfunc=%s, /sys/kernel/btf/kvm %s" % (
+        facts["kernel"], facts.get("bcc"), facts.get("support_kfunc"), "present" if facts["module_btf_kvm"] else "absent"), facts
+
+
+def check_baseline_kprobe_counts():
+    return _expect_baseline(_baseline("kprobe"))
+
+
+def check_baseline_fentry_counts():
+    return _expect_baseline(_baseline("fentry"))
+
+
+def check_harness_wrong_expectation():
+    if os.environ.get("KVMTRACE_LAB_WRONG") != "1":
+        raise Skip("deliberately wrong expectation; enabled only by KVMTRACE_LAB_WRONG=1")
+    return _expect_baseline(_baseline("kprobe"), wrong=1)
+
+
+_doctor = {}
+
+
+def doctor(extra=()):
+    key = tuple(extra)
+    if key not in _doctor:
+        kvmtrace_help("doctor")
+        p = run(KVMTRACE + ["doctor", "--json"] + list(extra), timeout=600)
+        try:
+            data = json.loads(p.stdout)
+        except ValueError:
+            raise Fail("`kvmtrace doctor --json %s` (exit %d) printed no JSON: %s" % (" ".join(extra), p.returncode, tail(p.stderr or p.stdout)))
+        _doctor[key] = data
+    return _doctor[key]
+
+
+def check_doctor_json():
+    d = doctor()
+    missing = [k for k in ("kernel", "bcc", "btf", "kvm", "vms", "plan", "problems") if k not in d]
+    if missing:
+        raise Fail("doctor --json lacks keys %s (has %s)" % (missing, sorted(d)))
+    if not isinstance(d["plan"], list) or not all(isinstance(e, dict) for e in d["plan"]):
+        raise Fail("doctor --json: plan is not a list of objects: %r" % (d["plan"],))
+    bad = [e for e in d["plan"] if not all(k in e for k in ("op", "target", "attach", "latency", "slots"))]
+    if bad:
+        raise Fail("plan entries without op/target/attach/latency/slots: %s" % json.dumps(bad)[:600])
+    return "pass", "keys present; plan ops %s" % [e["op"] for e in d["plan"]], {"doctor": d}
+
+
+def _check_plan(d, want_mode, label):
+    plan = {e.get("op"): e for e in d.get("plan", [])}
+    errs = []
+    for op in ("unmap", "memslot_update"):
+        if op not in plan:
+            errs.append("no plan entry for %s" % op)
+    for op, e in sorted(plan.items()):
+        if e.get("attach") in (None, "none") and op in ("age", "test_age", "change_pte"):
+            continue  # e.g. change_pte is gone on 6.12; may be untraceable
+        if e.get("attach") != want_mode:
+            errs.append("%s: attach %s, expected %s (target %s)" % (op, e.get("attach"), want_mode, e.get("target")))
+        if e.get("latency") != "exact":
+            errs.append("%s: latency %s, expected exact" % (op, e.get("latency")))
+        if e.get("slots") != "exact":
+            errs.append("%s: slots %s, expected exact" % (op, e.get("slots")))
+    summary = {op: "%s %s lat=%s slots=%s" % (e.get("attach"), e.get("target"), e.get("latency"), e.get("slots")) for op, e in plan.items()}
+    if errs:
+        raise Fail("%s on %d.%d: %s" % (label, KVER[0], KVER[1], "; ".join(errs)))
+    return "pass", "%s: %s for all traceable ops, exact latency and slots" % (label, want_mode), {"plan": summary, "problems": d.get("problems")}
+
+
+def check_doctor_plan_default():
+    return _check_plan(doctor(), EXPECTED_DEFAULT_MODE, "default plan")
+
+
+def check_doctor_plan_without_fentry():
+    args = mode_args("doctor", ("kprobe", "tracepoint"))
+    if args is None:
+        raise Fail("`kvmtrace doctor` has no option to switch fentry off (looked for --modes, --mode, --no-fentry)")
+    return _check_plan(doctor(args), "kprobe", "plan with %s" % " ".join(args))
+
+
+def check_doctor_explains_fallback():
+    if EXPECTED_DEFAULT_MODE == "fentry":
+        raise Skip("fentry is the plan here; nothing to explain")
+    d = doctor()
+    text = json.dumps(d).lower()
+    if "fentry" not in text:
+        raise Fail("doctor --json never says why fentry is not used on %d.%d (no mention of fentry)" % KVER)
+    hits = sorted(set(re.findall(r'"([^"]*fentry[^"]*)"', json.dumps(d))))
+    return "pass", "doctor explains: %s" % (hits[0][:200] if hits else "?"), {"mentions": hits[:6]}
+
+
+# --- workload + record + report ---------------------------------------------------------------
+
+_gt = {}
+
+
+def workload(slots, scenario, iterations=1, tag=None):
+    """Run `kvmtrace workload`; return its ground truth (dict) and the process's output."""
+    h = kvmtrace_help("workload")
+    out = os.path.join(RESULTS, "gt-%s-%s-%d.json" % (tag or "w", scenario, slots))
+    cmd = KVMTRACE + ["workload", "--slots", str(slots), "--scenario", scenario, "--iterations", str(iterations), "--json-out", out]
+    if "--slot-size" in h:
+        cmd += ["--slot-size", os.environ.get("KVMTRACE_LAB_SLOT_SIZE", "256K")]
+    p = run(cmd, timeout=900)
+    if p.returncode != 0:
+        raise Fail("%s exited %d: %s" % (" ".join(cmd[2:]), p.returncode, tail(p.stderr or p.stdout)))
+    try:
+        with open(out) as f:
+            gt = json.load(f)
+    except (OSError, ValueError) as e:
+        raise Fail("workload wrote no ground-truth JSON at %s: %s" % (out, e))
+    gt["_seconds"] = p.seconds
+    return gt
+
+
+def check_workload_ground_truth():
+    gt = workload(SLOTS_SMALL, "unmap", tag="plain")
+    _gt["plain"] = gt
+    missing = [k for k in ("pid", "tids", "slots", "hva_ops", "hva_ops_outside_slots", "memslot_updates", "slot_ranges") if k not in gt]
+    if missing:
+        raise Fail("ground truth lacks %s (has %s)" % (missing, sorted(gt)))
+    if not gt["hva_ops"].get("unmap"):
+        raise Fail("unmap scenario reports no unmap operations: %r" % gt["hva_ops"])
+    if len(gt["slot_ranges"]) != SLOTS_SMALL:
+        raise Fail("slot_ranges has %d entries for --slots %d" % (len(gt["slot_ranges"]), SLOTS_SMALL))
+    return "pass", "unmap x%d, memslot_updates %s, %.1fs" % (gt["hva_ops"]["unmap"], gt["memslot_updates"], gt["_seconds"]), \
+        {k: gt[k] for k in ("slots", "hva_ops", "hva_ops_outside_slots", "memslot_updates")}
+
+
+def _wait_attached(proc, before_kp, before_ids, timeout=300):
+    """Wait until the recorder has attached something (new kprobe event / BPF program), or died."""
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if proc.poll() is not None:
+            return False
+        if len(kprobe_events()) > len(before_kp):
+            break
+        ids = bpf_prog_ids()
+        if ids is not None and before_ids is not None and len(ids - before_ids) >= 2:
+            break
+        if ids is None and time.time() - t0 > 60:
+            break  # no way to see it; waited long enough for a TCG compile
+        time.sleep(1)
+    time.sleep(3)  # let attach complete for all programs
+    return proc.poll() is None
+
+
+def _bpf_leftovers(before_ids, wait=10):
+    t0 = time.time()
+    while True:
+        ids = bpf_prog_ids()
+        if ids is None or before_ids is None:
+            return None
+        new = ids - before_ids
+        if not new or time.time() - t0 > wait:
+            return sorted(new)
+        time.sleep(1)
+
+
+_sessions = {}
+
+
+def session(mode):
+    """One `kvmtrace record` session restricted to `mode`, around three workloads (unmap with
+    SLOTS_SMALL and SLOTS_LARGE memslots, churn), then `kvmtrace report --json`. Cached per mode;
+    a failure is cached too, so every dependent check reports it."""
+    if mode in _sessions:
+        s = _sessions[mode]
+        if isinstance(s, BaseException):
+            raise s
+        return s
+    try:
+        s = _run_session(mode)
+    except (Fail, Skip) as e:
+        _sessions[mode] = e
+        raise
+    _sessions[mode] = s
+    return s
+
+
+def _run_session(mode):
+    if mode == "fentry" and EXPECTED_DEFAULT_MODE != "fentry":
+        raise Skip("fentry mode is not expected on %d.%d (kvm module functions need bcc MODULE_KFUNC_PROBE + module BTF)" % KVER)
+    kvmtrace_help("record")
+    kvmtrace_help("report")
+    margs = mode_args("record", (mode,))
+    if margs is None:
+        if mode != EXPECTED_DEFAULT_MODE:
+            raise Fail("`kvmtrace record` has no option to choose attach mode %s (looked for --modes/--mode)" % mode)
+        margs = []
+    out = os.path.join(RESULTS, "rec-%s.parquet" % mode)
+    log = open(os.path.join(RESULTS, "record-%s.log" % mode), "w")
+    before_kp, before_ids = kprobe_events(), bpf_prog_ids()
+    cmd = KVMTRACE + ["record", "-o", out, "--interval", "1"] + margs
+    t0 = time.time()
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        if not _wait_attached(proc, before_kp, before_ids):
+            log.flush()
+            raise Fail("`%s` exited (%s) before attaching: %s" % (" ".join(cmd[2:]), proc.returncode, tail(open(log.name).read())))
+        attach_s = round(time.time() - t0, 1)
+        gts = {"small": workload(SLOTS_SMALL, "unmap", tag=mode), "large": workload(SLOTS_LARGE, "unmap", tag=mode)}
+        try:
+            gts["churn"] = workload(SLOTS_SMALL, "churn", tag=mode)
+        except Fail as e:
+            gts["churn"] = e
+        time.sleep(2.5)  # one more interval flush
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise Fail("`kvmtrace record` did not stop within 120 s of SIGINT")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+    rec_rc = proc.returncode
+    leftover_kp = [e for e in kprobe_events() if e not in before_kp]
+    leftover_ids = _bpf_leftovers(before_ids)
+    p = run(KVMTRACE + ["report", out, "--json"], timeout=600)
+    report, report_err = None, None
+    try:
+        report = json.loads(p.stdout)
+    except ValueError:
+        report_err = "`kvmtrace report %s --json` (exit %d) printed no JSON: %s" % (os.path.basename(out), p.returncode, tail(p.stderr or p.stdout))
+    return {"mode": mode, "gt": gts, "report": report, "report_err": report_err, "record_rc": rec_rc,
+            "record_log": tail(open(log.name).read(), 5), "attach_s": attach_s,
+            "leftover_kprobes": leftover_kp, "leftover_bpf": leftover_ids}
+
+
+def _report(s):
+    if s["report_err"]:
+        raise Fail(s["report_err"])
+    return s["report"]
+
+
+def _rows(report, key, pid, **match):
+    rows = [r for r in report.get(key, []) if r.get("pid") == pid]
+    return [r for r in rows if all(r.get(k) == v for k, v in match.items())]
+
+
+def _mode_checks(what):
+    def check(mode):
+        s = session(mode)
+        return what(s)
+    return check
+
+
+def _unmap_count(s):
+    rep = _report(s)
+    out, errs = {}, []
+    for tag in ("small", "large"):
+        gt = s["gt"][tag]
+        rows = _rows(rep, "hva_ops", gt["pid"], op="unmap")
+        got = sum(r.get("count", 0) for r in rows)
+        want = gt["hva_ops"]["unmap"]
+        out[tag] = {"pid": gt["pid"], "slots": gt["slots"], "truth": want, "traced": got}
+        if got != want:
+            errs.append("%d slots (pid %d): traced %d unmap ops, ground truth %d" % (gt["slots"], gt["pid"], got, want))
+    if errs:
+        raise Fail("%s mode: %s" % (s["mode"], "; ".join(errs)))
+    return "pass", "%s mode: unmap counts exact (%s)" % (s["mode"], ", ".join("%d" % out[t]["traced"] for t in out)), out
+
+
+def _slots_visited(s):
+    rep = _report(s)
+    out, errs = {}, []
+    for tag in ("small", "large"):
+        gt = s["gt"][tag]
+        rows = _rows(rep, "hva_ops", gt["pid"], op="unmap")
+        if not rows:
+            raise Fail("%s mode: no unmap rows for pid %d in the report" % (s["mode"], gt["pid"]))
+        sv = rows[0].get("slots_visited") or {}
+        out[tag] = sv
+        # the unmap scenario unmaps page by page inside one slot: each range overlaps exactly 1 slot
+        if sv.get("mean") != 1 or sv.get("max") != 1:
+            errs.append("%d slots: slots visited per unmap %r, expected mean 1 and max 1 (page-sized ranges overlap one slot)" % (gt["slots"], sv))
+    if errs:
+        raise Fail("%s mode: %s" % (s["mode"], "; ".join(errs)))
+    return "pass", "%s mode: slots visited per unmap = 1 (the overlap count)" % s["mode"], out
+
+
+def _slots_scanned(s):
+    rep = _report(s)
+    out = {}
+    for tag in ("small", "large"):
+        gt = s["gt"][tag]
+        rows = _rows(rep, "hva_ops", gt["pid"], op="unmap")
+        if not rows:
+            raise Fail("%s mode: no unmap rows for pid %d in the report" % (s["mode"], gt["pid"]))
+        out[tag] = {"slots": gt["slots"], "scanned": (rows[0].get("slots_scanned") or {}).get("mean")}
+    if LINEAR_SCAN:
+        errs = ["%d memslots: slots scanned per unmap %r" % (v["slots"], v["scanned"]) for v in out.values() if v["scanned"] != v["slots"]]
+        if errs:
+            raise Fail("%s mode, linear-scan kernel %d.%d: slots scanned must equal the memslot count: %s" % ((s["mode"],) + KVER + ("; ".join(errs),)))
+        return "pass", "%s mode: slots scanned = memslot count (%d, %d)" % (s["mode"], out["small"]["scanned"], out["large"]["scanned"]), out
+    a, b = out["small"]["scanned"], out["large"]["scanned"]
+    if a is not None and b is not None and b > a:
+        raise Fail("%s mode on %d.%d (interval tree): slots scanned grew with memslot count: %r at %d slots, %r at %d" % (
+            s["mode"], KVER[0], KVER[1], a, SLOTS_SMALL, b, SLOTS_LARGE))
+    return "pass", "%s mode: slots scanned does not grow with memslot count (%r at %d, %r at %d)" % (s["mode"], a, SLOTS_SMALL, b, SLOTS_LARGE), out
+
+
+def _memslot_updates(s):
+    rep = _report(s)
+    gt = s["gt"]["churn"]
+    if isinstance(gt, Exception):
+        raise Fail("churn workload failed: %s" % gt)
+    errs, out = [], {}
+    for change in ("create", "delete", "move", "flags_only"):
+        want = gt["memslot_updates"].get(change, 0)
+        rows = _rows(rep, "memslot_updates", gt["pid"], change=change)
+        got = sum(r.get("count", 0) for r in rows)
+        lat = (rows[0].get("latency_ns") or {}) if rows else {}
+        out[change] = {"truth": want, "traced": got, "latency_ns": lat}
+        if got != want:
+            errs.append("%s: traced %d, ground truth %d" % (change, got, want))
+        elif want and not (lat.get("max") or lat.get("p50")):
+            errs.append("%s: no latency recorded (%r)" % (change, lat))
+    if errs:
+        raise Fail("%s mode, churn pid %d: %s" % (s["mode"], gt["pid"], "; ".join(errs)))
+    return "pass", "%s mode: memslot updates by change type exact, with latency" % s["mode"], out
+
+
+def _cleanup_after_exit(s):
+    if s["record_rc"] not in (0, 130):
+        raise Fail("%s mode: `kvmtrace record` exited %s after SIGINT: %s" % (s["mode"], s["record_rc"], s["record_log"]))
+    errs = []
+    if s["leftover_kprobes"]:
+        errs.append("kprobe_events left: %s" % s["leftover_kprobes"])
+    if s["leftover_bpf"]:
+        errs.append("BPF programs left: %s" % s["leftover_bpf"])
+    if errs:
+        raise Fail("%s mode, after `kvmtrace record` exited: %s" % (s["mode"], "; ".join(errs)))
+    note = "" if s["leftover_bpf"] is not None else " (bpftool unavailable: BPF programs not checked)"
+    return "pass", "%s mode: nothing left behind after exit%s" % (s["mode"], note), {}
+
+
+def check_cleanup_after_sigkill():
+    kvmtrace_help("record")
+    before_kp, before_ids = kprobe_events(), bpf_prog_ids()
+    margs = mode_args("record", ("kprobe",)) or []
+    out = os.path.join(RESULTS, "rec-sigkill.parquet")
+    log = open(os.path.join(RESULTS, "record-sigkill.log"), "w")
+    proc = subprocess.Popen(KVMTRACE + ["record", "-o", out, "--interval", "1"] + margs, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        if not _wait_attached(proc, before_kp, before_ids):
+            raise Fail("`kvmtrace record` exited (%s) before attaching: %s" % (proc.returncode, tail(open(log.name).read())))
+        attached = {"kprobes": [e for e in kprobe_events() if e not in before_kp],
+                    "bpf": sorted((bpf_prog_ids() or set()) - (before_ids or set()))}
+        proc.kill()
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+    time.sleep(1)
+    left_kp = [e for e in kprobe_events() if e not in before_kp]
+    left_bpf = _bpf_leftovers(before_ids)
+    errs = []
+    if left_kp:
+        errs.append("kprobe_events left: %s" % left_kp)
+    if left_bpf:
+        errs.append("BPF programs left: %s" % left_bpf)
+    if errs:
+        raise Fail("after SIGKILL of `kvmtrace record`: %s" % "; ".join(errs))
+    return "pass", "nothing left after SIGKILL (while attached: %d kprobe events, %d BPF programs)" % (
+        len(attached["kprobes"]), len(attached["bpf"])), attached
+
+
+MODE_CHECKS = {"record_unmap_count": _unmap_count, "record_slots_visited": _slots_visited,
+               "record_slots_scanned": _slots_scanned, "record_memslot_updates": _memslot_updates,
+               "cleanup_after_exit": _cleanup_after_exit}
+
+
+def get_check(name):
+    fn = globals().get("check_" + name)
+    if fn:
+        return fn
+    for what, impl in MODE_CHECKS.items():
+        for mode in MODES:
+            if name == "%s_%s" % (what, mode):
+                return lambda impl=impl, mode=mode: impl(session(mode))
+    raise KeyError(name)
+
+
+def emit(rec):
+    line = json.dumps(rec, default=str, sort_keys=True)
+    print(MARK + line, flush=True)
+    with open(os.path.join(RESULTS, "checks.jsonl"), "a") as f:
+        f.write(line + "\n")
+
+
+def main():
+    global RESULTS
+    RESULTS = RESULTS or tempfile.mkdtemp(prefix="lab-results-")
+    only = [c for c in os.environ.get("KVMTRACE_LAB_ONLY", "").split(",") if c]
+    names = only or CHECKS
+    print(MARK + json.dumps({"check": "_start", "kernel": os.uname().release, "checks": names}), flush=True)
+    failed = 0
+    for name in names:
+        t = time.time()
+        try:
+            status, reason, details = get_check(name)()
+        except Skip as e:
+            status, reason, details = "skip", str(e), {}
+        except Fail as e:
+            status, reason, details = "fail", str(e), {}
+        except subprocess.TimeoutExpired as e:
+            status, reason, details = "fail", "timed out: %s" % e, {}
+        except Exception as e:
+            status, reason, details = "fail", "%s: %s" % (type(e).__name__, e), {"traceback": traceback.format_exc()[-2000:]}
+        failed += status == "fail"
+        emit({"check": name, "status": status, "reason": reason, "details": details, "seconds": round(time.time() - t, 1)})
+    print(MARK + json.dumps({"check": "_end", "failed": failed}), flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
