@@ -79,7 +79,7 @@ def render_report(gt: dict) -> list:
               help="what to drive (see below).")
 @click.option("--iterations", "-i", type=click.IntRange(min=1), default=None,
               help="iterations to run [default: 3 unless --duration].")
-@click.option("--duration", "-d", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--duration", "-d", type=float, default=None,
               help="run iterations until SEC seconds have passed (at least one).", metavar="SEC")
 @click.option("--slot-size", type=SizeParam(), default=None,
               help="bytes per memslot, e.g. 4k, 64k, 2M [default: 128 MiB / slots, 4k..2M].")

@@ -147,7 +147,7 @@ class Workload:
     >>> wl.ground_truth()["hva_ops"]["unmap"]
 
     ``on_ready(pid)`` is called after the VM exists and before any memslot is created (the
-    tracer handshake). ``handle_signals`` turns SIGTERM/SIGHUP into WorkloadInterrupted
+    tracer handshake). ``handle_signals`` turns SIGTERM/SIGINT/SIGHUP into WorkloadInterrupted
     (main thread only) so the VM and memory are always released in ``close()``.
     """
 
@@ -336,7 +336,7 @@ class Workload:
                 exit_code=128 + signum,
             )
 
-        for sig in (signal.SIGTERM, signal.SIGHUP):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             self._old_handlers[sig] = signal.signal(sig, handler)
 
     def _restore_signals(self) -> None:
