@@ -1,0 +1,136 @@
+"""report: exact values from the committed synthetic fixtures; JSON schema; CSV safety; HTML."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from kvmtrace.analysis.recording import read_inputs, read_recording
+from kvmtrace.analysis.report import EVENT_SOURCE, HIST_SOURCE, build_report, to_json
+from kvmtrace.cli import main
+
+FIX = os.path.join(os.path.dirname(__file__), "fixtures", "recordings")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, FIX)
+from make_fixtures import EXPECTED  # noqa: E402
+
+
+def run_cli(args, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    out = capsys.readouterr()
+    return e.value.code, out.out, out.err
+
+
+def test_counts_equal_snapshot_totals_and_events_are_exact():
+    rep = build_report(read_inputs([os.path.join(FIX, "basic")]))
+    h = rep["hva_ops"]
+    got = {(r.op, r.pid): r.count for r in h.itertuples()}
+    assert got == {(op, pid): n for op, d in EXPECTED.items() if op in ("unmap", "age") for pid, n in d.items()}
+    assert set(h["latency_source"]) == {EVENT_SOURCE}
+    # raw events: exact percentiles equal numpy over the events themselves
+    ev = read_recording(os.path.join(FIX, "basic"))["hva_events"]
+    v = ev[(ev.op == "unmap") & (ev.pid == 4242)]["latency_ns"].to_numpy()
+    row = h[(h.op == "unmap") & (h.pid == 4242)].iloc[0]
+    assert row["lat_p50_ns"] == np.percentile(v, 50) and row["lat_p99_ns"] == np.percentile(v, 99)
+    assert row["lat_max_ns"] == v.max() and row["lat_mean_ns"] == pytest.approx(v.mean())
+    assert row["rate_per_s"] == 160 / 4.0 and row["comm"] == "=HYPERLINK(1)" and row["memslots"] == 37
+    m = rep["memslot_updates"]
+    assert {r.change: r.count for r in m.itertuples()} == {"create": 8, "move": 4}
+    tot = rep["hva_ops_total"]
+    assert {r.op: r.count for r in tot.itertuples()} == {"unmap": 260, "age": 28}
+    assert rep.lost_events == 0
+
+
+def test_histogram_percentiles_say_so_and_scanned():
+    rep = build_report(read_inputs([os.path.join(FIX, "hist-only")]))
+    r = rep["hva_ops"].iloc[0]
+    assert r["latency_source"] == HIST_SOURCE == "log2 histogram, linear interpolation within bucket"
+    assert r["count"] == 900 and r["scanned_mean"] == 509.0 and r["slots_mean"] == 1.0
+    b = rep["by_memslots"].iloc[0]
+    assert b["memslots_bucket"] == "256-511" and b["memslots_source"] == "VM memslot count at interval end"
+    assert b["scanned_mean"] == 509.0
+
+
+def test_merge_keeps_sources_and_provenance_apart():
+    rep = build_report(read_inputs([os.path.join(FIX, "basic"), os.path.join(FIX, "hist-only")]))
+    assert list(rep["sources"]["source"]) == ["basic", "hist-only"]
+    assert rep["hva_ops"]["count"].sum() == 260 + 28 + 900
+    # same op, different provenance within one recording -> two rows, never merged
+    from kvmtrace.analysis.report import hva_ops
+
+    r = read_recording(os.path.join(FIX, "basic"))
+    hva = r["hva"].copy()
+    hva.loc[hva.index[:2], "lat_provenance"] = "syscall"
+    out = hva_ops(hva, 4.0)
+    assert len(out[(out.op == "unmap") & (out.pid == 4242)]) == 2
+
+
+def test_incomplete_events_fall_back_to_histogram():
+    r = read_recording(os.path.join(FIX, "basic"))
+    from kvmtrace.analysis.report import hva_ops
+
+    ev = r["hva_events"].iloc[5:]  # 5 events "lost"
+    out = hva_ops(r["hva"], 4.0, ev)
+    row = out[(out.op == "unmap") & (out.pid == 4242)].iloc[0]
+    assert row["latency_source"] == HIST_SOURCE + " (raw events incomplete: 155 of 160)"
+
+
+def test_json_schema_and_required_fields(capsys):
+    jsonschema = pytest.importorskip("jsonschema")
+    code, out, err = run_cli(["report", os.path.join(FIX, "basic"), "--json"], capsys)
+    assert code == 0, err
+    doc = json.loads(out)
+    with open(os.path.join(ROOT, "docs", "report.schema.json")) as f:
+        jsonschema.validate(doc, json.load(f))
+    u = [x for x in doc["hva_ops"] if x["op"] == "unmap" and x["pid"] == 4242][0]
+    assert u["count"] == 160 and u["vm"] == "ffff8881000a0000" and u["latency_ns"]["source"] == "raw events"
+    assert u["latency_ns"]["provenance"] == "exact" and u["slots_visited"]["mean"] == 1.0
+    assert u["slots_scanned"]["mean"] is None
+    assert doc["lost_events"] == 0
+    assert {(x["change"], x["count"]) for x in doc["memslot_updates"]} == {("create", 8), ("move", 4)}
+
+
+def test_csv_export_is_spreadsheet_safe(tmp_path, capsys):
+    code, out, err = run_cli(["report", os.path.join(FIX, "basic"), "--csv", str(tmp_path / "csv")], capsys)
+    assert code == 0, err
+    names = sorted(os.listdir(tmp_path / "csv"))
+    assert names == ["by_memslots.csv", "hva_ops.csv", "hva_ops_total.csv", "memslot_updates.csv", "sources.csv"]
+    with open(tmp_path / "csv" / "hva_ops.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    comms = {r["comm"] for r in rows}
+    assert comms == {"'=HYPERLINK(1)", "qemu-system-x86"}
+    for r in rows:
+        for v in r.values():
+            assert not v or v[0] not in "=+@\t\r", v
+    assert {r["count"] for r in rows if r["op"] == "unmap"} == {"160", "100"}
+
+
+def test_html_is_self_contained(tmp_path, capsys):
+    p = tmp_path / "r.html"
+    code, out, err = run_cli(["report", os.path.join(FIX, "bench-before"), os.path.join(FIX, "basic"), "--html", str(p)], capsys)
+    assert code == 0, err
+    text = p.read_text()
+    assert text.startswith("<!DOCTYPE html>") and text.count("data:image/png;base64,") == 2
+    assert "http://" not in text and "https://" not in text and "<script" not in text
+    assert "=HYPERLINK(1)" in text and "log2 histogram, linear interpolation within bucket" in text
+
+
+def test_terminal_output(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    code, out, err = run_cli(["report", os.path.join(FIX, "basic")], capsys)
+    assert code == 0, err
+    assert "hva operations per VM" in out and "memslot updates" in out and "256-511" in out
+
+
+def test_bad_input_is_one_message(tmp_path, capsys):
+    (tmp_path / "e").mkdir()
+    code, out, err = run_cli(["report", str(tmp_path / "e")], capsys)
+    assert code == 2
+    assert err.startswith(f"kvmtrace: {tmp_path / 'e'}: an empty directory, not a kvmtrace recording") and "Traceback" not in err
