@@ -422,3 +422,17 @@ def test_meta_fallbacks():
     m = live_mod.merged_meta(snapshot_at(1), {"kernel": "k2", "plan": object()})
     assert m["host"] == "testhost" and m["kernel"] == "k2" and "plan" not in m
     assert live_mod.merged_meta(None, None)["host"]  # platform.node()
+
+
+def test_narrow_terminal_hides_columns_instead_of_cutting_numbers():
+    cum = snapshot_at(4)
+    text = render_text(cum, cum.delta(snapshot_at(3)), META, PLAN, ViewOptions(), 50)
+    lines = text.splitlines()
+    assert all(len(line) <= 50 for line in lines)
+    head = next(i for i, line in enumerate(lines) if line.lstrip().startswith("PID"))
+    assert lines[head].split() == ["PID", "VM", "unmap", "age", "test_age", "p50", "p99", "mean"]
+    # 1000 unmaps at 900/1500 ns in the interval; 200 unmaps at 3000 ns for pid 4343
+    assert lines[head + 1].split() == ["4242", "guest-a", "1.0k", "10", "0", "1.0µs", "2.0µs", "1.0"]
+    assert lines[head + 2].split() == ["4343", "python3", "200", "0", "0", "3.1µs", "4.1µs", "2.0"]
+    assert lines[head + 3].split()[:2] == ["total", "(…"]
+    assert lines[head + 4] == "(7 columns hidden: terminal too narrow)"

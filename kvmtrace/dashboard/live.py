@@ -24,7 +24,9 @@ from .plain import CsvSink, LogFormatter, plain_table
 from .terminal import KeyReader
 from .view import render, render_summary
 
-QUIT_GRACE_S = 0.3  # after `q`, how long the session may take to honour stop() before we interrupt it
+# after `q`, how long a session may take to honour stop() (TraceSession polls it every 50 ms and
+# then reads its maps once more) before the main thread is interrupted like Ctrl-C
+QUIT_GRACE_S = 2.0
 
 
 def make_options(

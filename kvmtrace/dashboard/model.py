@@ -18,7 +18,7 @@ from ..tracer.snapshot import EMPTY, HvaStats, Log2Hist, MemslotStats, Snapshot,
 SORT_KEYS = ("ops", "latency", "slots", "pid")
 ALL_OPS = tuple(o.label for o in Op)
 ALL_CHANGES = tuple(c.label for c in Change)
-UNKNOWN_CHANGE = "unknown"
+OTHER_CHANGE = "other"  # change type not observed/derived ("unknown", "unobserved", ...)
 MIXED = "mixed"
 NONE = "none"
 
@@ -162,12 +162,17 @@ def shown_ops(plan, snaps: Sequence[Snapshot], opts: ViewOptions) -> Tuple[str, 
     return tuple(known + sorted(wanted - set(ALL_OPS)))
 
 
+def change_column(change: str) -> str:
+    """Column of a memslot change type: one of consts.Change, else "other"."""
+    return change if change in ALL_CHANGES else OTHER_CHANGE
+
+
 def shown_changes(snaps: Sequence[Snapshot]) -> Tuple[str, ...]:
-    extra = set()
+    """consts.Change columns, plus "other" when some update's change type is not known."""
     for s in snaps:
-        if s is not None:
-            extra |= {m.change for m in s.memslot if m.change not in ALL_CHANGES}
-    return ALL_CHANGES + tuple(sorted(extra))
+        if s is not None and any(m.change not in ALL_CHANGES and m.count for m in s.memslot):
+            return ALL_CHANGES + (OTHER_CHANGE,)
+    return ALL_CHANGES
 
 
 def vm_name(info: Optional[VmInfo]) -> str:
@@ -224,7 +229,8 @@ def _row(
     upd = {c: 0 for c in changes}
     errors = 0
     for m in mem:
-        upd[m.change] = upd.get(m.change, 0) + m.count
+        col = change_column(m.change)
+        upd[col] = upd.get(col, 0) + m.count
         errors += m.errors
 
     def rate(n):

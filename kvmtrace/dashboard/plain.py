@@ -13,7 +13,7 @@ from typing import List, Mapping, Optional, Sequence
 from ..errors import DataFileError
 from ..tracer.snapshot import Snapshot
 from .fmt import plain_num
-from .model import ALL_CHANGES, ALL_OPS, UNKNOWN_CHANGE, View, ViewOptions, VmRow, build_view
+from .model import ALL_CHANGES, ALL_OPS, OTHER_CHANGE, View, ViewOptions, VmRow, build_view
 from .view import attach_summary, cpu_percent
 
 
@@ -160,7 +160,7 @@ class LogFormatter:
 
 # ---------------------------------------------------------------------------- --csv
 
-CSV_CHANGES = ALL_CHANGES + (UNKNOWN_CHANGE,)
+CSV_CHANGES = ALL_CHANGES + (OTHER_CHANGE,)  # other: change type not known (not observed)
 
 
 def csv_columns() -> List[str]:

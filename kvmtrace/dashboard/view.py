@@ -108,7 +108,93 @@ def _name(r: VmRow, width: int = 16) -> str:
     return name + suffix
 
 
-def vm_table(view: View) -> Table:
+VM_MIN, VM_MAX = 6, 16
+# columns dropped first when the terminal is too narrow (PID, VM, the first op, p99 and slots
+# mean always stay)
+DROP_ORDER = ("vcpu", "upd:flags_only", "upd:move", "upd:other", "smax", "scan", "memslots", "upd:delete",
+              "upd:create", "p50", "op:3", "op:2", "op:1")
+
+
+def _columns(view: View):
+    """(key, header, justify, cells of each row + the totals row) of the VM table."""
+    rows = list(view.rows)
+    with_total = len(rows) > 1
+    allr = rows + ([view.total] if with_total else [])
+
+    def col(key, header, fn, justify="right"):
+        cells = [fn(r) for r in allr]
+        if with_total and key == "pid":
+            cells[-1] = ""
+        if with_total and key == "vm":
+            cells[-1] = view.total.name
+        return (key, header, justify, cells)
+
+    cols = [
+        col("pid", "PID", lambda r: str(r.pid)),
+        col("vm", "VM", lambda r: _name(r, VM_MAX), "left"),
+        col("memslots", "mem\nslots", _memslots),
+        col("vcpu", "vCPU", lambda r: fmt_int(r.vcpus)),
+    ]
+    for i, op in enumerate(view.ops):
+        cols.append(col(f"op:{i}", ("ops/s\n" if i == 0 else "\n") + op, lambda r, op=op: fmt_rate(r.rates.get(op))))
+    cols += [
+        col("p50", "lat\np50", lambda r: fmt_ns(r.p50)),
+        col("p99", "\np99", lambda r: fmt_ns(r.p99)),
+        col("smean", "slots\nmean", lambda r: fmt_mean(r.slots_mean)),
+        col("smax", "\nmax", lambda r: fmt_int(r.slots_max)),
+    ]
+    if view.show_scanned:
+        cols.append(col("scan", "scan\nmean", lambda r: fmt_mean(r.scanned_mean)))
+    for i, ch in enumerate(view.changes):
+        label = CHANGE_HEADERS.get(ch, ch)
+        cols.append(col(f"upd:{ch}", ("upd/s\n" if i == 0 else "\n") + label,
+                        lambda r, ch=ch: fmt_rate(r.upd_rates.get(ch))))
+    return cols
+
+
+def _fit(text: str, w: int) -> str:
+    """Cut ``text`` to ``w`` characters, keeping an " (exited)" mark visible."""
+    if len(text) <= w:
+        return text
+    suffix = " (exited)" if text.endswith(" (exited)") and w > 12 else ""
+    return text[: w - len(suffix) - 1] + "…" + suffix
+
+
+def _natural(col) -> int:
+    key, header, _, cells = col
+    w = max([len(x) for x in header.split("\n")] + [len(c) for c in cells])
+    return min(max(w, VM_MIN), VM_MAX) if key == "vm" else w
+
+
+def vm_table(view: View, width: int = 1000) -> Table:
+    """The VM table; columns of DROP_ORDER are left out while it does not fit ``width``."""
+    cols = _columns(view)
+
+    def need(cs):
+        return sum(VM_MIN if c[0] == "vm" else _natural(c) for c in cs) + len(cs) - 1
+
+    hidden = 0
+    for key in DROP_ORDER:
+        if need(cols) <= width:
+            break
+        kept = [c for c in cols if c[0] != key]
+        # keep the group label ("ops/s", "upd/s") on the first remaining column of its group
+        if len(kept) != len(cols):
+            hidden += 1
+            dropped = next(c for c in cols if c[0] == key)
+            if not dropped[1].startswith("\n"):
+                group = dropped[0].split(":")[0]
+                for j, c in enumerate(kept):
+                    if c[0].split(":")[0] == group and c[0] != "op:0" or (group == "p50" and c[0] == "p99"):
+                        if c[1].startswith("\n"):
+                            label = dropped[1].split("\n")[0]
+                            kept[j] = (c[0], label + c[1], c[2], c[3])
+                        break
+            cols = kept
+    # the VM column takes what is left (rich does not shrink no_wrap columns itself)
+    others = need([c for c in cols if c[0] != "vm"]) + 1
+    vm_w = max(VM_MIN, min(VM_MAX, width - others, max(_natural(c) for c in cols if c[0] == "vm")))
+    cols = [(k, h, j, [_fit(x, vm_w) for x in cells]) if k == "vm" else (k, h, j, cells) for k, h, j, cells in cols]
     t = Table(
         box=None,
         padding=(0, 1, 0, 0),
@@ -117,40 +203,22 @@ def vm_table(view: View) -> Table:
         collapse_padding=True,
         header_style="bold",
     )
-    t.add_column("PID", justify="right", no_wrap=True)
-    t.add_column("VM", justify="left", no_wrap=True, overflow="ellipsis", min_width=6, max_width=16)
-    t.add_column("mem\nslots", justify="right", no_wrap=True)
-    t.add_column("vCPU", justify="right", no_wrap=True)
-    for i, op in enumerate(view.ops):
-        t.add_column(("ops/s\n" if i == 0 else "\n") + op, justify="right", no_wrap=True)
-    t.add_column("lat\np50", justify="right", no_wrap=True)
-    t.add_column("\np99", justify="right", no_wrap=True)
-    t.add_column("slots\nmean", justify="right", no_wrap=True)
-    t.add_column("\nmax", justify="right", no_wrap=True)
-    if view.show_scanned:
-        t.add_column("scan\nmean", justify="right", no_wrap=True)
-    for i, ch in enumerate(view.changes):
-        label = CHANGE_HEADERS.get(ch, ch)
-        t.add_column(("upd/s\n" if i == 0 else "\n") + label, justify="right", no_wrap=True)
-
-    def cells(r: VmRow, total: bool):
-        c = [
-            "" if total else str(r.pid),
-            r.name if total else _name(r),
-            _memslots(r),
-            fmt_int(r.vcpus),
-        ]
-        c += [fmt_rate(r.rates.get(op)) for op in view.ops]
-        c += [fmt_ns(r.p50), fmt_ns(r.p99), fmt_mean(r.slots_mean), fmt_int(r.slots_max)]
-        if view.show_scanned:
-            c.append(fmt_mean(r.scanned_mean))
-        c += [fmt_rate(r.upd_rates.get(ch)) for ch in view.changes]
-        return c
-
-    for r in view.rows:
-        t.add_row(*cells(r, False), style=None if r.alive else "dim")
-    if len(view.rows) > 1:
-        t.add_row(*cells(view.total, True), style="bold", end_section=False)
+    for c in cols:
+        key, header, justify, _ = c
+        if key == "vm":
+            t.add_column(header, justify=justify, no_wrap=True, overflow="ellipsis", width=vm_w)
+        else:
+            t.add_column(header, justify=justify, no_wrap=True, min_width=_natural(c))
+    n = len(view.rows)
+    for i in range(len(cols[0][3])):
+        cells = [c[3][i] for c in cols]
+        if i < n:
+            t.add_row(*cells, style=None if view.rows[i].alive else "dim")
+        else:
+            t.add_row(*cells, style="bold")
+    if hidden:
+        t.caption = f"({hidden} column{'s' if hidden > 1 else ''} hidden: terminal too narrow)"
+        t.caption_justify = "left"
     return t
 
 
@@ -163,6 +231,8 @@ def caption(view: View) -> Text:
         parts.append("scan = memslots scanned (linear lookup)")
     if any(r.memslots_partial for r in view.rows):
         parts.append("~ memslot count incomplete (slots predate the trace)")
+    if "other" in view.changes:
+        parts.append("other = memslot updates whose change type was not observed")
     if MIXED in (lat, slots):
         parts.append("mixed provenance: use --op to separate ops")
     return Text(" · ".join(parts), style="dim")
@@ -252,7 +322,7 @@ def render(
         else:
             parts.append(Text("no VMs running", style="bold"))
         return Constrain(Group(*parts), width)
-    parts.append(vm_table(view))
+    parts.append(vm_table(view, width))
     parts.append(caption(view))
     p = panel(cum, view, ascii_bars)
     if p is not None:
@@ -302,7 +372,7 @@ def render_summary(cum: Snapshot, meta: Mapping, plan, opts: ViewOptions, width:
     if not view.rows:
         parts.append(Text("no VMs seen"))
     else:
-        parts.append(vm_table(view))
+        parts.append(vm_table(view, width))
         cap = caption(view)
         cap.plain = cap.plain.replace("of the interval", "since start")
         parts.append(cap)
