@@ -174,6 +174,8 @@ def test_cli_usage_errors_have_no_traceback():
     assert_clean_error(run_cli("--iterations", "2", "--duration", "1"), "exclusive", rc=2)
     assert_clean_error(run_cli("--scenario", "bogus"), "bogus", rc=2)
     assert_clean_error(run_cli("--duration", "0"), "--duration", rc=2)
+    # checked before any VM exists
+    assert_clean_error(run_cli("--json-out", "/nonexistent-dir/truth.json"), "--json-out", "fix:", rc=2)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -127,7 +127,15 @@ def workload(slots, scenario, iterations, duration, slot_size, pages, vcpu, wait
       kvmtrace workload -s churn --duration 5 --quiet
       python -m kvmtrace.workload --wait-start -q --json-out truth.json
     """
+    import os
+
     from ..workload import Workload
+
+    if json_out:  # fail before creating a VM, not after the run
+        parent = os.path.dirname(os.path.abspath(json_out))
+        if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+            raise UsageError(f"cannot write --json-out {json_out}: {parent} is not a writable directory",
+                             "choose a path in an existing, writable directory")
 
     out = (lambda s: None) if quiet else click.echo
 
