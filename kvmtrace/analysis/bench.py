@@ -39,7 +39,8 @@ def parse_scenarios(text: str) -> List[str]:
     out = [x.strip() for x in text.split(",") if x.strip()]
     bad = [s for s in out if s not in SCENARIOS]
     if not out or bad:
-        raise UsageError(f"--scenario: unknown scenario {', '.join(bad) or text!r}", "choose from " + ", ".join(SCENARIOS))
+        what = ", ".join(bad) if bad else repr(text)
+        raise UsageError(f"--scenario: unknown scenario {what}", "choose from " + ", ".join(SCENARIOS))
     return out
 
 
