@@ -145,8 +145,9 @@ def build_cflags(
                 flags.append(f"-DFENTRY_MODULE={_ident(fentry_module)}")
     linear = 1 if plan.linear_scan else 0
     defines.setdefault("LINEAR_SCAN", linear)
-    hps = 1 if all((plan.for_op(o.label) is None or plan.for_op(o.label).attach == "tracepoint"
-                    or plan.for_op(o.label).handlers) for o in Op) else 0
+    # slots visited come from per-slot handler calls (5.13+), else from the memslot walk
+    exact_hva = [p for p in plan.ops if p.kind == "hva" and p.attach in ("kprobe", "fentry")]
+    hps = 1 if exact_hva and all(p.handlers for p in exact_hva) else 0
     defines.setdefault("HANDLERS_PER_SLOT", hps)
     for k, v in sorted(defines.items()):
         _ident(k)

@@ -315,8 +315,8 @@ class TraceSession:
             raise _load_error(e)
         # VMs that exist already: their memslots predate the trace (mirror marks them partial)
         self._known_vmm = vmm_pids()
-        if "vmm" in self.bpf:  # declared in every build
-            tbl = self.bpf["vmm"]
+        tbl = self._table("vmm")
+        if tbl is not None:
             for p in self._known_vmm:
                 tbl[tbl.Key(p)] = tbl.Leaf(1)
         if ringbuf:
@@ -334,6 +334,13 @@ class TraceSession:
         self._stop.clear()
         self._thread = threading.Thread(target=self._consume_loop, name="kvmtrace-events", daemon=True)
         self._thread.start()
+
+    def _table(self, name: str):
+        """A map of the loaded object, or None when this build does not declare it."""
+        try:
+            return self.bpf[name]
+        except KeyError:
+            return None
 
     def _attach_kprobes(self) -> None:
         b = self.bpf
@@ -525,8 +532,9 @@ class TraceSession:
             hists[(int(k.vm), int(k.op), int(k.kind))][int(k.bucket)] += int(v.value)
         sums = {(int(k.vm), int(k.op)): v for k, v in b["sums"].items()}
         owners = {}
-        if "vm_owner" in b:
-            owners = {int(k.value): int(v.value) for k, v in b["vm_owner"].items()}
+        vo = self._table("vm_owner")
+        if vo is not None:
+            owners = {int(k.value): int(v.value) for k, v in vo.items()}
         counters = self._read_counters()
         lin = bool(self.plan.linear_scan)
         hva: List[HvaStats] = []
@@ -583,14 +591,15 @@ class TraceSession:
                 memslot.append(MemslotStats(vm, pid, change, cnt, err, Log2Hist(h), tot, mx, "syscall", "derived"))
                 per_pid_total[pid] += cnt
                 vm_pids[vm] = pid
-            if "ms_count" in b:
-                for k, v in b["ms_count"].items():
+            msc = self._table("ms_count")
+            if msc is not None:
+                for k, v in msc.items():
                     pid = int(k.value)
                     missing = int(v.value) - per_pid_total.get(pid, 0)
                     if missing > 0:  # events lost or no-op requests: change type unknown
                         memslot.append(MemslotStats(f"pid:{pid}", pid, "unobserved", missing, 0,
                                                     Log2Hist(), 0, 0, "none", "none"))
-        elif "ms_sums" in b:
+        elif self._table("ms_inflight") is not None:  # exact memslot programs built
             mh: Dict[Tuple[int, int], List[int]] = defaultdict(lambda: [0] * LOG2_BUCKETS)
             for k, v in b["ms_hists"].items():
                 mh[(int(k.vm), int(k.op))][int(k.bucket)] += int(v.value)
