@@ -436,3 +436,39 @@ def test_narrow_terminal_hides_columns_instead_of_cutting_numbers():
     assert lines[head + 2].split() == ["4343", "python3", "200", "0", "0", "3.1µs", "4.1µs", "2.0"]
     assert lines[head + 3].split()[:2] == ["total", "(…"]
     assert lines[head + 4] == "(7 columns hidden: terminal too narrow)"
+
+
+# ---------------------------------------------------------------------------- the command
+
+
+def test_command_once_with_a_fake_session(monkeypatch):
+    """`kvmtrace top --once` end to end through click, the tracer replaced by the synthetic
+    session (the command imports kvmtrace.tracer.session lazily)."""
+    import types
+
+    from click.testing import CliRunner
+
+    from kvmtrace.commands.top import top
+
+    made = {}
+
+    class FakeSession(SyntheticSession):
+        def __init__(self, pid=None, interval=1.0):
+            super().__init__(interval=interval, sleep=False)
+            made.update(pid=pid, interval=interval)
+
+    fake = types.ModuleType("kvmtrace.tracer.session")
+    fake.TraceSession = FakeSession
+    monkeypatch.setitem(__import__("sys").modules, "kvmtrace.tracer.session", fake)
+    r = CliRunner().invoke(top, ["--once", "--interval", "0.5", "--pid", "4242", "--op", "unmap"])
+    assert r.exit_code == 0, r.output
+    assert made == {"pid": 4242, "interval": 0.5}
+    lines = r.output.splitlines()
+    assert lines[3].split()[:5] == ["pid", "vm", "memslots", "vcpus", "unmap/s"]
+    # 1000 unmaps in a 0.5 s interval
+    assert lines[4].split()[:5] == ["4242", "guest-a", "37", "2", "2000.0"]
+
+    r = CliRunner().invoke(top, ["--once", "--log"])
+    assert r.exit_code != 0 and "exclude each other" in r.output
+    r = CliRunner().invoke(top, ["--sort", "cpu"])
+    assert r.exit_code != 0 and "cpu" in r.output
