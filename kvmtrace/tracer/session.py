@@ -150,6 +150,19 @@ def vmm_pids() -> Dict[int, int]:
     return out
 
 
+def _owns_vm(pid: int) -> bool:
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") == "anon_inode:kvm-vm":
+                    return True
+            except OSError:
+                continue
+    except OSError:
+        pass
+    return False
+
+
 def proc_info(pid: int) -> Tuple[str, str, Optional[int], bool]:
     """(comm, guest name, vCPU count, alive) of a process, from /proc."""
     try:
@@ -440,11 +453,8 @@ class TraceSession:
             self._keep(e)
             return
         # tracepoint mode: slots derived from the mirror; latency arrives with the syscall end
-        if self.pid is None and ev.tgid not in self._known_vmm:
-            slots = -1
-        else:
-            slots = self._mirror.overlap(vm, ev.a, ev.b)
-            self._derived[(vm, op)].add(slots)
+        slots = self._mirror.overlap(vm, ev.a, ev.b)
+        self._derived[(vm, op)].add(slots)
         if self.keep_events:
             e = HvaEvent(ev.ts, vm, ev.tgid, ev.tid, op, ev.a, ev.b, -1, slots, -1,
                          -1 if memslots is None else memslots, "none",
@@ -547,6 +557,18 @@ class TraceSession:
             mirror_counts = {vm: len(t) for vm, t in self._mirror.tables.items()}
             partial = {vm: self._mirror.partial(vm) for vm in self._mirror.tables}
             dropped = self._events_dropped + self._perf_lost
+        if not self._exact:
+            # VMM tgids: the kernel's own set (added at KVM_CREATE_VM, never lost like an event
+            # can be), those seen at start, and any other tgid with figures that owns a VM fd now
+            tbl = self._table("vmm")
+            if tbl is not None:
+                for k in tbl.keys():
+                    known.setdefault(int(k.value), 1)
+            for vmraw, _op, _kind in hists:
+                if vmraw not in known and _owns_vm(vmraw):
+                    known[vmraw] = 1
+                    with self._lock:
+                        self._known_vmm.setdefault(vmraw, 1)
         keys = {(vm, op) for (vm, op, kind) in hists}
         for vmraw, opn in sorted(keys):
             op = OPS.get(opn, "unknown")
