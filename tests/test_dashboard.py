@@ -108,10 +108,11 @@ def test_hist_lines_fold_and_bars():
         "2 2 ########",
         "4 1 ####",
     ]
-    wide = Log2Hist.from_values([2**i for i in range(20)])  # 20 buckets, one value each
-    lines = hist_lines(wide, lambda lo, hi: f"{lo}", ascii_bars=True, max_rows=3)
-    assert lines[0].split()[:2] == ["<262144", "18"]  # 18 lower buckets folded into the first
-    assert len(lines) == 3
+    # 20 buckets, one value each, except 50 values of 1024 (bucket 1024-2047)
+    wide = Log2Hist.from_values([2**i for i in range(20)] + [1024] * 50)
+    lines = hist_lines(wide, lambda lo, hi: f"{lo}-{hi - 1}", ascii_bars=True, max_rows=3)
+    # the 3-bucket window with most values is 512..4095 (1+51+1); tails folded into its ends
+    assert [line.split()[:2] for line in lines] == [["<1024", "10"], ["1024-2047", "51"], [">=2048", "9"]]
 
 
 # ---------------------------------------------------------------------------- the screen

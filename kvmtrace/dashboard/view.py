@@ -247,24 +247,33 @@ def bucket_label(lo: int, hi: int) -> str:
 
 
 def hist_lines(hist: Log2Hist, label, ascii_bars: bool = False, max_rows: int = MAX_HIST_ROWS) -> List[str]:
-    """One line per log2 bucket between the first and last non-empty one; when there are more
-    than ``max_rows`` the lowest buckets are folded into the first line ("<=")."""
+    """One line per log2 bucket between the first and last non-empty one. With more than
+    ``max_rows`` buckets, the window of ``max_rows`` buckets holding the most values is shown
+    and the tails are folded into its first ("<hi") and last (">=lo") lines."""
     idx = [i for i, c in enumerate(hist.counts) if c]
     if not idx:
         return ["(no data)"]
     first, last = idx[0], idx[-1]
-    rows = []
-    folded = 0
+    c = hist.counts
+    lo_i, hi_i = first, last
     if last - first + 1 > max_rows:
-        cut = last - max_rows + 1
-        folded = sum(hist.counts[first:cut])
-        first = cut
-    for i in range(first, last + 1):
+        peak_i = max(range(first, last + 1), key=lambda i: c[i])
+        # most values covered; among equals, the peak bucket nearest the middle
+        lo_i = max(
+            range(first, last - max_rows + 2),
+            key=lambda s: (sum(c[s : s + max_rows]), -abs(s + max_rows // 2 - peak_i), -s),
+        )
+        hi_i = lo_i + max_rows - 1
+    rows = []
+    for i in range(lo_i, hi_i + 1):
         lo, hi = Log2Hist.bucket_bounds(i)
-        rows.append((label(lo, hi), hist.counts[i]))
-    if folded:
-        lo, hi = Log2Hist.bucket_bounds(first)
-        rows[0] = (f"<{hi}", rows[0][1] + folded)
+        rows.append((label(lo, hi), c[i]))
+    below = sum(c[first:lo_i])
+    above = sum(c[hi_i + 1 : last + 1])
+    if below:
+        rows[0] = (f"<{Log2Hist.bucket_bounds(lo_i)[1]}", rows[0][1] + below)
+    if above:
+        rows[-1] = (f">={Log2Hist.bucket_bounds(hi_i)[0]}", rows[-1][1] + above)
     peak = max(c for _, c in rows)
     lw = max(len(lbl) for lbl, _ in rows)
     cw = max(len(fmt_count(c)) for _, c in rows)
@@ -274,7 +283,7 @@ def hist_lines(hist: Log2Hist, label, ascii_bars: bool = False, max_rows: int = 
         n = 0 if peak == 0 else round(BAR_WIDTH * c / peak)
         if c and n == 0:
             n = 1
-        out.append(f"{lbl:>{lw}} {fmt_count(c):>{cw}} {ch * n}")
+        out.append(f"{lbl:>{lw}} {fmt_count(c):>{cw}} {ch * n}".rstrip())
     return out
 
 
