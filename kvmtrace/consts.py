@@ -52,6 +52,10 @@ class Attach(str, Enum):
         return self.value
 
 
+# Memslot event whose change type userspace derives from its mirrored table (exact-mode kernels
+# without BTF for kvm_set_memslot): one past NR_CHANGES ("unknown").
+MS_CHANGE_DERIVE = len(Change) + 1
+
 # Histogram geometry: bucket 0 holds value 0, bucket i (i >= 1) holds 2**(i-1) <= v < 2**i.
 LOG2_BUCKETS = 64
 
@@ -72,7 +76,8 @@ def c_defines() -> list:
     out.append(f"-DNR_OPS={len(Op)}")
     for ch in Change:
         out.append(f"-DCHANGE_{ch.name}={int(ch)}")
-    out.append(f"-DNR_CHANGES={len(Change)}")
+    out.append(f"-DNR_CHANGES={len(Change)}")  # = "unknown" in the maps
+    out.append(f"-DMS_CHANGE_DERIVE={MS_CHANGE_DERIVE}")
     out.append(f"-DLOG2_BUCKETS={LOG2_BUCKETS}")
     out.append(f"-DKVM_CREATE_VM_NR={KVM_CREATE_VM}")
     out.append(f"-DKVM_SET_USER_MEMORY_REGION_NR={KVM_SET_USER_MEMORY_REGION}")

@@ -155,5 +155,9 @@ def test_pid_filter_sees_only_that_process(tmp_path):
         snap = settle(s, pid)
     truth = json.loads(out.read_text())
     assert {h.pid for h in snap.hva} == {pid}
-    assert hva(snap, pid).count == truth["hva_ops"]["unmap"]
+    h = hva(snap, pid)
+    assert h.count == truth["hva_ops"]["unmap"]
+    assert h.lat_count == h.count and h.lat_hist.total == h.count
+    # the VM was created before the tracer attached: no derived slot figure rather than a wrong one
+    assert snap.vm(f"pid:{pid}").partial and h.slots_count == 0 and h.slots_provenance == "none"
     assert memslots(snap, pid) == {k: v for k, v in truth["memslot_updates"].items() if v}

@@ -123,13 +123,15 @@ def build_cflags(
             flags.append("-DMS_TP")
         else:
             exact_modes.add(ms.attach)
-            if not ms.callbacks or not ms.handlers:
-                raise KvmtraceError("probe plan for memslot updates names no functions")
-            outer, setfn = _ident(ms.callbacks[0]), _ident(ms.handlers[0])
-            if ms.change_arg is None:
-                raise KvmtraceError(f"position of `change` in {setfn} unknown: no BTF for it")
-            flags += ["-DMS_EXACT", f"-DMS_OUTER_FN={outer}", f"-DMS_SET_FN={setfn}",
-                      f"-DSET_MEMSLOT_CHANGE_ARG={int(ms.change_arg)}"]
+            if not ms.callbacks:
+                raise KvmtraceError("probe plan for memslot updates names no function")
+            outer = _ident(ms.callbacks[0])
+            flags += ["-DMS_EXACT", f"-DMS_OUTER_FN={outer}"]
+            if ms.handlers and ms.change_arg is not None:
+                flags += [f"-DMS_SET_FN={_ident(ms.handlers[0])}", f"-DSET_MEMSLOT_CHANGE_ARG={int(ms.change_arg)}"]
+                defines.pop("SET_MEMSLOT_CHANGE_ARG", None)
+            else:  # change type derived in userspace from the mirrored slot table
+                flags.append("-DMS_DERIVE")
             params = _params(facts, outer)
             flags.append(f"-DMS_OUTER_NARGS={len(params) if params is not None else 2}")
     if len(exact_modes) > 1:

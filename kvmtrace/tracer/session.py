@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 from .. import __version__
-from ..consts import LOG2_BUCKETS, Change, Op
+from ..consts import LOG2_BUCKETS, MS_CHANGE_DERIVE, Change, Op
 from ..errors import CapabilityMissing, KvmtraceError, PermissionProblem
 from . import records as R
 from .cflags import build_cflags, source
@@ -205,7 +205,7 @@ def proc_info(pid: int) -> Tuple[str, str, Optional[int], bool]:
 class _Agg:
     """Userspace-side aggregate for one (vm, op|change)."""
 
-    __slots__ = ("count", "errors", "sum", "max", "hist", "pid")
+    __slots__ = ("count", "errors", "sum", "max", "hist", "pid", "prov")
 
     def __init__(self) -> None:
         self.count = 0
@@ -214,6 +214,7 @@ class _Agg:
         self.max = 0
         self.hist = [0] * LOG2_BUCKETS
         self.pid = 0
+        self.prov = "none"
 
     def add(self, v: int, n: int = 1) -> None:
         self.count += n
@@ -453,8 +454,11 @@ class TraceSession:
             self._keep(e)
             return
         # tracepoint mode: slots derived from the mirror; latency arrives with the syscall end
-        slots = self._mirror.overlap(vm, ev.a, ev.b)
-        self._derived[(vm, op)].add(slots)
+        if self._mirror.partial(vm):
+            slots = -1  # memslots predate the trace: the mirror would undercount, so no figure
+        else:
+            slots = self._mirror.overlap(vm, ev.a, ev.b)
+            self._derived[(vm, op)].add(slots)
         if self.keep_events:
             e = HvaEvent(ev.ts, vm, ev.tgid, ev.tid, op, ev.a, ev.b, -1, slots, -1,
                          -1 if memslots is None else memslots, "none",
@@ -469,24 +473,23 @@ class TraceSession:
         slot_field = ev.e & 0xFFFFFFFF
         flags = ev.e >> 32
         ok = ev.ret == 0
-        if ev.vm:  # exact: change type measured by the kernel (ev.x)
-            vm = f"kvm:{ev.vm:#x}"
+        vm = f"kvm:{ev.vm:#x}" if ev.vm else f"pid:{ev.tgid}"
+        if ev.vm and ev.x != MS_CHANGE_DERIVE:
+            # exact: change type measured by the kernel (ev.x), aggregated in the kernel
             change = CHANGES.get(ev.x, "unknown")
             if ok:
                 self._mirror.update(vm, slot_field, ev.b, ev.c, ev.d, flags, True)
             cprov, lprov = "exact", "exact"
         else:
-            vm = f"pid:{ev.tgid}"
+            # change type derived from the mirrored table, aggregated here
             ch = self._mirror.update(vm, slot_field, ev.b, ev.c, ev.d, flags, ok)
-            if ch is None and ok:
-                change = None  # no-op request: KVM changed nothing
-            else:
-                change = ch.label if ch is not None else "unknown"
-            cprov, lprov = "derived", "syscall"
-            if change is not None:
+            change = None if (ch is None and ok) else (ch.label if ch is not None else "unknown")
+            cprov, lprov = "derived", ("exact" if ev.vm else "syscall")
+            if change is not None:  # None: a no-op request, KVM changed nothing
                 a = self._ms[(vm, change)]
                 a.add(ev.a)
                 a.pid = ev.tgid
+                a.prov = lprov
                 if not ok:
                     a.errors += 1
         if change is not None:
@@ -552,7 +555,8 @@ class TraceSession:
         vm_pids: Dict[str, int] = {}
         with self._lock:
             derived = {k: (a.count, a.sum, a.max, tuple(a.hist)) for k, a in self._derived.items()}
-            ms_user = {k: (a.count, a.errors, a.sum, a.max, tuple(a.hist), a.pid) for k, a in self._ms.items()}
+            ms_user = {k: (a.count, a.errors, a.sum, a.max, tuple(a.hist), a.pid, a.prov)
+                       for k, a in self._ms.items()}
             known = dict(self._known_vmm)
             mirror_counts = {vm: len(t) for vm, t in self._mirror.tables.items()}
             partial = {vm: self._mirror.partial(vm) for vm in self._mirror.tables}
@@ -607,25 +611,25 @@ class TraceSession:
                 range_hist=Log2Hist(tuple(rng)),
             ))
         memslot: List[MemslotStats] = []
-        if self._ms_tp:
-            per_pid_total: Dict[int, int] = defaultdict(int)
-            for (vm, change), (cnt, err, tot, mx, h, pid) in sorted(ms_user.items()):
-                memslot.append(MemslotStats(vm, pid, change, cnt, err, Log2Hist(h), tot, mx, "syscall", "derived"))
-                per_pid_total[pid] += cnt
-                vm_pids[vm] = pid
-            msc = self._table("ms_count")
-            if msc is not None:
-                for k, v in msc.items():
-                    pid = int(k.value)
-                    missing = int(v.value) - per_pid_total.get(pid, 0)
-                    if missing > 0:  # events lost or no-op requests: change type unknown
-                        memslot.append(MemslotStats(f"pid:{pid}", pid, "unobserved", missing, 0,
-                                                    Log2Hist(), 0, 0, "none", "none"))
-        elif self._table("ms_inflight") is not None:  # exact memslot programs built
+        per_pid_total: Dict[int, int] = defaultdict(int)
+        for (vm, change), (cnt, err, tot, mx, h, pid, prov) in sorted(ms_user.items()):
+            memslot.append(MemslotStats(vm, pid, change, cnt, err, Log2Hist(h), tot, mx, prov, "derived"))
+            per_pid_total[pid] += cnt
+            vm_pids[vm] = pid
+        msc = self._table("ms_count") if self._ms_tp else None
+        if msc is not None:
+            for k, v in msc.items():
+                pid = int(k.value)
+                missing = int(v.value) - per_pid_total.get(pid, 0)
+                if missing > 0 and (self.pid is None or pid == self.pid):
+                    # ioctls whose event was lost, or no-op requests: change type not observed
+                    memslot.append(MemslotStats(f"pid:{pid}", pid, "unknown", missing, 0,
+                                                Log2Hist(), 0, 0, "none", "none"))
+        if self._table("ms_sums") is not None and self._table("ms_inflight") is not None:
             mh: Dict[Tuple[int, int], List[int]] = defaultdict(lambda: [0] * LOG2_BUCKETS)
-            for k, v in b["ms_hists"].items():
+            for k, v in self._table("ms_hists").items():
                 mh[(int(k.vm), int(k.op))][int(k.bucket)] += int(v.value)
-            for k, v in sorted(b["ms_sums"].items(), key=lambda kv: (kv[0].vm, kv[0].op)):
+            for k, v in sorted(self._table("ms_sums").items(), key=lambda kv: (kv[0].vm, kv[0].op)):
                 vm = f"kvm:{int(k.vm):#x}"
                 pid = owners.get(int(k.vm), int(v.tgid))
                 vm_pids[vm] = pid
