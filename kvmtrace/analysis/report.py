@@ -254,8 +254,9 @@ def by_memslots(hva: pd.DataFrame, events: Optional[pd.DataFrame] = None) -> pd.
     use_events = events is not None and len(events) == total and total > 0 and (events["memslots"] >= 0).any()
     rows = []
     if use_events:
-        ev = events[events["memslots"] >= 0].copy()
-        ev["b"] = log2_buckets(ev["memslots"].to_numpy())
+        known = (events["memslots"] >= 0).to_numpy()
+        ev = events if known.all() else events[known]
+        ev = ev.assign(b=log2_buckets(ev["memslots"].to_numpy()))
         lat = ev["latency_ns"].to_numpy()
         sl = ev["slots"].to_numpy()
         sc = ev["scanned"].to_numpy()
@@ -328,6 +329,15 @@ def _prefix(df: pd.DataFrame, r: Recording, src: pd.Series) -> pd.DataFrame:
     return df
 
 
+def _erase_vm(ev: pd.DataFrame) -> pd.DataFrame:
+    """The events with every VM key replaced by "*" / 0, cheaply (categorical codes, no strings)."""
+    n = len(ev)
+    cols = {c: ev[c] for c in ev.columns if c not in ("vm_id", "pid")}
+    cols["vm_id"] = pd.Categorical.from_codes(np.zeros(n, dtype=np.int8), categories=["*"])
+    cols["pid"] = np.zeros(n, dtype=np.int64)
+    return pd.DataFrame(cols, index=ev.index, copy=False)
+
+
 class Report:
     """All report tables, each a DataFrame: ``sources``, ``hva_ops`` (per VM x op),
     ``hva_ops_total`` (per op, all VMs of a source), ``memslot_updates``, ``by_memslots``;
@@ -363,7 +373,7 @@ def build_report(recs: Sequence[Recording]) -> Report:
         parts["hva_ops"].append(_prefix(hva_ops(hva, dur, hev, info), r, s))
         # per op over all VMs: the same aggregation with the VM erased
         hva_all = hva.assign(vm_id="*", pid=0, comm="", name="", memslots=-1) if not hva.empty else hva
-        hev_all = hev.assign(vm_id="*", pid=0) if hev is not None and not hev.empty else hev
+        hev_all = _erase_vm(hev) if hev is not None and not hev.empty else hev
         parts["hva_ops_total"].append(_prefix(hva_ops(hva_all, dur, hev_all, {}), r, s))
         info_m = dict(info)
         info_m.update(_last_vm_info(_norm_keys(mem, ["vm_id", "pid"])) if not mem.empty else {})
