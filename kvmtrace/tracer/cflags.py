@@ -93,7 +93,7 @@ def build_cflags(
         flags.append(f"-DCB_{name}_FN={cbs[0]}")
         if op == Op.AGE and len(cbs) > 1:
             flags.append(f"-DCB_AGE2_FN={cbs[1]}")
-        if p.handlers:
+        if p.handlers and p.slots_method == "handler":  # per-slot handlers counted (5.13+)
             flags.append(f"-DH_{name}_FN={_ident(p.handlers[0])}")
         fn = cbs[0]
         if op == Op.UNMAP:
@@ -149,7 +149,7 @@ def build_cflags(
     defines.setdefault("LINEAR_SCAN", linear)
     # slots visited come from per-slot handler calls (5.13+), else from the memslot walk
     exact_hva = [p for p in plan.ops if p.kind == "hva" and p.attach in ("kprobe", "fentry")]
-    hps = 1 if exact_hva and all(p.handlers for p in exact_hva) else 0
+    hps = 1 if exact_hva and all(p.slots_method == "handler" for p in exact_hva) else 0
     defines.setdefault("HANDLERS_PER_SLOT", hps)
     for k, v in sorted(defines.items()):
         _ident(k)

@@ -304,6 +304,20 @@ BPF_MAP_CREATE = 0
 BPF_MAP_TYPE_RINGBUF = 27
 
 
+def _header_layouts():
+    """KVM struct layouts from exact kernel headers (headers.layouts), bcc's noise captured."""
+    try:
+        from bcc import BPF
+    except ImportError:
+        return None, "bcc not importable"
+    from .headers import layouts
+
+    res, _err = _with_stderr_captured(lambda: layouts(BPF))
+    if isinstance(res, Exception):
+        return None, f"header layouts failed: {res}"
+    return res
+
+
 def ringbuf_supported() -> Tuple[Optional[bool], str]:
     """Create (and close) a small BPF ring buffer map through the bpf() syscall."""
     nr = _SYS_BPF.get(platform.machine())
@@ -437,6 +451,17 @@ def gather(trial: bool = True, mount_tracefs: bool = True) -> GatheredFacts:
     else:
         mfe, mfe_reason = None, "KVM is built in"
     rb, rb_reason = ringbuf_supported() if can_bpf() else (None, "not tried (needs privilege)")
+    layout_source = ""
+    if trial and kvm_sym is not None and can_bpf() and (bf.structs is not None) and "kvm" not in bf.structs:
+        # KVM is a module without BTF (kernels before 5.11): take its struct layouts from the
+        # kernel's own exact headers, through the compiler (headers.py), never from others
+        lay, how = _header_layouts()
+        if lay is not None:
+            for key, target in (("structs", bf.structs), ("sizes", bf.sizes), ("arrays", bf.arrays)):
+                if target is not None:
+                    for k, v in lay[key].items():
+                        target.setdefault(k, v)
+            layout_source = how
     facts = KernelFacts(
         release=release,
         kallsyms=syms,
@@ -455,6 +480,7 @@ def gather(trial: bool = True, mount_tracefs: bool = True) -> GatheredFacts:
         is_root=is_root,
         btf_arrays=bf.arrays,
         kallsyms_clones=clones,
+        layout_source=layout_source,
     )
     return GatheredFacts(
         facts=facts, btf=bf, config_source=cfg_src, tracefs=tfs, tracefs_state=tstate,

@@ -44,6 +44,9 @@ class KernelFacts:
     # kallsyms: base name -> compiler clone actually present ("kvm_set_memslot.isra.0"), recorded
     # only when the plain name is absent (a clone may have an altered signature)
     kallsyms_clones: Dict[str, str] = field(default_factory=dict)
+    # where btf_structs/btf_sizes/btf_arrays came from when not (only) BTF, e.g.
+    # "exact kernel headers at /usr/src/linux-headers-5.10.0-35-amd64" (no module BTF before 5.11)
+    layout_source: str = ""
 
 
 @dataclass(frozen=True)
@@ -583,6 +586,8 @@ def resolve(facts: KernelFacts, modes=MODES) -> ProbePlan:
         problems.append("linear-scan kernel without BTF offsets for the memslot array: slots scanned "
                         "(and, before 5.13, slots visited) not available; missing " + ", ".join(
                             m for m in missing if m.split(" ", 1)[0] in _WALK_DEFINES))
+    if facts.layout_source:
+        linear_reason += f"; KVM struct layouts from {facts.layout_source}"
     remedies = tuple((p, _fix_for(p, facts)) for p in problems)
     return ProbePlan(
         ops=tuple(ops), linear_scan=linear, defines=tuple(defs), problems=tuple(problems),

@@ -367,8 +367,9 @@ class TraceSession:
                     opn = name if i == 0 else "AGE2"
                     b.attach_kprobe(event=cb, fn_name=f"kp_enter_{opn}_{cb}")
                     b.attach_kretprobe(event=cb, fn_name=f"kp_exit_{opn}_{cb}", maxactive=64)
-                for h in p.handlers[:1]:
-                    b.attach_kprobe(event=h, fn_name=f"kp_handler_{h}")
+                if p.slots_method == "handler":
+                    for h in p.handlers[:1]:
+                        b.attach_kprobe(event=h, fn_name=f"kp_handler_{h}")
             else:
                 outer, setfn = p.callbacks[0], p.handlers[0]
                 b.attach_kprobe(event=outer, fn_name="kp_ms_outer_enter")
@@ -446,11 +447,12 @@ class TraceSession:
         vm = self._vm_key(ev)
         memslots = self._mirror.count(vm)
         if ev.vm:  # exact mode: everything measured in the kernel
-            slots = ev.d & 0xFFFFFFFF
-            scanned = ev.d >> 32
-            e = HvaEvent(ev.ts, vm, ev.tgid, ev.tid, op, ev.a, ev.b, ev.c, slots,
-                         scanned if self.plan.linear_scan else -1,
-                         -1 if memslots is None else memslots, "exact", "exact")
+            p = self.plan.for_op(op)
+            slots_ok = p is not None and p.slots == "exact"
+            scanned_ok = p is not None and p.scanned == "exact"
+            e = HvaEvent(ev.ts, vm, ev.tgid, ev.tid, op, ev.a, ev.b, ev.c,
+                         (ev.d & 0xFFFFFFFF) if slots_ok else -1, (ev.d >> 32) if scanned_ok else -1,
+                         -1 if memslots is None else memslots, "exact", "exact" if slots_ok else "none")
             self._keep(e)
             return
         # tracepoint mode: slots derived from the mirror; latency arrives with the syscall end
@@ -583,9 +585,14 @@ class TraceSession:
                 vm = f"kvm:{vmraw:#x}"
                 pid = owners.get(vmraw, int(s.tgid) if s is not None else 0)
                 lat_prov = slots_prov = "exact"
-                slots = (int(s.slots_count), int(s.slots_sum), int(s.slots_max),
-                         tuple(hists.get((vmraw, opn, R.HK_SLOTS), [0] * LOG2_BUCKETS))) if s else (0, 0, 0, None)
-                scanned = int(s.scanned_sum) if (s is not None and lin) else None
+                op_plan = self.plan.for_op(op)
+                slots = (0, 0, 0, None)
+                if s is not None and op_plan is not None and op_plan.slots == "exact":
+                    slots = (int(s.slots_count), int(s.slots_sum), int(s.slots_max),
+                             tuple(hists.get((vmraw, opn, R.HK_SLOTS), [0] * LOG2_BUCKETS)))
+                scanned = None
+                if s is not None and lin and op_plan is not None and op_plan.scanned == "exact":
+                    scanned = int(s.scanned_sum)
             else:
                 pid = vmraw
                 if self.pid is None and pid not in known:
