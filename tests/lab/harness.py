@@ -1,4 +1,4 @@
-"""Host side of the kernel-lab tier: builds the guest images, boots each suite once with
+"""Host side of the kernel-lab tier (helpers; the fixture is in conftest.py): builds the guest images, boots each suite once with
 tests/lab/guest_checks.py as the command, and parses its per-check JSON lines.
 
 Environment:
@@ -123,8 +123,8 @@ def run_suite(suite, env_extra=None, only=None, timeout=None):
         rc, out, err = p.returncode, p.stdout, p.stderr
     except subprocess.TimeoutExpired as e:
         rc, out, err = 124, "", "host-side timeout of lab/run.sh: %s" % e
-    if rc == 3 and "KVMTRACE_LAB_NO_BUILD" in err and _SESSION.build_error:
-        err += "\n" + _SESSION.build_error
+    if rc == 3 and "KVMTRACE_LAB_NO_BUILD" in err and SESSION.build_error:
+        err += "\n" + SESSION.build_error
     return LabRun(suite, rc, out, err, results, round(time.time() - t, 1))
 
 
@@ -152,10 +152,5 @@ class LabSession:
         return self._futures[suite].result()
 
 
-_SESSION = LabSession()
+SESSION = LabSession()
 
-
-@pytest.fixture(scope="session")
-def lab_session():
-    lab_gate()
-    return _SESSION

@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from tests.lab.conftest import LAB, lab_gate, run_suite, suites
+from tests.lab.harness import LAB, lab_gate, run_suite, suites
 from tests.lab.guest_checks import CHECKS
 
 pytestmark = pytest.mark.lab
