@@ -546,20 +546,22 @@ static __always_inline int handler_hit(void)
         *(endp) = *(startp) + PAGE_SIZE_B;                                       \
     } while (0)
 
+// One program per macro expansion: bcc before 0.2x keeps only the first function of an expansion.
 #ifdef MODE_FENTRY
-#define CB_PROGS(OPN, FN, OPV)                                                   \
+#define CB_ENTER(OPN, FN, OPV)                                                   \
     FENTRY(FN) { u64 st = 0, en = 0; CB_ARGS_##OPN(ctx, &st, &en);               \
-                 return cb_enter(OPV, ARG(ctx, 0), st, en); }                   \
-    FEXIT(FN) { return cb_exit(ctx); }
+                 return cb_enter(OPV, ARG(ctx, 0), st, en); }
+#define CB_EXIT(OPN, FN) FEXIT(FN) { return cb_exit(ctx); }
 #define HANDLER_PROG(FN) FENTRY(FN) { return handler_hit(); }
 #else
-#define CB_PROGS(OPN, FN, OPV)                                                   \
+#define CB_ENTER(OPN, FN, OPV)                                                   \
     int kp_enter_##OPN##_##FN(struct pt_regs *ctx) { u64 st = 0, en = 0;         \
-        CB_ARGS_##OPN(ctx, &st, &en); return cb_enter(OPV, ARG(ctx, 0), st, en); } \
-    int kp_exit_##OPN##_##FN(struct pt_regs *ctx) { return cb_exit(ctx); }
+        CB_ARGS_##OPN(ctx, &st, &en); return cb_enter(OPV, ARG(ctx, 0), st, en); }
+#define CB_EXIT(OPN, FN) int kp_exit_##OPN##_##FN(struct pt_regs *ctx) { return cb_exit(ctx); }
 #define HANDLER_PROG(FN) int kp_handler_##FN(struct pt_regs *ctx) { return handler_hit(); }
 #endif
-#define CB_PROGS_(OPN, FN, OPV) CB_PROGS(OPN, FN, OPV)
+#define CB_ENTER_(OPN, FN, OPV) CB_ENTER(OPN, FN, OPV)
+#define CB_EXIT_(OPN, FN) CB_EXIT(OPN, FN)
 #define HANDLER_PROG_(FN) HANDLER_PROG(FN)
 
 // unmap: invalidate_range_start(mn, const struct mmu_notifier_range *range)
@@ -584,28 +586,33 @@ static __always_inline int handler_hit(void)
 #define CB_ARGS_CHANGE_PTE(ctx, startp, endp) CB_RANGE(ctx, CHANGE_PTE, startp, endp)
 
 #ifdef HVA_EXACT_UNMAP
-CB_PROGS_(UNMAP, CB_UNMAP_FN, OP_UNMAP)
+CB_ENTER_(UNMAP, CB_UNMAP_FN, OP_UNMAP)
+CB_EXIT_(UNMAP, CB_UNMAP_FN)
 #ifdef H_UNMAP_FN
 HANDLER_PROG_(H_UNMAP_FN)
 #endif
 #endif
 #ifdef HVA_EXACT_AGE
-CB_PROGS_(AGE, CB_AGE_FN, OP_AGE)
+CB_ENTER_(AGE, CB_AGE_FN, OP_AGE)
+CB_EXIT_(AGE, CB_AGE_FN)
 #ifdef CB_AGE2_FN
-CB_PROGS_(AGE2, CB_AGE2_FN, OP_AGE)
+CB_ENTER_(AGE2, CB_AGE2_FN, OP_AGE)
+CB_EXIT_(AGE2, CB_AGE2_FN)
 #endif
 #ifdef H_AGE_FN
 HANDLER_PROG_(H_AGE_FN)
 #endif
 #endif
 #ifdef HVA_EXACT_TEST_AGE
-CB_PROGS_(TEST_AGE, CB_TEST_AGE_FN, OP_TEST_AGE)
+CB_ENTER_(TEST_AGE, CB_TEST_AGE_FN, OP_TEST_AGE)
+CB_EXIT_(TEST_AGE, CB_TEST_AGE_FN)
 #ifdef H_TEST_AGE_FN
 HANDLER_PROG_(H_TEST_AGE_FN)
 #endif
 #endif
 #ifdef HVA_EXACT_CHANGE_PTE
-CB_PROGS_(CHANGE_PTE, CB_CHANGE_PTE_FN, OP_CHANGE_PTE)
+CB_ENTER_(CHANGE_PTE, CB_CHANGE_PTE_FN, OP_CHANGE_PTE)
+CB_EXIT_(CHANGE_PTE, CB_CHANGE_PTE_FN)
 #ifdef H_CHANGE_PTE_FN
 HANDLER_PROG_(H_CHANGE_PTE_FN)
 #endif
@@ -724,20 +731,22 @@ static __always_inline int ms_outer_exit(void *ctx, s64 ret)
 }
 
 #ifdef MODE_FENTRY
-#define MS_OUTER_PROGS(OUTER)                                                     \
-    FENTRY(OUTER) { return ms_outer_enter(ARG(ctx, 0), ARG(ctx, 1)); }            \
-    FEXIT(OUTER) { return ms_outer_exit(ctx, (s64)(int)ARG(ctx, MS_OUTER_NARGS)); }
+#define MS_OUTER_ENTER(OUTER) FENTRY(OUTER) { return ms_outer_enter(ARG(ctx, 0), ARG(ctx, 1)); }
+#define MS_OUTER_EXIT(OUTER) FEXIT(OUTER) { return ms_outer_exit(ctx, (s64)(int)ARG(ctx, MS_OUTER_NARGS)); }
 #define MS_SET_PROG(SET) FENTRY(SET) { return ms_set_enter((s64)(int)ARG(ctx, SET_MEMSLOT_CHANGE_ARG)); }
 #else
-#define MS_OUTER_PROGS(OUTER)                                                     \
-    int kp_ms_outer_enter(struct pt_regs *ctx) { return ms_outer_enter(ARG(ctx, 0), ARG(ctx, 1)); } \
+#define MS_OUTER_ENTER(OUTER) \
+    int kp_ms_outer_enter(struct pt_regs *ctx) { return ms_outer_enter(ARG(ctx, 0), ARG(ctx, 1)); }
+#define MS_OUTER_EXIT(OUTER) \
     int kp_ms_outer_exit(struct pt_regs *ctx) { return ms_outer_exit(ctx, (s64)(int)PT_REGS_RC(ctx)); }
 #define MS_SET_PROG(SET) \
     int kp_ms_set_enter(struct pt_regs *ctx) { return ms_set_enter((s64)(int)ARG(ctx, SET_MEMSLOT_CHANGE_ARG)); }
 #endif
-#define MS_OUTER_PROGS_(OUTER) MS_OUTER_PROGS(OUTER)
+#define MS_OUTER_ENTER_(OUTER) MS_OUTER_ENTER(OUTER)
+#define MS_OUTER_EXIT_(OUTER) MS_OUTER_EXIT(OUTER)
 #define MS_SET_PROG_(SET) MS_SET_PROG(SET)
-MS_OUTER_PROGS_(MS_OUTER_FN)
+MS_OUTER_ENTER_(MS_OUTER_FN)
+MS_OUTER_EXIT_(MS_OUTER_FN)
 #ifndef MS_DERIVE
 MS_SET_PROG_(MS_SET_FN)
 #endif

@@ -252,6 +252,7 @@ class TraceSession:
         self.meta: Dict[str, str] = {}
         self.interrupted = False
         self._lock = threading.Lock()
+        self._drain_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._mirror = Mirror()
@@ -401,12 +402,15 @@ class TraceSession:
             self._stop.wait(0.005)
 
     def _drain(self) -> None:
-        if self.bpf is None:
-            return
-        if self._ringbuf:
-            self.bpf.ring_buffer_consume()
-        else:
-            self.bpf.perf_buffer_poll(timeout=0)
+        # one consumer at a time: libbpf's ring/perf buffer consumption is not thread-safe,
+        # and two threads draining at once deliver records twice
+        with self._drain_lock:
+            if self.bpf is None:
+                return
+            if self._ringbuf:
+                self.bpf.ring_buffer_consume()
+            else:
+                self.bpf.perf_buffer_poll(timeout=0)
 
     def _on_lost(self, n: int) -> None:
         self._perf_lost += n
