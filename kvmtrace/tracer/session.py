@@ -372,10 +372,11 @@ class TraceSession:
                     for h in p.handlers[:1]:
                         b.attach_kprobe(event=h, fn_name=f"kp_handler_{h}")
             else:
-                outer, setfn = p.callbacks[0], p.handlers[0]
+                outer = p.callbacks[0]
                 b.attach_kprobe(event=outer, fn_name="kp_ms_outer_enter")
                 b.attach_kretprobe(event=outer, fn_name="kp_ms_outer_exit", maxactive=64)
-                b.attach_kprobe(event=setfn, fn_name="kp_ms_set_enter")
+                if p.handlers and p.change_arg is not None:  # else: change type derived
+                    b.attach_kprobe(event=p.handlers[0], fn_name="kp_ms_set_enter")
 
     def close(self) -> None:
         self._stop.set()
