@@ -106,6 +106,12 @@ def _show(session, child, plain, duration):
     return last
 
 
+def _match(traced, truth):
+    if truth is None:
+        return ""
+    return "equal" if traced == truth else f"{traced - truth:+d}"
+
+
 def _summary(snap, pid, truth, csv_path):
     """What was traced for the workload VM, next to its ground truth; CSV of every VM."""
     import pandas as pd
@@ -118,7 +124,7 @@ def _summary(snap, pid, truth, csv_path):
     mine_ms = [m for m in snap.memslot if m.pid == pid]
     click.echo("")
     click.echo(f"workload VM (pid {pid}): hva operations")
-    click.echo(f"  {'op':<11}{'traced':>10}{'truth':>10}  {'latency mean':>14}  {'slots visited mean/max':>24}")
+    click.echo(f"  {'op':<11}{'traced':>10}{'truth':>10}  {'':<8}{'latency mean':>20}  {'slots visited mean/max':>24}")
     ops = sorted({h.op for h in mine_hva} | set((truth or {}).get("hva_ops", {}) or {}))
     for op in ops:
         h = next((x for x in mine_hva if x.op == op), None)
@@ -127,7 +133,7 @@ def _summary(snap, pid, truth, csv_path):
         lat = f"{h.lat_sum_ns / h.lat_count / 1000:.1f} us ({h.lat_provenance})" if h and h.lat_count else "-"
         sl = (f"{h.slots_sum / h.slots_count:.2f}/{h.slots_max} ({h.slots_provenance})"
               if h and h.slots_count else "-")
-        click.echo(f"  {op:<11}{traced:>10}{'-' if t is None else t:>10}  {lat:>14}  {sl:>24}")
+        click.echo(f"  {op:<11}{traced:>10}{'n/a' if t is None else t:>10}  {_match(traced, t):<8}{lat:>20}  {sl:>24}")
     click.echo(f"workload VM (pid {pid}): memslot updates")
     changes = sorted({m.change for m in mine_ms} | set(((truth or {}).get("memslot_updates") or {})))
     for ch in changes:
@@ -135,9 +141,9 @@ def _summary(snap, pid, truth, csv_path):
         traced = sum(x.count for x in m)
         t = ((truth or {}).get("memslot_updates") or {}).get(ch)
         lat = (f"{sum(x.lat_sum_ns for x in m) / traced / 1000:.1f} us ({m[0].lat_provenance})" if traced else "-")
-        click.echo(f"  {ch:<11}{traced:>10}{'-' if t is None else t:>10}  {lat:>14}")
-    click.echo("  truth = what the workload itself counted (exact); traced = what kvmtrace measured. "
-               "The traced unmap count also includes the notifier calls of the workload's process exit.")
+        click.echo(f"  {ch:<11}{traced:>10}{'n/a' if t is None else t:>10}  {_match(traced, t):<8}{lat:>20}")
+    click.echo("  truth: what the workload itself counted (n/a: the kernel decides, e.g. aging); "
+               "traced: what kvmtrace measured.")
     if snap.lost_events:
         click.echo(f"  lost events: {snap.lost_events} (derived figures cover the events received)")
     frames = frames_from_snapshots([snap])
