@@ -19,6 +19,8 @@ set -euo pipefail
 for s in "$@"; do lab_check_suite "$s"; done
 [ "$(id -u)" = 0 ] || LAB_DIE_RC=3 lab_die "building images needs root (debootstrap, chroot)"
 lab_need_host_tools debootstrap:debootstrap mkfs.ext4:e2fsprogs debugfs:e2fsprogs flock:util-linux
+# debootstrap checks Debian's Release signatures (Ubuntu hosts lack the keyring)
+[ -f /usr/share/keyrings/debian-archive-keyring.gpg ] || lab_need_host_tools lab-no-such-command:debian-archive-keyring
 
 uris() { awk '/^URIs:/{print $2}' /etc/apt/sources.list.d/*.sources 2>/dev/null; awk '$1=="deb"{print $2}' /etc/apt/sources.list 2>/dev/null || true; }
 MIRROR=${MIRROR:-$(uris | grep -v security | head -1)}

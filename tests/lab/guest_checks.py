@@ -69,7 +69,9 @@ class Skip(Exception):
 
 
 class Fail(Exception):
-    pass
+    def __init__(self, message, details=None):
+        Exception.__init__(self, message)
+        self.details = details or {}
 
 
 # --------------------------------------------------------------------------------------------
@@ -363,9 +365,10 @@ def _check_plan(d, want_mode, label):
             errs.append("%s: slots %s, expected exact" % (op, e.get("slots")))
     if LINEAR_SCAN and "unmap" in plan and plan["unmap"].get("scanned", "exact") in ("none", None):
         errs.append("unmap: slots scanned provenance %r on a linear-scan kernel (expected exact)" % plan["unmap"].get("scanned"))
-    summary = {op: "%s %s lat=%s slots=%s" % (e.get("attach"), e.get("target"), e.get("latency"), e.get("slots")) for op, e in plan.items()}
+    summary = {op: "%s %s lat=%s slots=%s scanned=%s" % (e.get("attach"), e.get("target"), e.get("latency"), e.get("slots"), e.get("scanned"))
+               for op, e in plan.items()}
     if errs:
-        raise Fail("%s on %d.%d: %s" % (label, KVER[0], KVER[1], "; ".join(errs)))
+        raise Fail("%s on %d.%d: %s" % (label, KVER[0], KVER[1], "; ".join(errs)), {"plan": summary, "problems": d.get("problems")})
     return "pass", "%s: %s for all traceable ops, exact latency and slots" % (label, want_mode), {"plan": summary, "problems": d.get("problems")}
 
 
@@ -728,7 +731,7 @@ def main():
         except Skip as e:
             status, reason, details = "skip", str(e), {}
         except Fail as e:
-            status, reason, details = "fail", str(e), {}
+            status, reason, details = "fail", str(e), e.details
         except subprocess.TimeoutExpired as e:
             status, reason, details = "fail", "timed out: %s" % e, {}
         except Exception as e:
