@@ -43,3 +43,24 @@ def test_failed_update_changes_nothing_and_address_spaces_are_distinct():
     m.update(vm, (1 << 16) | 5, 0, MB, 0x1000000, 0, True)  # as_id 1, slot 5
     m.update(vm, 5, 0, MB, 0x1000000, 0, True)  # as_id 0, slot 5
     assert m.count(vm) == 2 and m.overlap(vm, 0x1000000, 0x1000001) == 2
+
+
+def test_bpf_log2_bucket_formula_matches_python_rule():
+    """kvmtrace.c's branch-free log2_bucket, transcribed, equals snapshot.log2_bucket."""
+    from kvmtrace.tracer.snapshot import log2_bucket
+
+    M = (1 << 64) - 1
+
+    def c_rule(v):
+        v &= 0x3FFFFFFFFFFFFFFF
+        r = 0
+        for c, sh in ((0xFFFFFFFF, 5), (0xFFFF, 4), (0xFF, 3), (0xF, 2), (0x3, 1), (0x1, 0)):
+            t = (((c - v) & M) >> 63) << sh
+            v >>= t
+            r |= t
+        return r + v
+
+    values = [0, 1, 2, 3, 4, 5, 7, 8, 255, 256, 4095, 4096, 10**6, 2**32 - 1, 2**32, 2**40 + 3, 2**61, 2**62 - 1]
+    values += [2**k + d for k in range(62) for d in (-1, 0, 1) if 2**k + d >= 0]
+    for v in values:
+        assert c_rule(v) == log2_bucket(v), v

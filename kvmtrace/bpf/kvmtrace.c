@@ -22,7 +22,7 @@
 #include <uapi/linux/ptrace.h>
 
 #ifndef MAX_AGG
-#define MAX_AGG 16384
+#define MAX_AGG 4096  // (vm, op) pairs; 1.6 KB each, preallocated
 #endif
 #ifndef MAX_THREADS
 #define MAX_THREADS 16384
@@ -40,16 +40,8 @@
 // ---- records shared with userspace (kvmtrace/tracer/records.py mirrors them) ----
 enum { CNT_LOST = 0, CNT_MAPFULL = 1, CNT_NOLAT = 2, NR_CNT = 3 };
 enum { EV_HVA = 1, EV_SC_END = 2, EV_MEMSLOT = 3, EV_VM_CREATE = 4 };
-enum { HK_RANGE = 0, HK_LAT = 1, HK_SLOTS = 2 };
-
-struct hist_key {  // histogram bucket of one (vm, op) figure
-    u64 vm;        // struct kvm * (exact) or tgid (tracepoint mode)
-    u32 op;
-    u16 kind;      // HK_*
-    u16 bucket;
-};
-
-struct sum_val {   // per (vm, op): latency and slot sums; count = sum of the HK_RANGE histogram
+struct sum_val {   // per (vm, op): latency and slot sums
+    u64 count;     // operations observed
     u64 lat_count;
     u64 lat_sum;
     u64 lat_max;
@@ -58,6 +50,16 @@ struct sum_val {   // per (vm, op): latency and slot sums; count = sum of the HK
     u64 slots_max;
     u64 scanned_sum;
     u64 tgid;      // last VMM tgid seen for this vm (exact mode attribution)
+};
+
+// Everything about one (vm, op) in one map value, so an event costs one hash lookup:
+// sums plus log2 histograms (bucket 0 = 0, bucket i = [2^(i-1), 2^i)) of latency (ns),
+// slots visited and range size (bytes).
+struct agg_val {
+    struct sum_val s;
+    u64 lat[LOG2_BUCKETS];
+    u64 slots[LOG2_BUCKETS];
+    u64 range[LOG2_BUCKETS];
 };
 
 struct op_key {
@@ -72,6 +74,7 @@ struct ms_val {    // per (vm, change): memslot updates
     u64 lat_sum;
     u64 lat_max;
     u64 tgid;
+    u64 lat[LOG2_BUCKETS];
 };
 
 struct event {     // 80 bytes
@@ -98,10 +101,10 @@ struct kt_region {  // uapi struct kvm_userspace_memory_region (and the head of 
 };
 
 BPF_PERCPU_ARRAY(counters, u64, NR_CNT);
-BPF_HASH(hists, struct hist_key, u64, MAX_AGG);
-BPF_HASH(sums, struct op_key, struct sum_val, MAX_AGG);
-BPF_HASH(ms_hists, struct hist_key, u64, MAX_AGG);
-BPF_HASH(ms_sums, struct op_key, struct ms_val, MAX_AGG);
+BPF_HASH(aggs, struct op_key, struct agg_val, MAX_AGG);
+BPF_PERCPU_ARRAY(agg_zero, struct agg_val, 1);  // never written: the initial value of new entries
+BPF_HASH(ms_aggs, struct op_key, struct ms_val, MAX_AGG);
+BPF_PERCPU_ARRAY(ms_zero, struct ms_val, 1);
 BPF_HASH(vmm, u32, u32, MAX_VMMS);       // known VMM tgids (tracepoint mode)
 BPF_HASH(ms_count, u32, u64, MAX_VMMS);  // memslot ioctls per tgid (exact total for tp mode)
 
@@ -133,43 +136,45 @@ static __always_inline void emit(void *ctx, struct event *ev, u64 flags)
 
 static __always_inline u32 log2_bucket(u64 v)
 {
-    // bucket 0 = 0; bucket i = [2^(i-1), 2^i); same rule as snapshot.log2_bucket
-    u32 r = 0;
-    if (v >> 32) { v >>= 32; r += 32; }
-    if (v >> 16) { v >>= 16; r += 16; }
-    if (v >> 8) { v >>= 8; r += 8; }
-    if (v >> 4) { v >>= 4; r += 4; }
-    if (v >> 2) { v >>= 2; r += 2; }
-    if (v >> 1) { v >>= 1; r += 1; }
-    r += v;  // v is 0 or 1 here
-    return r >= LOG2_BUCKETS ? LOG2_BUCKETS - 1 : r;
+    // bucket 0 = 0; bucket i = [2^(i-1), 2^i), i.e. the bit length of v: the same rule as
+    // snapshot.log2_bucket. Branch-free ((C - v) >> 63 is 1 exactly when v > C, for v < 2^63),
+    // so the verifier walks one path instead of 2^6 per histogram update. Values of 2^62 and
+    // more (none occur: ns, bytes, slot counts) would land in lower buckets.
+    u64 r, t;
+    v &= 0x3FFFFFFFFFFFFFFFULL;
+    asm volatile("" : "+r"(v));  // keep clang from turning the arithmetic back into branches
+    t = ((0xFFFFFFFFULL - v) >> 63) << 5; v >>= t; r = t;
+    t = ((0xFFFFULL - v) >> 63) << 4; v >>= t; r |= t;
+    t = ((0xFFULL - v) >> 63) << 3; v >>= t; r |= t;
+    t = ((0xFULL - v) >> 63) << 2; v >>= t; r |= t;
+    t = ((0x3ULL - v) >> 63) << 1; v >>= t; r |= t;
+    t = (0x1ULL - v) >> 63; v >>= t; r |= t;
+    return (u32)(r + v);
 }
 
-static __always_inline void hist_add(u64 vm, u32 op, u16 kind, u64 value, u64 n)
-{
-    struct hist_key k = {};
-    u64 zero = 0, *v;
-    k.vm = vm;
-    k.op = op;
-    k.kind = kind;
-    k.bucket = log2_bucket(value);
-    v = hists.lookup_or_try_init(&k, &zero);
-    if (v)
-        __sync_fetch_and_add(v, n);
-    else
-        bump(CNT_MAPFULL);
-}
-
-static __always_inline struct sum_val *sum_get(u64 vm, u32 op)
+static __always_inline struct agg_val *agg_get(u64 vm, u32 op)
 {
     struct op_key k = {};
-    struct sum_val zero = {}, *v;
+    u32 zk = 0;
     k.vm = vm;
     k.op = op;
-    v = sums.lookup_or_try_init(&k, &zero);
+    struct agg_val *v = aggs.lookup(&k);
+    if (v)
+        return v;
+    struct agg_val *zero = agg_zero.lookup(&zk);
+    if (!zero)
+        return 0;
+    aggs.insert(&k, zero);
+    v = aggs.lookup(&k);
     if (!v)
         bump(CNT_MAPFULL);
     return v;
+}
+
+static __always_inline void hist_inc(u64 *hist, u64 value, u64 n)
+{
+    u32 b = log2_bucket(value) & (LOG2_BUCKETS - 1);
+    __sync_fetch_and_add(&hist[b], n);
 }
 
 static __always_inline void max_update(u64 *slot, u64 v)
@@ -207,7 +212,11 @@ static __always_inline int on_hva_tp(void *ctx, u32 op, u64 start, u64 end)
     if (tgid != PID_FILTER)
         return 0;
 #endif
-    hist_add(tgid, op, HK_RANGE, end - start, 1);
+    struct agg_val *a = agg_get(tgid, op);
+    if (a) {
+        __sync_fetch_and_add(&a->s.count, 1);
+        hist_inc(a->range, end - start, 1);
+    }
     struct sc_state *s = inflight.lookup(&tid);
     if (s && s->ts) {
         if (op < NR_OPS)
@@ -258,13 +267,13 @@ static __always_inline void sc_lat(u32 tgid, u32 op, u32 n, u64 dur)
 {
     if (!n)
         return;
-    hist_add(tgid, op, HK_LAT, dur, n);
-    struct sum_val *v = sum_get(tgid, op);
-    if (!v)
+    struct agg_val *a = agg_get(tgid, op);
+    if (!a)
         return;
-    __sync_fetch_and_add(&v->lat_count, n);
-    __sync_fetch_and_add(&v->lat_sum, dur * n);
-    max_update(&v->lat_max, dur);
+    hist_inc(a->lat, dur, n);
+    __sync_fetch_and_add(&a->s.lat_count, n);
+    __sync_fetch_and_add(&a->s.lat_sum, dur * n);
+    max_update(&a->s.lat_max, dur);
 }
 
 TRACEPOINT_PROBE(raw_syscalls, sys_exit)
@@ -497,19 +506,20 @@ static __always_inline int cb_exit(void *ctx)
 #else
     u32 slots = s->matched;
 #endif
-    hist_add(vm, op, HK_RANGE, s->end - s->start, 1);
-    hist_add(vm, op, HK_LAT, dur, 1);
-    hist_add(vm, op, HK_SLOTS, slots, 1);
-    struct sum_val *v = sum_get(vm, op);
-    if (v) {
-        __sync_fetch_and_add(&v->lat_count, 1);
-        __sync_fetch_and_add(&v->lat_sum, dur);
-        max_update(&v->lat_max, dur);
-        __sync_fetch_and_add(&v->slots_count, 1);
-        __sync_fetch_and_add(&v->slots_sum, slots);
-        max_update(&v->slots_max, slots);
-        __sync_fetch_and_add(&v->scanned_sum, s->scanned);
-        v->tgid = id >> 32;
+    struct agg_val *a = agg_get(vm, op);
+    if (a) {
+        __sync_fetch_and_add(&a->s.count, 1);
+        hist_inc(a->range, s->end - s->start, 1);
+        hist_inc(a->lat, dur, 1);
+        hist_inc(a->slots, slots, 1);
+        __sync_fetch_and_add(&a->s.lat_count, 1);
+        __sync_fetch_and_add(&a->s.lat_sum, dur);
+        max_update(&a->s.lat_max, dur);
+        __sync_fetch_and_add(&a->s.slots_count, 1);
+        __sync_fetch_and_add(&a->s.slots_sum, slots);
+        max_update(&a->s.slots_max, slots);
+        __sync_fetch_and_add(&a->s.scanned_sum, s->scanned);
+        a->s.tgid = id >> 32;
     }
 #ifdef EVENTS
     struct event ev = {};
@@ -688,9 +698,17 @@ static __always_inline int ms_outer_exit(void *ctx, s64 ret)
     }
     u32 ch = s->change < 0 ? NR_CHANGES : map_change(s->change);
     struct op_key k = {};
+    u32 zk = 0;
     k.vm = s->kvm;
     k.op = ch;
-    struct ms_val zero = {}, *v = ms_sums.lookup_or_try_init(&k, &zero);
+    struct ms_val *v = ms_aggs.lookup(&k);
+    if (!v) {
+        struct ms_val *zero = ms_zero.lookup(&zk);
+        if (zero) {
+            ms_aggs.insert(&k, zero);
+            v = ms_aggs.lookup(&k);
+        }
+    }
     if (v) {
         __sync_fetch_and_add(&v->count, 1);
         if (ret != 0)
@@ -698,19 +716,10 @@ static __always_inline int ms_outer_exit(void *ctx, s64 ret)
         __sync_fetch_and_add(&v->lat_sum, dur);
         max_update(&v->lat_max, dur);
         v->tgid = id >> 32;
+        hist_inc(v->lat, dur, 1);
     } else {
         bump(CNT_MAPFULL);
     }
-    struct hist_key hk = {};
-    hk.vm = s->kvm;
-    hk.op = ch;
-    hk.kind = HK_LAT;
-    hk.bucket = log2_bucket(dur);
-    u64 z = 0, *hv = ms_hists.lookup_or_try_init(&hk, &z);
-    if (hv)
-        __sync_fetch_and_add(hv, 1);
-    else
-        bump(CNT_MAPFULL);
 #endif  // MS_DERIVE
     struct event ev = {};
     ev.kind = EV_MEMSLOT;

@@ -7,7 +7,6 @@ import ctypes as ct
 
 EV_HVA, EV_SC_END, EV_MEMSLOT, EV_VM_CREATE = 1, 2, 3, 4
 CNT_LOST, CNT_MAPFULL, CNT_NOLAT = 0, 1, 2
-HK_RANGE, HK_LAT, HK_SLOTS = 0, 1, 2
 
 
 class Event(ct.Structure):

@@ -547,10 +547,7 @@ class TraceSession:
         b = self.bpf
         mono = time.monotonic_ns()
         self._drain()
-        hists: Dict[Tuple[int, int, int], List[int]] = defaultdict(lambda: [0] * LOG2_BUCKETS)
-        for k, v in b["hists"].items():
-            hists[(int(k.vm), int(k.op), int(k.kind))][int(k.bucket)] += int(v.value)
-        sums = {(int(k.vm), int(k.op)): v for k, v in b["sums"].items()}
+        aggs = {(int(k.vm), int(k.op)): v for k, v in b["aggs"].items()}
         owners = {}
         vo = self._table("vm_owner")
         if vo is not None:
@@ -575,28 +572,25 @@ class TraceSession:
             if tbl is not None:
                 for k in tbl.keys():
                     known.setdefault(int(k.value), 1)
-            for vmraw, _op, _kind in hists:
+            for vmraw, _op in aggs:
                 if vmraw not in known and _owns_vm(vmraw):
                     known[vmraw] = 1
                     with self._lock:
                         self._known_vmm.setdefault(vmraw, 1)
-        keys = {(vm, op) for (vm, op, kind) in hists}
-        for vmraw, opn in sorted(keys):
+        for (vmraw, opn), a in sorted(aggs.items(), key=lambda kv: kv[0]):
             op = OPS.get(opn, "unknown")
-            rng = hists.get((vmraw, opn, R.HK_RANGE), [0] * LOG2_BUCKETS)
-            count = sum(rng)
-            s = sums.get((vmraw, opn))
+            s = a.s
+            count = int(s.count)
             if self._exact and vmraw > 0xFFFFFFFF:  # struct kvm pointer
                 vm = f"kvm:{vmraw:#x}"
-                pid = owners.get(vmraw, int(s.tgid) if s is not None else 0)
+                pid = owners.get(vmraw, int(s.tgid))
                 lat_prov = slots_prov = "exact"
                 op_plan = self.plan.for_op(op)
                 slots = (0, 0, 0, None)
-                if s is not None and op_plan is not None and op_plan.slots == "exact":
-                    slots = (int(s.slots_count), int(s.slots_sum), int(s.slots_max),
-                             tuple(hists.get((vmraw, opn, R.HK_SLOTS), [0] * LOG2_BUCKETS)))
+                if op_plan is not None and op_plan.slots == "exact":
+                    slots = (int(s.slots_count), int(s.slots_sum), int(s.slots_max), tuple(a.slots))
                 scanned = None
-                if s is not None and lin and op_plan is not None and op_plan.scanned == "exact":
+                if lin and op_plan is not None and op_plan.scanned == "exact":
                     scanned = int(s.scanned_sum)
             else:
                 pid = vmraw
@@ -608,19 +602,18 @@ class TraceSession:
                 slots = derived.get((vm, op), (0, 0, 0, None))
                 scanned = None
             vm_pids[vm] = pid
-            lat_hist = tuple(hists.get((vmraw, opn, R.HK_LAT), [0] * LOG2_BUCKETS))
             hva.append(HvaStats(
                 vm_id=vm, pid=pid, op=op, count=count,
-                lat_hist=Log2Hist(lat_hist),
-                lat_count=int(s.lat_count) if s else 0,
-                lat_sum_ns=int(s.lat_sum) if s else 0,
-                lat_max_ns=int(s.lat_max) if s else 0,
+                lat_hist=Log2Hist(tuple(a.lat)),
+                lat_count=int(s.lat_count),
+                lat_sum_ns=int(s.lat_sum),
+                lat_max_ns=int(s.lat_max),
                 lat_provenance=lat_prov,
                 slots_hist=Log2Hist(slots[3]) if slots[3] else Log2Hist(),
                 slots_count=slots[0], slots_sum=slots[1], slots_max=slots[2],
                 slots_provenance=slots_prov if slots[0] else "none",
                 scanned_sum=scanned,
-                range_hist=Log2Hist(tuple(rng)),
+                range_hist=Log2Hist(tuple(a.range)),
             ))
         memslot: List[MemslotStats] = []
         per_pid_total: Dict[int, int] = defaultdict(int)
@@ -637,16 +630,14 @@ class TraceSession:
                     # ioctls whose event was lost, or no-op requests: change type not observed
                     memslot.append(MemslotStats(f"pid:{pid}", pid, "unknown", missing, 0,
                                                 Log2Hist(), 0, 0, "none", "none"))
-        if self._table("ms_sums") is not None and self._table("ms_inflight") is not None:
-            mh: Dict[Tuple[int, int], List[int]] = defaultdict(lambda: [0] * LOG2_BUCKETS)
-            for k, v in self._table("ms_hists").items():
-                mh[(int(k.vm), int(k.op))][int(k.bucket)] += int(v.value)
-            for k, v in sorted(self._table("ms_sums").items(), key=lambda kv: (kv[0].vm, kv[0].op)):
+        msa = self._table("ms_aggs") if self._table("ms_inflight") is not None else None
+        if msa is not None:  # exact memslot programs built
+            for k, v in sorted(msa.items(), key=lambda kv: (kv[0].vm, kv[0].op)):
                 vm = f"kvm:{int(k.vm):#x}"
                 pid = owners.get(int(k.vm), int(v.tgid))
                 vm_pids[vm] = pid
                 memslot.append(MemslotStats(vm, pid, CHANGES.get(int(k.op), "unknown"), int(v.count),
-                                            int(v.errors), Log2Hist(tuple(mh[(int(k.vm), int(k.op))])),
+                                            int(v.errors), Log2Hist(tuple(v.lat)),
                                             int(v.lat_sum), int(v.lat_max), "exact", "exact"))
         # VMs: every VM with figures, plus VMMs running now
         if not self._exact:
