@@ -3,6 +3,8 @@ number is computed in report.py / compare.py / bench.py. rich is imported inside
 
 from __future__ import annotations
 
+import os
+
 import math
 from typing import List, Optional
 
@@ -182,6 +184,12 @@ def bench_renderables(df: pd.DataFrame) -> list:
 def print_renderables(items, file=None, width: Optional[int] = None) -> None:
     from rich.console import Console
 
-    c = Console(file=file, width=width)
+    import sys
+
+    out = file if file is not None else sys.stdout
+    tty = hasattr(out, "isatty") and out.isatty()
+    if width is None and not tty and not os.environ.get("COLUMNS"):
+        width = 160  # piped or logged: wide plain tables rather than wrapped cells
+    c = Console(file=file, width=width, no_color=not tty, highlight=False)
     for it in items:
         c.print(it)

@@ -69,9 +69,14 @@ def event_stats(ev: pd.DataFrame, key: List[str], col: str, qs: Sequence[float] 
     return out.set_index(key)
 
 
-def _hist_q(counts: np.ndarray, qs=QS) -> List[float]:
+def _hist_q(counts: np.ndarray, qs=QS, hi=None) -> List[float]:
+    """Quantiles from a log2 histogram; ``hi`` (the exact maximum, when known) caps them, since
+    interpolation inside the top bucket must not report more than was observed."""
     r = T.hist_quantiles(counts, qs)
-    return [math.nan if x is None else float(x) for x in r]
+    out = [math.nan if x is None else float(x) for x in r]
+    if hi is not None and not pd.isna(hi):
+        out = [x if math.isnan(x) else min(x, float(hi)) for x in out]
+    return out
 
 
 def _div(a, b) -> float:
@@ -164,7 +169,7 @@ def hva_ops(hva: pd.DataFrame, duration_s: float, events: Optional[pd.DataFrame]
                        lat_max_ns=float(a["lat_max_ns"]), lat_mean_ns=_div(a["lat_sum_ns"], a["lat_count"]),
                        latency_source=EVENT_SOURCE)
         else:
-            p50, p90, p99 = _hist_q(lat_h.loc[k].to_numpy())
+            p50, p90, p99 = _hist_q(lat_h.loc[k].to_numpy(), hi=a["lat_max_ns"])
             row.update(lat_n=int(a["lat_count"]), lat_p50_ns=p50, lat_p90_ns=p90, lat_p99_ns=p99,
                        lat_max_ns=float(a["lat_max_ns"]), lat_mean_ns=_div(a["lat_sum_ns"], a["lat_count"]),
                        latency_source=HIST_SOURCE + why)
@@ -176,7 +181,7 @@ def hva_ops(hva: pd.DataFrame, duration_s: float, events: Optional[pd.DataFrame]
                        slots_p99=ev_slots.loc[k, "p99"], slots_max=float(a["slots_max"]), slots_source=EVENT_SOURCE)
         else:
             row.update(slots_n=int(a["slots_count"]), slots_mean=_div(a["slots_sum"], a["slots_count"]),
-                       slots_p99=_hist_q(slot_h.loc[k].to_numpy(), (0.99,))[0], slots_max=float(a["slots_max"]),
+                       slots_p99=_hist_q(slot_h.loc[k].to_numpy(), (0.99,), hi=a["slots_max"])[0], slots_max=float(a["slots_max"]),
                        slots_source=HIST_SOURCE + why)
         # slots scanned (linear-scan kernels)
         if pd.isna(a["scanned_sum"]):
@@ -225,7 +230,7 @@ def memslot_updates(mem: pd.DataFrame, events: Optional[pd.DataFrame] = None, vm
                        lat_max_ns=float(a["lat_max_ns"]), lat_mean_ns=_div(a["lat_sum_ns"], n_lat),
                        latency_source=EVENT_SOURCE)
         else:
-            p50, p90, p99 = _hist_q(lat_h.loc[k].to_numpy())
+            p50, p90, p99 = _hist_q(lat_h.loc[k].to_numpy(), hi=a["lat_max_ns"])
             row.update(lat_n=n_lat, lat_p50_ns=p50, lat_p90_ns=p90, lat_p99_ns=p99, lat_max_ns=float(a["lat_max_ns"]),
                        lat_mean_ns=_div(a["lat_sum_ns"], n_lat), latency_source=HIST_SOURCE + why)
         rows.append(row)
@@ -280,6 +285,7 @@ def by_memslots(hva: pd.DataFrame, events: Optional[pd.DataFrame] = None) -> pd.
             h["b"] = log2_buckets(h["memslots"].to_numpy())
             g = h.groupby(["op", "b", "lat_provenance", "slots_provenance"], sort=True)
             agg = g.agg(count=("count", "sum"), lat_count=("lat_count", "sum"), lat_sum_ns=("lat_sum_ns", "sum"),
+                        lat_max_ns=("lat_max_ns", "max"),
                         slots_count=("slots_count", "sum"), slots_sum=("slots_sum", "sum"),
                         mmin=("memslots", "min"), mmax=("memslots", "max"))
             agg["scanned_sum"] = g["scanned_sum"].sum(min_count=1)
@@ -287,7 +293,7 @@ def by_memslots(hva: pd.DataFrame, events: Optional[pd.DataFrame] = None) -> pd.
             for k, a in agg.iterrows():
                 op, b, lp, sp = k
                 has_lat = lp != "none" and int(a["lat_count"]) > 0
-                p50, p99 = _hist_q(lat_h.loc[k].to_numpy(), (0.5, 0.99)) if has_lat else (math.nan, math.nan)
+                p50, p99 = _hist_q(lat_h.loc[k].to_numpy(), (0.5, 0.99), hi=a["lat_max_ns"]) if has_lat else (math.nan, math.nan)
                 rows.append([op, memslot_bucket_label(int(b)), int(a["mmin"]), int(a["mmax"]), int(a["count"]),
                              p50, p99, _div(a["lat_sum_ns"], a["lat_count"]) if has_lat else math.nan, lp,
                              HIST_SOURCE if has_lat else "none", _div(a["slots_sum"], a["slots_count"]), sp,

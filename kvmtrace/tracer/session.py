@@ -265,6 +265,7 @@ class TraceSession:
         self._seq = 0
         self._t0 = 0
         self._known_vmm: Dict[int, int] = {}
+        self._proc_cache: Dict[int, Tuple[str, str]] = {}
         self._exact = False
         self._tp_hva = False
         self._ms_tp = False
@@ -436,6 +437,7 @@ class TraceSession:
                 self._on_memslot(ev)
             elif kind == R.EV_VM_CREATE:
                 if ev.ret >= 0:
+                    self._remember(ev.tgid)
                     self._mirror.vm_created(f"pid:{ev.tgid}")
                     self._known_vmm[ev.tgid] = self._known_vmm.get(ev.tgid, 0) + 1
 
@@ -476,7 +478,15 @@ class TraceSession:
                     for x in self._pending.pop(tid):
                         self._keep(x)
 
+    def _remember(self, pid: int) -> None:
+        """Name a VMM while it is alive (VM creation, first memslot update)."""
+        if pid and pid not in self._proc_cache:
+            comm, name, _vcpus, alive = proc_info(pid)
+            if alive:
+                self._proc_cache[pid] = (comm, name)
+
     def _on_memslot(self, ev) -> None:
+        self._remember(ev.tgid)
         slot_field = ev.e & 0xFFFFFFFF
         flags = ev.e >> 32
         ok = ev.ret == 0
@@ -647,6 +657,10 @@ class TraceSession:
         vms = []
         for vm, pid in sorted(vm_pids.items()):
             comm, name, vcpus, alive = proc_info(pid) if pid else ("", "", None, False)
+            if alive:  # remember who it was: a VMM that exits keeps its name in the figures
+                self._proc_cache[pid] = (comm, name)
+            elif pid in self._proc_cache:
+                comm, name = self._proc_cache[pid]
             mc = mirror_counts.get(vm)
             vms.append(VmInfo(vm, pid, comm, name, vcpus if alive else None, mc,
                               "derived" if mc is not None else "none", partial.get(vm, True), alive))
