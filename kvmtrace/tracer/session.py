@@ -295,6 +295,10 @@ class TraceSession:
         ok, why = have_capabilities()
         if not ok:
             raise PermissionProblem(why, "run as root: sudo kvmtrace ...")
+        if self.pid is not None and not os.path.exists(f"/proc/{self.pid}"):
+            raise KvmtraceError(f"no process with pid {self.pid}",
+                                "pass the pid of a running VMM (`kvmtrace doctor` lists the VMs running now)",
+                                exit_code=2)
         ensure_tracefs()
         BPF = import_bcc()
         if self.plan is None:
