@@ -89,7 +89,8 @@ while kill -0 "$QPID" 2>/dev/null; do
   now=$(date +%s)
   if [ $((now - t0)) -ge "$TIMEOUT" ]; then verdict=timeout; break; fi
   if [ $bad_at = 0 ] && grep -a -q -E "$KPAT" "$LOG"; then bad_at=$now; fi
-  if [ $bad_at != 0 ] && [ $((now - bad_at)) -ge 20 ]; then verdict=kernel; break; fi   # let the trace print
+  # let the trace print before stopping the guest
+  if [ $bad_at != 0 ] && [ $((now - bad_at)) -ge "${KVMTRACE_LAB_BUG_GRACE:-20}" ]; then verdict=kernel; break; fi
 done
 if kill -0 "$QPID" 2>/dev/null; then kill "$QPID" 2>/dev/null; sleep 1; kill -9 "$QPID" 2>/dev/null || true; fi
 wait "$QPID" 2>/dev/null || true; QPID=""

@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from tests.lab.harness import LAB, lab_gate, run_suite, suites
+from tests.lab.harness import LAB, harness_suite, lab_gate, suites
 from tests.lab.guest_checks import CHECKS
 
 pytestmark = pytest.mark.lab
@@ -45,12 +45,12 @@ def test_guest(lab_session, suite, check):
     _outcome(lab_session.get(suite), check)
 
 
-def test_harness_detects_wrong_expectation():
+def test_harness_detects_wrong_expectation(lab_session):
     """Prove the tier can fail: a guest check with a deliberately wrong expected count
-    (KVMTRACE_LAB_WRONG=1) must come back as a failure with a readable message."""
-    lab_gate()
-    suite = os.environ.get("KVMTRACE_LAB_HARNESS_SUITE", suites()[-1])
-    run = run_suite(suite, env_extra={"KVMTRACE_LAB_WRONG": "1"}, only=["harness_wrong_expectation"])
+    (KVMTRACE_LAB_WRONG=1, enabled in one suite's boot) must come back as a failure, make the
+    guest script exit 1, and turn into a readable pytest failure."""
+    suite = harness_suite()
+    run = lab_session.get(suite)
     assert not run.harness_error, run.harness_error
     rec = run.checks.get("harness_wrong_expectation")
     assert rec is not None, run.message("harness_wrong_expectation")
@@ -71,3 +71,16 @@ def test_harness_timeout_is_reported(tmp_path):
                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True, env=env, timeout=1800)
     assert p.returncode == 124, (p.returncode, p.stderr[-2000:])
     assert "timed out after 4s" in p.stderr and "serial log tail" in p.stderr, p.stderr[-2000:]
+
+
+def test_harness_reports_kernel_bug(tmp_path):
+    """A kernel BUG / soft lockup line in the serial log fails the run (exit 125) with the log's tail,
+    even while the command itself is still running."""
+    lab_gate()
+    suite = suites()[0]
+    env = dict(os.environ, KVMTRACE_LAB_BUG_GRACE="2")
+    cmd = "echo '<2>BUG: soft lockup - kvmtrace lab self-test' > /dev/kmsg; sleep 300"
+    p = subprocess.run([os.path.join(LAB, "run.sh"), "--quiet", "--timeout", "600", "--results", str(tmp_path), suite, "--",
+                        "sh", "-c", cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True, env=env, timeout=1800)
+    assert p.returncode == 125, (p.returncode, p.stderr[-2000:])
+    assert "kernel problem in the serial log" in p.stderr and "kvmtrace lab self-test" in p.stderr, p.stderr[-2000:]
