@@ -257,6 +257,13 @@ TRACEPOINT_PROBE(raw_syscalls, sys_enter)
     u32 tgid = id >> 32, tid = (u32)id;
     if (!tgid_wanted(tgid))
         return 0;
+    // reuse the thread's entry (its counters are zeroed at every syscall exit): a lookup and a
+    // store instead of an LRU update per system call
+    struct sc_state *cur = inflight.lookup(&tid);
+    if (cur) {
+        cur->ts = bpf_ktime_get_ns();
+        return 0;
+    }
     struct sc_state s = {};
     s.ts = bpf_ktime_get_ns();
     inflight.update(&tid, &s);
