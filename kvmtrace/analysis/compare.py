@@ -18,7 +18,7 @@ hva op / memslot change type (x scenario x slot count for bench runs) with
 
 Bench runs add one ``iteration`` row per scenario x slots: the workload's time per iteration
 (avg; best shown alongside); tested with Mann-Whitney only when the workload JSON lists every
-iteration's time (``iter_s``).
+iteration's time (``iter_times_s``).
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ def collect(recs: Sequence[Recording]) -> Dict[tuple, Side]:
                 s.iter_avg.append(float(wl["iter_avg_s"]))
             if wl.get("iter_best_s") is not None:
                 s.iter_best.append(float(wl["iter_best_s"]))
-            its = wl.get("iter_s")
+            its = wl.get("iter_times_s", wl.get("iter_s"))
             if isinstance(its, list) and its:
                 s.iter_all.extend(float(x) for x in its)
             else:
@@ -248,7 +248,7 @@ def compare(before: Sequence[Recording], after: Sequence[Recording]) -> pd.DataF
             test, note = "", "workload JSON has avg/best only, no per-iteration times"
             if b.iter_all_complete and a.iter_all_complete and len(b.iter_all) > 1 and len(a.iter_all) > 1:
                 p = _mwu(np.array(b.iter_all), np.array(a.iter_all))
-                test = "Mann-Whitney U on per-iteration times (workload JSON iter_s)"
+                test = "Mann-Whitney U on per-iteration times (workload JSON iter_times_s)"
             r = _ratio(ma, mb)
             row.update(median_before=mb, median_after=ma, median_ratio=r, best_before=bb, best_after=ba,
                        best_ratio=_ratio(ba, bb), unit="s", latency_source="workload JSON (iter_avg_s, iter_best_s)",
