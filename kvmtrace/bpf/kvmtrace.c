@@ -63,9 +63,10 @@ struct agg_val {
 };
 
 struct op_key {
-    u64 vm;
+    u64 vm;        // struct kvm * (exact modes) or tgid (tracepoint mode)
     u32 op;        // hva op, or memslot change type (ms_* maps)
-    u32 pad;
+    u32 owner;     // exact modes: the VM's VMM tgid, so a struct kvm address reused by a
+                   // later VM of another process is another key; 0 in tracepoint mode
 };
 
 struct ms_val {    // per (vm, change): memslot updates
@@ -152,12 +153,13 @@ static __always_inline u32 log2_bucket(u64 v)
     return (u32)(r + v);
 }
 
-static __always_inline struct agg_val *agg_get(u64 vm, u32 op)
+static __always_inline struct agg_val *agg_get(u64 vm, u32 op, u32 owner)
 {
     struct op_key k = {};
     u32 zk = 0;
     k.vm = vm;
     k.op = op;
+    k.owner = owner;
     struct agg_val *v = aggs.lookup(&k);
     if (v)
         return v;
@@ -212,7 +214,7 @@ static __always_inline int on_hva_tp(void *ctx, u32 op, u64 start, u64 end)
     if (tgid != PID_FILTER)
         return 0;
 #endif
-    struct agg_val *a = agg_get(tgid, op);
+    struct agg_val *a = agg_get(tgid, op, 0);
     if (a) {
         __sync_fetch_and_add(&a->s.count, 1);
         hist_inc(a->range, end - start, 1);
@@ -274,7 +276,7 @@ static __always_inline void sc_lat(u32 tgid, u32 op, u32 n, u64 dur)
 {
     if (!n)
         return;
-    struct agg_val *a = agg_get(tgid, op);
+    struct agg_val *a = agg_get(tgid, op, 0);
     if (!a)
         return;
     hist_inc(a->lat, dur, n);
@@ -434,8 +436,11 @@ struct cb_state {  // one callback in flight on this thread
     u32 slots;     // per-slot handler calls seen inside it
     u32 scanned;   // linear-scan kernels: memslots the lookup examines
     u32 matched;   // linear-scan kernels without per-slot handlers: overlaps computed from the table
+    u32 owner;     // the VM's VMM tgid (vm_owner), else the current one
+    u32 pad;
 };
-BPF_HASH(cb_inflight, u32, struct cb_state, MAX_THREADS);
+// LRU: a callback whose exit probe was missed (kretprobe instances exhausted) ages out
+BPF_TABLE("lru_hash", u32, struct cb_state, cb_inflight, MAX_THREADS);
 BPF_HASH(vm_owner, u64, u32, MAX_VMMS);
 
 #if LINEAR_SCAN
@@ -489,9 +494,15 @@ static __always_inline int cb_enter(u32 op, u64 mn, u64 start, u64 end)
 #if LINEAR_SCAN
     scan_slots(&s);
 #endif
+    // The VMM sets the owner at every memslot update (ms_outer_enter), before any callback of
+    // a new VM matters; a VM first seen in a callback gets the current task as a best guess.
     u32 *owner = vm_owner.lookup(&s.vm);
-    if (!owner)
+    if (owner) {
+        s.owner = *owner;
+    } else {
+        s.owner = tgid;
         vm_owner.update(&s.vm, &tgid);
+    }
     s.ts = bpf_ktime_get_ns();
     cb_inflight.update(&tid, &s);
     return 0;
@@ -513,7 +524,7 @@ static __always_inline int cb_exit(void *ctx)
 #else
     u32 slots = s->matched;
 #endif
-    struct agg_val *a = agg_get(vm, op);
+    struct agg_val *a = agg_get(vm, op, s->owner);
     if (a) {
         __sync_fetch_and_add(&a->s.count, 1);
         hist_inc(a->range, s->end - s->start, 1);
@@ -539,6 +550,7 @@ static __always_inline int cb_exit(void *ctx)
     ev.b = s->end;
     ev.c = dur;
     ev.d = ((u64)s->scanned << 32) | slots;
+    ev.e = s->owner;
     ev.vm = vm;
     emit(ctx, &ev, RB_NO_WAKEUP);
 #endif
@@ -708,6 +720,7 @@ static __always_inline int ms_outer_exit(void *ctx, s64 ret)
     u32 zk = 0;
     k.vm = s->kvm;
     k.op = ch;
+    k.owner = id >> 32;  // memslot updates always come from the VMM itself
     struct ms_val *v = ms_aggs.lookup(&k);
     if (!v) {
         struct ms_val *zero = ms_zero.lookup(&zk);

@@ -11,6 +11,8 @@ import time
 
 import click
 
+from . import modes_option, parse_modes
+
 # The child starts as this gate, so its pid is known (and traced) before the workload runs; the
 # gate execs the workload (same pid) once the tracer is attached and writes a line to stdin.
 GATE = "import os,sys; sys.stdin.buffer.readline(); os.execv(sys.argv[1], sys.argv[1:])"
@@ -52,7 +54,7 @@ def _tail(path: str, n: int = 5) -> str:
         return ""
 
 
-def run_one(directory, scenario, slots, iterations, interval, events, slot_size, timeout, flag, status) -> dict:
+def run_one(directory, scenario, slots, iterations, interval, events, slot_size, timeout, flag, status, modes=None) -> dict:
     """One traced workload run; returns its index entry."""
     import json
 
@@ -87,7 +89,7 @@ def run_one(directory, scenario, slots, iterations, interval, events, slot_size,
                     return True
                 return child.poll() is not None
 
-            with TraceSession(pid=child.pid, interval=interval, events=events) as s:
+            with TraceSession(pid=child.pid, interval=interval, events=events, modes=modes) as s:
                 meta = {k: v for k, v in session_meta(s, f"{scenario}/{slots}", child.pid, interval, events).items() if v is not None}
                 meta["bench"] = {"scenario": scenario, "slots": slots, "iterations": iterations}
                 with Recorder(rec_path, meta=meta, events=events, plan=s.plan) as rec:
@@ -132,7 +134,8 @@ def run_one(directory, scenario, slots, iterations, interval, events, slot_size,
 @click.option("--events", is_flag=True, help="record raw events too (exact percentiles and tests; more overhead)")
 @click.option("--slot-size", default=None, help="passed to the workload's --slot-size")
 @click.option("--timeout", type=float, default=900.0, show_default=True, help="seconds before a run is stopped")
-def bench(slots_text, scen_text, directory, iterations, interval, events, slot_size, timeout):
+@modes_option
+def bench(slots_text, scen_text, directory, iterations, interval, events, slot_size, timeout, modes):
     """Run the workload at each memslot count x scenario under the tracer, record every run into
     DIR, and print the seed-style table (time per iteration, per-op latency, slots visited and
     scanned). `kvmtrace compare DIR_BEFORE DIR_AFTER` compares two bench directories."""
@@ -166,7 +169,8 @@ def bench(slots_text, scen_text, directory, iterations, interval, events, slot_s
                 n += 1
                 click.echo(f"[{n}/{total}] {scenario} with {nslots} memslots, {iterations} iterations", err=True)
                 try:
-                    entry = run_one(directory, scenario, nslots, iterations, interval, events, slot_size, timeout, flag, status)
+                    entry = run_one(directory, scenario, nslots, iterations, interval, events, slot_size, timeout, flag, status,
+                                    modes=parse_modes(modes))
                 except KvmtraceError:
                     raise
                 if entry["status"] == "ok":

@@ -13,6 +13,7 @@ import time
 import click
 
 from ..errors import KvmtraceError, UsageError
+from . import modes_option, parse_modes
 
 
 @click.command(
@@ -33,7 +34,7 @@ Examples:
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False, writable=True),
               help="where to write the CSV (default ./kvmtrace-demo-TIME.csv)")
 @click.option("--plain", is_flag=True, help="plain lines instead of the live screen")
-@click.option("--modes", default=None, help="attach modes to consider, e.g. kprobe,tracepoint (default: best available)")
+@modes_option
 def demo(slots, scenario, duration, interval, csv_path, plain, modes):
     """Trace a real KVM VM that kvmtrace creates and drives.
 
@@ -46,11 +47,7 @@ def demo(slots, scenario, duration, interval, csv_path, plain, modes):
 
     if csv_path is None:
         csv_path = os.path.abspath(time.strftime("kvmtrace-demo-%Y%m%d-%H%M%S.csv"))
-    mode_list = tuple(m.strip() for m in modes.split(",")) if modes else None
-    if mode_list:
-        bad = [m for m in mode_list if m not in ("fentry", "kprobe", "tracepoint")]
-        if bad:
-            raise UsageError(f"unknown attach mode {bad[0]!r}", "use fentry, kprobe and/or tracepoint")
+    mode_list = parse_modes(modes)
     if not os.path.exists("/dev/kvm"):
         raise KvmtraceError("/dev/kvm does not exist: the demo needs KVM to create its VM",
                             "load KVM (modprobe kvm_intel or kvm_amd) or run on a host with virtualisation",

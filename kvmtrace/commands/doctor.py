@@ -23,15 +23,9 @@ EXIT_NO_UNMAP = CapabilityMissing.exit_code  # 3
 
 def _parse_modes(text: Optional[str]):
     from ..tracer.plan import MODES
+    from . import parse_modes
 
-    if not text:
-        return MODES
-    modes = tuple(m.strip() for m in text.split(",") if m.strip())
-    bad = [m for m in modes if m not in MODES]
-    if bad or not modes:
-        raise UsageError(f"unknown attach mode(s) {', '.join(bad) or '(none)'}",
-                         f"--modes takes a comma-separated subset of {','.join(MODES)}")
-    return modes
+    return parse_modes(text) or MODES
 
 
 def _plan_rows(plan) -> List[dict]:

@@ -10,6 +10,8 @@ from contextlib import contextmanager
 
 import click
 
+from . import modes_option, parse_modes
+
 
 @contextmanager
 def stop_on_signals(flag: threading.Event):
@@ -110,8 +112,9 @@ def run_recording(session, recorder, duration=None, stop=None, status: StatusLin
 @click.option("--events", is_flag=True, help="also record every raw event (larger files; drops are counted)")
 @click.option("--label", default="", help="name of this recording in reports (e.g. the kernel or host)")
 @click.option("--pid", type=int, default=None, help="trace only this VMM process")
+@modes_option
 @click.option("--format", "fmt", type=click.Choice(["parquet", "csv"]), default="parquet", show_default=True)
-def record(path, duration, interval, events, label, pid, fmt):
+def record(path, duration, interval, events, label, pid, modes, fmt):
     """Record per-interval aggregates (and raw events) to Parquet or CSV.
 
     PATH becomes a directory; every interval is flushed, so a crash loses at most one interval.
@@ -128,7 +131,7 @@ def record(path, duration, interval, events, label, pid, fmt):
     flag = threading.Event()
     status = StatusLine()
     with stop_on_signals(flag):
-        with TraceSession(pid=pid, interval=interval, events=events) as s:
+        with TraceSession(pid=pid, interval=interval, events=events, modes=parse_modes(modes)) as s:
             meta = session_meta(s, label, pid, interval, events)
             meta = {k: v for k, v in meta.items() if v is not None}
             with Recorder(path, fmt=fmt, meta=meta, events=events, plan=s.plan) as rec:

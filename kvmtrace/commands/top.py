@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from . import modes_option, parse_modes
+
 from ..consts import Op
 from ..errors import CapabilityMissing
 
@@ -18,11 +20,12 @@ SORTS = ("ops", "latency", "slots", "pid")
 @click.option("--csv", "csv_path", metavar="FILE", default=None, help="append per-VM rows of every interval to FILE")
 @click.option("-s", "--sort", type=click.Choice(SORTS), default="ops", show_default=True, help="row order")
 @click.option("-p", "--pid", "pids", type=int, multiple=True, help="only this VMM process (repeatable)")
+@modes_option
 @click.option("--vm", "vms", multiple=True, help="only VMs whose name or command contains this (repeatable)")
 @click.option(
     "--op", "ops", type=click.Choice([o.label for o in Op]), multiple=True, help="only these hva ops (repeatable)"
 )
-def top(interval, duration, once, log, csv_path, sort, pids, vms, ops):
+def top(interval, duration, once, log, csv_path, sort, pids, modes, vms, ops):
     """Live per-VM view of KVM hva operations (MMU-notifier callbacks) and memslot updates.
 
     \b
@@ -52,7 +55,7 @@ def top(interval, duration, once, log, csv_path, sort, pids, vms, ops):
             "reinstall kvmtrace (make setup) and check `kvmtrace doctor`",
         ) from None
     session_pid = pids[0] if len(pids) == 1 else None
-    with TraceSession(pid=session_pid, interval=interval) as session:
+    with TraceSession(pid=session_pid, interval=interval, modes=parse_modes(modes)) as session:
         run_live(
             session,
             duration=duration,

@@ -150,6 +150,12 @@ def vmm_pids() -> Dict[int, int]:
     return out
 
 
+def exact_vm_id(kvm: int, pid: int) -> str:
+    """VM id in exact modes: the struct kvm address and its VMM, since an address freed by one
+    VM can be reused by the next."""
+    return f"kvm:{kvm:#x}:{pid}"
+
+
 def _owns_vm(pid: int) -> bool:
     try:
         for fd in os.listdir(f"/proc/{pid}/fd"):
@@ -372,14 +378,16 @@ class TraceSession:
                 for i, cb in enumerate(p.callbacks[:2]):
                     opn = name if i == 0 else "AGE2"
                     b.attach_kprobe(event=cb, fn_name=f"kp_enter_{opn}_{cb}")
-                    b.attach_kretprobe(event=cb, fn_name=f"kp_exit_{opn}_{cb}", maxactive=64)
+                    # no maxactive: bcc then attaches through perf_event_open, which the kernel
+                    # cleans up even after SIGKILL (maxactive goes through kprobe_events)
+                    b.attach_kretprobe(event=cb, fn_name=f"kp_exit_{opn}_{cb}")
                 if p.slots_method == "handler":
                     for h in p.handlers[:1]:
                         b.attach_kprobe(event=h, fn_name=f"kp_handler_{h}")
             else:
                 outer = p.callbacks[0]
                 b.attach_kprobe(event=outer, fn_name="kp_ms_outer_enter")
-                b.attach_kretprobe(event=outer, fn_name="kp_ms_outer_exit", maxactive=64)
+                b.attach_kretprobe(event=outer, fn_name="kp_ms_outer_exit")
                 if p.handlers and p.change_arg is not None:  # else: change type derived
                     b.attach_kprobe(event=p.handlers[0], fn_name="kp_ms_set_enter")
 
@@ -422,8 +430,8 @@ class TraceSession:
         self._perf_lost += n
 
     def _vm_key(self, ev) -> str:
-        if ev.vm:
-            return f"kvm:{ev.vm:#x}"
+        if ev.vm:  # exact: struct kvm * and its VMM (hva events carry the owner in e)
+            return exact_vm_id(ev.vm, ev.e if ev.kind == R.EV_HVA else ev.tgid)
         return f"pid:{ev.tgid}"
 
     def _on_event(self, ctx, data, size) -> None:
@@ -461,7 +469,7 @@ class TraceSession:
             p = self.plan.for_op(op)
             slots_ok = p is not None and p.slots == "exact"
             scanned_ok = p is not None and p.scanned == "exact"
-            e = HvaEvent(ev.ts, vm, ev.tgid, ev.tid, op, ev.a, ev.b, ev.c,
+            e = HvaEvent(ev.ts, vm, int(ev.e), ev.tid, op, ev.a, ev.b, ev.c,
                          (ev.d & 0xFFFFFFFF) if slots_ok else -1, (ev.d >> 32) if scanned_ok else -1,
                          -1 if memslots is None else memslots, "exact", "exact" if slots_ok else "none")
             self._keep(e)
@@ -494,7 +502,7 @@ class TraceSession:
         slot_field = ev.e & 0xFFFFFFFF
         flags = ev.e >> 32
         ok = ev.ret == 0
-        vm = f"kvm:{ev.vm:#x}" if ev.vm else f"pid:{ev.tgid}"
+        vm = exact_vm_id(ev.vm, ev.tgid) if ev.vm else f"pid:{ev.tgid}"
         if ev.vm and ev.x != MS_CHANGE_DERIVE:
             # exact: change type measured by the kernel (ev.x), aggregated in the kernel
             change = CHANGES.get(ev.x, "unknown")
@@ -561,11 +569,7 @@ class TraceSession:
         b = self.bpf
         mono = time.monotonic_ns()
         self._drain()
-        aggs = {(int(k.vm), int(k.op)): v for k, v in b["aggs"].items()}
-        owners = {}
-        vo = self._table("vm_owner")
-        if vo is not None:
-            owners = {int(k.value): int(v.value) for k, v in vo.items()}
+        aggs = {(int(k.vm), int(k.op), int(k.owner)): v for k, v in b["aggs"].items()}
         counters = self._read_counters()
         lin = bool(self.plan.linear_scan)
         hva: List[HvaStats] = []
@@ -586,18 +590,18 @@ class TraceSession:
             if tbl is not None:
                 for k in tbl.keys():
                     known.setdefault(int(k.value), 1)
-            for vmraw, _op in aggs:
+            for vmraw, _op, _owner in aggs:
                 if vmraw not in known and _owns_vm(vmraw):
                     known[vmraw] = 1
                     with self._lock:
                         self._known_vmm.setdefault(vmraw, 1)
-        for (vmraw, opn), a in sorted(aggs.items(), key=lambda kv: kv[0]):
+        for (vmraw, opn, owner), a in sorted(aggs.items(), key=lambda kv: kv[0]):
             op = OPS.get(opn, "unknown")
             s = a.s
             count = int(s.count)
             if self._exact and vmraw > 0xFFFFFFFF:  # struct kvm pointer
-                vm = f"kvm:{vmraw:#x}"
-                pid = owners.get(vmraw, int(s.tgid))
+                pid = owner
+                vm = exact_vm_id(vmraw, pid)
                 lat_prov = slots_prov = "exact"
                 op_plan = self.plan.for_op(op)
                 slots = (0, 0, 0, None)
@@ -646,9 +650,9 @@ class TraceSession:
                                                 Log2Hist(), 0, 0, "none", "none"))
         msa = self._table("ms_aggs") if self._table("ms_inflight") is not None else None
         if msa is not None:  # exact memslot programs built
-            for k, v in sorted(msa.items(), key=lambda kv: (kv[0].vm, kv[0].op)):
-                vm = f"kvm:{int(k.vm):#x}"
-                pid = owners.get(int(k.vm), int(v.tgid))
+            for k, v in sorted(msa.items(), key=lambda kv: (kv[0].vm, kv[0].op, kv[0].owner)):
+                pid = int(k.owner)
+                vm = exact_vm_id(int(k.vm), pid)
                 vm_pids[vm] = pid
                 memslot.append(MemslotStats(vm, pid, CHANGES.get(int(k.op), "unknown"), int(v.count),
                                             int(v.errors), Log2Hist(tuple(v.lat)),
