@@ -361,8 +361,13 @@ def _check_plan(d, want_mode, label):
             errs.append("%s: attach %s, expected %s (target %s)" % (op, e.get("attach"), want_mode, e.get("target")))
         if e.get("latency") != "exact":
             errs.append("%s: latency %s, expected exact" % (op, e.get("latency")))
-        if e.get("slots") != "exact":
-            errs.append("%s: slots %s, expected exact" % (op, e.get("slots")))
+        want_slots = "exact"
+        if op == "memslot_update" and os.path.exists("/sys/module/kvm/initstate") and not os.path.exists("/sys/kernel/btf/kvm"):
+            # no BTF for the kvm module (before 5.11): kvm_set_memslot's `change` position is
+            # unknown, so the change type is derived from the mirrored slot table (latency exact)
+            want_slots = "derived"
+        if e.get("slots") != want_slots:
+            errs.append("%s: slots %s, expected %s" % (op, e.get("slots"), want_slots))
     if LINEAR_SCAN and "unmap" in plan and plan["unmap"].get("scanned", "exact") in ("none", None):
         errs.append("unmap: slots scanned provenance %r on a linear-scan kernel (expected exact)" % plan["unmap"].get("scanned"))
     summary = {op: "%s %s lat=%s slots=%s scanned=%s" % (e.get("attach"), e.get("target"), e.get("latency"), e.get("slots"), e.get("scanned"))
