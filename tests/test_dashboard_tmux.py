@@ -155,17 +155,7 @@ def _why_not_real() -> str:
         from kvmtrace.tracer import session as S
     except ImportError as e:
         return f"kvmtrace.tracer.session not importable: {e}"
-    ok, why = S.have_capabilities()
-    if not ok:
-        return why
-    if not os.path.exists("/dev/kvm"):
-        return "no /dev/kvm"
-    try:
-        S.import_bcc()
-        S.ensure_tracefs()
-    except Exception as e:  # the tracer's own capability check, with its message
-        return str(e)
-    return ""
+    return S.tracing_unavailable()
 
 
 def _ops_rate(screen: str, pid: int) -> float:

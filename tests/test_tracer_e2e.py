@@ -16,21 +16,7 @@ from kvmtrace.tracer import session as S
 pytestmark = pytest.mark.root
 
 
-def _why_not() -> str:
-    ok, why = S.have_capabilities()
-    if not ok:
-        return why
-    if not os.path.exists("/dev/kvm"):
-        return "no /dev/kvm"
-    try:
-        S.import_bcc()
-        S.ensure_tracefs()
-    except Exception as e:  # the product's own capability check
-        return str(e)
-    return ""
-
-
-WHY = _why_not()
+WHY = S.tracing_unavailable()
 if WHY:
     pytest.skip(f"needs root, bcc, tracefs and /dev/kvm: {WHY}", allow_module_level=True)
 

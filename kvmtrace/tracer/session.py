@@ -33,7 +33,6 @@ from .mirror import Mirror
 from .plan import KernelFacts, ProbePlan
 from .snapshot import HvaEvent, HvaStats, Log2Hist, MemslotEvent, MemslotStats, Snapshot, VmInfo, log2_bucket
 
-TRACEFS_CANDIDATES = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 OPS = {int(o): o.label for o in Op}
 CHANGES = {int(c): c.label for c in Change}
 CHANGES[len(Change)] = "unknown"
@@ -57,16 +56,15 @@ def have_capabilities() -> Tuple[bool, str]:
 
 def ensure_tracefs() -> str:
     """Path of a mounted tracefs, mounting it at /sys/kernel/tracing when absent."""
-    for p in TRACEFS_CANDIDATES:
-        if os.path.isdir(os.path.join(p, "events")):
-            return p
-    rc = os.system("mount -t tracefs tracefs /sys/kernel/tracing >/dev/null 2>&1")
-    if rc == 0 and os.path.isdir("/sys/kernel/tracing/events"):
-        return "/sys/kernel/tracing"
-    raise CapabilityMissing(
-        "tracefs is not mounted and could not be mounted",
-        "mount -t tracefs tracefs /sys/kernel/tracing (kernel needs CONFIG_TRACING)",
-    )
+    from .kernel import ensure_tracefs as mount_tracefs
+
+    path, state = mount_tracefs()
+    if path is None:
+        raise CapabilityMissing(
+            f"tracefs: {state}",
+            "mount -t tracefs tracefs /sys/kernel/tracing (kernel needs CONFIG_TRACING)",
+        )
+    return path
 
 
 def import_bcc():
@@ -105,6 +103,22 @@ def _load_error(e: Exception) -> KvmtraceError:
                                  "run as root; check lockdown and kernel.unprivileged_bpf_disabled")
     return CapabilityMissing(f"loading the BPF program failed: {msg}",
                              "run `kvmtrace doctor` to see what this kernel supports")
+
+
+def tracing_unavailable() -> str:
+    """Why this host cannot trace (root, /dev/kvm, bcc, tracefs), or "" when it can. Used by
+    tests and commands to skip or explain through the product's own checks."""
+    ok, why = have_capabilities()
+    if not ok:
+        return why
+    if not os.path.exists("/dev/kvm"):
+        return "no /dev/kvm"
+    try:
+        import_bcc()
+        ensure_tracefs()
+    except KvmtraceError as e:
+        return str(e)
+    return ""
 
 
 @contextmanager
