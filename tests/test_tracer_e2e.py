@@ -4,7 +4,6 @@ real VMs from the built-in workload, counts checked against its ground truth exa
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
