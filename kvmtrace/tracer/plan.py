@@ -554,6 +554,9 @@ def _fix_for(problem: str, facts: KernelFacts) -> str:
                 "(5.11+) when KVM is a module")
     if "btf" in p:
         return "boot a kernel built with CONFIG_DEBUG_INFO_BTF=y (and CONFIG_DEBUG_INFO_BTF_MODULES=y)"
+    if "tracepoint" in p and "not present on this kernel" in p:
+        return ("this kernel has no such tracepoint: use kprobe or fentry mode (drop --modes, or "
+                "include kprobe in it), which needs CONFIG_KPROBES=y or fentry support")
     if "tracepoint" in p or "tracefs" in p:
         return "mount tracefs (mount -t tracefs nodev /sys/kernel/tracing) and use a kernel with CONFIG_FTRACE_SYSCALLS=y"
     return "see `kvmtrace doctor` for the plan of the other ops"

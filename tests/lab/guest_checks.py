@@ -503,6 +503,17 @@ def _run_session(mode):
         raise Skip("fentry mode is not expected on %d.%d (kvm module functions need bcc MODULE_KFUNC_PROBE + module BTF)" % KVER)
     kvmtrace_help("record")
     kvmtrace_help("report")
+    if mode == "tracepoint" and not os.path.isdir("/sys/kernel/tracing/events/kvm/kvm_unmap_hva_range"):
+        # x86 has the generic kvm_unmap_hva_range trace event only since 5.13: kvmtrace must
+        # refuse tracepoint-only tracing cleanly (exit 3, no traceback), and that is all to check
+        p = run(KVMTRACE + ["record", "-o", os.path.join(RESULTS, "rec-tp-refused"), "--modes", "tracepoint",
+                            "--duration", "1"], timeout=300)
+        text = (p.stdout or "") + (p.stderr or "")
+        if p.returncode != 3 or "Traceback" in text or "unmap" not in text:
+            raise Fail("record --modes tracepoint without the tracepoint: exit %s, expected a clean exit 3: %s"
+                       % (p.returncode, tail(text)))
+        raise Skip("no kvm:kvm_unmap_hva_range on %d.%d (x86 has it since 5.13): tracepoint mode unavailable, "
+                   "and record refuses it cleanly (exit 3)" % KVER)
     margs = mode_args("record", (mode,))
     if margs is None:
         if mode != EXPECTED_DEFAULT_MODE:
