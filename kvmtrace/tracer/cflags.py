@@ -158,6 +158,8 @@ def build_cflags(
         flags.append(f"-DPID_FILTER={int(pid)}")
     if events or any_tp_hva:
         flags.append("-DEVENTS")
+    if events and any_tp_hva:
+        flags.append("-DEVENTS_LAT")
     if ringbuf:
         pages = int(ringbuf_pages)
         if pages <= 0 or pages & (pages - 1):

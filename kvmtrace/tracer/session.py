@@ -286,6 +286,7 @@ class TraceSession:
         self._t0 = 0
         self._known_vmm: Dict[int, int] = {}
         self._proc_cache: Dict[int, Tuple[str, str]] = {}
+        self._tp_vm: Dict[int, str] = {}
         self._exact = False
         self._tp_hva = False
         self._ms_tp = False
@@ -449,7 +450,23 @@ class TraceSession:
         return f"pid:{ev.tgid}"
 
     def _on_event(self, ctx, data, size) -> None:
-        ev = ct.cast(data, ct.POINTER(R.Event)).contents
+        raw = ct.string_at(data, R.EVENT_SIZE)
+        if not self.keep_events:
+            # hot path, tracepoint mode: derive slots visited for one hva range
+            _ts, a, b_, _c, _d, _e, _ret, kind, tgid, _tid, x, vmp = R.EVENT_STRUCT.unpack(raw)
+            if kind == R.EV_HVA and not vmp:
+                vm = self._tp_vm.get(tgid)
+                if vm is None:
+                    vm = self._tp_vm[tgid] = f"pid:{tgid}"
+                with self._lock:
+                    if vm not in self._mirror.created_in_trace:
+                        return  # partial mirror: no derived figure (see _on_hva)
+                    agg = self._derived.get((vm, OPS.get(x, "unknown")))
+                    if agg is None:
+                        agg = self._derived[(vm, OPS.get(x, "unknown"))]
+                    agg.add(self._mirror.overlap(vm, a, b_))
+                return
+        ev = R.Event.from_buffer_copy(raw)
         kind = ev.kind
         with self._lock:
             if kind == R.EV_HVA:
