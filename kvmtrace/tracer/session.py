@@ -636,8 +636,8 @@ class TraceSession:
                 lat_prov = slots_prov = "exact"
                 op_plan = self.plan.for_op(op)
                 slots = (0, 0, 0, None)
-                if op_plan is not None and op_plan.slots == "exact":
-                    slots = (int(s.slots_count), int(s.slots_sum), int(s.slots_max), tuple(a.slots))
+                if op_plan is not None and op_plan.slots == "exact":  # one figure per operation
+                    slots = (count, int(s.slots_sum), int(s.slots_max), tuple(a.slots))
                 scanned = None
                 if lin and op_plan is not None and op_plan.scanned == "exact":
                     scanned = int(s.scanned_sum)
@@ -654,7 +654,7 @@ class TraceSession:
             hva.append(HvaStats(
                 vm_id=vm, pid=pid, op=op, count=count,
                 lat_hist=Log2Hist(tuple(a.lat)),
-                lat_count=int(s.lat_count),
+                lat_count=count if lat_prov == "exact" else int(s.lat_count),
                 lat_sum_ns=int(s.lat_sum),
                 lat_max_ns=int(s.lat_max),
                 lat_provenance=lat_prov,
