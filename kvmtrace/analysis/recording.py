@@ -182,6 +182,13 @@ class _JournalTable:
 
     def close(self) -> None:
         self.compact()
+        if self.k == 0:
+            # a table without rows still gets a (empty) part: an empty directory does not survive
+            # git, archives or copies that skip empty directories, and readers want every table
+            import pyarrow.parquet as pq
+
+            pq.write_table(self.schema.empty_table(), self._part(0))
+            self.k = 1
 
 
 class _CsvTable:
