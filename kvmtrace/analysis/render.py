@@ -3,9 +3,8 @@ number is computed in report.py / compare.py / bench.py. rich is imported inside
 
 from __future__ import annotations
 
-import os
-
 import math
+import os
 from typing import List, Optional
 
 import pandas as pd
@@ -13,12 +12,18 @@ import pandas as pd
 from .report import EVENT_SOURCE, HIST_SOURCE
 
 
-def fmt_ns(v) -> str:
+def _num(v) -> Optional[float]:
+    """v as a float, or None for missing, unparsable and NaN values (all shown as "-")."""
     try:
         v = float(v)
     except (TypeError, ValueError):
-        return "-"
-    if math.isnan(v):
+        return None
+    return None if math.isnan(v) else v
+
+
+def fmt_ns(v) -> str:
+    v = _num(v)
+    if v is None:
         return "-"
     for unit, div in (("s", 1e9), ("ms", 1e6), ("µs", 1e3)):
         if abs(v) >= div:
@@ -27,33 +32,27 @@ def fmt_ns(v) -> str:
 
 
 def fmt_s(v) -> str:
-    try:
-        v = float(v)
-    except (TypeError, ValueError):
-        return "-"
-    if math.isnan(v):
-        return "-"
-    return fmt_ns(v * 1e9)
+    v = _num(v)
+    return "-" if v is None else fmt_ns(v * 1e9)
 
 
 def fmt_num(v, digits: int = 3) -> str:
-    try:
-        v = float(v)
-    except (TypeError, ValueError):
-        return "-" if v is None else str(v)
-    if math.isnan(v):
+    if v is None:
         return "-"
-    if v == int(v) and abs(v) < 1e15:
-        return f"{int(v):,}"
-    return f"{v:.{digits}g}"
+    try:
+        n = float(v)
+    except (TypeError, ValueError):
+        return str(v)  # a label, shown as it is
+    if math.isnan(n):
+        return "-"
+    if n == int(n) and abs(n) < 1e15:
+        return f"{int(n):,}"
+    return f"{n:.{digits}g}"
 
 
 def fmt_ratio(v) -> str:
-    try:
-        v = float(v)
-    except (TypeError, ValueError):
-        return "-"
-    return "-" if math.isnan(v) else f"{v:.3g}x"
+    v = _num(v)
+    return "-" if v is None else f"{v:.3g}x"
 
 
 def _src_mark(src: str) -> str:
