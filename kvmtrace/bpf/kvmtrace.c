@@ -135,6 +135,14 @@ static __always_inline void emit(void *ctx, struct event *ev, u64 flags)
 #endif
 }
 
+static __always_inline void ev_head(struct event *ev, u32 kind, u64 ts, u64 pid_tgid)
+{
+    ev->kind = kind;
+    ev->ts = ts;
+    ev->tgid = pid_tgid >> 32;
+    ev->tid = (u32)pid_tgid;
+}
+
 static __always_inline u32 log2_bucket(u64 v)
 {
     // bucket 0 = 0; bucket i = [2^(i-1), 2^i), i.e. the bit length of v: the same rule as
@@ -228,10 +236,7 @@ static __always_inline int on_hva_tp(void *ctx, u32 op, u64 start, u64 end)
     }
 #ifdef EVENTS
     struct event ev = {};
-    ev.kind = EV_HVA;
-    ev.ts = bpf_ktime_get_ns();
-    ev.tgid = tgid;
-    ev.tid = tid;
+    ev_head(&ev, EV_HVA, bpf_ktime_get_ns(), id);
     ev.x = op;
     ev.a = start;
     ev.b = end;
@@ -307,10 +312,7 @@ TRACEPOINT_PROBE(raw_syscalls, sys_exit)
 #ifdef EVENTS_LAT  // raw events kept: each gets its syscall's duration in userspace
     if (total) {
         struct event ev = {};
-        ev.kind = EV_SC_END;
-        ev.ts = bpf_ktime_get_ns();
-        ev.tgid = tgid;
-        ev.tid = tid;
+        ev_head(&ev, EV_SC_END, bpf_ktime_get_ns(), id);
         ev.a = dur;
         ev.x = total;
         emit(args, &ev, RB_NO_WAKEUP);
@@ -548,10 +550,7 @@ static __always_inline int cb_exit(void *ctx)
     }
 #ifdef EVENTS
     struct event ev = {};
-    ev.kind = EV_HVA;
-    ev.ts = s->ts;
-    ev.tgid = id >> 32;
-    ev.tid = tid;
+    ev_head(&ev, EV_HVA, s->ts, id);
     ev.x = op;
     ev.a = s->start;
     ev.b = s->end;
@@ -749,10 +748,7 @@ static __always_inline int ms_outer_exit(void *ctx, s64 ret)
     }
 #endif  // MS_DERIVE
     struct event ev = {};
-    ev.kind = EV_MEMSLOT;
-    ev.ts = s->ts;
-    ev.tgid = id >> 32;
-    ev.tid = tid;
+    ev_head(&ev, EV_MEMSLOT, s->ts, id);
     ev.a = dur;
     ev.b = s->r.guest_phys_addr;
     ev.c = s->r.memory_size;
