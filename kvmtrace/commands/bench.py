@@ -124,7 +124,14 @@ def run_one(directory, scenario, slots, iterations, interval, events, slot_size,
     return entry
 
 
-@click.command()
+@click.command(
+    epilog="""\b
+Examples:
+  kvmtrace bench -o bench-6.1                        # default slot counts and scenarios
+  kvmtrace bench --slots 10,100,509 --scenario unmap,move-active -o b1
+  kvmtrace compare bench-5.10 bench-6.1              # then compare two kernels
+""",
+)
 @click.option("--slots", "slots_text", default="10,30,50,100,509", show_default=True, help="memslot counts, comma-separated")
 @click.option("--scenario", "scen_text", default="unmap,unmap-chunked,move-active,move-inactive,map", show_default=True,
               help="workload scenarios, comma-separated")

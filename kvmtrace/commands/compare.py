@@ -5,7 +5,13 @@ from __future__ import annotations
 import click
 
 
-@click.command()
+@click.command(
+    epilog="""\b
+Examples:
+  kvmtrace compare before after                      # two recordings or two bench directories
+  kvmtrace compare bench-5.10 bench-6.1 --csv cmp.csv --html cmp.html
+""",
+)
 @click.argument("before", type=click.Path())
 @click.argument("after", type=click.Path())
 @click.option("--csv", "csv_file", type=click.Path(), default=None, help="write the comparison table as CSV")

@@ -252,7 +252,15 @@ def render(r: dict, console) -> None:
         console.print("NOT OK: the unmap op cannot be traced on this host (see problems).", highlight=False)
 
 
-@click.command("doctor")
+@click.command(
+    "doctor",
+    epilog="""\b
+Examples:
+  kvmtrace doctor                       # what this host supports and the probe plan
+  kvmtrace doctor --json | jq .plan     # the plan, machine-readable (docs/doctor.schema.json)
+  kvmtrace doctor --modes kprobe,tracepoint   # the plan without fentry
+""",
+)
 @click.option("--json", "as_json", is_flag=True, help="machine-readable report (schema: docs/doctor.schema.json)")
 @click.option("--modes", default=None, metavar="LIST",
               help="attach modes to consider, comma-separated (default fentry,kprobe,tracepoint)")

@@ -105,7 +105,14 @@ def run_recording(session, recorder, duration=None, stop=None, status: StatusLin
     return "duration"
 
 
-@click.command()
+@click.command(
+    epilog="""\b
+Examples:
+  kvmtrace record -o before --duration 60            # every VM, 1 s intervals, Parquet
+  kvmtrace record -o run1 --pid 4242 --events        # one VMM, with every raw event
+  kvmtrace record -o run-csv --format csv --label 6.1-patched  # a directory of CSV files
+""",
+)
 @click.option("-o", "--output", "path", required=True, type=click.Path(), help="recording directory to create")
 @click.option("--duration", type=float, default=None, help="seconds to record (default: until Ctrl-C/SIGTERM)")
 @click.option("--interval", type=float, default=1.0, show_default=True, help="seconds per interval")

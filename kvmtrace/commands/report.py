@@ -5,7 +5,14 @@ from __future__ import annotations
 import click
 
 
-@click.command()
+@click.command(
+    epilog="""\b
+Examples:
+  kvmtrace report run1                               # tables on the terminal
+  kvmtrace report run1 --json > report.json          # docs/report.schema.json
+  kvmtrace report host-a host-b --csv out/ --html report.html
+""",
+)
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
 @click.option("--csv", "csv_dir", type=click.Path(), default=None, help="write one CSV per table into this directory")
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON (schema: docs/report.schema.json)")
