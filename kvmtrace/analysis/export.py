@@ -46,6 +46,19 @@ def write_csv(df: pd.DataFrame, path: str) -> str:
     return path
 
 
+def write_text(path: str, text: str, option: str) -> str:
+    """Write a report page (or any text output) to ``path``; an unwritable path is a usage error
+    naming the option that gave it."""
+    from ..errors import UsageError
+
+    try:
+        with open(path, "w") as f:
+            f.write(text)
+    except OSError as e:
+        raise UsageError(f"cannot write {path}: {e.strerror}", f"choose a writable path for {option}") from e
+    return path
+
+
 def _clean(o):
     if isinstance(o, float) and (math.isnan(o) or math.isinf(o)):
         return None

@@ -135,6 +135,15 @@ static __always_inline void emit(void *ctx, struct event *ev, u64 flags)
 #endif
 }
 
+static __always_inline int filtered_out(u32 tgid)
+{
+#ifdef PID_FILTER
+    return tgid != PID_FILTER;  // --pid: only this VMM process
+#else
+    return 0;
+#endif
+}
+
 static __always_inline void ev_head(struct event *ev, u32 kind, u64 ts, u64 pid_tgid)
 {
     ev->kind = kind;
@@ -218,10 +227,8 @@ static __always_inline int on_hva_tp(void *ctx, u32 op, u64 start, u64 end)
 {
     u64 id = bpf_get_current_pid_tgid();
     u32 tgid = id >> 32, tid = (u32)id;
-#ifdef PID_FILTER
-    if (tgid != PID_FILTER)
+    if (filtered_out(tgid))
         return 0;
-#endif
     struct agg_val *a = agg_get(tgid, op, 0);
     if (a) {
         __sync_fetch_and_add(&a->s.count, 1);
@@ -342,10 +349,8 @@ TRACEPOINT_PROBE(syscalls, sys_enter_ioctl)
         return 0;
     u64 id = bpf_get_current_pid_tgid();
     u32 tgid = id >> 32, tid = (u32)id;
-#ifdef PID_FILTER
-    if (tgid != PID_FILTER)
+    if (filtered_out(tgid))
         return 0;
-#endif
     struct ioc_state s = {};
     s.cmd = cmd;
     s.fd = args->fd;
@@ -484,10 +489,8 @@ static __always_inline int cb_enter(u32 op, u64 mn, u64 start, u64 end)
 {
     u64 id = bpf_get_current_pid_tgid();
     u32 tgid = id >> 32, tid = (u32)id;
-#ifdef PID_FILTER
-    if (tgid != PID_FILTER)
+    if (filtered_out(tgid))
         return 0;
-#endif
     struct cb_state s = {};
     s.vm = mn - OFF_KVM_MMU_NOTIFIER;
     s.op = op;
@@ -679,10 +682,8 @@ static __always_inline int ms_outer_enter(u64 kvm, u64 mem)
 {
     u64 id = bpf_get_current_pid_tgid();
     u32 tgid = id >> 32, tid = (u32)id;
-#ifdef PID_FILTER
-    if (tgid != PID_FILTER)
+    if (filtered_out(tgid))
         return 0;
-#endif
     struct ms_state s = {};
     s.kvm = kvm;
     s.change = -1;

@@ -35,12 +35,6 @@ def compare(before, after, csv_file, html_file):
     if html_file:
         from ..analysis.html import compare_html
 
-        try:
-            with open(html_file, "w") as f:
-                f.write(compare_html(df))
-        except OSError as e:
-            from ..errors import UsageError
-
-            raise UsageError(f"cannot write {html_file}: {e.strerror}", "choose a writable path for --html") from e
+        export.write_text(html_file, compare_html(df), "--html")
         click.echo(f"wrote {html_file}")
     print_renderables(compare_renderables(df))

@@ -34,13 +34,7 @@ def report(paths, csv_dir, as_json, html_file):
     if html_file:
         from ..analysis.html import report_html
 
-        try:
-            with open(html_file, "w") as f:
-                f.write(report_html(rep))
-        except OSError as e:
-            from ..errors import UsageError
-
-            raise UsageError(f"cannot write {html_file}: {e.strerror}", "choose a writable path for --html") from e
+        export.write_text(html_file, report_html(rep), "--html")
         click.echo(f"wrote {html_file}", err=as_json)
     if as_json:
         click.echo(export.dumps(to_json(rep)))
