@@ -18,7 +18,7 @@ from kvmtrace.dashboard.synthetic import SyntheticSession, snapshot_at, tracepoi
 from kvmtrace.dashboard.view import hist_lines, render_text
 from kvmtrace.errors import DataFileError, UsageError
 from kvmtrace.tracer.plan import OpPlan, ProbePlan
-from kvmtrace.tracer.snapshot import HvaStats, Log2Hist, MemslotStats, Snapshot, VmInfo
+from kvmtrace.snapshot import HvaStats, Log2Hist, MemslotStats, Snapshot, VmInfo
 
 WIDTH = 100
 META = {"host": "h1", "kernel": "6.18.0"}

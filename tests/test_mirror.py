@@ -47,7 +47,7 @@ def test_failed_update_changes_nothing_and_address_spaces_are_distinct():
 
 def test_bpf_log2_bucket_formula_matches_python_rule():
     """kvmtrace.c's branch-free log2_bucket, transcribed, equals snapshot.log2_bucket."""
-    from kvmtrace.tracer.snapshot import log2_bucket
+    from kvmtrace.snapshot import log2_bucket
 
     M = (1 << 64) - 1
 

@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from ..consts import LOG2_BUCKETS
-from ..tracer.snapshot import Log2Hist
+from ..snapshot import Log2Hist
 from . import tables as T
 from .recording import Recording
 from .report import EVENT_SOURCE, HIST_SOURCE

@@ -10,7 +10,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..consts import LOG2_BUCKETS
-from ..tracer.snapshot import HvaEvent, HvaStats, Log2Hist, MemslotEvent, MemslotStats, Snapshot, VmInfo
+from ..snapshot import HvaEvent, HvaStats, Log2Hist, MemslotEvent, MemslotStats, Snapshot, VmInfo
 
 
 @dataclass

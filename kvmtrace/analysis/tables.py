@@ -15,7 +15,7 @@ import pandas as pd
 import pyarrow as pa
 
 from ..consts import LOG2_BUCKETS
-from ..tracer.snapshot import HvaEvent, Log2Hist, MemslotEvent, Snapshot
+from ..snapshot import HvaEvent, Log2Hist, MemslotEvent, Snapshot
 
 I64 = pa.int64()
 F64 = pa.float64()

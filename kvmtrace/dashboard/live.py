@@ -18,7 +18,7 @@ from dataclasses import replace
 from typing import Optional, Sequence, TextIO
 
 from ..errors import UsageError
-from ..tracer.snapshot import Snapshot
+from ..snapshot import Snapshot
 from .model import ALL_OPS, SORT_KEYS, ViewOptions, build_view, cycle_selected, shown_ops
 from .plain import CsvSink, LogFormatter, plain_table
 from .terminal import KeyReader

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from ..consts import Change, Op
-from ..tracer.snapshot import EMPTY, HvaStats, Log2Hist, MemslotStats, Snapshot, VmInfo
+from ..snapshot import EMPTY, HvaStats, Log2Hist, MemslotStats, Snapshot, VmInfo
 
 SORT_KEYS = ("ops", "latency", "slots", "pid")
 ALL_OPS = tuple(o.label for o in Op)

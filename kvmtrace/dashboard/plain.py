@@ -11,7 +11,7 @@ import os
 from typing import List, Mapping, Optional, Sequence
 
 from ..errors import DataFileError
-from ..tracer.snapshot import Snapshot
+from ..snapshot import Snapshot
 from .fmt import plain_num
 from .model import ALL_CHANGES, ALL_OPS, OTHER_CHANGE, View, ViewOptions, VmRow, build_view
 from .view import attach_summary, cpu_percent

@@ -15,7 +15,7 @@ import time
 from typing import Iterator, List, Optional
 
 from ..tracer.plan import OpPlan, ProbePlan
-from ..tracer.snapshot import HvaStats, Log2Hist, MemslotStats, Snapshot, VmInfo
+from ..snapshot import HvaStats, Log2Hist, MemslotStats, Snapshot, VmInfo
 
 
 def tracepoint_plan() -> ProbePlan:

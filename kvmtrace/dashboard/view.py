@@ -11,7 +11,7 @@ from rich.constrain import Constrain
 from rich.table import Table
 from rich.text import Text
 
-from ..tracer.snapshot import Log2Hist, Snapshot
+from ..snapshot import Log2Hist, Snapshot
 from .fmt import fmt_count, fmt_duration, fmt_int, fmt_mean, fmt_ns, fmt_rate
 from .model import MIXED, View, ViewOptions, VmRow, build_view, panel_hists
 

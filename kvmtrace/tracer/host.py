@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 from . import kernel
-from .snapshot import VmInfo
+from ..snapshot import VmInfo
 
 
 @dataclass(frozen=True)

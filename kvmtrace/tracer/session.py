@@ -1,5 +1,5 @@
 """The tracer: plan → load → attach → read → detach, as a context manager that yields immutable
-snapshots (see snapshot.py). Imports bcc lazily and no display code.
+snapshots (see kvmtrace/snapshot.py). Imports bcc lazily and no display code.
 
     with TraceSession(pid=None, interval=1.0) as s:
         for snap in s.snapshots(duration=10):
@@ -31,7 +31,7 @@ from . import records as R
 from .cflags import build_cflags, source
 from .mirror import Mirror
 from .plan import KernelFacts, ProbePlan
-from .snapshot import HvaEvent, HvaStats, Log2Hist, MemslotEvent, MemslotStats, Snapshot, VmInfo, log2_bucket
+from ..snapshot import HvaEvent, HvaStats, Log2Hist, MemslotEvent, MemslotStats, Snapshot, VmInfo, log2_bucket
 
 OPS = {int(o): o.label for o in Op}
 CHANGES = {int(c): c.label for c in Change}

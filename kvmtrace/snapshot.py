@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Optional, Sequence, Tuple
 
-from ..consts import LOG2_BUCKETS
+from .consts import LOG2_BUCKETS
 
 
 def log2_bucket(v: int) -> int:
