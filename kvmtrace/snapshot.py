@@ -98,6 +98,19 @@ class VmInfo:
     memslots_provenance: str = "none"
     partial: bool = False  # slots predate the trace (mirror incomplete)
     alive: bool = True
+    # identity of one VM's lifetime (a struct kvm address or an fd number reused by a later VM
+    # is another VM): the n-th VM this VMM process created while traced, 1-based; 0 = unknown
+    # (the VM predates the trace). ``label`` is what every output shows a person.
+    ordinal: int = 0
+    memslots_max: Optional[int] = None  # largest memslot count seen while traced
+
+    @property
+    def label(self) -> str:
+        """Human name telling VMs apart: guest name or comm, VMM pid and the per-process VM
+        ordinal, e.g. ``web1[4242]#2``; ``#?`` when the VM predates the trace."""
+        base = self.name or self.comm or "?"
+        n = f"#{self.ordinal}" if self.ordinal else "#?"
+        return f"{base}[{self.pid}]{n}"
 
 
 @dataclass(frozen=True)
@@ -124,10 +137,55 @@ class HvaStats:
     scanned_sum: Optional[int] = None
     # hva range size, bytes
     range_hist: Log2Hist = EMPTY
+    # operations whose slots figure could not be derived (VM older than the trace, table
+    # update in flight): counted, never guessed. Always 0 for exact provenance.
+    underived: int = 0
 
     @property
     def key(self):
         return (self.vm_id, self.op)
+
+
+@dataclass(frozen=True)
+class MemslotBucketStats:
+    """Cumulative figures for one (VM, op, memslot-count bucket): hva operations grouped by the
+    VM's memslot count *at the moment of the operation*, aggregated in the kernel. ``bucket`` is
+    the log2 bucket of that count (``log2_bucket``; ``Log2Hist.bucket_bounds`` gives [lo, hi)),
+    ``memslots_max`` the largest count seen in it (exact counts when the bucket holds one value)."""
+
+    vm_id: str
+    pid: int
+    op: str
+    bucket: int
+    count: int = 0
+    memslots_max: int = 0
+    lat_count: int = 0
+    lat_sum_ns: int = 0
+    slots_count: int = 0
+    slots_sum: int = 0
+    scanned_sum: Optional[int] = None
+    lat_provenance: str = "none"
+    slots_provenance: str = "none"
+
+    @property
+    def key(self):
+        return (self.vm_id, self.op, self.bucket)
+
+
+@dataclass(frozen=True)
+class SelfCost:
+    """What kvmtrace itself costs, measured while tracing (cumulative).
+
+    ``bpf_stats``: "enabled" when BPF run-time statistics are on (BPF_ENABLE_STATS, 5.8+, or
+    kernel.bpf_stats_enabled), else why not ("unavailable: ..."); then the run figures are 0.
+    ``bpf_run_ns`` / ``bpf_run_cnt``: summed over kvmtrace's own programs (bpf_prog_info).
+    ``user_cpu_s``: kvmtrace's own process CPU time (user + system)."""
+
+    bpf_stats: str = "unavailable"
+    bpf_run_ns: int = 0
+    bpf_run_cnt: int = 0
+    user_cpu_s: float = 0.0
+    per_prog: Tuple[Tuple[str, int, int], ...] = ()  # (program name, run_ns, run_cnt)
 
 
 @dataclass(frozen=True)
@@ -167,6 +225,11 @@ class Snapshot:
     self_cpu_s: float = 0.0  # CPU time of kvmtrace itself (user+sys)
     is_delta: bool = False
     meta: Tuple[Tuple[str, str], ...] = ()  # host, kernel, mode ... as (key, value)
+    by_memslots: Tuple[MemslotBucketStats, ...] = ()
+    cost: SelfCost = SelfCost()
+    ignored_ioctls: int = 0  # memslot ioctls on descriptors that are not KVM VMs (spoofs), dropped in-kernel
+    # a consumer that fell behind: seconds the snapshot came later than its interval asked
+    late_s: float = 0.0
 
     def vm(self, vm_id: str) -> Optional[VmInfo]:
         for v in self.vms:
@@ -199,6 +262,7 @@ class Snapshot:
                     slots_sum=h.slots_sum - p.slots_sum,
                     scanned_sum=None if h.scanned_sum is None else h.scanned_sum - (p.scanned_sum or 0),
                     range_hist=h.range_hist - p.range_hist,
+                    underived=h.underived - p.underived,
                 )
             )
         mem = []
@@ -216,10 +280,43 @@ class Snapshot:
                     lat_sum_ns=m.lat_sum_ns - p.lat_sum_ns,
                 )
             )
+        pb = {b.key: b for b in prev.by_memslots}
+        buckets = []
+        for b in self.by_memslots:
+            p = pb.get(b.key)
+            if p is None:
+                buckets.append(b)
+                continue
+            buckets.append(
+                replace(
+                    b,
+                    count=b.count - p.count,
+                    lat_count=b.lat_count - p.lat_count,
+                    lat_sum_ns=b.lat_sum_ns - p.lat_sum_ns,
+                    slots_count=b.slots_count - p.slots_count,
+                    slots_sum=b.slots_sum - p.slots_sum,
+                    scanned_sum=None if b.scanned_sum is None else b.scanned_sum - (p.scanned_sum or 0),
+                )
+            )
+        c, pc = self.cost, prev.cost
+        cost = replace(
+            c,
+            bpf_run_ns=c.bpf_run_ns - pc.bpf_run_ns,
+            bpf_run_cnt=c.bpf_run_cnt - pc.bpf_run_cnt,
+            user_cpu_s=c.user_cpu_s - pc.user_cpu_s,
+            per_prog=tuple(
+                (n, ns - dict((q[0], q[1]) for q in pc.per_prog).get(n, 0),
+                 cnt - dict((q[0], q[2]) for q in pc.per_prog).get(n, 0))
+                for n, ns, cnt in c.per_prog
+            ),
+        )
         return replace(
             self,
             hva=tuple(hva),
             memslot=tuple(mem),
+            by_memslots=tuple(buckets),
+            cost=cost,
+            ignored_ioctls=self.ignored_ioctls - prev.ignored_ioctls,
             elapsed_s=max(0.0, (self.mono_ns - prev.mono_ns) / 1e9),
             lost_events=self.lost_events - prev.lost_events,
             map_full=self.map_full - prev.map_full,
@@ -241,6 +338,8 @@ __all__ = [
     "VmInfo",
     "HvaStats",
     "MemslotStats",
+    "MemslotBucketStats",
+    "SelfCost",
     "Snapshot",
     "log2_bucket",
     "mean",
