@@ -44,6 +44,7 @@ import pyarrow as pa
 
 from .. import __version__
 from ..errors import DataFileError, UsageError
+from ..output import escape_cell, unescape_cell  # noqa: F401 (the one cell policy; readers import it here)
 from . import tables as T
 
 FORMAT = "kvmtrace-recording"
@@ -52,24 +53,6 @@ META_FILE = "kvmtrace-recording.json"
 BENCH_FORMAT = "kvmtrace-bench"
 BENCH_VERSION = 1
 BENCH_FILE = "kvmtrace-bench.json"
-
-_DANGEROUS = ("=", "+", "-", "@", "\t", "\r")
-
-
-def escape_cell(s: str) -> str:
-    """Spreadsheet-safe text: a cell starting with = + - @ tab or CR is prefixed with a quote,
-    so no spreadsheet evaluates it as a formula. A leading quote is doubled, which keeps the
-    escaping reversible (``unescape_cell``)."""
-    if s and (s[0] in _DANGEROUS or s[0] == "'"):
-        return "'" + s
-    return s
-
-
-def unescape_cell(s: str) -> str:
-    if s and s[0] == "'":
-        return s[1:]
-    return s
-
 
 def _fsync_dir(path: str) -> None:
     try:

@@ -25,3 +25,40 @@ def parse_modes(text: Optional[str]) -> Optional[Tuple[str, ...]]:
 
 
 modes_option = click.option("--modes", default=None, metavar="LIST", help=MODES_HELP)
+
+
+class Number(click.ParamType):
+    """A finite number within [lo, hi] (``lo_open``: lo itself excluded). NaN, infinities and
+    out-of-range values are usage errors at parse time, before anything is created."""
+
+    def __init__(self, lo: Optional[float] = None, hi: Optional[float] = None, lo_open: bool = False,
+                 name: str = "SECONDS", integer: bool = False):
+        self.lo, self.hi, self.lo_open, self.name, self.integer = lo, hi, lo_open, name, integer
+
+    def _range(self) -> str:
+        lo = "" if self.lo is None else f"{'>' if self.lo_open else '>='} {self.lo:g}"
+        hi = "" if self.hi is None else f"<= {self.hi:g}"
+        return " and ".join(x for x in (lo, hi) if x)
+
+    def convert(self, value, param, ctx):
+        import math
+
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            v = value
+        else:
+            try:
+                v = int(str(value), 10) if self.integer else float(str(value))
+            except ValueError:
+                self.fail(f"{value!r} is not {'an integer' if self.integer else 'a number'}", param, ctx)
+        if not math.isfinite(v):
+            self.fail(f"{value!r} is not a finite number (use a number {self._range()})", param, ctx)
+        if (self.lo is not None and (v < self.lo or (self.lo_open and v == self.lo))) or (
+                self.hi is not None and v > self.hi):
+            self.fail(f"{value!r} is out of range (use a number {self._range()})", param, ctx)
+        return v
+
+
+# the numeric options every command shares, so one option means one range everywhere
+INTERVAL = Number(0.1, 3600.0)  # seconds per interval: below 0.1 s the map reads dominate
+DURATION = Number(0.0, 366 * 86400.0, lo_open=True)  # seconds, at most a year
+TIMEOUT = Number(0.0, 366 * 86400.0, lo_open=True)

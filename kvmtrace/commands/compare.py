@@ -16,7 +16,8 @@ Examples:
 @click.argument("after", type=click.Path())
 @click.option("--csv", "csv_file", type=click.Path(), default=None, help="write the comparison table as CSV")
 @click.option("--html", "html_file", type=click.Path(), default=None, help="write a self-contained HTML page")
-def compare(before, after, csv_file, html_file):
+@click.option("--force", is_flag=True, help="replace existing --csv/--html files")
+def compare(before, after, csv_file, html_file, force):
     """Compare BEFORE and AFTER (recordings or `kvmtrace bench` directories): per op (and
     scenario x memslot count) median and p99 ratio with confidence intervals, a Mann-Whitney
     test, slots visited/scanned ratio, and one verdict line per row. Nothing is hidden."""
@@ -28,13 +29,15 @@ def compare(before, after, csv_file, html_file):
 
     cols = {"hva_events": ["op", "latency_ns", "lat_provenance"], "memslot_events": ["change", "latency_ns", "lat_provenance"]}
     assert set(cols) <= set(EVENT_COLUMNS)
+    export.check_file(csv_file, "--csv", force)  # before any work: never overwrite, never mkdir -p
+    export.check_file(html_file, "--html", force)
     df = do_compare(read_inputs([before], event_columns=cols), read_inputs([after], event_columns=cols))
     if csv_file:
-        export.write_csv(df, csv_file)
+        export.write_csv(df, csv_file, force)
         click.echo(f"wrote {csv_file}")
     if html_file:
         from ..analysis.html import compare_html
 
-        export.write_text(html_file, compare_html(df), "--html")
+        export.write_text(html_file, compare_html(df), "--html", force)
         click.echo(f"wrote {html_file}")
     print_renderables(compare_renderables(df))

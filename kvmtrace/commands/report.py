@@ -17,7 +17,8 @@ Examples:
 @click.option("--csv", "csv_dir", type=click.Path(), default=None, help="write one CSV per table into this directory")
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON (schema: docs/report.schema.json)")
 @click.option("--html", "html_file", type=click.Path(), default=None, help="write a self-contained HTML page with plots")
-def report(paths, csv_dir, as_json, html_file):
+@click.option("--force", is_flag=True, help="replace existing --csv/--html files")
+def report(paths, csv_dir, as_json, html_file, force):
     """Summarise recordings: per VM and op count, rate, latency percentiles, slots visited and
     scanned; memslot updates by change type; breakdown by memslot count; lost events.
 
@@ -26,15 +27,17 @@ def report(paths, csv_dir, as_json, html_file):
     from ..analysis.recording import read_inputs
     from ..analysis.report import EVENT_COLUMNS, Report, build_report, to_json
 
+    export.check_csv_dir(csv_dir, Report.TABLES, force)  # before any work: never overwrite, never mkdir -p
+    export.check_file(html_file, "--html", force)
     recs = read_inputs(list(paths), event_columns=EVENT_COLUMNS)
     rep = build_report(recs)
     if csv_dir:
-        written = export.write_csv_tables({t: rep[t] for t in Report.TABLES}, csv_dir)
+        written = export.write_csv_tables({t: rep[t] for t in Report.TABLES}, csv_dir, force)
         click.echo(f"wrote {len(written)} CSV files to {csv_dir}", err=as_json)
     if html_file:
         from ..analysis.html import report_html
 
-        export.write_text(html_file, report_html(rep), "--html")
+        export.write_text(html_file, report_html(rep), "--html", force)
         click.echo(f"wrote {html_file}", err=as_json)
     if as_json:
         click.echo(export.dumps(to_json(rep)))

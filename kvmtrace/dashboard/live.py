@@ -11,9 +11,12 @@ Ctrl-C or ``q`` ends the run with a final summary (cumulative totals) and a rest
 from __future__ import annotations
 
 import _thread
+import math
 import platform
+import signal
 import sys
 import threading
+from contextlib import contextmanager
 from dataclasses import replace
 from typing import Optional, Sequence, TextIO
 
@@ -42,7 +45,7 @@ def make_options(
     bad = [o for o in ops if o not in ALL_OPS]
     if bad:
         raise UsageError(f"unknown op {', '.join(bad)}", f"use one of: {', '.join(ALL_OPS)}")
-    if interval is not None and interval <= 0:
+    if interval is not None and not (math.isfinite(interval) and interval > 0):
         raise UsageError(f"interval must be positive, not {interval}", "give --interval in seconds, e.g. 1")
     return ViewOptions(
         sort=sort,
@@ -67,6 +70,30 @@ def _isatty(stream) -> bool:
         return stream.isatty()
     except (AttributeError, ValueError):
         return False
+
+
+@contextmanager
+def interrupt_on_signals(signals=(signal.SIGINT, signal.SIGTERM, signal.SIGHUP)):
+    """SIGINT, SIGTERM and SIGHUP raise KeyboardInterrupt in the main thread while the view
+    runs, so every way of stopping it restores the terminal and prints the summary. SIGINT is
+    installed explicitly: a shell starts background jobs of a script with SIGINT ignored, and
+    ``kill -INT`` must still stop ``top`` there. Old handlers come back on exit."""
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    old = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in signals:
+            try:
+                old[sig] = signal.signal(sig, handler)
+            except (ValueError, OSError):
+                pass
+    try:
+        yield
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h if h is not None else signal.SIG_DFL)
 
 
 class _Screen:
@@ -148,12 +175,15 @@ def run_live(
     keys: Optional[bool] = None,
     out: Optional[TextIO] = None,
     stop=None,
+    signals: bool = True,
 ) -> Optional[Snapshot]:
     """Show ``session`` (a TraceSession, already entered) until ``duration`` elapses, ``stop()``
     is true, ``q`` or Ctrl-C; return the last cumulative snapshot (None if no interval completed).
 
     ``keys``: read keys (s/v/p/q) when stdin is a terminal (default: only in the live screen).
     ``out``: where to write (default sys.stdout); colour and cursor codes only on a terminal.
+    ``signals``: SIGINT/SIGTERM/SIGHUP end the view like Ctrl-C (``interrupt_on_signals``);
+    False when the caller handles signals itself (demo).
     """
     if once and log:
         raise UsageError("--once and --log exclude each other", "choose one of them")
@@ -169,9 +199,10 @@ def run_live(
 
     sink = CsvSink(csv_path) if csv_path else None
     try:
-        if once or log or not _isatty(out):
-            return _run_stream(session, duration, once, log, sink, plan, meta_of, opts, out, stop)
-        return _run_screen(session, duration, sink, plan, meta_of, opts, out, keys is not False, stop)
+        with interrupt_on_signals(() if not signals else (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)):
+            if once or log or not _isatty(out):
+                return _run_stream(session, duration, once, log, sink, plan, meta_of, opts, out, stop)
+            return _run_screen(session, duration, sink, plan, meta_of, opts, out, keys is not False, stop)
     finally:
         if sink is not None:
             sink.close()
@@ -217,7 +248,7 @@ def _summary(out, last, plan, meta_of, opts, logf=None, console=None):
             console.print(render_summary(last, meta_of(last), plan, opts, console.width))
         else:
             _emit(out, plain_table(last, None, meta_of(last), plan, opts, summary=True))
-    except BrokenPipeError:
+    except OSError:  # a closed pipe, or the terminal hung up (SIGHUP): nothing left to print to
         pass
 
 

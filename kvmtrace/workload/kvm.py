@@ -181,6 +181,29 @@ KVM_EXIT_IO = 2
 KVM_EXIT_HLT = 5
 
 
+def kernel_max_memslots(path: str = "/dev/kvm") -> int:
+    """KVM_CAP_NR_MEMSLOTS of this kernel (memslots per address space); one clear error when
+    /dev/kvm is missing or not accessible."""
+    from ..errors import CapabilityMissing, PermissionProblem
+
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise CapabilityMissing(f"no {path} on this host",
+                                "load kvm (modprobe kvm_intel or kvm_amd) or run where KVM exists") from None
+    except PermissionError:
+        raise PermissionProblem(f"no permission to open {path}",
+                                "run as root or add the user to the kvm group") from None
+    except OSError as e:
+        raise CapabilityMissing(f"cannot open {path}: {e.strerror}", "check that KVM works: ls -l /dev/kvm") from None
+    try:
+        return int(ioctl(fd, KVM_CHECK_EXTENSION, KVM_CAP_NR_MEMSLOTS))
+    except OSError as e:
+        raise CapabilityMissing(f"{path}: KVM_CHECK_EXTENSION failed: {e.strerror}", "check /dev/kvm") from None
+    finally:
+        os.close(fd)
+
+
 class OsCallError(OSError):
     """An OSError that names the call that failed."""
 
