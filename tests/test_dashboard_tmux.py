@@ -12,6 +12,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -136,6 +137,36 @@ def test_synthetic_ctrl_c_restores_terminal(tmux_factory):
     s = t.wait_for(lambda s: "EXITED rc=" in s, timeout=10, what="exit after Ctrl-C")
     assert "kvmtrace top summary" in s
     t.assert_restored(s)
+
+
+def _child_pid(t) -> int:
+    """The pid of the command running in the pane (the pane's shell forks it)."""
+    shell = int(t.display("#{pane_pid}"))
+    with open(f"/proc/{shell}/task/{shell}/children") as f:
+        return int(f.read().split()[0])
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_synthetic_sigterm_sighup_restore_terminal_and_print_summary(tmux_factory, sig):
+    """issue 13 #9: SIGTERM/SIGHUP left no echo, the alternate screen and a hidden cursor, and no
+    summary."""
+    t = tmux_factory(f"{PY} -m kvmtrace.dashboard.synthetic --interval 0.3")
+    t.wait_for(lambda s: "4242 guest-a" in s, what="first interval")
+    os.kill(_child_pid(t), sig)
+    s = t.wait_for(lambda s: "EXITED rc=" in s, timeout=10, what=f"exit after {sig.name}")
+    assert "kvmtrace top summary" in s
+    t.assert_restored(s)
+
+
+def test_background_top_stops_on_sigint_from_a_script(tmp_path):
+    """issue 13 #9: a shell script starts background jobs with SIGINT ignored; `kill -INT` must
+    still stop the view (with its summary)."""
+    script = (f"cd {shlex.quote(REPO)} && {{ {PY} -m kvmtrace.dashboard.synthetic --interval 0.2 --log & }}; "
+              "pid=$!; sleep 1.5; kill -INT $pid; wait $pid; echo rc=$?")
+    p = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=30)
+    lines = p.stdout.splitlines()
+    assert lines[-1] == "rc=0", p.stdout + p.stderr
+    assert lines[-2].split()[0] == "total"
 
 
 def test_not_a_tty_stdout_has_no_escape_codes(tmux_factory, tmp_path):
