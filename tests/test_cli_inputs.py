@@ -274,3 +274,19 @@ def test_top_csv_checked_before_tracing(tmp_path, capsys, no_tracer):
     (tmp_path / "bin.csv").write_bytes(b"\xff\xfe\x00garbage\n")
     code, out, err = run_cli(["top", "--once", "--csv", str(tmp_path / "bin.csv")], capsys)
     one_line_error(code, err, "not a kvmtrace top CSV")
+
+
+@pytest.mark.parametrize("damage", ["binary", "types"])
+def test_damaged_metadata_is_one_message(tmp_path, capsys, damage):
+    """issue 13 #10: binary bytes or wrong types in the metadata file gave a traceback."""
+    rec = tmp_path / "rec"
+    shutil.copytree(BASIC, rec)
+    meta = rec / "kvmtrace-recording.json"
+    if damage == "binary":
+        meta.write_bytes(b"\xff\xfe\x00\x01" + meta.read_bytes())
+    else:
+        m = json.loads(meta.read_text())
+        m["tables"] = 5
+        meta.write_text(json.dumps(m))
+    code, out, err = run_cli(["report", str(rec)], capsys)
+    one_line_error(code, err, "kvmtrace-recording.json", "damaged")

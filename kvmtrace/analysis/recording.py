@@ -476,10 +476,12 @@ def read_meta(path: str) -> dict:
             "pass the directory written by `kvmtrace record -o` or `kvmtrace bench -o`",
         )
     try:
-        with open(mp) as f:
-            text = f.read()
+        with open(mp, "rb") as f:
+            text = f.read().decode("utf-8")
     except OSError as e:
         raise DataFileError(f"{mp}: cannot read: {e.strerror}") from e
+    except UnicodeDecodeError:
+        raise DataFileError(f"{mp}: binary bytes in the metadata file (not UTF-8 JSON)", "the recording is damaged") from None
     if not text.strip():
         raise DataFileError(f"{mp}: empty metadata file", "the recording is damaged")
     try:
@@ -494,7 +496,15 @@ def read_meta(path: str) -> dict:
             f"{path}: recording format version {v}, this kvmtrace ({__version__}) reads version {FORMAT_VERSION}",
             "use the kvmtrace version that wrote it (recorded by kvmtrace " + str(meta.get("kvmtrace_version")) + ")",
         )
+    for key, types in _META_TYPES.items():  # wrong types become one message, not a traceback
+        if meta.get(key) is not None and (not isinstance(meta[key], types) or isinstance(meta[key], bool)):
+            raise DataFileError(f"{mp}: metadata field {key!r} has the wrong type ({type(meta[key]).__name__})",
+                                "the recording is damaged")
     return meta
+
+
+_META_TYPES = {"tables": dict, "storage": str, "status": str, "label": str, "host": str, "kernel": str,
+               "start": (int, float, str), "end": (int, float, str), "interval_s": (int, float)}
 
 
 _CATEGORICAL = {"vm_id", "op", "change", "lat_provenance", "slots_provenance", "change_provenance"}
