@@ -66,6 +66,11 @@ def cli():
 
 
 def main(argv=None):
+    for stream in (sys.stdout, sys.stderr):  # paths and labels with undecodable bytes print as given
+        try:
+            stream.reconfigure(errors="surrogateescape")
+        except (AttributeError, ValueError, OSError):
+            pass
     try:
         cli.main(args=argv, prog_name="kvmtrace", standalone_mode=False)
     except KvmtraceError as e:
