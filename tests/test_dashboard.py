@@ -10,7 +10,7 @@ import io
 import pytest
 
 from kvmtrace.dashboard import live as live_mod
-from kvmtrace.dashboard.fmt import fmt_duration, fmt_ns, fmt_rate
+from kvmtrace.fmt import fmt_duration, fmt_ns, fmt_rate
 from kvmtrace.dashboard.live import make_options, run_live
 from kvmtrace.dashboard.model import ViewOptions, build_view, cycle_selected
 from kvmtrace.dashboard.plain import CsvSink, LogFormatter, csv_columns, plain_table

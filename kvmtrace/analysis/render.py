@@ -9,6 +9,7 @@ from typing import List, Optional
 
 import pandas as pd
 
+from ..fmt import fmt_ns, fmt_s  # the one number formatter
 from .report import EVENT_SOURCE, HIST_SOURCE
 
 
@@ -19,21 +20,6 @@ def _num(v) -> Optional[float]:
     except (TypeError, ValueError):
         return None
     return None if math.isnan(v) else v
-
-
-def fmt_ns(v) -> str:
-    v = _num(v)
-    if v is None:
-        return "-"
-    for unit, div in (("s", 1e9), ("ms", 1e6), ("µs", 1e3)):
-        if abs(v) >= div:
-            return f"{v / div:.3g} {unit}"
-    return f"{v:.0f} ns"
-
-
-def fmt_s(v) -> str:
-    v = _num(v)
-    return "-" if v is None else fmt_ns(v * 1e9)
 
 
 def fmt_num(v, digits: int = 3) -> str:

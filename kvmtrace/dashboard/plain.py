@@ -13,7 +13,7 @@ from typing import List, Mapping, Optional, Sequence
 from ..errors import DataFileError, UsageError
 from ..output import CsvWriter, check_new_file, shown
 from ..snapshot import Snapshot
-from .fmt import plain_num
+from ..fmt import plain_num
 from .model import ALL_CHANGES, ALL_OPS, OTHER_CHANGE, View, ViewOptions, VmRow, build_view
 from .view import attach_summary, cpu_percent
 
