@@ -290,3 +290,17 @@ def test_damaged_metadata_is_one_message(tmp_path, capsys, damage):
         meta.write_text(json.dumps(m))
     code, out, err = run_cli(["report", str(rec)], capsys)
     one_line_error(code, err, "kvmtrace-recording.json", "damaged")
+
+
+def test_python_m_kvmtrace_and_workload_entry_points():
+    """issue 10: `python -m kvmtrace` works; the workload child does not import the CLI."""
+    import subprocess
+
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    p = subprocess.run([sys.executable, "-m", "kvmtrace", "--help"], capture_output=True, text=True, env=env, timeout=60)
+    assert p.returncode == 0 and "Commands:" in p.stdout
+    code = ("import sys, runpy; sys.argv = ['x', '--help']\n"
+            "try:\n    runpy.run_module('kvmtrace.workload', run_name='__main__')\n"
+            "except SystemExit as e:\n    print('rc', e.code, 'kvmtrace.cli' in sys.modules)")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert p.stdout.strip().splitlines()[-1] == "rc 0 False", p.stdout + p.stderr

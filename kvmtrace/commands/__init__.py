@@ -1,7 +1,8 @@
 """One module per CLI command, each defining a click command named after its module.
 They stay thin: parse options, call into tracer/, workload/, dashboard/, analysis/."""
 
-from typing import Optional, Tuple
+import sys
+from typing import Optional, Sequence, Tuple
 
 import click
 
@@ -36,8 +37,8 @@ class Number(click.ParamType):
         self.lo, self.hi, self.lo_open, self.name, self.integer = lo, hi, lo_open, name, integer
 
     def _range(self) -> str:
-        lo = "" if self.lo is None else f"{'>' if self.lo_open else '>='} {self.lo:g}"
-        hi = "" if self.hi is None else f"<= {self.hi:g}"
+        lo = "" if self.lo is None else f"{'>' if self.lo_open else '>='} {self.lo:.10g}"
+        hi = "" if self.hi is None else f"<= {self.hi:.10g}"
         return " and ".join(x for x in (lo, hi) if x)
 
     def convert(self, value, param, ctx):
@@ -62,3 +63,32 @@ class Number(click.ParamType):
 INTERVAL = Number(0.1, 3600.0)  # seconds per interval: below 0.1 s the map reads dominate
 DURATION = Number(0.0, 366 * 86400.0, lo_open=True)  # seconds, at most a year
 TIMEOUT = Number(0.0, 366 * 86400.0, lo_open=True)
+
+
+def run_click(command: click.Command, argv: Optional[Sequence[str]], prog_name: str) -> None:
+    """Run a click command as a program: every KvmtraceError becomes one message with its remedy
+    and an exit status, never a traceback (``kvmtrace`` and ``python -m kvmtrace.workload``)."""
+    from ..errors import KvmtraceError
+
+    for stream in (sys.stdout, sys.stderr):  # paths and labels with undecodable bytes print as given
+        try:
+            stream.reconfigure(errors="surrogateescape")
+        except (AttributeError, ValueError, OSError):
+            pass
+    try:
+        command.main(args=None if argv is None else list(argv), prog_name=prog_name, standalone_mode=False)
+    except KvmtraceError as e:
+        click.echo(f"kvmtrace: {e}", err=True)
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        click.echo("kvmtrace: aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        click.echo("kvmtrace: interrupted", err=True)
+        sys.exit(130)
+    except BrokenPipeError:
+        sys.exit(0)
+    sys.exit(0)
