@@ -18,11 +18,10 @@ from typing import List, Optional, Sequence
 import pandas as pd
 
 from .. import __version__
+from ..consts import SCENARIOS  # the one scenario list
 from ..errors import UsageError
 from .recording import BENCH_FILE, BENCH_FORMAT, BENCH_VERSION, Recording, write_json_atomic
 from .report import build_report
-
-SCENARIOS = ("unmap", "unmap-chunked", "move-active", "move-inactive", "map", "age", "churn", "mixed")
 
 
 def parse_slots(text: str) -> List[int]:

@@ -50,21 +50,11 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
-from ..consts import KVM_MEM_LOG_DIRTY_PAGES, Change, Op
+from ..consts import KVM_MEM_LOG_DIRTY_PAGES, SCENARIOS, Change, Op
 from ..errors import CapabilityMissing, KvmtraceError, PermissionProblem, UsageError
 from . import kvm as K
 from .sizes import format_size
 
-SCENARIOS = (
-    "unmap",
-    "unmap-chunked",
-    "map",
-    "move-active",
-    "move-inactive",
-    "age",
-    "churn",
-    "mixed",
-)
 DEFAULT_SCENARIO = "mixed"
 DEFAULT_SLOTS = 64
 DEFAULT_ITERATIONS = 3
