@@ -95,7 +95,7 @@ PY = shlex.quote(sys.executable)
 
 
 def test_synthetic_keys_resize_quit(tmux_factory):
-    t = tmux_factory(f"{PY} -m kvmtrace.dashboard.synthetic --interval 0.3")
+    t = tmux_factory(f"{PY} -m tests.synthetic_top --interval 0.3")
     s = t.wait_for(lambda s: "4343 python3" in s, what="the second VM to appear")
     assert t.display("#{alternate_on}") == "1"  # full-screen view on the alternate screen
     assert "4242 guest-a" in s and "sort ops" in s and "keys: s sort" in s
@@ -131,7 +131,7 @@ def test_synthetic_keys_resize_quit(tmux_factory):
 
 
 def test_synthetic_ctrl_c_restores_terminal(tmux_factory):
-    t = tmux_factory(f"{PY} -m kvmtrace.dashboard.synthetic --interval 0.3")
+    t = tmux_factory(f"{PY} -m tests.synthetic_top --interval 0.3")
     t.wait_for(lambda s: "4242 guest-a" in s, what="first interval")
     t.send("C-c")
     s = t.wait_for(lambda s: "EXITED rc=" in s, timeout=10, what="exit after Ctrl-C")
@@ -150,7 +150,7 @@ def _child_pid(t) -> int:
 def test_synthetic_sigterm_sighup_restore_terminal_and_print_summary(tmux_factory, sig):
     """issue 13 #9: SIGTERM/SIGHUP left no echo, the alternate screen and a hidden cursor, and no
     summary."""
-    t = tmux_factory(f"{PY} -m kvmtrace.dashboard.synthetic --interval 0.3")
+    t = tmux_factory(f"{PY} -m tests.synthetic_top --interval 0.3")
     t.wait_for(lambda s: "4242 guest-a" in s, what="first interval")
     os.kill(_child_pid(t), sig)
     s = t.wait_for(lambda s: "EXITED rc=" in s, timeout=10, what=f"exit after {sig.name}")
@@ -161,7 +161,7 @@ def test_synthetic_sigterm_sighup_restore_terminal_and_print_summary(tmux_factor
 def test_background_top_stops_on_sigint_from_a_script(tmp_path):
     """issue 13 #9: a shell script starts background jobs with SIGINT ignored; `kill -INT` must
     still stop the view (with its summary)."""
-    script = (f"cd {shlex.quote(REPO)} && {{ {PY} -m kvmtrace.dashboard.synthetic --interval 0.2 --log & }}; "
+    script = (f"cd {shlex.quote(REPO)} && {{ {PY} -m tests.synthetic_top --interval 0.2 --log & }}; "
               "pid=$!; sleep 1.5; kill -INT $pid; wait $pid; echo rc=$?")
     p = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=30)
     lines = p.stdout.splitlines()
@@ -171,7 +171,7 @@ def test_background_top_stops_on_sigint_from_a_script(tmp_path):
 
 def test_not_a_tty_stdout_has_no_escape_codes(tmux_factory, tmp_path):
     out = tmp_path / "out.txt"
-    t = tmux_factory(f"{PY} -m kvmtrace.dashboard.synthetic --interval 0.1 --duration 0.35 > {out}")
+    t = tmux_factory(f"{PY} -m tests.synthetic_top --interval 0.1 --duration 0.35 > {out}")
     s = t.wait_for(lambda s: "EXITED rc=" in s, timeout=10, what="batch run to end")
     t.assert_restored(s)
     text = out.read_text()

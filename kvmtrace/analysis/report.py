@@ -253,7 +253,7 @@ def by_memslots(hva: pd.DataFrame, events: Optional[pd.DataFrame] = None) -> pd.
     """hva ops by the VM's memslot count (log2 buckets). From raw events (each carries the count
     at that moment) when they cover every operation; else from interval rows, taking the VM's
     memslot count at the end of the interval (``memslots_source`` says which)."""
-    from .synth import log2_buckets
+    from .tables import log2_buckets
 
     total = int(hva["count"].sum()) if not hva.empty else 0
     use_events = events is not None and len(events) == total and total > 0 and (events["memslots"] >= 0).any()
