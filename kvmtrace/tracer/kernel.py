@@ -30,10 +30,6 @@ TRACEFS_OLD = "/sys/kernel/debug/tracing"
 SECURITYFS = "/sys/kernel/security"
 FENTRY_PROBE_FUNC = "kvm_mmu_notifier_invalidate_range_start"
 
-# Linux capability numbers (include/uapi/linux/capability.h)
-CAP_SYS_ADMIN = 21
-CAP_PERFMON = 38
-CAP_BPF = 39
 
 
 # --- small readers -------------------------------------------------------------------------
@@ -177,25 +173,11 @@ def lockdown() -> Tuple[Optional[str], str]:
     return None, f"unparsable {path}: {text.strip()}"
 
 
-def capabilities(status_path: str = "/proc/self/status") -> Dict[str, bool]:
-    text = _read(status_path) or ""
-    eff = 0
-    for line in text.splitlines():
-        if line.startswith("CapEff:"):
-            eff = int(line.split()[1], 16)
-    return {
-        "CAP_SYS_ADMIN": bool(eff >> CAP_SYS_ADMIN & 1),
-        "CAP_PERFMON": bool(eff >> CAP_PERFMON & 1),
-        "CAP_BPF": bool(eff >> CAP_BPF & 1),
-    }
-
-
 def can_bpf() -> bool:
-    """Root, or CAP_BPF + CAP_PERFMON (tracing programs), or CAP_SYS_ADMIN."""
-    if os.geteuid() == 0:
-        return True
-    caps = capabilities()
-    return (caps["CAP_BPF"] and caps["CAP_PERFMON"]) or caps["CAP_SYS_ADMIN"]
+    """Enough privilege for BPF tracing programs (host.privileges: the one check)."""
+    from .host import privileges
+
+    return privileges().enough
 
 
 # --- kprobes / fentry / ringbuf ------------------------------------------------------------
