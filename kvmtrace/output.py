@@ -75,6 +75,18 @@ def _parent(path: str) -> str:
     return os.path.dirname(os.path.abspath(path)) or "/"
 
 
+def _check_parent(path: str, option: str, verb: str) -> str:
+    """The parent directory of ``path`` exists and is writable (it is never created silently)."""
+    parent = _parent(path)
+    if not os.path.isdir(parent):
+        raise UsageError(f"cannot {verb} {option} {shown(path)}: no such directory {shown(parent)}",
+                         f"create it first (mkdir -p {shown(parent)}) or choose an existing directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot {verb} {option} {shown(path)}: directory {shown(parent)} is not writable",
+                         "choose a writable directory")
+    return parent
+
+
 def check_new_file(path: str, option: str, force: bool = False) -> str:
     """Check before any work that ``path`` can be written as a new file (or, with ``force``,
     replace an existing one). The parent directory must exist: it is never created silently.
@@ -84,13 +96,7 @@ def check_new_file(path: str, option: str, force: bool = False) -> str:
         raise UsageError(f"{option} needs a file name", f"give {option} a path, e.g. {option} out.csv")
     if os.path.isdir(path):
         raise UsageError(f"{option} {p} is a directory", f"give {option} a file name, e.g. {os.path.join(p, 'out.csv')}")
-    parent = _parent(path)
-    if not os.path.isdir(parent):
-        raise UsageError(f"cannot write {option} {p}: no such directory {shown(parent)}",
-                         f"create it first (mkdir -p {shown(parent)}) or choose an existing directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UsageError(f"cannot write {option} {p}: directory {shown(parent)} is not writable",
-                         "choose a writable directory")
+    parent = _check_parent(path, option, "write")
     if os.path.lexists(path):
         if not force:
             raise UsageError(f"{option} {p} already exists", f"choose another name, or add --force to replace it")
@@ -116,13 +122,7 @@ def check_new_dir(path: str, option: str, names: Sequence[str] = (), force: bool
             raise UsageError(f"{option} {p} already holds {', '.join(taken)}",
                              "choose another directory, or add --force to replace those files")
         return path
-    parent = _parent(path)
-    if not os.path.isdir(parent):
-        raise UsageError(f"cannot create {option} {p}: no such directory {shown(parent)}",
-                         f"create it first (mkdir -p {shown(parent)}) or choose an existing directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UsageError(f"cannot create {option} {p}: directory {shown(parent)} is not writable",
-                         "choose a writable directory")
+    _check_parent(path, option, "create")
     return path
 
 

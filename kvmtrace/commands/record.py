@@ -18,22 +18,15 @@ def stop_on_signals(flag: threading.Event):
     """SIGINT / SIGTERM / SIGHUP set ``flag`` (the tracer then yields one final snapshot and
     stops); a second SIGINT raises KeyboardInterrupt as usual."""
 
+    from ..signals import handling
+
     def handler(signum, frame):
         if flag.is_set() and signum == signal.SIGINT:
             raise KeyboardInterrupt
         flag.set()
 
-    old = {}
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        try:
-            old[sig] = signal.signal(sig, handler)
-        except (ValueError, OSError):
-            pass
-    try:
+    with handling(handler):
         yield
-    finally:
-        for sig, h in old.items():
-            signal.signal(sig, h)
 
 
 class StatusLine:

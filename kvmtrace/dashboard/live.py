@@ -13,14 +13,13 @@ from __future__ import annotations
 import _thread
 import math
 import platform
-import signal
 import sys
 import threading
-from contextlib import contextmanager
 from dataclasses import replace
 from typing import Optional, Sequence, TextIO
 
 from ..errors import UsageError
+from ..signals import STOP_SIGNALS, handling, raise_interrupt
 from ..snapshot import Snapshot
 from .model import ALL_OPS, SORT_KEYS, ViewOptions, build_view, cycle_selected, shown_ops
 from .plain import CsvSink, LogFormatter, plain_table
@@ -72,28 +71,12 @@ def _isatty(stream) -> bool:
         return False
 
 
-@contextmanager
-def interrupt_on_signals(signals=(signal.SIGINT, signal.SIGTERM, signal.SIGHUP)):
+def interrupt_on_signals(signals=STOP_SIGNALS):
     """SIGINT, SIGTERM and SIGHUP raise KeyboardInterrupt in the main thread while the view
     runs, so every way of stopping it restores the terminal and prints the summary. SIGINT is
     installed explicitly: a shell starts background jobs of a script with SIGINT ignored, and
     ``kill -INT`` must still stop ``top`` there. Old handlers come back on exit."""
-
-    def handler(signum, frame):
-        raise KeyboardInterrupt
-
-    old = {}
-    if threading.current_thread() is threading.main_thread():
-        for sig in signals:
-            try:
-                old[sig] = signal.signal(sig, handler)
-            except (ValueError, OSError):
-                pass
-    try:
-        yield
-    finally:
-        for sig, h in old.items():
-            signal.signal(sig, h if h is not None else signal.SIG_DFL)
+    return handling(raise_interrupt, signals)
 
 
 class _Screen:
@@ -199,7 +182,7 @@ def run_live(
 
     sink = CsvSink(csv_path) if csv_path else None
     try:
-        with interrupt_on_signals(() if not signals else (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)):
+        with interrupt_on_signals(STOP_SIGNALS if signals else ()):
             if once or log or not _isatty(out):
                 return _run_stream(session, duration, once, log, sink, plan, meta_of, opts, out, stop)
             return _run_screen(session, duration, sink, plan, meta_of, opts, out, keys is not False, stop)
