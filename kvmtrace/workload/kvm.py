@@ -252,13 +252,6 @@ def memset(addr: int, value: int, size: int) -> None:
     _libc.memset(addr, value, size)
 
 
-def touch_pages(addr: int, size: int) -> None:
-    """Fault every page of [addr, addr+size) in by writing one byte per page."""
-    buf = (ctypes.c_char * size).from_address(addr)
-    for off in range(0, size, PAGE_SIZE):
-        buf[off] = b"\x01"
-
-
 PR_SET_THP_DISABLE = 41
 
 
