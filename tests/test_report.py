@@ -12,13 +12,14 @@ import numpy as np
 import pytest
 
 from kvmtrace.analysis.recording import read_inputs, read_recording
-from kvmtrace.analysis.report import EVENT_SOURCE, HIST_SOURCE, build_report, to_json
+from kvmtrace.analysis.report import (EVENT_SOURCE, HIST_SOURCE, MEMSLOTS_INTERVAL_END, MEMSLOTS_KERNEL, build_report,
+                                      to_json)
 from kvmtrace.cli import main
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures", "recordings")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, FIX)
-from make_fixtures import EXPECTED  # noqa: E402
+from make_fixtures import EXPECTED, MULTI_INTERVALS, MULTI_VM  # noqa: E402
 
 
 def run_cli(args, capsys):
@@ -53,9 +54,49 @@ def test_histogram_percentiles_say_so_and_scanned():
     r = rep["hva_ops"].iloc[0]
     assert r["latency_source"] == HIST_SOURCE == "log2 histogram, linear interpolation within bucket"
     assert r["count"] == 900 and r["scanned_mean"] == 509.0 and r["slots_mean"] == 1.0
+    assert r["scanned_max"] == 509  # the in-kernel maximum, no raw events needed
     b = rep["by_memslots"].iloc[0]
-    assert b["memslots_bucket"] == "256-511" and b["memslots_source"] == "VM memslot count at interval end"
-    assert b["scanned_mean"] == 509.0
+    assert b["memslots_bucket"] == "256-511" and b["memslots_source"] == MEMSLOTS_KERNEL
+    assert b["memslots_max"] == 509 and b["scanned_mean"] == 509.0 and b["count"] == 900
+
+
+def test_older_recording_falls_back_to_interval_end_counts_and_says_so():
+    # legacy-v1: written before the vm ordinal / memslots_max / scanned_max / underived columns
+    # and the in-kernel by_memslots table existed; it still reads, and the fallback is labelled
+    rep = build_report(read_inputs([os.path.join(FIX, "legacy-v1")]))
+    r = rep["hva_ops"].iloc[0]
+    assert r["count"] == 900 and r["vm_label"] == "qemu-system-x86[5151]#?" and r["memslots_max"] == 509
+    assert math.isnan(r["scanned_max"]) and r["underived"] == 0
+    b = rep["by_memslots"].iloc[0]
+    assert b["memslots_source"] == MEMSLOTS_INTERVAL_END == "VM memslot count at interval end (older recording: no in-kernel buckets)"
+    assert b["memslots_bucket"] == "256-511" and b["scanned_mean"] == 509.0
+
+
+def test_every_vm_its_own_row_named_apart_with_memslots_at_event_time():
+    rep = build_report(read_inputs([os.path.join(FIX, "multi-vm")]))
+    h = rep["hva_ops"]
+    n = MULTI_INTERVALS
+    got = {r.vm_label: (r.vm_id, r.count, r.memslots_max, r.memslots, r.scanned_max) for r in h.itertuples()}
+    assert got == {
+        ("web1[901]#1" if name == "web1" else "web2[901]#2" if name == "web2" else f"{comm}[{pid}]#{o}"):
+        (vm_id, per * n, at_op, final, at_op)
+        for vm_id, pid, comm, name, o, at_op, final, per in MULTI_VM
+    }
+    m = rep["memslot_updates"]
+    assert sorted(m["vm_label"]) == sorted(got) and set(m["count"]) == {n}
+    b = rep["by_memslots"]
+    # numeric order, every label a range or a single count, counts at the operation (not 0 after teardown)
+    assert list(b["memslots_bucket"]) == ["1", "2-3", "8-15", "32-63", "256-511"]
+    assert list(b["memslots_max"]) == [1, 3, 12, 40, 509] and list(b["scanned_mean"]) == [1, 3, 12, 40, 509]
+    assert list(b["count"]) == [7 * n, 10 * n, 5 * n, 20 * n, 30 * n]
+    assert set(b["memslots_source"]) == {MEMSLOTS_KERNEL}
+
+
+def test_bucket_labels():
+    from kvmtrace.analysis.report import memslot_bucket_label
+
+    assert [memslot_bucket_label(i) for i in range(5)] == ["0", "1", "2-3", "4-7", "8-15"]
+    assert memslot_bucket_label(9) == "256-511"
 
 
 def test_merge_keeps_sources_and_provenance_apart():
@@ -95,6 +136,21 @@ def test_json_schema_and_required_fields(capsys):
     assert u["slots_scanned"]["mean"] is None
     assert doc["lost_events"] == 0
     assert {(x["change"], x["count"]) for x in doc["memslot_updates"]} == {("create", 8), ("move", 4)}
+
+
+def test_json_names_every_vm_and_carries_the_stable_id(capsys):
+    jsonschema = pytest.importorskip("jsonschema")
+    code, out, err = run_cli(["report", os.path.join(FIX, "multi-vm"), "--json"], capsys)
+    assert code == 0, err
+    doc = json.loads(out)
+    with open(os.path.join(ROOT, "docs", "report.schema.json")) as f:
+        jsonschema.validate(doc, json.load(f))
+    rows = {(x["vm"], x["vm_label"], x["ordinal"], x["memslots_max"], x["memslots"], x["count"],
+             x["slots_scanned"]["max"]) for x in doc["hva_ops"]}
+    assert rows == {(vm_id, (name or comm) + f"[{pid}]#{o}", o, at_op, final, per * MULTI_INTERVALS, at_op)
+                    for vm_id, pid, comm, name, o, at_op, final, per in MULTI_VM}
+    assert [x["memslots_bucket"] for x in doc["by_memslots"]] == ["1", "2-3", "8-15", "32-63", "256-511"]
+    assert {x["vm_label"] for x in doc["memslot_updates"]} == {r[1] for r in rows}
 
 
 def test_csv_export_is_spreadsheet_safe(tmp_path, capsys):

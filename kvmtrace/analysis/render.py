@@ -60,7 +60,20 @@ def _src_mark(src: str) -> str:
         return "ev"
     if src.startswith(HIST_SOURCE):
         return "hist*" if "incomplete" in src else "hist"
+    if src.startswith("in-kernel sum / count"):
+        return "mean"
     return src or "-"
+
+
+def fmt_count(v) -> str:
+    """A count or memslot figure where negative means unknown (sentinel): "-"."""
+    n = _num(v)
+    return "-" if n is None or n < 0 else fmt_num(n)
+
+
+def fmt_memslots(mx, final) -> str:
+    """Per VM: the largest memslot count seen while traced / the final one ("509/0": torn down)."""
+    return f"{fmt_count(mx)}/{fmt_count(final)}"
 
 
 def _table(title: str, headers: List[str], rows: List[List[str]], caption: Optional[str] = None):
@@ -77,7 +90,9 @@ def _table(title: str, headers: List[str], rows: List[List[str]], caption: Optio
 
 LEGEND = (
     "src: ev = exact percentiles over raw events; hist = from the in-kernel log2 histogram, linear "
-    "interpolation within the bucket; hist* = histogram because raw events were incomplete. "
+    "interpolation within the bucket; hist* = histogram because raw events were incomplete; "
+    "mean = in-kernel sum / count only (memslot-count buckets keep no histogram). "
+    "vm: guest name or comm, VMM pid, #n = n-th VM of that process (#? = predates the trace). "
     "prov: latency/slots provenance (exact = function entry/exit, syscall = bounded by the ioctl/"
     "syscall, derived = from mirrored state). Means and max are exact (in-kernel sums and maxima)."
 )
@@ -96,22 +111,24 @@ def report_renderables(rep) -> list:
     if not h.empty:
         rows = []
         for _, r in h.iterrows():
-            vm = f"{r['comm'] or '?'}[{r['pid']}]" + (f" {r['name']}" if r["name"] else "")
             rows.append(([r["source"]] if multi else []) + [
-                vm, fmt_num(r["memslots"]) if r["memslots"] >= 0 else "-", r["op"], fmt_num(r["count"]),
+                r["vm_label"], fmt_memslots(r["memslots_max"], r["memslots"]), r["op"], fmt_num(r["count"]),
                 fmt_num(r["rate_per_s"]), fmt_ns(r["lat_p50_ns"]), fmt_ns(r["lat_p90_ns"]), fmt_ns(r["lat_p99_ns"]),
                 fmt_ns(r["lat_max_ns"]), _src_mark(r["latency_source"]), fmt_num(r["slots_mean"]),
-                fmt_num(r["slots_p99"]), fmt_num(r["slots_max"]), fmt_num(r["scanned_mean"]),
+                fmt_num(r["slots_p99"]), fmt_num(r["slots_max"]), fmt_num(r["scanned_mean"]), fmt_num(r["scanned_max"]),
                 f"{r['lat_provenance']}/{r['slots_provenance']}"])
-        heads = (["source"] if multi else []) + ["vm", "slots", "op", "count", "/s", "p50", "p90", "p99", "max", "src",
-                                                  "visited", "vis p99", "vis max", "scanned", "prov"]
-        out.append(_table("hva operations per VM", heads, rows))
+        heads = (["source"] if multi else []) + ["vm", "memslots max/final", "op", "count", "/s", "p50", "p90", "p99",
+                                                  "max", "src", "visited", "vis p99", "vis max", "scanned", "scan max",
+                                                  "prov"]
+        under = int(h["underived"].sum()) if "underived" in h else 0
+        cap = f"slots visited not derivable for {under:,} operations (counted, not guessed)" if under else None
+        out.append(_table("hva operations per VM", heads, rows, caption=cap))
     m = rep["memslot_updates"]
     if not m.empty:
         rows = []
         for _, r in m.iterrows():
             rows.append(([r["source"]] if multi else []) + [
-                f"{r['comm'] or '?'}[{r['pid']}]", r["change"], fmt_num(r["count"]), fmt_num(r["errors"]),
+                r["vm_label"], r["change"], fmt_num(r["count"]), fmt_num(r["errors"]),
                 fmt_ns(r["lat_p50_ns"]), fmt_ns(r["lat_p90_ns"]), fmt_ns(r["lat_p99_ns"]), fmt_ns(r["lat_max_ns"]),
                 _src_mark(r["latency_source"]), f"{r['lat_provenance']}/{r['change_provenance']}"])
         heads = (["source"] if multi else []) + ["vm", "change", "count", "errors", "p50", "p90", "p99", "max", "src", "prov"]
@@ -121,9 +138,11 @@ def report_renderables(rep) -> list:
         rows = []
         for _, r in b.iterrows():
             rows.append(([r["source"]] if multi else []) + [
-                r["op"], r["memslots_bucket"], fmt_num(r["count"]), fmt_ns(r["lat_p50_ns"]), fmt_ns(r["lat_p99_ns"]),
-                fmt_ns(r["lat_mean_ns"]), _src_mark(r["latency_source"]), fmt_num(r["slots_mean"]), fmt_num(r["scanned_mean"])])
-        heads = (["source"] if multi else []) + ["op", "memslots", "count", "p50", "p99", "mean", "src", "visited", "scanned"]
+                r["op"], r["memslots_bucket"], fmt_count(r["memslots_max"]), fmt_num(r["count"]), fmt_ns(r["lat_p50_ns"]),
+                fmt_ns(r["lat_p99_ns"]), fmt_ns(r["lat_mean_ns"]), _src_mark(r["latency_source"]), fmt_num(r["slots_mean"]),
+                fmt_num(r["scanned_mean"])])
+        heads = (["source"] if multi else []) + ["op", "memslots", "max", "count", "p50", "p99", "mean", "src", "visited",
+                                                  "scanned"]
         out.append(_table("hva operations by memslot count", heads, rows,
                           caption="memslot count: " + ", ".join(sorted(set(b["memslots_source"])))))
     from rich.text import Text
