@@ -136,7 +136,7 @@ def report_html(rep, title: str = "kvmtrace report") -> str:
     return _page(title, body)
 
 
-def compare_html(df: pd.DataFrame, title: str = "kvmtrace compare") -> str:
+def compare_html(df: pd.DataFrame, before=None, after=None, title: str = "kvmtrace compare") -> str:
     body = ["<h2>verdicts</h2><ul>" + "".join(f"<li>{html.escape(v)}</li>" for v in df["verdict"]) + "</ul>"]
     body.append("<h2>table</h2>" + _table(df))
     d = df[df["median_ratio"].notna()]

@@ -157,27 +157,107 @@ def report_renderables(rep) -> list:
     return out
 
 
-def compare_renderables(df: pd.DataFrame) -> list:
+def before_after(b: str, a: str) -> str:
+    """"509 -> -": both sides shown whenever either has a value; "-" only when neither has."""
+    return "-" if b == "-" and a == "-" else f"{b} -> {a}"
+
+
+def fmt_ns_tight(v) -> str:
+    """fmt_ns without the space ("1.81µs"), for before -> after cells."""
+    return fmt_ns(v).replace(" ", "")
+
+
+def fmt_count_tight(v) -> str:
+    """Counts in before -> after cells: exact below 100,000, else 3 significant digits with k/M/G."""
+    n = _num(v)
+    if n is None:
+        return "-"
+    for suffix, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= 1e5 and abs(n) >= div:
+            return f"{n / div:.3g}{suffix}"
+    return fmt_num(n)
+
+
+def fmt_ci(lo, hi) -> str:
+    """"[0.41-0.47]": a ratio's 95 % interval, compact (2 significant digits)."""
+    if _num(lo) is None or _num(hi) is None:
+        return ""
+    return f"[{_num(lo):.2g}-{_num(hi):.2g}]"
+
+
+def compare_header(before: dict, after: dict) -> list:
+    """One line per side naming the recording: label, kernel, host, attach mode."""
     from rich.text import Text
 
-    from .compare import _fmt_p
+    out = []
+    for side, d in (("before", before), ("after", after)):
+        out.append(Text(f"{side + ':':8}{d['label']}  kernel {d['kernel']}  host {d['host']}  attach {d['attach']}"))
+    return out
 
-    bench = bool((df["scenario"] != "").any() or (df["slots"] >= 0).any()) if not df.empty else False
-    rows = []
-    for _, r in df.iterrows():
-        unit = fmt_s if r["unit"] == "s" else fmt_ns
-        rows.append([r["op"] if r["kind"] != "memslot" else f"memslot {r['op']}"]
-                    + ([r["scenario"] or "-", fmt_num(r["slots"]) if r["slots"] >= 0 else "-"] if bench else [])
-                    + [fmt_num(r["n_before"]), fmt_num(r["n_after"]), unit(r["median_before"]), unit(r["median_after"]),
-                       fmt_ratio(r["median_ratio"]),
-                       f"{fmt_ratio(r['median_ratio_ci_lo'])}-{fmt_ratio(r['median_ratio_ci_hi'])}"
-                       if not pd.isna(r["median_ratio_ci_lo"]) else "-",
-                       unit(r["p99_before"]), unit(r["p99_after"]), fmt_ratio(r["p99_ratio"]),
-                       _fmt_p(r["p_value"]), fmt_ratio(r["slots_ratio"]), fmt_ratio(r["scanned_ratio"]), r["lat_provenance"]])
-    heads = (["op"] + (["scenario", "slots"] if bench else [])
-             + ["n before", "n after", "median before", "median after", "ratio", "95% CI",
-                "p99 before", "p99 after", "p99 ratio", "p", "visited ratio", "scanned ratio", "prov"])
-    out = [_table("before -> after (ratio = after / before; < 1 is faster)", heads, rows)]
+
+def _compact_table(title: str, headers: List[str], rows: List[List[str]], left: int = 1):
+    """A borderless table for 120 columns: values fold rather than being cut ("…" would hide them)."""
+    from rich import box
+    from rich.table import Table
+
+    from rich.console import Group
+    from rich.text import Text
+
+    t = Table(box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1), collapse_padding=True)
+    for i, h in enumerate(headers):
+        t.add_column(h, justify="left" if i < left else "right", overflow="fold")
+    for r in rows:
+        t.add_row(*r)
+    return Group(Text(title, style="italic"), t)  # the title on its own line: never cut to the table's width
+
+
+def _unit(r):
+    return fmt_s if r["unit"] == "s" else fmt_ns
+
+
+def compare_renderables(df: pd.DataFrame, before: Optional[dict] = None, after: Optional[dict] = None) -> list:
+    """Header naming both sides, then: for bench directories the matrix (rows = scenario and
+    what, columns = memslot counts, cells before -> after); otherwise one row per op / memslot
+    change type with absolute before -> after figures and the ratio; then the verdict lines."""
+    from rich.text import Text
+
+    from .compare import bench_matrix, is_bench
+
+    out = compare_header(before, after) if before and after else []
+    if is_bench(df):
+        slots, mrows = bench_matrix(df)
+        rows = []
+        scen = None
+        for m in mrows:
+            if m["scenario"] != scen:  # scenario as a group header: the cells keep the width
+                scen = m["scenario"]
+                rows.append([scen or "-"] + [""] * len(slots))
+            f = (lambda v: fmt_s(v).replace(" ", "")) if m["unit"] == "s" else fmt_ns_tight if m["unit"] == "ns" else fmt_num
+            rows.append(["  " + m["what"]] + [before_after(f(b), f(a)) for b, a in (m["cells"][n] for n in slots)])
+            if m["verdicts"]:
+                rows.append([""] + [m["verdicts"][n] for n in slots])
+        out.append(_compact_table("before -> after by scenario and memslot count (latency p50 / p99; time/iter = "
+                                  "workload average)", ["scenario / what"] + [f"{n} slots" for n in slots], rows))
+        out.append(Text("verdict per cell: significant change, noise, same (<2%), ? = not tested, n/c = not compared",
+                        style="dim"))
+    else:
+        from .compare import short_verdict
+
+        rows = []
+        for _, r in df.iterrows():
+            u = fmt_s if r["unit"] == "s" else fmt_ns_tight
+            what = r["op"] if r["kind"] != "memslot" else f"memslot {r['op']}"
+            rows.append([what, before_after(fmt_count_tight(r["n_before"]), fmt_count_tight(r["n_after"])),
+                         before_after(u(r["median_before"]), u(r["median_after"])), fmt_ratio(r["median_ratio"]),
+                         before_after(u(r["p99_before"]), u(r["p99_after"])), fmt_ratio(r["p99_ratio"]),
+                         before_after(fmt_num(r["slots_mean_before"]), fmt_num(r["slots_mean_after"])),
+                         before_after(fmt_num(r["scanned_mean_before"]), fmt_num(r["scanned_mean_after"]))])
+            both = r["n_before"] > 0 and r["n_after"] > 0
+            rows.append(["  " + short_verdict(r["median_ratio"], r["p_value"], both), "", "",
+                         fmt_ci(r["median_ratio_ci_lo"], r["median_ratio_ci_hi"]), "",
+                         fmt_ci(r["p99_ratio_ci_lo"], r["p99_ratio_ci_hi"]), "", ""])
+        out.append(_compact_table("before -> after (ratio = after / before, < 1 is faster; [95% CI] below it)",
+                                  ["what", "count", "p50", "ratio", "p99", "ratio", "visited", "scanned"], rows))
     for v in df["verdict"]:
         out.append(Text(v))
     tests = sorted({t for t in df["test"] if isinstance(t, str) and t})

@@ -28,13 +28,17 @@ def compare(before, after, csv_file, html_file):
 
     cols = {"hva_events": ["op", "latency_ns", "lat_provenance"], "memslot_events": ["change", "latency_ns", "lat_provenance"]}
     assert set(cols) <= set(EVENT_COLUMNS)
-    df = do_compare(read_inputs([before], event_columns=cols), read_inputs([after], event_columns=cols))
+    from ..analysis.compare import describe
+
+    recs_b, recs_a = read_inputs([before], event_columns=cols), read_inputs([after], event_columns=cols)
+    df = do_compare(recs_b, recs_a)
+    sides = describe(recs_b, before), describe(recs_a, after)
     if csv_file:
         export.write_csv(df, csv_file)
         click.echo(f"wrote {csv_file}")
     if html_file:
         from ..analysis.html import compare_html
 
-        export.write_text(html_file, compare_html(df), "--html")
+        export.write_text(html_file, compare_html(df, *sides), "--html")
         click.echo(f"wrote {html_file}")
-    print_renderables(compare_renderables(df))
+    print_renderables(compare_renderables(df, *sides))
