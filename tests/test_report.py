@@ -175,7 +175,7 @@ def test_html_is_self_contained(tmp_path, capsys):
     text = p.read_text()
     assert text.startswith("<!DOCTYPE html>") and text.count("data:image/png;base64,") == 2
     assert "http://" not in text and "https://" not in text and "<script" not in text
-    assert "=HYPERLINK(1)" in text and "log2 histogram, linear interpolation within bucket" in text
+    assert "=HYPERLINK(1)" in text and "log2 histogram, linear interpolation within the bucket" in text
 
 
 def test_terminal_output(capsys, monkeypatch):

@@ -349,7 +349,16 @@ def compare(before: Sequence[Recording], after: Sequence[Recording]) -> pd.DataF
         note = "no latency figure (provenance none)" if lprov == "none" else ""
         row["verdict"] = verdict(label, r, p, note)
         rows.append(row)
-    return pd.DataFrame(rows, columns=COLUMNS)
+    df = pd.DataFrame(rows, columns=COLUMNS)
+    # latency histograms per side and key, for plots (kept out of the table's columns)
+    hists = []
+    for side, sides in (("before", B), ("after", A)):
+        for (kind, scen, nslots, name, lprov), s in sides.items():
+            if kind != "iteration" and s.hist.sum():
+                hists.append([side, kind, scen, nslots, name, lprov] + [int(x) for x in s.hist])
+    df.attrs["latency_hists"] = pd.DataFrame(hists, columns=["side", "kind", "scenario", "slots", "op", "lat_provenance"]
+                                             + list(T.LAT_B))
+    return df
 
 
 def _attach_modes(meta: dict) -> str:
