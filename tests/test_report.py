@@ -68,7 +68,7 @@ def test_older_recording_falls_back_to_interval_end_counts_and_says_so():
     assert r["count"] == 900 and r["vm_label"] == "qemu-system-x86[5151]#?" and r["memslots_max"] == 509
     assert math.isnan(r["scanned_max"]) and r["underived"] == 0
     b = rep["by_memslots"].iloc[0]
-    assert b["memslots_source"] == MEMSLOTS_INTERVAL_END == "VM memslot count at interval end (older recording: no in-kernel buckets)"
+    assert b["memslots_source"] == MEMSLOTS_INTERVAL_END == "VM memslot count at interval end (recording without in-kernel memslot-count buckets)"
     assert b["memslots_bucket"] == "256-511" and b["scanned_mean"] == 509.0
 
 
@@ -151,6 +151,15 @@ def test_json_names_every_vm_and_carries_the_stable_id(capsys):
                     for vm_id, pid, comm, name, o, at_op, final, per in MULTI_VM}
     assert [x["memslots_bucket"] for x in doc["by_memslots"]] == ["1", "2-3", "8-15", "32-63", "256-511"]
     assert {x["vm_label"] for x in doc["memslot_updates"]} == {r[1] for r in rows}
+
+
+@pytest.mark.parametrize("fixture", ["legacy-v1", "hist-only", "bench-before"])
+def test_json_schema_holds_for_every_kind_of_input(fixture, capsys):
+    jsonschema = pytest.importorskip("jsonschema")
+    code, out, err = run_cli(["report", os.path.join(FIX, fixture), "--json"], capsys)
+    assert code == 0, err
+    with open(os.path.join(ROOT, "docs", "report.schema.json")) as f:
+        jsonschema.validate(json.loads(out), json.load(f))
 
 
 def test_csv_export_is_spreadsheet_safe(tmp_path, capsys):

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from .. import __version__
+from .report import MEMSLOTS_EVENTS, MEMSLOTS_INTERVAL_END, MEMSLOTS_KERNEL
 from .render import (
     LEGEND,
     _src_mark,
@@ -158,21 +159,22 @@ def latency_hist_plot(hist: pd.DataFrame, max_series: int = 12) -> str:
     return _fig_png(fig, "latency distribution")
 
 
-def _series_name(r) -> str:
-    if r.get("scenario"):
-        return f"{r['kernel'] or r['source']} {r['scenario']}"
-    return str(r["source"])
-
-
-def vs_memslots_plots(bym: pd.DataFrame, max_series: int = 10) -> str:
-    """Per recording (bench: per kernel and scenario) and op: latency, and slots visited /
-    scanned, against the memslot count at the operation. x = the largest memslot count seen in
-    each bucket (exact when a bucket holds one count)."""
+def vs_memslots_plots(bym: pd.DataFrame, groups: Optional[dict] = None, max_series: int = 10) -> str:
+    """Per recording (bench directory: per directory and scenario) and op: latency, and slots
+    visited / scanned, against the memslot count at the operation. x = the largest memslot count
+    seen in each bucket (exact when a bucket holds one count). ``groups``: source -> the bench
+    directory it belongs to."""
     if bym is None or bym.empty:
         return ""
     plt = _plt()
     d = bym.copy()
-    d["series"] = [f"{_series_name(r)}: {r['op']}" for _, r in d.iterrows()]
+    groups = groups or {}
+
+    def series(r) -> str:
+        g = groups.get(r["source"])
+        return f"{g} {r['scenario']}: {r['op']}" if g else f"{r['source']}: {r['op']}"
+
+    d["series"] = [series(r) for _, r in d.iterrows()]
     d = d[d["memslots_max"] >= 0]
     if d.empty:
         return ""
@@ -203,6 +205,9 @@ def vs_memslots_plots(bym: pd.DataFrame, max_series: int = 10) -> str:
 
 
 # ----------------------------------------------------------------------------- report
+
+_MEMSLOTS_FROM = {MEMSLOTS_KERNEL: "at op (kernel)", MEMSLOTS_EVENTS: "at op (events)",
+                  MEMSLOTS_INTERVAL_END: "interval end"}
 
 
 def _source_rows(src: pd.DataFrame) -> List[List[str]]:
@@ -242,12 +247,18 @@ def report_html(rep, title: str = "kvmtrace report") -> str:
         rows.append(([r["source"]] if multi else []) + [
             r["op"], r["memslots_bucket"], fmt_count(r["memslots_max"]), fmt_num(r["count"]), fmt_ns(r["lat_p50_ns"]),
             fmt_ns(r["lat_p99_ns"]), fmt_ns(r["lat_mean_ns"]), fmt_num(r["slots_mean"]), fmt_num(r["scanned_mean"]),
-            r["memslots_source"]])
-    body.append("<h2>hva operations by memslot count at the operation</h2>" + html_table(
-        first + ["op", "memslots", "largest", "count", "p50", "p99", "mean", "visited", "scanned", "memslot count from"],
-        rows, left=first + ["op", "memslot count from"]))
+            _MEMSLOTS_FROM.get(r["memslots_source"], r["memslots_source"])])
+    body.append("<h2>hva operations by memslot count</h2>" + html_table(
+        first + ["op", "memslots", "largest", "count", "p50", "p99", "mean", "visited", "scanned", "count from"],
+        rows, left=first + ["op", "count from"]))
+    used = sorted(set(b["memslots_source"])) if not b.empty else []
+    if used:
+        body.append("<p class=\"note\">count from: " + html.escape("; ".join(
+            f"{_MEMSLOTS_FROM.get(u, u)} = {u}" for u in used)) + ". p50/p99 need a histogram or raw events: in-kernel "
+            "memslot-count buckets keep sums, so they give the mean.</p>")
     body.append("<h2>Plots</h2>")
-    body.append(vs_memslots_plots(b))
+    groups = {r["source"]: r["bench_dir"] for _, r in src.iterrows() if r.get("bench_dir")}
+    body.append(vs_memslots_plots(b, groups))
     body.append(latency_hist_plot(rep.hist))
     body.append("<h2>Recordings</h2>" + html_table(
         ["recording", "host", "kernel", "start", "duration", "intervals", "status", "lost events", "raw events"],

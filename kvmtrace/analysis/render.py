@@ -45,8 +45,8 @@ def fmt_num(v, digits: int = 3) -> str:
         return str(v)  # a label, shown as it is
     if math.isnan(n):
         return "-"
-    if n == int(n) and abs(n) < 1e15:
-        return f"{int(n):,}"
+    if abs(n) < 1e15 and (n == int(n) or abs(n) >= 10 ** digits):
+        return f"{int(round(n)):,}"  # 18,224 rather than 1.82e+04
     return f"{n:.{digits}g}"
 
 
@@ -77,9 +77,11 @@ def fmt_memslots(mx, final) -> str:
 
 
 def _table(title: str, headers: List[str], rows: List[List[str]], caption: Optional[str] = None):
+    from rich import box
     from rich.table import Table
 
-    t = Table(title=title, caption=caption, caption_justify="left", title_justify="left")
+    t = Table(title=title, caption=caption, caption_justify="left", title_justify="left", box=box.SIMPLE_HEAD,
+              pad_edge=False, collapse_padding=True)
     for i, h in enumerate(headers):
         t.add_column(h, justify="left" if i < 1 or h in ("vm", "comm", "op", "change", "prov", "src", "verdict", "scenario", "source") else "right",
                      overflow="fold")
@@ -96,6 +98,16 @@ LEGEND = (
     "prov: latency/slots provenance (exact = function entry/exit, syscall = bounded by the ioctl/"
     "syscall, derived = from mirrored state). Means and max are exact (in-kernel sums and maxima)."
 )
+
+
+def _one_prov(heads: List[str], rows: List[List[str]]):
+    """When every row has the same provenance, drop the "prov" column and return it for the
+    caption (narrower tables); else leave the column. -> (heads, rows, common or "")."""
+    i = heads.index("prov")
+    vals = {r[i] for r in rows}
+    if len(vals) != 1:
+        return heads, rows, ""
+    return heads[:i] + heads[i + 1:], [r[:i] + r[i + 1:] for r in rows], vals.pop()
 
 
 def report_renderables(rep) -> list:
@@ -115,13 +127,18 @@ def report_renderables(rep) -> list:
                 r["vm_label"], fmt_memslots(r["memslots_max"], r["memslots"]), r["op"], fmt_num(r["count"]),
                 fmt_num(r["rate_per_s"]), fmt_ns(r["lat_p50_ns"]), fmt_ns(r["lat_p90_ns"]), fmt_ns(r["lat_p99_ns"]),
                 fmt_ns(r["lat_max_ns"]), _src_mark(r["latency_source"]), fmt_num(r["slots_mean"]),
-                fmt_num(r["slots_p99"]), fmt_num(r["slots_max"]), fmt_num(r["scanned_mean"]), fmt_num(r["scanned_max"]),
+                fmt_num(r["slots_max"]), fmt_num(r["scanned_mean"]), fmt_num(r["scanned_max"]),
                 f"{r['lat_provenance']}/{r['slots_provenance']}"])
-        heads = (["source"] if multi else []) + ["vm", "memslots max/final", "op", "count", "/s", "p50", "p90", "p99",
-                                                  "max", "src", "visited", "vis p99", "vis max", "scanned", "scan max",
+        heads = (["source"] if multi else []) + ["vm", "memslots", "op", "count", "/s", "p50", "p90", "p99",
+                                                  "max", "src", "visited", "vis max", "scanned", "scan max",
                                                   "prov"]
         under = int(h["underived"].sum()) if "underived" in h else 0
-        cap = f"slots visited not derivable for {under:,} operations (counted, not guessed)" if under else None
+        cap = "memslots: the VM's largest / final memslot count"
+        heads, rows, one = _one_prov(heads, rows)
+        if one:
+            cap += f"; provenance (latency/slots): {one}"
+        if under:
+            cap += f"; slots visited not derivable for {under:,} operations (counted, not guessed)"
         out.append(_table("hva operations per VM", heads, rows, caption=cap))
     m = rep["memslot_updates"]
     if not m.empty:
@@ -132,7 +149,9 @@ def report_renderables(rep) -> list:
                 fmt_ns(r["lat_p50_ns"]), fmt_ns(r["lat_p90_ns"]), fmt_ns(r["lat_p99_ns"]), fmt_ns(r["lat_max_ns"]),
                 _src_mark(r["latency_source"]), f"{r['lat_provenance']}/{r['change_provenance']}"])
         heads = (["source"] if multi else []) + ["vm", "change", "count", "errors", "p50", "p90", "p99", "max", "src", "prov"]
-        out.append(_table("memslot updates", heads, rows))
+        heads, rows, one = _one_prov(heads, rows)
+        out.append(_table("memslot updates", heads, rows,
+                          caption=f"provenance (latency/change type): {one}" if one else None))
     b = rep["by_memslots"]
     if not b.empty:
         rows = []

@@ -14,6 +14,7 @@ different provenance are never merged: provenance is part of every grouping key.
 from __future__ import annotations
 
 import math
+import os
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -276,7 +277,7 @@ def memslot_bucket_label(b: int) -> str:
 # memslots_source values: where each operation's memslot count comes from
 MEMSLOTS_KERNEL = "memslot count at each operation (in-kernel buckets)"
 MEMSLOTS_EVENTS = "memslot count at each operation (raw events)"
-MEMSLOTS_INTERVAL_END = "VM memslot count at interval end (older recording: no in-kernel buckets)"
+MEMSLOTS_INTERVAL_END = "VM memslot count at interval end (recording without in-kernel memslot-count buckets)"
 
 BY_MEMSLOTS_COLS = ["op", "bucket", "memslots_bucket", "memslots_min", "memslots_max", "count", "lat_p50_ns",
                     "lat_p99_ns", "lat_mean_ns", "lat_provenance", "latency_source", "slots_mean",
@@ -308,8 +309,8 @@ def by_memslots(hva: pd.DataFrame, events: Optional[pd.DataFrame] = None,
     """hva ops by the VM's memslot count (log2 buckets, in numeric order). The count is the one
     at each operation: from raw events when they cover every operation (exact percentiles), else
     from the in-kernel buckets (``kernel``: the recording's by_memslots table; counts and means).
-    Older recordings have neither: then the VM's memslot count at the end of each interval is
-    used, and ``memslots_source`` says so."""
+    Recordings with neither (older versions, or a tracer that kept no buckets) fall back to the
+    VM's memslot count at the end of each interval, and ``memslots_source`` says so."""
     from .synth import log2_buckets
 
     total = int(hva["count"].sum()) if not hva.empty else 0
@@ -371,6 +372,7 @@ def sources(recs: Sequence[Recording]) -> pd.DataFrame:
         rows.append({
             "source": r.source, "path": r.path, "host": r.meta.get("host", ""), "kernel": r.meta.get("kernel", ""),
             "label": r.meta.get("label", ""), "scenario": b.get("scenario", ""),
+            "bench_dir": os.path.basename(os.path.normpath(b["bench_dir"])) if b.get("bench_dir") else "",
             "bench_slots": b.get("slots") if b.get("slots") is not None else -1,
             "iter_avg_s": float(wl.get("iter_avg_s", math.nan)) if wl.get("iter_avg_s") is not None else math.nan,
             "iter_best_s": float(wl.get("iter_best_s", math.nan)) if wl.get("iter_best_s") is not None else math.nan,
