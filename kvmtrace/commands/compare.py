@@ -9,6 +9,7 @@ import click
     epilog="""\b
 Examples:
   kvmtrace compare before after                      # two recordings or two bench directories
+  kvmtrace compare bench-5.10 bench-6.1              # scenario x memslot-count table, before -> after
   kvmtrace compare bench-5.10 bench-6.1 --csv cmp.csv --html cmp.html
 """,
 )
@@ -17,9 +18,12 @@ Examples:
 @click.option("--csv", "csv_file", type=click.Path(), default=None, help="write the comparison table as CSV")
 @click.option("--html", "html_file", type=click.Path(), default=None, help="write a self-contained HTML page")
 def compare(before, after, csv_file, html_file):
-    """Compare BEFORE and AFTER (recordings or `kvmtrace bench` directories): per op (and
-    scenario x memslot count) median and p99 ratio with confidence intervals, a Mann-Whitney
-    test, slots visited/scanned ratio, and one verdict line per row. Nothing is hidden."""
+    """Compare BEFORE and AFTER (recordings or `kvmtrace bench` directories). A header names
+    both sides (label, kernel, host, attach mode); then per op and memslot change type the
+    absolute figures before -> after (count, p50, p99, slots visited and scanned) with the
+    ratio, its 95% confidence interval and a Mann-Whitney test; one verdict line per row.
+    Two bench directories print the scenario x memslot-count table with before -> after cells.
+    A figure one side lacks shows as "509 -> -": nothing is hidden."""
     from ..analysis import export
     from ..analysis.compare import compare as do_compare
     from ..analysis.recording import read_inputs
