@@ -123,13 +123,19 @@ def test_incomplete_events_fall_back_to_histogram():
     assert row["latency_source"] == HIST_SOURCE + " (raw events incomplete: 155 of 160)"
 
 
-def test_json_schema_and_required_fields(capsys):
+def report_json(fixture, capsys) -> dict:
+    """`report FIXTURE --json`, validated against docs/report.schema.json."""
     jsonschema = pytest.importorskip("jsonschema")
-    code, out, err = run_cli(["report", os.path.join(FIX, "basic"), "--json"], capsys)
+    code, out, err = run_cli(["report", os.path.join(FIX, fixture), "--json"], capsys)
     assert code == 0, err
     doc = json.loads(out)
     with open(os.path.join(ROOT, "docs", "report.schema.json")) as f:
         jsonschema.validate(doc, json.load(f))
+    return doc
+
+
+def test_json_schema_and_required_fields(capsys):
+    doc = report_json("basic", capsys)
     u = [x for x in doc["hva_ops"] if x["op"] == "unmap" and x["pid"] == 4242][0]
     assert u["count"] == 160 and u["vm"] == "ffff8881000a0000" and u["latency_ns"]["source"] == "raw events"
     assert u["latency_ns"]["provenance"] == "exact" and u["slots_visited"]["mean"] == 1.0
@@ -139,12 +145,7 @@ def test_json_schema_and_required_fields(capsys):
 
 
 def test_json_names_every_vm_and_carries_the_stable_id(capsys):
-    jsonschema = pytest.importorskip("jsonschema")
-    code, out, err = run_cli(["report", os.path.join(FIX, "multi-vm"), "--json"], capsys)
-    assert code == 0, err
-    doc = json.loads(out)
-    with open(os.path.join(ROOT, "docs", "report.schema.json")) as f:
-        jsonschema.validate(doc, json.load(f))
+    doc = report_json("multi-vm", capsys)
     rows = {(x["vm"], x["vm_label"], x["ordinal"], x["memslots_max"], x["memslots"], x["count"],
              x["slots_scanned"]["max"]) for x in doc["hva_ops"]}
     assert rows == {(vm_id, (name or comm) + f"[{pid}]#{o}", o, at_op, final, per * MULTI_INTERVALS, at_op)
@@ -155,11 +156,7 @@ def test_json_names_every_vm_and_carries_the_stable_id(capsys):
 
 @pytest.mark.parametrize("fixture", ["legacy-v1", "hist-only", "bench-before"])
 def test_json_schema_holds_for_every_kind_of_input(fixture, capsys):
-    jsonschema = pytest.importorskip("jsonschema")
-    code, out, err = run_cli(["report", os.path.join(FIX, fixture), "--json"], capsys)
-    assert code == 0, err
-    with open(os.path.join(ROOT, "docs", "report.schema.json")) as f:
-        jsonschema.validate(json.loads(out), json.load(f))
+    assert report_json(fixture, capsys)["hva_ops"]
 
 
 def test_csv_export_is_spreadsheet_safe(tmp_path, capsys):

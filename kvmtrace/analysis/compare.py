@@ -185,12 +185,7 @@ def verdict(name: str, ratio: float, p: Optional[float], note: str = "") -> str:
         return f"{name}: not compared ({note or 'no latency on one side'})"
     if ratio <= 0:
         return f"{name}: not compared (zero median)"
-    if abs(ratio - 1) < 1e-12:
-        change = "1.00x (same)"
-    elif ratio < 1:
-        change = f"{1 / ratio:.2f}x faster"
-    else:
-        change = f"{ratio:.2f}x slower"
+    change = _change(ratio, "1.00x (same)")
     if p is None or math.isnan(p):
         return f"{name}: {change}, not tested ({note or 'no samples for a test'})"
     if p < ALPHA and abs(math.log(ratio)) >= math.log(1 + MIN_EFFECT):
@@ -198,6 +193,12 @@ def verdict(name: str, ratio: float, p: Optional[float], note: str = "") -> str:
     if p < ALPHA:
         return f"{name}: {change}, significant but below {MIN_EFFECT:.0%} (negligible, {_p_is(p)})"
     return f"{name}: noise ({change}, {_p_is(p)})"
+
+
+def _change(ratio: float, same: str) -> str:
+    if abs(ratio - 1) < 1e-12:
+        return same
+    return f"{1 / ratio:.2f}x faster" if ratio < 1 else f"{ratio:.2f}x slower"
 
 
 def _p_is(p: float) -> str:
@@ -210,12 +211,7 @@ def short_verdict(ratio: float, p: Optional[float], compared: bool = True) -> st
     "1.02x faster?" (not tested), "n/c" (not compared)."""
     if not compared or ratio is None or math.isnan(ratio) or ratio <= 0:
         return "n/c"
-    if abs(ratio - 1) < 1e-12:
-        change = "same"
-    elif ratio < 1:
-        change = f"{1 / ratio:.2f}x faster"
-    else:
-        change = f"{ratio:.2f}x slower"
+    change = _change(ratio, "same")
     if p is None or math.isnan(p):
         return change + "?"
     if p >= ALPHA:
