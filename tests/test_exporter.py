@@ -22,14 +22,18 @@ prometheus_client = pytest.importorskip("prometheus_client")
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 
-def promtool():
-    """Path of promtool; in CI its absence is a failure (scripts/setup.sh installs it)."""
-    p = shutil.which("promtool")
+def need_tool(name: str, package: str) -> str:
+    """Path of a tool scripts/setup.sh installs; in CI its absence is a failure, elsewhere a skip."""
+    p = shutil.which(name)
     if p is None:
         if os.environ.get("CI"):
-            pytest.fail("promtool missing: scripts/setup.sh installs Debian's prometheus package")
-        pytest.skip("promtool not installed (make setup installs Debian's prometheus package)")
+            pytest.fail(f"{name} missing: scripts/setup.sh installs Debian's {package} package")
+        pytest.skip(f"{name} not installed (make setup installs Debian's {package} package)")
     return p
+
+
+def promtool() -> str:
+    return need_tool("promtool", "prometheus")
 
 
 LAT_VALUES = [0, 1, 100, 127, 128, 129, 4095, 4096, 10**6, 2**35 - 1, 2**35, 10**12]
