@@ -31,6 +31,7 @@ if WHY:
 
 from tests.test_exporter import need_tool, promtool  # noqa: E402
 from tests.test_exporter_deploy import UNITS, unit_capabilities  # noqa: E402
+from tests.test_tracer_e2e import run_workload  # noqa: E402  (the workload with its ground truth)
 
 ROOT = Path(__file__).resolve().parent.parent
 KVMTRACE = Path(sys.executable).parent / "kvmtrace"
@@ -58,14 +59,6 @@ def wait_for(pred, timeout: float, what: str):
             last = e
         time.sleep(0.3)
     pytest.fail(f"timed out after {timeout} s waiting for {what} (last: {last!r})")
-
-
-def run_workload(tmp_path, *args, name="truth.json"):
-    out = tmp_path / name
-    cmd = [sys.executable, "-m", "kvmtrace.workload", "--quiet", "--json-out", str(out), *args]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr
-    return json.loads(out.read_text())
 
 
 class Prom:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import socket
+import sys
 import threading
 from http.server import ThreadingHTTPServer
 from typing import Callable, Optional, Tuple
@@ -34,6 +35,15 @@ def parse_listen(text: str) -> Tuple[str, int]:
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+
+    def handle_error(self, request, client_address) -> None:
+        """A scraper that hangs up early (its timeout) is normal; anything else is one line on
+        stderr, never socketserver's traceback."""
+        e = sys.exc_info()[1]
+        if isinstance(e, (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, TimeoutError)):
+            return
+        print(f"kvmtrace exporter: request from {client_address[0]} failed: {type(e).__name__}: {e}",
+              file=sys.stderr, flush=True)
 
 
 class _Server6(_Server):
