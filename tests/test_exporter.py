@@ -74,13 +74,14 @@ def samples(fams, name, **labels):
 
 def test_histogram_buckets_are_the_kernel_buckets_exactly():
     h = Log2Hist.from_values(LAT_VALUES)
-    buckets = hist_buckets(h, LAT_BUCKETS, 1e-9)
+    buckets = hist_buckets(h, LAT_BUCKETS, 1e9)
     assert buckets[-1] == ("+Inf", len(LAT_VALUES))
     assert len(buckets) == len(LAT_BUCKETS) + 1
     for le, cum in buckets[:-1]:
         le_ns = round(float(le) * 1e9)
         assert le_ns + 1 & le_ns == 0, f"le {le} is not 2**i - 1 ns"
         assert cum == sum(1 for v in LAT_VALUES if v <= le_ns), le
+        assert le == repr(le_ns / 1e9)  # the shortest exact spelling, no float residue
     s = hist_buckets(Log2Hist.from_values(SLOT_VALUES), range(0, 17), 1)
     assert [le for le, _ in s[:4]] == ["0.0", "1.0", "3.0", "7.0"]
     for le, cum in s[:-1]:

@@ -39,9 +39,10 @@ def _fmt(x: float) -> str:
     return floatToGoString(x)
 
 
-def hist_buckets(h: Log2Hist, bounds: Iterable[int], scale: float) -> List[Tuple[str, int]]:
+def hist_buckets(h: Log2Hist, bounds: Iterable[int], per_unit: float) -> List[Tuple[str, int]]:
     """Cumulative Prometheus buckets of a log2 histogram: (le, count of values <= le), one per
-    in-kernel bucket index in ``bounds`` (le = (2**i - 1) * scale), then +Inf = the total."""
+    in-kernel bucket index in ``bounds`` (le = (2**i - 1) / per_unit, e.g. 1e9 ns per second),
+    then +Inf = the total."""
     counts = h.counts
     out = []
     cum = 0
@@ -51,7 +52,7 @@ def hist_buckets(h: Log2Hist, bounds: Iterable[int], scale: float) -> List[Tuple
             cum += counts[nxt]
             nxt += 1
         hi = 0 if i == 0 else (1 << i) - 1
-        out.append((_fmt(hi * scale), cum))
+        out.append((_fmt(hi / per_unit), cum))
     out.append(("+Inf", h.total))
     return out
 
@@ -237,7 +238,7 @@ class Exporter:
                 continue
             ops.add_metric([*lv, h.op, "exact"], h.count)
             if h.lat_provenance != "none" and h.lat_hist.total:
-                lat.add_metric([*lv, h.op, h.lat_provenance], hist_buckets(h.lat_hist, LAT_BUCKETS, 1e-9),
+                lat.add_metric([*lv, h.op, h.lat_provenance], hist_buckets(h.lat_hist, LAT_BUCKETS, 1e9),
                                h.lat_sum_ns / 1e9)
             if h.slots_provenance != "none" and h.slots_hist.total:
                 slots.add_metric([*lv, h.op, h.slots_provenance], hist_buckets(h.slots_hist, SLOT_BUCKETS, 1),
@@ -261,7 +262,7 @@ class Exporter:
             upd.add_metric([*lv, m.change, m.change_provenance], m.count)
             err.add_metric([*lv, m.change, m.change_provenance], m.errors)
             if m.lat_provenance != "none" and m.lat_hist.total:
-                lat.add_metric([*lv, m.change, m.lat_provenance], hist_buckets(m.lat_hist, LAT_BUCKETS, 1e-9),
+                lat.add_metric([*lv, m.change, m.lat_provenance], hist_buckets(m.lat_hist, LAT_BUCKETS, 1e9),
                                m.lat_sum_ns / 1e9)
         yield from (upd, err, lat)
         count = Gauge("kvmtrace_vm_memslots", "memslots the VM has now (from the mirrored memslot table)",
