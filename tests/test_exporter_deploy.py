@@ -111,3 +111,26 @@ def unit_capabilities(unit: Path):
 
 def test_both_units_grant_the_same_capabilities():
     assert len({tuple(unit_capabilities(u)) for u in UNITS}) == 1
+
+
+def test_every_exported_metric_is_described_once_in_the_docs():
+    from kvmtrace.exporter.collector import Exporter, render
+    from kvmtrace.snapshot import SelfCost
+
+    ex = Exporter(memslots_limit=32764, plan_ops=[("unmap", "tracepoint", "t", "syscall", "derived")])
+    ex.update(make_snap(cost=SelfCost("enabled", 10, 1, 0.1, (("p", 10, 1),))))
+    families = set()
+    for line in render(ex).decode().splitlines():
+        if line.startswith("# TYPE kvmtrace_"):
+            name, kind = line.split()[2:4]
+            if kind == "counter" and not name.endswith("_total"):
+                name += "_total"
+            families.add(name)
+    doc = DOC.read_text()
+    rows = re.findall(r"^\| `(kvmtrace_[a-z_]+)` \|", doc, re.M)
+    dup = {r for r in rows if rows.count(r) > 1}
+    assert not dup, f"described more than once: {sorted(dup)}"
+    missing = families - set(rows)
+    assert not missing, f"exported but not described in docs/exporter.md: {sorted(missing)}"
+    stale = set(rows) - families
+    assert not stale, f"described but not exported: {sorted(stale)}"
