@@ -15,7 +15,7 @@ from ..exporter.collector import DEFAULT_GRACE_S, DEFAULT_MAX_VMS, DEFAULT_PORT
     epilog=f"""\b
 Examples:
   kvmtrace exporter                                  # http://127.0.0.1:{DEFAULT_PORT}/metrics
-  kvmtrace exporter --listen :{DEFAULT_PORT}                   # every interface (firewall it)
+  kvmtrace exporter --listen :{DEFAULT_PORT}                   # every IPv4 interface (firewall it)
   kvmtrace exporter --listen 10.0.0.5:{DEFAULT_PORT} --max-vms 200 --vm-grace 600
   kvmtrace exporter --pid 4242 --interval 5          # one VMM, snapshot every 5 s
   curl -s 127.0.0.1:{DEFAULT_PORT}/metrics | promtool check metrics
@@ -25,7 +25,7 @@ deploy/prometheus/ (docs/exporter.md describes every metric).
 """,
 )
 @click.option("--listen", default=f"127.0.0.1:{DEFAULT_PORT}", show_default=True, metavar="HOST:PORT",
-              help="address to serve /metrics on ([::1]:PORT for IPv6, :PORT for every interface)")
+              help="address to serve /metrics on ([::1]:PORT for IPv6, :PORT for every IPv4 interface, [::]:PORT for every interface)")
 @click.option("--interval", type=float, default=1.0, show_default=True,
               help="seconds between tracer snapshots (scrapes read the latest one)")
 @click.option("--max-vms", type=click.IntRange(1, None), default=DEFAULT_MAX_VMS, show_default=True,

@@ -15,8 +15,8 @@ from .collector import DEFAULT_PORT, Exporter
 
 
 def parse_listen(text: str) -> Tuple[str, int]:
-    """``HOST:PORT``, ``[IPv6]:PORT`` or ``:PORT`` (all interfaces) -> (host, port)."""
-    fix = f"--listen takes HOST:PORT, e.g. 127.0.0.1:{DEFAULT_PORT}, [::1]:{DEFAULT_PORT} or :{DEFAULT_PORT} (all interfaces)"
+    """``HOST:PORT``, ``[IPv6]:PORT`` or ``:PORT`` (every IPv4 interface) -> (host, port)."""
+    fix = f"--listen takes HOST:PORT, e.g. 127.0.0.1:{DEFAULT_PORT}, [::1]:{DEFAULT_PORT} or :{DEFAULT_PORT} (every IPv4 interface)"
     t = (text or "").strip()
     if t.startswith("["):
         host, sep, rest = t[1:].partition("]")
@@ -72,7 +72,7 @@ def bind(host: str, port: int, exporter: Exporter) -> ThreadingHTTPServer:
         return cls(addr, MetricsHandler.factory(registry))
     except OSError as e:
         if e.errno == errno.EADDRINUSE:
-            raise KvmtraceError(f"port {port} is in use on {host or 'all interfaces'}",
+            raise KvmtraceError(f"port {port} is in use on {host or 'every IPv4 interface'}",
                                 f"stop what listens there (ss -ltnp 'sport = :{port}') or pick another port: "
                                 f"--listen {host or '127.0.0.1'}:PORT", exit_code=2) from None
         if e.errno == errno.EADDRNOTAVAIL:
