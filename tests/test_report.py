@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from kvmtrace.analysis.recording import read_inputs, read_recording
-from kvmtrace.analysis.report import (EVENT_SOURCE, HIST_SOURCE, MEMSLOTS_INTERVAL_END, MEMSLOTS_KERNEL, build_report,
-                                      to_json)
+from kvmtrace.analysis.report import (EVENT_SOURCE, HIST_SOURCE, MEMSLOTS_EVENTS, MEMSLOTS_INTERVAL_END, MEMSLOTS_KERNEL,
+                                      build_report, to_json)
 from kvmtrace.cli import main
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures", "recordings")
@@ -196,3 +196,29 @@ def test_bad_input_is_one_message(tmp_path, capsys):
     code, out, err = run_cli(["report", str(tmp_path / "e")], capsys)
     assert code == 2
     assert err.startswith(f"kvmtrace: {tmp_path / 'e'}: an empty directory, not a kvmtrace recording") and "Traceback" not in err
+
+
+def test_older_csv_recording_reads_with_added_columns_filled(tmp_path):
+    # a CSV recording as written before the added columns / by_memslots table: same figures
+    import shutil
+
+    from kvmtrace.analysis import tables as T
+
+    old = tmp_path / "old"
+    shutil.copytree(os.path.join(FIX, "basic-csv"), old)
+    meta = json.loads((old / "kvmtrace-recording.json").read_text())
+    for name, added in T.ADDED_COLUMNS.items():
+        with open(old / f"{name}.csv", newline="") as f:
+            rows = list(csv.reader(f))
+        keep = [i for i, c in enumerate(rows[0]) if c not in added]
+        with open(old / f"{name}.csv", "w", newline="") as f:
+            csv.writer(f, lineterminator="\n").writerows([[r[i] for i in keep] for r in rows])
+        meta["tables"][name] = T.legacy_names(name)
+    (old / "by_memslots.csv").unlink()
+    del meta["tables"]["by_memslots"]
+    (old / "kvmtrace-recording.json").write_text(json.dumps(meta))
+    new, older = build_report(read_inputs([os.path.join(FIX, "basic-csv")])), build_report(read_inputs([str(old)]))
+    cols = ["vm_id", "op", "count", "lat_p50_ns", "lat_p99_ns", "slots_mean"]
+    assert older["hva_ops"][cols].equals(new["hva_ops"][cols])
+    assert set(older["hva_ops"]["ordinal"]) == {0} and set(new["hva_ops"]["ordinal"]) == {1}
+    assert list(older["by_memslots"]["memslots_source"].unique()) == [MEMSLOTS_EVENTS]  # raw events still win
