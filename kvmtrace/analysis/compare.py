@@ -384,7 +384,7 @@ def is_bench(df: pd.DataFrame) -> bool:
 
 def bench_matrix(df: pd.DataFrame) -> Tuple[List[int], List[dict]]:
     """The upstream series' table shape: rows = scenario x what (time/iter, each op's p50 and p99
-    latency, slots scanned where either side has it), columns = memslot counts; every cell holds
+    latency, slots visited, slots scanned where either side has it), columns = memslot counts; every cell holds
     (before, after) figures (NaN where a side has none); p50 and time/iter rows carry a short
     verdict per cell."""
     d = df[df["slots"] >= 0]
@@ -407,6 +407,10 @@ def bench_matrix(df: pd.DataFrame) -> Tuple[List[int], List[dict]]:
         if kind != "iteration":
             out.append({"scenario": scen, "what": what.replace(" p50", " p99"), "unit": unit, "verdicts": None,
                         "cells": {n: (by[n].p99_before, by[n].p99_after) if n in by else (math.nan, math.nan) for n in slots}})
+        if kind == "hva":
+            out.append({"scenario": scen, "what": f"{op} visited", "unit": "", "verdicts": None,
+                        "cells": {n: (by[n].slots_mean_before, by[n].slots_mean_after) if n in by else (math.nan, math.nan)
+                                  for n in slots}})
         if kind == "hva" and (part["scanned_mean_before"].notna().any() or part["scanned_mean_after"].notna().any()):
             out.append({"scenario": scen, "what": f"{op} scanned", "unit": "",
                         "cells": {n: (by[n].scanned_mean_before, by[n].scanned_mean_after) if n in by else (math.nan, math.nan)
