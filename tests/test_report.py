@@ -222,3 +222,16 @@ def test_older_csv_recording_reads_with_added_columns_filled(tmp_path):
     assert older["hva_ops"][cols].equals(new["hva_ops"][cols])
     assert set(older["hva_ops"]["ordinal"]) == {0} and set(new["hva_ops"]["ordinal"]) == {1}
     assert list(older["by_memslots"]["memslots_source"].unique()) == [MEMSLOTS_EVENTS]  # raw events still win
+
+
+def test_by_memslots_prefers_events_only_when_they_know_every_count():
+    from kvmtrace.analysis.report import by_memslots
+
+    r = read_recording(os.path.join(FIX, "basic"))
+    hva, ev, kern = r["hva"], r["hva_events"], r["by_memslots"]
+    assert set(by_memslots(hva, ev, kern)["memslots_source"]) == {MEMSLOTS_EVENTS}
+    ev = ev.copy()
+    ev.loc[ev.index[:3], "memslots"] = -1  # three events without the count
+    got = by_memslots(hva, ev, kern)
+    assert set(got["memslots_source"]) == {MEMSLOTS_KERNEL} and got["count"].sum() == 260 + 28
+    assert set(by_memslots(hva, ev.iloc[1:], kern)["memslots_source"]) == {MEMSLOTS_KERNEL}  # incomplete events

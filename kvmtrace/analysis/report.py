@@ -315,6 +315,9 @@ def by_memslots(hva: pd.DataFrame, events: Optional[pd.DataFrame] = None,
 
     total = int(hva["count"].sum()) if not hva.empty else 0
     use_events = events is not None and len(events) == total and total > 0 and (events["memslots"] >= 0).any()
+    have_kernel = kernel is not None and not kernel.empty
+    if use_events and have_kernel and not (events["memslots"] >= 0).all():
+        use_events = False  # some events lack the count: the in-kernel buckets cover every operation
     rows = []
     if use_events:
         known = (events["memslots"] >= 0).to_numpy()
@@ -336,7 +339,7 @@ def by_memslots(hva: pd.DataFrame, events: Optional[pd.DataFrame] = None,
                          float(p50), float(p99), float(l.mean()) if len(l) else math.nan, str(lp),
                          EVENT_SOURCE if len(l) else "none", float(s.mean()) if len(s) else math.nan, str(sp),
                          float(c.mean()) if len(c) else math.nan, MEMSLOTS_EVENTS])
-    elif kernel is not None and not kernel.empty:
+    elif have_kernel:
         rows = _by_memslots_kernel(kernel)
     elif not hva.empty:
         h = hva[hva["memslots"] >= 0].copy()
