@@ -40,11 +40,18 @@ def fmt_rate(v: Optional[float]) -> str:
     return f"{v / 1e12:.0f}T"
 
 
-def fmt_ns(v) -> str:
-    """Compact duration from nanoseconds: 870ns, 1.2µs, 12µs, 123µs, 1.5ms, 2.0s."""
+def fmt_ns(v, style: str = "compact") -> str:
+    """Duration from nanoseconds. ``compact`` (the live view's narrow columns): 870ns, 1.2µs,
+    12µs, 123µs, 1.5ms, 2.0s. ``report`` (report and compare tables): three significant digits
+    and a space: 870 ns, 1.21 µs, 509 ms, 2 s."""
     v = _num(v)
     if v is None:
         return DASH
+    if style == "report":
+        for unit, div in (("s", 1e9), ("ms", 1e6), ("µs", 1e3)):
+            if abs(v) >= div:
+                return f"{v / div:.3g} {unit}"
+        return f"{v:.0f} ns"
     if v < 0:
         return "-" + fmt_ns(-v)
     if math.isinf(v):
@@ -59,10 +66,10 @@ def fmt_ns(v) -> str:
     return f"{x:.1f}s" if x < 10 else f"{x:.0f}s"
 
 
-def fmt_s(v) -> str:
-    """Compact duration from seconds (see fmt_ns)."""
+def fmt_s(v, style: str = "compact") -> str:
+    """Duration from seconds (see fmt_ns)."""
     v = _num(v)
-    return DASH if v is None else fmt_ns(v * 1e9)
+    return DASH if v is None else fmt_ns(v * 1e9, style)
 
 
 def fmt_mean(v: Optional[float]) -> str:

@@ -121,7 +121,7 @@ def test_bench_runs_gate_records_and_prints_table(tmp_path, capsys, fake_session
     assert [s.pid for s in fake_session.instances] == [r["workload"]["pid"] for r in idx["runs"]]
     recs = read_inputs([d])
     assert [r.source for r in recs] == ["unmap/10", "unmap/509"]
-    assert "509ms" in out and "bench" in out  # kvmtrace.fmt, the one formatter
+    assert "509 ms" in out and "bench" in out
     code, out, err = run_cli(["bench", "--slots", "600", "--scenario", "unmap", "-o", str(tmp_path / "b2")], capsys)
     assert code == 2 and "above this kernel's memslot limit (509" in err
     assert not os.path.exists(tmp_path / "b2")

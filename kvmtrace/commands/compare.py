@@ -9,6 +9,7 @@ import click
     epilog="""\b
 Examples:
   kvmtrace compare before after                      # two recordings or two bench directories
+  kvmtrace compare bench-5.10 bench-6.1              # scenario x memslot-count table, before -> after
   kvmtrace compare bench-5.10 bench-6.1 --csv cmp.csv --html cmp.html
 """,
 )
@@ -18,9 +19,12 @@ Examples:
 @click.option("--html", "html_file", type=click.Path(), default=None, help="write a self-contained HTML page")
 @click.option("--force", is_flag=True, help="replace existing --csv/--html files")
 def compare(before, after, csv_file, html_file, force):
-    """Compare BEFORE and AFTER (recordings or `kvmtrace bench` directories): per op (and
-    scenario x memslot count) median and p99 ratio with confidence intervals, a Mann-Whitney
-    test, slots visited/scanned ratio, and one verdict line per row. Nothing is hidden."""
+    """Compare BEFORE and AFTER (recordings or `kvmtrace bench` directories). A header names
+    both sides (label, kernel, host, attach mode); then per op and memslot change type the
+    absolute figures before -> after (count, p50, p99, slots visited and scanned) with the
+    ratio, its 95% confidence interval and a Mann-Whitney test; one verdict line per row.
+    Two bench directories print the scenario x memslot-count table with before -> after cells.
+    A figure one side lacks shows as "509 -> -": nothing is hidden."""
     from ..analysis import export
     from ..analysis.compare import compare as do_compare
     from ..analysis.recording import read_inputs
@@ -31,13 +35,17 @@ def compare(before, after, csv_file, html_file, force):
     assert set(cols) <= set(EVENT_COLUMNS)
     export.check_file(csv_file, "--csv", force)  # before any work: never overwrite, never mkdir -p
     export.check_file(html_file, "--html", force)
-    df = do_compare(read_inputs([before], event_columns=cols), read_inputs([after], event_columns=cols))
+    from ..analysis.compare import describe
+
+    recs_b, recs_a = read_inputs([before], event_columns=cols), read_inputs([after], event_columns=cols)
+    df = do_compare(recs_b, recs_a)
+    sides = describe(recs_b, before), describe(recs_a, after)
     if csv_file:
         export.write_csv(df, csv_file, force)
         click.echo(f"wrote {csv_file}")
     if html_file:
         from ..analysis.html import compare_html
 
-        export.write_text(html_file, compare_html(df), "--html", force)
+        export.write_text(html_file, compare_html(df, *sides), "--html", force)
         click.echo(f"wrote {html_file}")
-    print_renderables(compare_renderables(df))
+    print_renderables(compare_renderables(df, *sides))
