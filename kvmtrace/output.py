@@ -163,20 +163,29 @@ class AtomicFile:
                           f"choose a writable path with free space for {self.option}")
 
     def __exit__(self, exc_type, exc, tb):
+        err = None
         try:
             if exc_type is None:
                 self._f.flush()
                 os.fsync(self._f.fileno())
-            self._f.close()
-            if exc_type is None:
+        except OSError as e:
+            err = e
+        finally:
+            try:
+                self._f.close()  # always: an open descriptor would keep a full filesystem busy
+            except OSError as e:
+                err = err or e
+        if exc_type is None and err is None:
+            try:
                 os.replace(self.tmp, self.path)
                 return False
-        except OSError as e:
-            _remove(self.tmp)
-            raise self._error(e) from None
+            except OSError as e:
+                err = e
         _remove(self.tmp)
-        if isinstance(exc, OSError):
-            raise self._error(exc) from None
+        if err is None and isinstance(exc, OSError):
+            err = exc
+        if err is not None:
+            raise self._error(err) from None
         return False
 
 

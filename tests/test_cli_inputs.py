@@ -304,3 +304,62 @@ def test_python_m_kvmtrace_and_workload_entry_points():
             "except SystemExit as e:\n    print('rc', e.code, 'kvmtrace.cli' in sys.modules)")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     assert p.stdout.strip().splitlines()[-1] == "rc 0 False", p.stdout + p.stderr
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 64 KiB tmpfs (root only): writes beyond it fail with ENOSPC."""
+    import subprocess
+
+    d = tmp_path / "full"
+    d.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(d)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("needs root to mount a small tmpfs")
+    try:
+        yield d
+    finally:
+        r = subprocess.run(["umount", str(d)], capture_output=True, text=True)
+        assert r.returncode == 0, f"umount {d}: {r.stderr} (a file left open on it?)"
+
+
+def test_full_disk_is_one_line_and_leaves_nothing(full_disk, capsys):
+    """issue 13 #10: a full disk while writing an output is one line; no half-written file."""
+    (full_disk / "filler").write_bytes(b"\0" * 60 * 1024)
+    code, out, err = run_cli(["report", BASIC, "--html", str(full_disk / "r.html")], capsys)
+    one_line_error(code, err, "--html", "No space left")
+    assert sorted(os.listdir(full_disk)) == ["filler"]
+    code, out, err = run_cli(["report", BASIC, "--csv", str(full_disk / "csv")], capsys)
+    one_line_error(code, err, "--csv", "No space left")
+    assert sorted(os.listdir(full_disk)) == ["filler"]  # all tables or none; the new directory removed
+    vms = (VmInfo("pid:10", 10, comm="qemu", memslots=1),)
+    prev = Snapshot(1, 1000.0, 1_000_000_000, 1.0, vms=vms)
+    cur = Snapshot(2, 1001.0, 2_000_000_000, 2.0, vms=vms)
+    from kvmtrace.errors import DataFileError
+
+    (full_disk / "filler").unlink()
+    (full_disk / "filler").write_bytes(b"\0" * 56 * 1024)
+    with pytest.raises(DataFileError, match="No space left"):
+        with CsvSink(str(full_disk / "top.csv")) as sink:
+            for _ in range(10_000):
+                sink.write(cur, cur.delta(prev), None, ViewOptions())
+
+
+def test_demo_summary_rows_against_truth():
+    from kvmtrace.snapshot import MemslotStats
+    from kvmtrace.workload.verify import hva_rows, memslot_rows, summary_lines
+
+    snap = Snapshot(2, 1001.0, 2_000_000_000, 2.0, hva=(
+        HvaStats("pid:5", 5, "unmap", count=7, lat_count=7, lat_sum_ns=7000, lat_provenance="syscall",
+                 slots_count=7, slots_sum=7, slots_max=1, slots_provenance="derived"),
+        HvaStats("pid:6", 6, "unmap", count=99)),
+        memslot=(MemslotStats("pid:5", 5, "create", count=3, lat_sum_ns=3000, lat_provenance="syscall"),))
+    truth = {"hva_ops": {"unmap": 8, "age": None}, "memslot_updates": {"create": 3, "delete": 0}}
+    rows = {r.what: r for r in hva_rows(snap, 5, truth)}
+    assert (rows["unmap"].traced, rows["unmap"].truth, rows["unmap"].match) == (7, 8, "-1")
+    assert rows["unmap"].latency == "1.0 us (syscall)" and rows["unmap"].slots == "1.00/1 (derived)"
+    assert (rows["age"].traced, rows["age"].match) == (0, "")
+    ms = {r.what: r for r in memslot_rows(snap, 5, truth)}
+    assert (ms["create"].match, ms["delete"].match) == ("equal", "equal")
+    text = "\n".join(summary_lines(snap, 5, None, "interrupted"))
+    assert "n/a" in text and "interrupted" in text and " 99 " not in text

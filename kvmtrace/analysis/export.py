@@ -50,10 +50,37 @@ def _frame_to(path: str, df: pd.DataFrame, option: str) -> str:
 
 def write_csv_tables(tables: Dict[str, pd.DataFrame], directory: str, force: bool = False,
                      option: str = "--csv") -> List[str]:
-    """One CSV per table in ``directory`` (created, one level). Returns the paths written."""
+    """One CSV per table in ``directory`` (created, one level). All or nothing: every table is
+    written to a temporary file first and the files are renamed into place only when all are
+    written; on a failure (full disk) nothing new is left behind. Returns the paths written."""
     output.check_new_dir(directory, option, csv_names(tables), force)
+    created = not os.path.isdir(directory)
     output.make_dir(directory, option)
-    return [_frame_to(os.path.join(directory, f"{name}.csv"), df, option) for name, df in tables.items()]
+    staged = []
+    try:
+        for name, df in tables.items():
+            path = os.path.join(directory, f"{name}.csv")
+            tmp = _frame_to(path + ".part", df, option)
+            staged.append((tmp, path))
+        for tmp, path in staged:
+            os.replace(tmp, path)
+    except BaseException:
+        for tmp, _path in staged:
+            _unlink(tmp)
+        if created:
+            try:
+                os.rmdir(directory)
+            except OSError:
+                pass
+        raise
+    return [path for _tmp, path in staged]
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def write_csv(df: pd.DataFrame, path: str, force: bool = False, option: str = "--csv") -> str:

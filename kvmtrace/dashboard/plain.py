@@ -259,12 +259,19 @@ class CsvSink:
 
     def write(self, cum: Snapshot, delta: Snapshot, plan, opts: ViewOptions) -> int:
         rows = csv_rows(cum, delta, plan, opts)
-        self._w.rows(rows)
-        self._f.flush()
+        try:
+            self._w.rows(rows)
+            self._f.flush()
+        except OSError as e:  # full disk, removed medium: one line, not a traceback
+            raise DataFileError(f"cannot write --csv {shown(self.path)}: {e.strerror or e}",
+                                "free space or choose another --csv path; rows of earlier intervals are kept") from None
         return len(rows)
 
     def close(self):
-        self._f.close()
+        try:
+            self._f.close()
+        except OSError:
+            pass
 
     def __enter__(self):
         return self
