@@ -166,3 +166,16 @@ def test_problems_are_typed_and_decided_by_code():
     assert isinstance(Problem("x", "m", "f").error(), CapabilityMissing)
     r = D.collect(gathered=g)
     assert all(pr["code"] for pr in r["problems"])
+
+
+def test_load_failures_become_typed_problems():
+    """The one classification of bcc's text-only failures, for the tracer to raise."""
+    from kvmtrace.errors import CapabilityMissing, PermissionProblem
+
+    p = kernel.load_problem(Exception("Failed to load BPF program b'x': Operation not permitted"))
+    assert p.code == "load.eperm" and isinstance(p.error(), PermissionProblem)
+    p = kernel.load_problem(Exception("Failed to compile BPF module <text>"),
+                            "<built-in>:1:10: fatal error: 'linux/kconfig.h' file not found\n")
+    assert p.code == "load.headers" and "linux-headers-" in p.fix and isinstance(p.error(), CapabilityMissing)
+    p = kernel.load_problem(Exception("Failed to attach BPF program: Invalid argument"))
+    assert p.code == "load.einval" and "kvmtrace doctor" in p.fix

@@ -231,6 +231,9 @@ def _classify_bcc_error(exc: Exception, stderr: str) -> Tuple[str, str]:
     downstream decides by the code."""
     msg = str(exc)
     text = msg + "\n" + stderr
+    low = text.lower()
+    if "kernel headers" in low or "linux/kconfig.h" in low or (".h' file not found" in low):
+        return "headers", f"bcc found no kernel headers: {msg.strip().splitlines()[0][:160] if msg.strip() else 'compile failed'}"
     if "Need super-user privileges" in msg or "Operation not permitted" in text:
         return "eperm", "load refused (EPERM)"
     if "Permission denied" in text:
@@ -243,6 +246,24 @@ def _classify_bcc_error(exc: Exception, stderr: str) -> Tuple[str, str]:
         first = next((line for line in stderr.splitlines() if "error" in line.lower()), msg)
         return "compile", f"bcc could not compile the probe: {first.strip()[:160]}"
     return "failed", f"load failed: {msg.strip()[:160]}"
+
+
+def load_problem(exc: Exception, stderr: str = "") -> "Problem":
+    """A failed BPF compile/load (bcc's exception and captured stderr) as a typed Problem with
+    its fix: ``problem.error()`` is what the tracer raises. Codes: load.headers, load.eperm,
+    load.eacces, load.enoent, load.einval, load.compile, load.failed."""
+    from ..errors import PermissionProblem, Problem
+
+    code, reason = _classify_bcc_error(exc, stderr)
+    if code == "headers":
+        return Problem("load.headers", f"bcc could not compile the BPF program: {reason}",
+                       f"install kernel headers: apt-get install linux-headers-{platform.release()}, or `make setup` "
+                       "(links the distribution's generic headers when the exact ones do not exist)")
+    if code in ("eperm", "eacces"):
+        return Problem(f"load.{code}", f"the kernel refused the BPF program: {reason}",
+                       "run as root; check lockdown and kernel.unprivileged_bpf_disabled", PermissionProblem.exit_code)
+    return Problem(f"load.{code}", f"loading the BPF program failed: {reason}",
+                   "run `kvmtrace doctor` to see what this kernel supports")
 
 
 def bcc_version() -> Tuple[Optional[str], str]:
