@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from . import DURATION, INTERVAL, modes_option, parse_modes
+from . import INTERVAL, Number, modes_option, parse_modes
 
 from ..consts import Op
 from ..errors import CapabilityMissing
@@ -15,7 +15,8 @@ SORTS = ("ops", "latency", "slots", "pid")
 @click.command(context_settings=dict(help_option_names=["-h", "--help"], max_content_width=100))
 @click.option("-i", "--interval", type=INTERVAL, default=1.0, show_default=True,
               help="seconds between refreshes (0.1 to 3600)")
-@click.option("-d", "--duration", type=DURATION, default=None, help="stop after this many seconds")
+@click.option("-d", "--duration", type=Number(0.1, 366 * 86400.0), default=None,
+              help="stop after this many seconds (at least 0.1)")
 @click.option("-1", "--once", is_flag=True, help="trace one interval, print a plain table, exit")
 @click.option("-l", "--log", is_flag=True, help="one line per interval (totals over the shown VMs)")
 @click.option("--csv", "csv_path", metavar="FILE", default=None, help="append per-VM rows of every interval to FILE")
