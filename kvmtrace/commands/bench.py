@@ -155,7 +155,12 @@ def bench(slots_text, scen_text, directory, iterations, interval, events, slot_s
     if slot_size is not None:
         from ..workload import parse_size
 
+        from ..workload.kvm import PAGE_SIZE
+
         slot_size = parse_size(slot_size, what="--slot-size")
+        if slot_size % PAGE_SIZE:
+            raise UsageError(f"--slot-size {slot_size} is not a multiple of the page size ({PAGE_SIZE})",
+                             "use a multiple of 4k, e.g. 4k, 64k, 2M")
     if os.path.exists(directory) and (not os.path.isdir(directory) or os.listdir(directory)):
         raise UsageError(f"{directory} already exists", "choose a new directory for the bench output")
     check_new_dir(directory, "-o")
