@@ -206,7 +206,9 @@ def test_real_top_shows_workload_vm(tmux_factory):
     why = _why_not_real()
     if why:
         pytest.skip(f"needs root, bcc, tracefs and /dev/kvm: {why}")
-    t = tmux_factory(f"{PY} -m kvmtrace.cli top --interval 1")
+    # a tall pane: on a busy host the summary lists every VM seen (other users' short-lived VMMs
+    # too), and its header must still be on screen
+    t = tmux_factory(f"{PY} -m kvmtrace.cli top --interval 1", y=200)
     t.wait_for(lambda s: "kvmtrace top · host" in s, timeout=60, what="the tracer to attach")
     wl = subprocess.Popen(
         [sys.executable, "-m", "kvmtrace.workload", "--slots", "64", "--scenario", "mixed", "--duration", "20", "-q"],
