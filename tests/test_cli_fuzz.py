@@ -70,9 +70,19 @@ def _params(name):
     return [p for p in cmd.params if isinstance(p, click.Option) and "--help" not in p.opts and "-h" not in p.opts]
 
 
+# values: the fixed pool above, any float or integer as text, and short arbitrary text (no NUL:
+# a real argv cannot hold one)
+ANY_VALUE = st.one_of(
+    st.sampled_from(VALUES),
+    st.floats(allow_nan=True, allow_infinity=True).map(repr),
+    st.integers(min_value=-(2**70), max_value=2**70).map(str),
+    st.text(alphabet=st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",)), max_size=8),
+)
+
+
 def argv_for(name):
     opts = _params(name)
-    one = st.tuples(st.sampled_from(opts), st.sampled_from(VALUES)).map(
+    one = st.tuples(st.sampled_from(opts), ANY_VALUE).map(
         lambda pv: [pv[0].opts[-1]] if pv[0].is_flag else [pv[0].opts[-1], pv[1]])
     args = st.lists(one, max_size=4).map(lambda xs: [a for x in xs for a in x])
     positional = st.lists(st.sampled_from([os.path.join(FIX, "basic"), os.path.join(FIX, "bench-before"),
