@@ -9,8 +9,8 @@ import shutil
 import pytest
 
 from kvmtrace.analysis import tables as T
-from kvmtrace.analysis.recording import (META_FILE, Recorder, escape_cell, read_inputs, read_recording,
-                                         unescape_cell)
+from kvmtrace.analysis.recorder import Recorder
+from kvmtrace.analysis.recording import META_FILE, escape_cell, read_inputs, read_recording, unescape_cell
 from kvmtrace.analysis.synth import SynthOp, SynthVm, record_synthetic, simulate
 from kvmtrace.errors import DataFileError
 

@@ -127,7 +127,7 @@ def record(path, duration, interval, events, label, pid, modes, fmt):
     PATH becomes a directory; every interval is flushed, so a crash loses at most one interval.
     Ctrl-C or SIGTERM stops cleanly and keeps everything recorded."""
     from ..errors import UsageError
-    from ..analysis.recording import Recorder
+    from ..analysis.recorder import Recorder
 
     if duration is not None and duration <= 0:
         raise UsageError(f"--duration must be positive, not {duration}")
