@@ -40,6 +40,7 @@ import pyarrow as pa
 
 from .. import __version__
 from ..errors import DataFileError
+from . import integrity
 from . import tables as T
 
 FORMAT = "kvmtrace-recording"
@@ -282,6 +283,7 @@ def read_recording(
         if event_columns and n in event_columns:
             cols = list(dict.fromkeys(["interval"] + list(event_columns[n])))
         arrow[n] = reader(path, n, cols, warnings)
+    arrow = integrity.verify(path, meta, arrow, warnings)
     iv = arrow["intervals"]
     if iv.num_rows == 0:
         raise DataFileError(f"{path}: recording holds no complete interval", "record for at least one interval")
