@@ -283,3 +283,14 @@ def _cut(arrow: Dict[str, pa.Table], n: int, pc) -> Dict[str, pa.Table]:
             t = t.filter(pc.less(t.column("interval"), n))
         out[name] = t
     return out
+
+
+def printable_names(rec) -> None:
+    """Names a report prints (source, path, label, host, warnings) made printable: a path or
+    label that is not UTF-8 shows U+FFFD instead of failing the report."""
+    rec.source = _text(rec.source)
+    rec.path = _text(rec.path)
+    rec.warnings = [_text(w) for w in rec.warnings]
+    for k in ("label", "host", "kernel"):
+        if isinstance(rec.meta.get(k), str):
+            rec.meta[k] = _text(rec.meta[k])

@@ -326,8 +326,8 @@ class _JournalTable:
         rows = 0
         try:
             writer = pq.ParquetWriter(pa.PythonFile(out, mode="w"), self.schema, compression="zstd")
-            with pa.memory_map(src) as m:
-                reader = pa.ipc.open_stream(m)
+            with open(src, "rb") as m:  # a Python file: pyarrow paths must be UTF-8, ours need not be
+                reader = pa.ipc.open_stream(pa.PythonFile(m, mode="r"))
                 pending: List[pa.RecordBatch] = []
                 n = 0
                 while True:

@@ -150,7 +150,8 @@ def _read_parquet_table(directory: str, name: str, columns: Optional[Sequence[st
         f = found[k]
         if "part" in f:
             try:
-                t = pq.read_table(f["part"], columns=list(columns) if columns else None)
+                with open(f["part"], "rb") as fh:  # a Python file: pyarrow paths must be UTF-8
+                    t = pq.read_table(fh, columns=list(columns) if columns else None)
             except Exception as e:  # pyarrow raises several types for damaged files
                 raise DataFileError(
                     f"{f['part']}: truncated or corrupt Parquet part ({e})", "the recording was damaged after it was written"
@@ -325,6 +326,12 @@ def read_bench_index(path: str) -> dict:
     return idx
 
 
+def _rotation():
+    from . import rotation  # directories of rotated recordings (record --rotate)
+
+    return rotation
+
+
 def read_inputs(paths: Sequence[str], **kw) -> List[Recording]:
     """Recordings and bench directories -> list of Recording (bench runs carry ``.bench``).
     Sources get unique names."""
@@ -346,10 +353,13 @@ def read_inputs(paths: Sequence[str], **kw) -> List[Recording]:
                 }
                 r.source = f"{run.get('scenario')}/{run.get('slots')}"
                 recs.append(r)
+        elif _rotation().is_rotation_dir(p):
+            recs.append(_rotation().read_rotated(p, **kw))
         else:
             recs.append(read_recording(p, **kw))
     seen: Dict[str, int] = {}
     for r in recs:
+        integrity.printable_names(r)
         n = seen.get(r.source, 0)
         seen[r.source] = n + 1
         if n:
