@@ -87,9 +87,15 @@ def check_meta(path: str, meta: dict) -> None:
     if files is not None:
         if not isinstance(files, dict):
             raise DataFileError(f"{path}: metadata field files is not a mapping", "the recording's metadata is damaged")
+        if not isinstance(tabs, dict) or not tabs:
+            raise DataFileError(f"{path}: metadata field tables is missing", "the recording's metadata is damaged")
         for rel, e in files.items():
-            if not isinstance(rel, str) or not _FILE.match(rel):
+            m = _FILE.match(rel) if isinstance(rel, str) else None
+            if not m:
                 raise DataFileError(f"{path}: manifest names {_text(rel)[:80]!r}, not a file of a recording",
+                                    "the recording's metadata is damaged")
+            if (m.group(1) or m.group(5)) not in tabs:
+                raise DataFileError(f"{path}: manifest lists {rel}, a table the metadata does not list",
                                     "the recording's metadata is damaged")
             if not isinstance(e, dict) or not isinstance(e.get("sha256"), str) or not isinstance(e.get("intervals"), list) \
                     or len(e["intervals"]) != 2:
@@ -180,6 +186,14 @@ def check_tables(arrow: Dict[str, pa.Table], limit: int) -> Tuple[int, List[str]
         problems.append(f"intervals table: row {n} is interval {nums[n]}, expected {n} (rows missing, duplicated or reordered)")
     if n == 0:
         return 0, problems
+    inside = nums[(nums >= 0) & (nums < n)]
+    dup = np.nonzero(np.bincount(inside, minlength=n) != 1)[0]
+    if len(dup):
+        k = int(dup[0])
+        problems.append(f"intervals table: interval {k} appears {int((inside == k).sum())} times (rows duplicated)")
+        n = k
+        if n == 0:
+            return 0, problems
     first_bad = n
     why = {}
     for t, cols in _NONNEG.items():

@@ -224,7 +224,7 @@ def read_meta(path: str) -> dict:
             "pass the directory written by `kvmtrace record -o` or `kvmtrace bench -o`",
         )
     try:
-        with open(mp) as f:
+        with open(mp, "rb") as f:  # bytes: a file that is not UTF-8 is invalid JSON, not a traceback
             text = f.read()
     except OSError as e:
         raise DataFileError(f"{mp}: cannot read: {e.strerror}") from e
@@ -242,6 +242,7 @@ def read_meta(path: str) -> dict:
             f"{path}: recording format version {v}, this kvmtrace ({__version__}) reads version {FORMAT_VERSION}",
             "use the kvmtrace version that wrote it (recorded by kvmtrace " + str(meta.get("kvmtrace_version")) + ")",
         )
+    integrity.check_meta(path, meta)
     return meta
 
 
@@ -283,7 +284,10 @@ def read_recording(
         cols = None
         if event_columns and n in event_columns:
             cols = list(dict.fromkeys(["interval"] + list(event_columns[n])))
-        arrow[n] = reader(path, n, cols, warnings)
+        try:
+            arrow[n] = reader(path, n, cols, warnings)
+        except (pa.ArrowException, OSError, ValueError, KeyError) as e:  # any damage: one error, no traceback
+            raise DataFileError(f"{path}: table {n!r} is unreadable ({e})", "the recording is damaged") from e
     arrow = integrity.verify(path, meta, arrow, warnings)
     iv = arrow["intervals"]
     if iv.num_rows == 0:
