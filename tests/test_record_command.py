@@ -201,39 +201,42 @@ def test_sighup_rotates_now(tmp_path, capsys, fake):
     assert int(rep["hva"]["count"].sum()) == fake.instances[0].truth_unmaps()
 
 
-def test_second_signal_while_closing_keeps_every_event(tmp_path):
-    """Ctrl-C twice: the second arrives while the journals are compacted into parts."""
+def test_second_signal_while_closing_keeps_every_event(tmp_path, monkeypatch):
+    """Ctrl-C twice: the second arrives while a journal is being compacted into a part (it used
+    to leave an empty part that readers preferred over the journal, status still complete)."""
+    import pyarrow.parquet as pq
+
     from kvmtrace.analysis import recorder as R
     from kvmtrace.commands.record import stop_on_signals
     from tests.recfakes import synth
 
     snaps, evs = synth(6, 200, True)
     p = str(tmp_path / "r")
-    real = R._JournalTable.compact
     sent = []
 
-    def compact_with_signal(self, upto):
-        if not sent:
-            sent.append(1)
-            os.kill(os.getpid(), signal.SIGINT)  # the second Ctrl-C, mid-compaction
-        return real(self, upto)
+    class Writer(pq.ParquetWriter):
+        def __init__(self, *a, **k):
+            if not sent:
+                sent.append(1)
+                os.kill(os.getpid(), signal.SIGINT)  # the second Ctrl-C, mid-compaction
+            super().__init__(*a, **k)
 
+    monkeypatch.setattr(pq, "ParquetWriter", Writer)
     flag = threading.Event()
-    R._JournalTable.compact = compact_with_signal
-    try:
-        with pytest.raises(KeyboardInterrupt):  # delivered once the recording is safe
-            with stop_on_signals(flag):
-                flag.set()  # the first Ctrl-C
-                rec = R.Recorder(p, events=True, fsync=False)
+    with pytest.raises(KeyboardInterrupt):  # delivered once the recording is safe
+        with stop_on_signals(flag):
+            flag.set()  # the first Ctrl-C
+            with R.Recorder(p, events=True, fsync=False) as rec:
                 prev = None
                 for i, s in enumerate(snaps):
                     rec.write(s.delta(prev), evs[i])
                     prev = s
                 rec.close(status="complete")
-    finally:
-        R._JournalTable.compact = real
+    monkeypatch.undo()
     assert sent
     r = read_recording(p)
     assert len(r["hva_events"]) == 1200 and int(r["hva"]["count"].sum()) == 1200
+    assert len(r["vms"]) == 6 and r["intervals"]["interval"].tolist() == list(range(6))
     assert r.meta["status"] == "complete" and r.warnings == []
-    assert [f for d, _, fs in os.walk(p) for f in fs if f.endswith(".tmp") or f.startswith(".kvmtrace")] == []
+    left = sorted(os.path.relpath(os.path.join(d, f), p) for d, _, fs in os.walk(p) for f in fs)
+    assert [f for f in left if not f.endswith(".parquet") and f != META_FILE] == []  # no journal, tmp, reserve

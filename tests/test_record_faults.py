@@ -78,6 +78,7 @@ def test_disk_full_during_record(small_fs, fmt):
     assert n > 0 and rec["intervals"]["interval"].tolist() == list(range(n))
     assert int(rec["hva"]["count"].sum()) == 500 * n == len(rec["hva_events"])
     assert not any("DAMAGED" in w for w in rec.warnings)
+    assert any("recording stopped early (writing: disk full)" in w for w in rec.warnings)
 
 
 def test_disk_full_during_compaction(small_fs):

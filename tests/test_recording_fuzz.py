@@ -117,7 +117,8 @@ def apply(p, m):
         if base.startswith(("part-", "journal-")):
             stem, ext = base.split(".", 1)
             dst = os.path.join(d, f"{stem.split('-')[0]}-{999:06d}.{ext}")
-            shutil.copy(os.path.join(p, src), os.path.join(p, dst))
+            if dst != src:
+                shutil.copy(os.path.join(p, src), os.path.join(p, dst))
     elif kind == "swap-files":
         a, b = data_fs[m[1] % len(data_fs)], data_fs[m[2] % len(data_fs)]
         if a != b:

@@ -261,6 +261,9 @@ def verify(path: str, meta: dict, arrow: Dict[str, pa.Table], warnings: List[str
                             f"the metadata says {meta['lost_events']:,}")
         if problems:
             n = 0
+    if meta.get("status") == "incomplete":
+        warnings.append(f"{_text(path)}: recording stopped early ({_text(meta.get('error') or 'unknown error')}); "
+                        f"every interval it committed is here")
     short = committed is not None and n < committed
     if short and not problems:
         problems.append(f"only {n} of the {committed} committed intervals are readable")

@@ -119,8 +119,8 @@ def attached_line(session, path: str) -> str:
     from ..analysis.recorder import printable
 
     plan = getattr(session, "plan", None)
-    ops = list(getattr(plan, "ops", ()) or ())
-    modes = sorted({str(getattr(p, "attach", "?")) for p in ops})
+    ops = [p for p in (getattr(plan, "ops", ()) or ()) if str(getattr(p, "attach", "none")) != "none"]
+    modes = sorted({str(p.attach) for p in ops})
     how = f" ({', '.join(modes)}: {len(ops)} probe points)" if ops else ""
     return f"kvmtrace: attached{how}, recording to {printable(path)}"
 
