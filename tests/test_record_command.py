@@ -240,3 +240,32 @@ def test_second_signal_while_closing_keeps_every_event(tmp_path, monkeypatch):
     assert r.meta["status"] == "complete" and r.warnings == []
     left = sorted(os.path.relpath(os.path.join(d, f), p) for d, _, fs in os.walk(p) for f in fs)
     assert [f for f in left if not f.endswith(".parquet") and f != META_FILE] == []  # no journal, tmp, reserve
+
+
+def test_rotation_restart_continues_the_directory(tmp_path, capsys, fake):
+    p = tmp_path / "rot"
+    args = ["record", "-o", str(p), "--rotate", "1", "--keep", "3", "--interval", "0.05", "--duration", "1.5"]
+    code, out, err = run_cli(args, capsys)
+    assert code == 0, err
+    first = fake.instances[0].truth_unmaps()
+    code, out, err = run_cli(args, capsys)  # as a service restart does
+    assert code == 0, err
+    idx = json.loads((p / "kvmtrace-rotation.json").read_text())
+    names = idx["deleted"] + idx["recordings"]
+    assert [int(n.split("-")[0]) for n in names] == sorted(int(n.split("-")[0]) for n in names)
+    assert len(set(names)) == len(names) == 4 and len(idx["recordings"]) == 3
+    (rep,) = read_inputs([str(p)])
+    kept = sum(int(read_recording(str(p / n))["hva"]["count"].sum()) for n in idx["recordings"])
+    assert int(rep["hva"]["count"].sum()) == kept <= first + fake.instances[1].truth_unmaps()
+
+
+def test_rotation_with_a_damaged_recording_reads_the_ones_before_it(tmp_path, capsys, fake):
+    p = tmp_path / "rot"
+    code, out, err = run_cli(["record", "-o", str(p), "--rotate", "1", "--interval", "0.05", "--duration", "3.5"],
+                             capsys)
+    assert code == 0, err
+    idx = json.loads((p / "kvmtrace-rotation.json").read_text())
+    os.unlink(p / idx["recordings"][1] / "hva" / "part-000000.parquet")
+    (rep,) = read_inputs([str(p)])
+    assert int(rep["hva"]["count"].sum()) == int(read_recording(str(p / idx["recordings"][0]))["hva"]["count"].sum())
+    assert any("DAMAGED recording " + idx["recordings"][1] in w for w in rep.warnings)

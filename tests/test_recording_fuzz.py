@@ -178,3 +178,46 @@ def test_report_never_shows_a_traceback(tmp_path_factory, originals, capsys, whi
 def test_the_undamaged_originals_read_completely(originals):
     assert consistent(originals["parquet"]) == N and consistent(originals["csv"]) == N
     assert consistent(originals["open"]) == N
+
+
+# ------------------------------------------------------------------------- CLI inputs of record
+
+number_text = st.one_of(
+    st.sampled_from(["nan", "-nan", "inf", "-inf", "0", "-0", "1e-9", "1e308", "1e999", "-1", "", " ", "0x10",
+                     "1_000", "\u0661", "5m", "1h", "2d", "-3s", "nanm", "infh"]),
+    st.floats(allow_nan=True, allow_infinity=True).map(repr),
+    st.integers(-10**12, 10**12).map(str),
+    st.text(max_size=6),
+)
+
+
+@settings(max_examples=max(40, EXAMPLES // 2), deadline=None, derandomize="KVMTRACE_FUZZ_EXAMPLES" not in os.environ,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(opts=st.dictionaries(st.sampled_from(["--interval", "--duration", "--rotate", "--keep", "--pid"]), number_text,
+                            max_size=4))
+def test_record_options_never_traceback(tmp_path_factory, monkeypatch, capsys, opts):
+    import kvmtrace.tracer.session as session_mod
+    from kvmtrace.cli import main
+    from tests.recfakes import CountingSession
+
+    class Fast(CountingSession):
+        max_snaps = 3
+
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            self.interval = 0.001  # bounded whatever --interval says
+
+    Fast.instances = []
+    monkeypatch.setattr(session_mod, "TraceSession", Fast, raising=False)
+    p = tmp_path_factory.mktemp("cli") / "rec"
+    args = ["record", "-o", str(p)]
+    for k, v in opts.items():
+        args += [k, v]
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    out = capsys.readouterr()
+    assert e.value.code in (0, 2), out.err
+    assert "Traceback" not in out.err
+    if e.value.code == 2:
+        assert out.err.startswith("kvmtrace: ") or out.err.startswith("Usage:"), out.err
+        assert not p.exists() and Fast.instances == []

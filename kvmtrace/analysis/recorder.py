@@ -222,12 +222,8 @@ def scanned_provenance_from_plan(plan) -> Dict[str, str]:
 
 
 def _one_batch(table: pa.Table) -> pa.RecordBatch:
-    t = table.combine_chunks()
-    bs = t.to_batches()
-    if len(bs) == 1:
-        return bs[0]
-    return pa.RecordBatch.from_arrays([pa.array([], f.type) for f in t.schema], schema=t.schema) if not bs else \
-        pa.Table.from_batches(bs).combine_chunks().to_batches()[0]
+    """One record batch per interval (callers skip empty tables): combined chunks give one."""
+    return table.combine_chunks().to_batches()[0]
 
 
 class _JournalTable:

@@ -53,13 +53,20 @@ def record_rotating(session, path, fmt, meta, events, share_group, duration, sig
         from ..errors import UsageError
 
         raise UsageError(f"cannot create {printable(path)}: {e.strerror}", "choose a writable location") from e
-    index = {"format": ROTATION_FORMAT, "format_version": ROTATION_VERSION, "label": meta.get("label", ""),
-             "rotate_s": rotate_s, "keep": keep, "recordings": [], "deleted": []}
     index_path = os.path.join(path, ROTATION_FILE)
+    seq = 0
+    if os.path.exists(index_path):  # a restart (e.g. of the service) continues the directory
+        index = read_index(path)
+        index.update(rotate_s=rotate_s, keep=keep)
+        names = index["recordings"] + list(index.get("deleted") or [])
+        seq = 1 + max([int(n.split("-", 1)[0]) for n in names if n.split("-", 1)[0].isdigit()] or [-1])
+    else:
+        index = {"format": ROTATION_FORMAT, "format_version": ROTATION_VERSION, "label": meta.get("label", ""),
+                 "rotate_s": rotate_s, "keep": keep, "recordings": [], "deleted": []}
     write_json_atomic(index_path, index, access=access)
     t_end = None if duration is None else time.monotonic() + duration
     prev = None
-    seq = 0
+    first_seq = seq
     totals = {"intervals": 0, "hva_ops": 0, "memslot_updates": 0, "lost": 0}
     first = True
     while True:
@@ -98,7 +105,7 @@ def record_rotating(session, path, fmt, meta, events, share_group, duration, sig
         if done:
             break
         seq += 1
-    return (f"recorded {totals['intervals']} intervals in {seq + 1} recordings to {printable(path)}: "
+    return (f"recorded {totals['intervals']} intervals in {seq - first_seq + 1} recordings to {printable(path)}: "
             f"{totals['hva_ops']:,} hva ops, {totals['memslot_updates']:,} memslot updates, "
             f"lost events {totals['lost']:,}" + (f" (kept the newest {keep})" if keep is not None else ""))
 
@@ -131,12 +138,22 @@ def read_rotated(path: str, **kw) -> Recording:
     warnings: List[str] = []
     for n in names:
         try:
-            recs.append(read_recording(os.path.join(path, n), **kw))
+            r = read_recording(os.path.join(path, n), **kw)
         except DataFileError as e:
-            if n == names[-1] and recs:  # the newest may have no complete interval yet
+            if "holds no complete interval" in e.message:  # stopped (or still starting) before one
                 warnings.append(f"{n}: skipped ({e.message})")
                 continue
-            raise
+            if not recs:
+                raise
+            warnings.append(f"{path}: DAMAGED recording {n}: reading the recordings before it only ({e.message})")
+            break
+        recs.append(r)
+        if any("DAMAGED" in w for w in r.warnings) and n != names[-1]:
+            warnings.append(f"{path}: {n} is damaged: the recordings after it are not read (they would follow a gap)")
+            break
+    if not recs:
+        raise DataFileError(f"{path}: no recording in this directory holds a complete interval",
+                            "record for at least one interval")
     missing = [n for n in idx["recordings"] if n not in names]
     if missing:
         warnings.append(f"{path}: recordings {', '.join(missing)} are missing")

@@ -226,7 +226,7 @@ and everything after it is recorded. SIGINT/SIGTERM stop cleanly; with
 @click.option("--format", "fmt", type=click.Choice(["parquet", "csv"]), default="parquet", show_default=True)
 @click.option("--rotate", "rotate_text", default=None, metavar="DURATION",
               help="continuous recording: close a complete recording every DURATION (e.g. 15m, 1h) and start the "
-                   "next inside the -o directory; SIGHUP rotates now")
+                   "next inside the -o directory (a restart continues it); SIGHUP rotates now")
 @click.option("--keep", type=int, default=None, metavar="N",
               help="with --rotate: keep the newest N recordings, delete older ones")
 @click.option("--share-group", default=None, metavar="GROUP",
@@ -243,7 +243,8 @@ def record(path, duration, interval, events, label, pid, modes, fmt, rotate_text
     validate(duration, interval, pid, rotate, keep)
     label = printable(label)
     Access(share_group)  # an unknown group is refused before anything is created
-    check_output_path(path)
+    if rotate is None or not _rotation_dir(path):  # --rotate continues its own directory
+        check_output_path(path)
     modes_t = parse_modes(modes)
     from ..tracer.session import TraceSession
 
@@ -263,6 +264,12 @@ def record(path, duration, interval, events, label, pid, modes, fmt, rotate_text
                     run_recording=run_recording, attached=attached_line)
     click.echo(summary)
     click.echo(f"next: kvmtrace report {printable(path)}")
+
+
+def _rotation_dir(path) -> bool:
+    from ..analysis.rotation import is_rotation_dir
+
+    return is_rotation_dir(path)
 
 
 def _record_one(s, path, fmt, meta, events, share_group, duration, sigs, status) -> str:
