@@ -16,8 +16,8 @@ import threading
 import pytest
 
 from kvmtrace.analysis.recording import META_FILE, read_inputs, read_recording
-from kvmtrace.cli import main
 from tests.recfakes import CountingSession
+from tests.test_analysis_commands import run_cli
 
 
 @pytest.fixture
@@ -28,13 +28,6 @@ def fake(monkeypatch):
     CountingSession.max_snaps = 400
     monkeypatch.setattr(session_mod, "TraceSession", CountingSession, raising=False)
     return CountingSession
-
-
-def run_cli(args, capsys):
-    with pytest.raises(SystemExit) as e:
-        main(args)
-    out = capsys.readouterr()
-    return e.value.code, out.out, out.err
 
 
 @pytest.mark.parametrize("args,msg", [
@@ -129,6 +122,7 @@ SCRIPT = """
 import sys
 import kvmtrace.tracer.session as S
 from tests.recfakes import CountingSession
+from tests.test_analysis_commands import run_cli
 S.TraceSession = CountingSession
 from kvmtrace.cli import main
 main(sys.argv[1:])
