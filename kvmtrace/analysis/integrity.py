@@ -159,7 +159,7 @@ def check_files(path: str, meta: dict) -> Tuple[Optional[int], List[str]]:
     return cut, problems
 
 
-def _per_interval(col: pa.ChunkedArray, interval: np.ndarray, n: int, weights=None) -> np.ndarray:
+def _per_interval(interval: np.ndarray, n: int, weights=None) -> np.ndarray:
     keep = (interval >= 0) & (interval < n)
     out = np.zeros(n, dtype=np.int64)
     if weights is None:
@@ -217,7 +217,7 @@ def check_tables(arrow: Dict[str, pa.Table], limit: int) -> Tuple[int, List[str]
             continue
         tab = arrow[t]
         ivals = _ints(tab, "interval")
-        got = _per_interval(tab, ivals, n, None if how is None else _ints(tab, how))
+        got = _per_interval(ivals, n, None if how is None else _ints(tab, how))
         diff = np.nonzero(got != head_iv[ivcol])[0]
         if len(diff):
             k = int(diff[0])

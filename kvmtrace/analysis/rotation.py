@@ -19,7 +19,7 @@ import json
 import os
 import shutil
 import time
-from typing import List, Optional
+from typing import List
 
 import pandas as pd
 
