@@ -270,3 +270,36 @@ def test_rotation_with_a_damaged_recording_reads_the_ones_before_it(tmp_path, ca
     (rep,) = read_inputs([str(p)])
     assert int(rep["hva"]["count"].sum()) == int(read_recording(str(p / idx["recordings"][0]))["hva"]["count"].sum())
     assert any("DAMAGED recording " + idx["recordings"][1] in w for w in rep.warnings)
+
+
+DEFAULT_SIGTERM = """
+import os, signal, sys
+import pyarrow.parquet as pq
+from kvmtrace.analysis.recorder import Recorder
+from tests.recfakes import synth
+
+class Writer(pq.ParquetWriter):
+    def __init__(self, *a, **k):
+        os.kill(os.getpid(), signal.SIGTERM)  # default action: terminate, once the recording is safe
+        super().__init__(*a, **k)
+
+pq.ParquetWriter = Writer
+snaps, evs = synth(4, 100, True)
+with Recorder(sys.argv[1], events=True, fsync=False) as rec:
+    prev = None
+    for i, s in enumerate(snaps):
+        rec.write(s.delta(prev), evs[i])
+        prev = s
+    rec.close()
+print("survived")
+"""
+
+
+def test_sigterm_with_default_action_waits_for_the_close_then_terminates(tmp_path):
+    p = tmp_path / "r"
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    r = subprocess.run([sys.executable, "-c", DEFAULT_SIGTERM, str(p)], capture_output=True, text=True, env=env,
+                       timeout=120)
+    assert r.returncode == -signal.SIGTERM and "survived" not in r.stdout, r.stderr
+    rec = read_recording(str(p))
+    assert rec.meta["status"] == "complete" and len(rec["hva_events"]) == 400 and rec.warnings == []

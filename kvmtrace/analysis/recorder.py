@@ -457,12 +457,9 @@ class _DeferSignals:
 
         for sig, h in self.old.items():
             signal.signal(sig, h)
-        for sig in self.pending:
-            h = self.old.get(sig)
-            if callable(h):
-                h(sig, None)
-            elif h == signal.SIG_DFL and sig == signal.SIGINT:
-                raise KeyboardInterrupt
+        pending, self.pending = self.pending, []
+        for sig in dict.fromkeys(pending):
+            signal.raise_signal(sig)  # delivered now, to the handler the caller had
         return False
 
 
