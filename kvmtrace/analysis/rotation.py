@@ -90,7 +90,8 @@ def record_rotating(session, path, fmt, meta, events, share_group, duration, sig
             how = run_recording(session, rec, duration=left, stop=stop, status=status, prev=prev)
             prev = getattr(rec, "last_snapshot", prev)
             status.done()
-            done = sigs.stop.is_set() or how in ("signal", "duration") or getattr(session, "interrupted", False)
+            done = (sigs.stop.is_set() or how in ("signal", "duration") or getattr(session, "interrupted", False)
+                    or (t_end is not None and time.monotonic() >= t_end))
             rec.close(status="complete", stopped_by=("signal" if sigs.stop.is_set() else how) if done else "rotate")
         totals["intervals"] += rec.interval
         totals["hva_ops"] += rec.totals["hva_ops"]
