@@ -16,6 +16,7 @@ import threading
 import pytest
 
 from kvmtrace.analysis.recording import META_FILE, read_inputs, read_recording
+from kvmtrace.analysis.rotation import read_rotated
 from tests.recfakes import CountingSession
 from tests.test_analysis_commands import run_cli
 
@@ -157,9 +158,10 @@ def test_rotation_no_gap_keep_and_report_over_the_directory(tmp_path, capsys, fa
         assert r.meta["status"] == "complete" and r.warnings == []
         total += int(r["hva"]["count"].sum())
     assert total == s.truth_unmaps()  # counts differenced across every boundary: no gap, no overlap
-    (rep,) = read_inputs([str(p)])
+    rep = read_rotated(str(p))
     assert int(rep["hva"]["count"].sum()) == s.truth_unmaps()
     assert rep["intervals"]["interval"].tolist() == list(range(len(rep["intervals"])))
+    assert sum(int(r["hva"]["count"].sum()) for r in read_inputs([str(p)])) == s.truth_unmaps()
     code, out, err = run_cli(["report", str(p), "--json"], capsys)
     assert code == 0, err
     unmap = [h for h in json.loads(out)["hva_ops"] if h["op"] == "unmap"]
@@ -175,7 +177,7 @@ def test_rotation_keep_deletes_the_oldest(tmp_path, capsys, fake):
     idx = json.loads((p / "kvmtrace-rotation.json").read_text())
     assert len(idx["recordings"]) == 1 and len(idx["deleted"]) >= 1
     assert sorted(os.listdir(p)) == sorted(idx["recordings"] + ["kvmtrace-rotation.json"])
-    (rep,) = read_inputs([str(p)])
+    rep = read_rotated(str(p))
     assert any("deleted by --keep" in w for w in rep.warnings)
 
 
@@ -198,7 +200,7 @@ def test_sighup_rotates_now(tmp_path, capsys, fake, monkeypatch):
     assert len(idx["recordings"]) == 2
     first = read_recording(str(p / idx["recordings"][0]))
     assert first.meta["stopped_by"] == "rotate" and len(first["intervals"]) == 5
-    (rep,) = read_inputs([str(p)])
+    rep = read_rotated(str(p))
     assert int(rep["hva"]["count"].sum()) == fake.instances[0].truth_unmaps()
 
 
@@ -255,7 +257,7 @@ def test_rotation_restart_continues_the_directory(tmp_path, capsys, fake):
     names = idx["deleted"] + idx["recordings"]
     assert [int(n.split("-")[0]) for n in names] == sorted(int(n.split("-")[0]) for n in names)
     assert len(set(names)) == len(names) >= 2 and len(idx["recordings"]) <= 3
-    (rep,) = read_inputs([str(p)])
+    rep = read_rotated(str(p))
     kept = sum(int(read_recording(str(p / n))["hva"]["count"].sum()) for n in idx["recordings"])
     assert int(rep["hva"]["count"].sum()) == kept <= first + fake.instances[1].truth_unmaps()
 
@@ -267,7 +269,7 @@ def test_rotation_with_a_damaged_recording_reads_the_ones_before_it(tmp_path, ca
     assert code == 0, err
     idx = json.loads((p / "kvmtrace-rotation.json").read_text())
     os.unlink(p / idx["recordings"][1] / "hva" / "part-000000.parquet")
-    (rep,) = read_inputs([str(p)])
+    rep = read_rotated(str(p))
     assert int(rep["hva"]["count"].sum()) == int(read_recording(str(p / idx["recordings"][0]))["hva"]["count"].sum())
     assert any("DAMAGED recording " + idx["recordings"][1] in w for w in rep.warnings)
 

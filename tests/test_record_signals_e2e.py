@@ -13,7 +13,8 @@ import time
 
 import pytest
 
-from kvmtrace.analysis.recording import read_inputs, read_recording
+from kvmtrace.analysis.recording import read_recording
+from kvmtrace.analysis.rotation import read_rotated
 from kvmtrace.tracer import session as S
 
 pytestmark = pytest.mark.root
@@ -85,7 +86,7 @@ def test_rotation_adds_up_to_the_ground_truth(tmp_path):
     assert p.returncode == 0 and "Traceback" not in e, e
     idx = json.loads((d / "kvmtrace-rotation.json").read_text())
     assert len(idx["recordings"]) >= 3
-    (rep,) = read_inputs([str(d)])
+    rep = read_rotated(str(d))
     hva = rep["hva"]
     assert int(hva.loc[(hva["pid"] == pid) & (hva["op"] == "unmap"), "count"].sum()) == truth["hva_ops"]["unmap"]
     mem = rep["memslot"]
