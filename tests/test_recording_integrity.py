@@ -188,3 +188,28 @@ def test_crash_between_compaction_and_metadata_reads_the_part(tmp_path):
         json.dump(m_before, f)  # as if killed after the rename, before the metadata update
     r = read_recording(p)
     assert int(r["hva"]["count"].sum()) == 30 and not any("DAMAGED" in w for w in r.warnings)
+
+
+def test_a_part_copied_into_a_recording_is_refused(tmp_path):
+    """An extra file the manifest does not list would have its rows counted by the readers."""
+    import shutil
+
+    snaps, evs = run(6)
+    p = record_synthetic(str(tmp_path / "r"), snaps, evs, compact_every=4)
+    shutil.copy(os.path.join(p, "hva_events", "part-000000.parquet"), os.path.join(p, "hva_events", "part-000007.parquet"))
+    with pytest.raises(DataFileError, match=r"hva_events/part-000007.parquet not written by this recording's recorder"):
+        read_recording(p)
+
+
+def test_the_journal_of_the_interval_being_written_is_not_a_stray(tmp_path):
+    p = str(tmp_path / "r")
+    rec = unfinished(p, intervals=4, compact_every=4)  # intervals 0..3 compacted into part-000000
+    m = meta(p)
+    snaps, evs = run(5)
+    rec.write(snaps[4].delta(snaps[3]), evs[4])  # opens journal-000001 ...
+    with open(os.path.join(p, META_FILE), "w") as f:
+        json.dump(m, f)  # ... but the crash came before the metadata listed it
+    assert os.path.exists(os.path.join(p, "hva", "journal-000001.arrows"))
+    r = read_recording(p)
+    assert r["intervals"]["interval"].tolist() == [0, 1, 2, 3]
+    assert not any("DAMAGED" in w for w in r.warnings)
