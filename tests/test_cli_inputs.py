@@ -289,7 +289,7 @@ def test_damaged_metadata_is_one_message(tmp_path, capsys, damage):
         m["tables"] = 5
         meta.write_text(json.dumps(m))
     code, out, err = run_cli(["report", str(rec)], capsys)
-    one_line_error(code, err, "kvmtrace-recording.json", "damaged")
+    one_line_error(code, err, "damaged")
 
 
 def test_python_m_kvmtrace_and_workload_entry_points():

@@ -20,7 +20,8 @@ import pandas as pd
 from .. import __version__
 from ..consts import SCENARIOS  # the one scenario list
 from ..errors import UsageError
-from .recording import BENCH_FILE, BENCH_FORMAT, BENCH_VERSION, Recording, write_json_atomic
+from .recorder import write_json_atomic
+from .recording import BENCH_FILE, BENCH_FORMAT, BENCH_VERSION, Recording
 from .report import build_report
 
 
