@@ -19,8 +19,8 @@ run without bcc or root.
 from __future__ import annotations
 
 import ctypes as ct
+from dataclasses import replace
 import os
-import resource
 import signal
 import socket
 import threading
@@ -35,10 +35,15 @@ from . import records as R
 from .cflags import build_cflags, source
 from .decode_common import Decoding, exact_vm_id  # noqa: F401  (exact_vm_id: public name)
 from .plan import KernelFacts, ProbePlan
-from ..snapshot import Snapshot
+from .selfcost import CostMeter, process_cpu_s
+from ..snapshot import SelfCost, Snapshot
 
 
 # ----------------------------------------------------------------------------- preflight
+def _name(n) -> str:
+    return n.decode() if isinstance(n, bytes) else str(n)
+
+
 def have_capabilities() -> Tuple[bool, str]:
     """(ok, why not): root, or CAP_BPF + CAP_PERFMON (+ CAP_SYS_ADMIN for bcc's kprobes)."""
     if os.geteuid() == 0:
@@ -251,6 +256,7 @@ class TraceSession:
         self._seq = 0
         self._t0 = 0
         self._rusage0 = 0.0
+        self._cost: Optional[CostMeter] = None
 
     # ------------------------------------------------------------------ lifecycle
     def __enter__(self) -> "TraceSession":
@@ -303,6 +309,9 @@ class TraceSession:
         )
         self.cflags = cflags
         self._rusage0 = self._cpu()
+        # kvmtrace's own cost: BPF run-time statistics on from before the programs are
+        # attached until the session closes
+        self._cost = CostMeter().start()
         try:
             self.bpf = BPF(text=source().encode(), cflags=cflags)
             self._attach_kprobes()
@@ -328,6 +337,7 @@ class TraceSession:
                 lost_cb=self._on_lost,
             )
         self._ringbuf = ringbuf
+        self._cost.watch({_name(n): f.fd for n, f in self.bpf.funcs.items()})
         self._t0 = time.monotonic_ns()
         self._wall0 = time.time()
         self.meta = self._make_meta()
@@ -367,6 +377,8 @@ class TraceSession:
 
     def close(self) -> None:
         self._stop.set()
+        if self._cost is not None:
+            self._cost.close()  # BPF statistics off again (they cost a clock read per run)
         if self._thread is not None:
             self._thread.join(timeout=2)
             self._thread = None
@@ -389,16 +401,21 @@ class TraceSession:
                 self._consumer_errors += 1
             self._stop.wait(0.005)
 
-    def _drain(self) -> None:
+    def _drain(self, timeout: float = -1) -> None:
         # one consumer at a time: libbpf's ring/perf buffer consumption is not thread-safe,
-        # and two threads draining at once deliver records twice
-        with self._drain_lock:
+        # and two threads draining at once deliver records twice. ``timeout``: give up when
+        # the consumer thread holds the buffer longer (it is draining already)
+        if not self._drain_lock.acquire(timeout=timeout):
+            return
+        try:
             if self.bpf is None:
                 return
             if self._ringbuf:
                 self.bpf.ring_buffer_consume()
             else:
                 self.bpf.perf_buffer_poll(timeout=0)
+        finally:
+            self._drain_lock.release()
 
     def _on_lost(self, n: int) -> None:
         self._perf_lost += n
@@ -413,8 +430,7 @@ class TraceSession:
     # ------------------------------------------------------------------ snapshots
     @staticmethod
     def _cpu() -> float:
-        r = resource.getrusage(resource.RUSAGE_SELF)
-        return r.ru_utime + r.ru_stime
+        return process_cpu_s()
 
     def _make_meta(self) -> Dict[str, str]:
         m = {
@@ -456,19 +472,26 @@ class TraceSession:
         )
 
     def snapshot(self) -> Snapshot:
-        """Read every map once and build a cumulative snapshot."""
+        """Read every map once and build a cumulative snapshot. Its time (``mono_ns``) is the
+        moment the maps are read, and kvmtrace's CPU time and BPF cost are read with them, so
+        an interval's rates and CPU share divide figures by the time they really cover."""
         if self.bpf is None:
             raise KvmtraceError("tracer is not open")
+        # decode what is already in the buffer first; when the consumer thread is busy with
+        # it (a burst), do not wait for it: the snapshot would come late
+        self._drain(timeout=min(0.1, self.interval / 10))
         mono = time.monotonic_ns()
-        self._drain()
-        parts = self.decoding.decode(self.read_maps(), extra_lost=self._perf_lost + self._consumer_errors)
+        maps = self.read_maps()
+        cpu = self._cpu() - self._rusage0
+        cost = self._cost.read() if self._cost is not None else SelfCost()
+        parts = self.decoding.decode(maps, extra_lost=self._perf_lost + self._consumer_errors)
         self._seq += 1
         return Snapshot(
             seq=self._seq, wall_time=time.time(), mono_ns=mono,
             elapsed_s=(mono - self._t0) / 1e9, vms=parts.vms, hva=parts.hva,
             memslot=parts.memslot, lost_events=parts.lost_events,
             map_full=parts.map_full, unattributed=parts.unattributed,
-            self_cpu_s=self._cpu() - self._rusage0, meta=tuple(sorted(self.meta.items())),
+            self_cpu_s=cpu, meta=tuple(sorted(self.meta.items())), cost=cost,
         )
 
     def snapshots(self, duration: Optional[float] = None,
@@ -490,7 +513,12 @@ class TraceSession:
                 self.interrupted = True
                 yield self.snapshot()
                 return
+            # late: the consumer came back after the interval's end (it fell behind), or
+            # taking the snapshot itself took long
             snap = self.snapshot()
+            late = snap.mono_ns / 1e9 - target
+            if late > max(0.05, self.interval / 10):  # scheduling noise is not lateness
+                snap = replace(snap, late_s=round(late, 3))
             yield snap
             now = time.monotonic()
             if (duration is not None and now - start >= duration) or (stop is not None and stop()):
