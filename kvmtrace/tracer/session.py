@@ -29,7 +29,6 @@ from contextlib import contextmanager
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 from .. import __version__
-from ..consts import Op
 from ..errors import CapabilityMissing, KvmtraceError, PermissionProblem
 from . import records as R
 from .cflags import build_cflags, source
@@ -353,27 +352,11 @@ class TraceSession:
             return None
 
     def _attach_kprobes(self) -> None:
-        b = self.bpf
-        for p in self.plan.ops:
-            if p.attach != "kprobe":
-                continue
-            if p.kind == "hva":
-                name = Op[p.op.upper()].name
-                for i, cb in enumerate(p.callbacks[:2]):
-                    opn = name if i == 0 else "AGE2"
-                    b.attach_kprobe(event=cb, fn_name=f"kp_enter_{opn}_{cb}")
-                    # no maxactive: bcc then attaches through perf_event_open, which the kernel
-                    # cleans up even after SIGKILL (maxactive goes through kprobe_events)
-                    b.attach_kretprobe(event=cb, fn_name=f"kp_exit_{opn}_{cb}")
-                if p.slots_method == "handler":
-                    for h in p.handlers[:1]:
-                        b.attach_kprobe(event=h, fn_name=f"kp_handler_{h}")
+        for probe, fn, prog in R.kprobe_programs(self.plan):
+            if probe == "kprobe":
+                self.bpf.attach_kprobe(event=fn, fn_name=prog)
             else:
-                outer = p.callbacks[0]
-                b.attach_kprobe(event=outer, fn_name="kp_ms_outer_enter")
-                b.attach_kretprobe(event=outer, fn_name="kp_ms_outer_exit")
-                if p.handlers and p.change_arg is not None:  # else: change type derived
-                    b.attach_kprobe(event=p.handlers[0], fn_name="kp_ms_set_enter")
+                self.bpf.attach_kretprobe(event=fn, fn_name=prog)
 
     def close(self) -> None:
         self._stop.set()
@@ -471,15 +454,16 @@ class TraceSession:
                                               for k, v in msa.items()},
         )
 
-    def snapshot(self) -> Snapshot:
+    def snapshot(self, drain_wait: float = -1) -> Snapshot:
         """Read every map once and build a cumulative snapshot. Its time (``mono_ns``) is the
         moment the maps are read, and kvmtrace's CPU time and BPF cost are read with them, so
-        an interval's rates and CPU share divide figures by the time they really cover."""
+        an interval's rates and CPU share divide figures by the time they really cover.
+        ``drain_wait``: how long to wait for the consumer thread when it is busy decoding the
+        event buffer (negative: until it is done, so the snapshot holds every event sent
+        before it; ``snapshots`` waits at most one interval except for the final one)."""
         if self.bpf is None:
             raise KvmtraceError("tracer is not open")
-        # decode what is already in the buffer first; when the consumer thread is busy with
-        # it (a burst), do not wait for it: the snapshot would come late
-        self._drain(timeout=min(0.1, self.interval / 10))
+        self._drain(timeout=drain_wait)
         mono = time.monotonic_ns()
         maps = self.read_maps()
         cpu = self._cpu() - self._rusage0
@@ -515,7 +499,9 @@ class TraceSession:
                 return
             # late: the consumer came back after the interval's end (it fell behind), or
             # taking the snapshot itself took long
-            snap = self.snapshot()
+            last = (duration is not None and time.monotonic() - start >= duration) or \
+                (stop is not None and stop())
+            snap = self.snapshot(drain_wait=-1 if last else self.interval)
             late = snap.mono_ns / 1e9 - target
             if late > max(0.05, self.interval / 10):  # scheduling noise is not lateness
                 snap = replace(snap, late_s=round(late, 3))
