@@ -386,3 +386,27 @@ class MemslotEvent:
     latency_ns: int
     lat_provenance: str
     change_provenance: str
+
+
+HVA_EVENT_FIELDS = ("ts_ns", "vm_id", "pid", "tid", "op", "start", "end", "latency_ns", "slots", "scanned",
+                    "memslots", "lat_provenance", "slots_provenance")
+
+
+@dataclass(frozen=True)
+class HvaEventBatch:
+    """Raw hva operations as columns (one sequence per HvaEvent field, all of one length, e.g.
+    numpy arrays): what the tracer hands over at high event rates without one Python object per
+    event. ``events()`` builds HvaEvent objects for consumers that want them."""
+
+    columns: Tuple[Tuple[str, object], ...]
+
+    def column(self, name: str):
+        return dict(self.columns)[name]
+
+    def __len__(self) -> int:
+        return len(self.column("ts_ns"))
+
+    def events(self) -> list:
+        cols = dict(self.columns)
+        lists = [list(cols[f]) for f in HVA_EVENT_FIELDS]
+        return [HvaEvent(*(v if isinstance(v, str) else int(v) for v in row)) for row in zip(*lists)]

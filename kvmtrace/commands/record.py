@@ -88,12 +88,21 @@ def session_meta(session, label: str, pid, interval: float, events: bool) -> dic
     }
 
 
+def _take_events(session) -> list:
+    """Raw events of the interval; hva events as columns when the tracer offers them."""
+    take = getattr(session, "take_event_batches", None)
+    if take is None:
+        return session.take_events()
+    batches, others = take()
+    return list(batches) + list(others)
+
+
 def run_recording(session, recorder, duration=None, stop=None, status: StatusLine = None) -> str:
     """Feed every interval of ``session`` into ``recorder``; returns how it stopped."""
     prev = None
     t0 = time.monotonic()
     for snap in session.snapshots(duration=duration, stop=stop):
-        events = session.take_events() if recorder.events else ()
+        events = _take_events(session) if recorder.events else ()
         recorder.write(snap.delta(prev), events)
         prev = snap
         if status is not None:

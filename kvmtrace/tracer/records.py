@@ -133,6 +133,22 @@ def c_header() -> str:
     return "\n".join(lines) + "\n"
 
 
+def numpy_fields() -> Tuple[List[str], List[str], List[int]]:
+    """(names, numpy formats, offsets) of every field of struct event for a numpy structured
+    dtype (columnar batches, rawevents.py): head fields by name, body fields as
+    ``<kind>_<field>`` (the bodies overlap, as the C union does)."""
+    fmt = {"u64": "<u8", "s64": "<i8", "u32": "<u4", "s32": "<i4"}
+    names, formats, offsets = [], [], []
+    for n, t, o in _layout(HEAD):
+        if not n.startswith("_"):
+            names.append(n), formats.append(fmt[t]), offsets.append(o)
+    for k, (_v, f) in KINDS.items():
+        for n, t, o in _layout(f, HEAD_SIZE):
+            if not n.startswith("_"):
+                names.append(f"{k}_{n}"), formats.append(fmt[t]), offsets.append(o)
+    return names, formats, offsets
+
+
 # ---------------------------------------------------------------------------- program names
 # kprobe program names, built in one place: the C declares its programs through the macros
 # c_header() generates from these templates, and the session (and tests) attach by the names
