@@ -329,6 +329,25 @@ class Snapshot:
         return dict(self.meta)
 
 
+def cost_summary(cum: "Snapshot") -> dict:
+    """kvmtrace's own cost over a whole trace (a cumulative snapshot), for recording metadata
+    and reports: BPF run time and runs (null when BPF statistics were unavailable), ns per
+    program run, and in-kernel and user-space CPU as a fraction of one CPU."""
+    c, t = cum.cost, cum.elapsed_s
+    on = c.bpf_stats.startswith("enabled")
+    return {
+        "bpf_stats": c.bpf_stats,
+        "bpf_run_ns": c.bpf_run_ns if on else None,
+        "bpf_run_cnt": c.bpf_run_cnt if on else None,
+        "bpf_ns_per_event": (c.bpf_run_ns / c.bpf_run_cnt) if on and c.bpf_run_cnt else None,
+        "bpf_cpu_share": (c.bpf_run_ns / 1e9 / t) if on and t > 0 else None,
+        "user_cpu_s": cum.self_cpu_s,
+        "user_cpu_share": (cum.self_cpu_s / t) if t > 0 else None,
+        "elapsed_s": t,
+        "per_prog": {n: [ns, cnt] for n, ns, cnt in c.per_prog} if on else {},
+    }
+
+
 def mean(total: int, n: int) -> Optional[float]:
     return None if n <= 0 else total / n
 

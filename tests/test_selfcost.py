@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes as ct
 import errno
+import os
 import json
 import subprocess
 import sys
@@ -151,3 +152,50 @@ def test_unmap_program_run_count_equals_unmaps_counted(tmp_path):
     mine = next(h.count for h in snap.hva if h.op == "unmap" and h.pid == truth["pid"])
     assert mine == truth["hva_ops"]["unmap"] >= 3000 and key >= mine
     assert snap.cost.bpf_run_ns > 0 and snap.cost.user_cpu_s > 0
+
+
+# ------------------------------------------------------------------------ recording and report
+class CostSession:
+    """A session whose snapshots carry kvmtrace's cost (the documented TraceSession API)."""
+
+    plan = None
+    meta = {"host": "h", "kernel": "6.18-fake"}
+    interrupted = False
+    events = False
+
+    def snapshots(self, duration=None, stop=None):
+        from dataclasses import replace
+
+        for i in range(1, 4):
+            s = Snapshot(i, 1000.0 + i, i * 10**9, float(i), self_cpu_s=0.02 * i,
+                         cost=SelfCost("enabled", 150_000 * i, 1000 * i, 0.02 * i, (("p", 150_000 * i, 1000 * i),)))
+            yield replace(s, late_s=0.4) if i == 2 else s
+
+    def take_events(self):
+        return []
+
+
+def test_cost_recorded_in_metadata_and_printed_by_report(tmp_path):
+    from kvmtrace.analysis.recording import Recorder, read_inputs
+    from kvmtrace.analysis.render import report_renderables
+    from kvmtrace.analysis.report import build_report, to_json
+    from kvmtrace.commands.record import run_recording
+
+    path = str(tmp_path / "rec")
+    with Recorder(path) as r:
+        run_recording(CostSession(), r)
+    rep = build_report(read_inputs([path]))
+    src = to_json(rep)["sources"][0]
+    # 450 us of BPF run time over 3000 runs in 3 s: 150 ns per event, 0.015 % of a CPU;
+    # 0.06 s of kvmtrace CPU in 3 s: 2 %
+    assert src["bpf_stats"] == "enabled" and src["bpf_ns_per_event"] == pytest.approx(150.0)
+    assert src["bpf_cpu_share"] == pytest.approx(0.00015) and src["user_cpu_share"] == pytest.approx(0.02)
+    assert src["late_intervals"] == 1
+    from rich.console import Console
+
+    c = Console(record=True, width=200, file=open(os.devnull, "w"))
+    for x in report_renderables(rep):
+        c.print(x)
+    text = c.export_text()
+    assert "kvmtrace's own cost (rec): in kernel 150 ns/event, 0.015% of a CPU; user space 2% of a CPU; " \
+           "1 late intervals" in text

@@ -313,7 +313,6 @@ class TraceSession:
             events=self.keep_events, fentry_module=fentry_module,
         )
         self.cflags = cflags
-        self._rusage0 = self._cpu()
         # kvmtrace's own cost: BPF run-time statistics on from before the programs are
         # attached until the session closes
         self._cost = CostMeter().start()
@@ -348,6 +347,9 @@ class TraceSession:
             )
         self._ringbuf = ringbuf
         self._cost.watch({_name(n): f.fd for n, f in self.bpf.funcs.items()})
+        # CPU time counts from here, as the snapshots' elapsed time does (the BPF compile and
+        # load before it would otherwise inflate the first intervals' CPU share)
+        self._rusage0 = self._cpu()
         self._t0 = time.monotonic_ns()
         self._wall0 = time.time()
         self.meta = self._make_meta()
