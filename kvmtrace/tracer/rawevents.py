@@ -26,6 +26,7 @@ from typing import Optional
 
 import numpy as np
 
+from ..consts import Op
 from . import records as R
 
 BUSY, DISCARD = 1 << 31, 1 << 30
@@ -165,17 +166,30 @@ def decode_batch(dec, b: np.ndarray) -> None:
     ex = hva & np.isin(ops, ex_ops)
     sc = kind == R.EV_SC_END
     other = np.flatnonzero(~(hva | sc))
+    any_ex = bool(ex.any())
     raw = b.view(np.uint8).reshape(n, STRIDE)
     new_pending = []
+    lists = None
+    rows = {k: [] for k in _PEND}  # tracepoint hva rows decoded one by one (short runs)
     with st.lock:
         lo = 0
         for j in other.tolist() + [n]:
-            if j > lo:
+            if 0 < j - lo < SHORT_RUN:
+                # a few hva records between memslot updates: numpy's per-call cost would
+                # dominate, so these are decoded one by one from plain lists
+                if lists is None:
+                    lists = [b[c].tolist() for c in ("tgid", "hva_op", "hva_start", "hva_end", "ts", "tid")]
+                    tp_l = tp.tolist()
+                for i in range(lo, j):
+                    if tp_l[i]:
+                        _tp_one(dec, i, lists, rows, keep)
+            elif j > lo:
                 idx = lo + np.flatnonzero(tp[lo:j])
                 if idx.size:
                     p = _tp_run(dec, b, idx, keep)
                     if p is not None:
                         new_pending.append(p)
+            if j > lo and any_ex:
                 idx = lo + np.flatnonzero(ex[lo:j])
                 if idx.size and keep:
                     _exact_run(dec, b, idx, exact_vm_id, OPS)
@@ -186,8 +200,32 @@ def decode_batch(dec, b: np.ndarray) -> None:
                 elif ev.kind == R.EV_VM_CREATE:
                     st.on_vm_create(ev)
             lo = j + 1
+        if keep and rows["idx"]:
+            p = {k: np.array(v, dtype=np.int64) for k, v in rows.items() if k not in ("start", "end")}
+            for k in ("start", "end"):  # addresses above 2**63 wrap, as the columns do
+                p[k] = np.array(rows[k], dtype=np.uint64).astype(np.int64)
+            new_pending.append(p)
         if keep:
             _pair_latency(dec, b, np.flatnonzero(sc), new_pending, OPS)
+
+
+SHORT_RUN = 48
+
+
+def _tp_one(dec, i, lists, rows, keep) -> None:
+    """One tracepoint hva record (``_tp_run`` for a run of one)."""
+    tgid, op, start, end = lists[0][i], lists[1][i], lists[2][i], lists[3][i]
+    st = dec.stream
+    vm = f"pid:{tgid}"
+    t = st.mirror.tables.get(vm)
+    slots = -1
+    if vm in st.mirror.created_in_trace:
+        slots = t.overlap(start, end)
+        dec.tp.derived[(vm, _OPS.get(op, "unknown"))].add(slots)
+    if keep:
+        for k, v in zip(_PEND, (i, lists[4][i], tgid, lists[5][i], op, start, end, slots,
+                                -1 if t is None else len(t))):
+            rows[k].append(v)
 
 
 def _tp_run(dec, b, idx, keep):
@@ -229,9 +267,10 @@ def _tp_run(dec, b, idx, keep):
 
 
 def OPS_NAME(o: int) -> str:
-    from .decode_common import OPS
+    return _OPS.get(int(o), "unknown")
 
-    return OPS.get(int(o), "unknown")
+
+_OPS = {int(o): o.label for o in Op}
 
 
 def _exact_run(dec, b, idx, exact_vm_id, OPS):
