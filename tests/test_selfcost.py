@@ -184,6 +184,9 @@ def test_cost_recorded_in_metadata_and_printed_by_report(tmp_path):
     path = str(tmp_path / "rec")
     with Recorder(path) as r:
         run_recording(CostSession(), r)
+    iv = read_inputs([path])[0]["intervals"]
+    assert iv["bpf_run_ns"].tolist() == [150_000] * 3 and iv["bpf_run_cnt"].tolist() == [1000] * 3
+    assert iv["late_s"].tolist() == [0.0, 0.4, 0.0]
     rep = build_report(read_inputs([path]))
     src = to_json(rep)["sources"][0]
     # 450 us of BPF run time over 3000 runs in 3 s: 150 ns per event, 0.015 % of a CPU;
@@ -199,3 +202,12 @@ def test_cost_recorded_in_metadata_and_printed_by_report(tmp_path):
     text = c.export_text()
     assert "kvmtrace's own cost (rec): in kernel 150 ns/event, 0.015% of a CPU; user space 2% of a CPU; " \
            "1 late intervals" in text
+
+
+def test_recordings_made_before_cost_columns_still_read():
+    from kvmtrace.analysis.recording import read_recording
+
+    here = os.path.join(os.path.dirname(__file__), "fixtures", "recordings")
+    for name in ("basic", "basic-csv", "hist-only"):
+        iv = read_recording(os.path.join(here, name))["intervals"]
+        assert len(iv) and iv["bpf_run_ns"].isna().all() and (iv["late_s"] == 0).all()

@@ -58,6 +58,10 @@ SCHEMAS: Dict[str, pa.Schema] = {
             ("memslot_updates", I64),
             ("hva_events", I64),
             ("memslot_events", I64),
+            # kvmtrace's own cost in the interval (Snapshot.cost); null: BPF statistics unavailable
+            ("bpf_run_ns", I64),
+            ("bpf_run_cnt", I64),
+            ("late_s", F64),  # the snapshot came this much later than its interval asked
         ]
     ),
     "vms": pa.schema(
@@ -146,6 +150,37 @@ TEXT_COLUMNS = {"vm_id", "comm", "name", "op", "change"}  # user-influenced text
 
 def columns(table: str) -> List[str]:
     return list(SCHEMAS[table].names)
+
+
+# Columns added to a table after recordings without them were written, with the value an older
+# recording stands for (unknown / not measured). Readers fill them in (``upgrade``), so older
+# recordings keep reading; tables added later (by_memslots) are simply absent from them.
+ADDED_COLUMNS: Dict[str, Dict[str, object]] = {
+    "intervals": {"bpf_run_ns": None, "bpf_run_cnt": None, "late_s": 0.0},
+}
+
+
+def legacy_names(table: str) -> List[str]:
+    """The table's columns as written before ADDED_COLUMNS existed."""
+    added = ADDED_COLUMNS.get(table, {})
+    return [n for n in SCHEMAS[table].names if n not in added]
+
+
+def upgrade(table: str, t: pa.Table) -> pa.Table:
+    """An older table (its columns = ``legacy_names``) -> the current schema, the added columns
+    filled with their 'unknown' value. Tables already current, or of another shape, are
+    returned unchanged (the caller's schema check then judges them)."""
+    added = ADDED_COLUMNS.get(table)
+    if not added or t.column_names != legacy_names(table):
+        return t
+    schema = SCHEMAS[table]
+    cols = []
+    for f in schema:
+        if f.name in added:
+            cols.append(pa.array([added[f.name]] * t.num_rows, type=f.type))
+        else:
+            cols.append(t.column(f.name).cast(f.type))
+    return pa.Table.from_arrays(cols, schema=schema)
 
 
 def _i64(v) -> int:
@@ -256,6 +291,9 @@ def snapshot_rows(
             "memslot_updates": mem_total,
             "hva_events": int(n_hva_events),
             "memslot_events": int(n_memslot_events),
+            "bpf_run_ns": int(delta.cost.bpf_run_ns) if delta.cost.bpf_stats.startswith("enabled") else None,
+            "bpf_run_cnt": int(delta.cost.bpf_run_cnt) if delta.cost.bpf_stats.startswith("enabled") else None,
+            "late_s": float(delta.late_s),
         }
     )
     return out
