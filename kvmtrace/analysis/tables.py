@@ -39,6 +39,8 @@ _VM = [
     ("name", STR),
     ("memslots", I64),  # VM memslot count at interval end; -1 unknown
     ("memslots_provenance", STR),
+    ("ordinal", I64),  # n-th VM of its VMM process while traced (VmInfo.ordinal); 0 = predates the trace
+    ("memslots_max", I64),  # largest memslot count of the VM seen while traced; -1 unknown
 ]
 
 SCHEMAS: Dict[str, pa.Schema] = {
@@ -85,8 +87,28 @@ SCHEMAS: Dict[str, pa.Schema] = {
             ("slots_provenance", STR),
             ("scanned_sum", I64),  # null: not a linear-scan kernel
             ("scanned_provenance", STR),
+            ("scanned_max", I64),  # cumulative maximum since attach; null: not measured
+            ("underived", I64),  # ops whose slots figure could not be derived (counted, never guessed)
         ]
         + [(c, I64) for c in LAT_B + SLOTS_B + RANGE_B]
+    ),
+    # hva ops by the VM's memslot count AT THE OPERATION (log2 bucket), aggregated in the kernel
+    "by_memslots": pa.schema(
+        _INTERVAL
+        + [("vm_id", STR), ("pid", I64)]
+        + [
+            ("op", STR),
+            ("bucket", I64),  # log2 bucket of the memslot count (0 = none, i = [2**(i-1), 2**i))
+            ("memslots_max", I64),  # largest memslot count seen in the bucket (cumulative maximum)
+            ("count", I64),
+            ("lat_count", I64),
+            ("lat_sum_ns", I64),
+            ("lat_provenance", STR),
+            ("slots_count", I64),
+            ("slots_sum", I64),
+            ("slots_provenance", STR),
+            ("scanned_sum", I64),  # null: not a linear-scan kernel
+        ]
     ),
     "memslot": pa.schema(
         _INTERVAL
@@ -143,7 +165,7 @@ SCHEMAS: Dict[str, pa.Schema] = {
 }
 
 # Tables always present in a recording; event tables only when raw events were recorded.
-AGG_TABLES = ("intervals", "vms", "hva", "memslot")
+AGG_TABLES = ("intervals", "vms", "hva", "memslot", "by_memslots")
 EVENT_TABLES = ("hva_events", "memslot_events")
 TEXT_COLUMNS = {"vm_id", "comm", "name", "op", "change"}  # user-influenced text (CSV escaping)
 
@@ -157,6 +179,9 @@ def columns(table: str) -> List[str]:
 # recordings keep reading; tables added later (by_memslots) are simply absent from them.
 ADDED_COLUMNS: Dict[str, Dict[str, object]] = {
     "intervals": {"bpf_run_ns": None, "bpf_run_cnt": None, "late_s": 0.0},
+    "vms": {"ordinal": 0, "memslots_max": -1},
+    "hva": {"ordinal": 0, "memslots_max": -1, "scanned_max": None, "underived": 0},
+    "memslot": {"ordinal": 0, "memslots_max": -1},
 }
 
 
@@ -211,7 +236,9 @@ def snapshot_rows(
     def vm_cols(vm_id: str, pid: int) -> dict:
         v = vms.get(vm_id)
         if v is None:
-            return {"vm_id": vm_id, "pid": pid, "comm": "", "name": "", "memslots": -1, "memslots_provenance": "none"}
+            return {"vm_id": vm_id, "pid": pid, "comm": "", "name": "", "memslots": -1, "memslots_provenance": "none",
+                    "ordinal": 0, "memslots_max": -1}
+        mx = getattr(v, "memslots_max", None)
         return {
             "vm_id": vm_id,
             "pid": pid or v.pid,
@@ -219,9 +246,11 @@ def snapshot_rows(
             "name": v.name,
             "memslots": -1 if v.memslots is None else int(v.memslots),
             "memslots_provenance": v.memslots_provenance if v.memslots is not None else "none",
+            "ordinal": int(getattr(v, "ordinal", 0) or 0),
+            "memslots_max": -1 if mx is None else int(mx),
         }
 
-    out: Dict[str, List[dict]] = {"intervals": [], "vms": [], "hva": [], "memslot": []}
+    out: Dict[str, List[dict]] = {"intervals": [], "vms": [], "hva": [], "memslot": [], "by_memslots": []}
     for v in delta.vms:
         r = dict(base)
         r.update(vm_cols(v.vm_id, v.pid))
@@ -249,12 +278,36 @@ def snapshot_rows(
                 "slots_provenance": str(h.slots_provenance),
                 "scanned_sum": None if h.scanned_sum is None else int(h.scanned_sum),
                 "scanned_provenance": str(sprov) if h.scanned_sum is not None else "none",
+                "scanned_max": None if getattr(h, "scanned_max", None) is None else int(h.scanned_max),
+                "underived": int(getattr(h, "underived", 0) or 0),
             }
         )
         r.update(zip(LAT_B, h.lat_hist.counts))
         r.update(zip(SLOTS_B, h.slots_hist.counts))
         r.update(zip(RANGE_B, h.range_hist.counts))
         out["hva"].append(r)
+    for b in delta.by_memslots:
+        if b.count == 0:
+            continue
+        r = dict(base)
+        r.update(
+            {
+                "vm_id": b.vm_id,
+                "pid": int(b.pid),
+                "op": b.op,
+                "bucket": int(b.bucket),
+                "memslots_max": int(b.memslots_max),
+                "count": int(b.count),
+                "lat_count": int(b.lat_count),
+                "lat_sum_ns": int(b.lat_sum_ns),
+                "lat_provenance": str(b.lat_provenance),
+                "slots_count": int(b.slots_count),
+                "slots_sum": int(b.slots_sum),
+                "slots_provenance": str(b.slots_provenance),
+                "scanned_sum": None if b.scanned_sum is None else int(b.scanned_sum),
+            }
+        )
+        out["by_memslots"].append(r)
     mem_total = 0
     for m in delta.memslot:
         if m.count == 0 and m.errors == 0:
