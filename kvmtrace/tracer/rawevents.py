@@ -303,6 +303,7 @@ def _exact_run(dec, b, idx, exact_vm_id, OPS):
 
 
 MAX_PENDING_TIDS = 4096
+MAX_PENDING_ROWS = 65536
 
 
 def _pair_latency(dec, b, sc_idx, new_pending, OPS):
@@ -330,6 +331,13 @@ def _pair_latency(dec, b, sc_idx, new_pending, OPS):
     if len(np.unique(P["tid"][rest])) > MAX_PENDING_TIDS:  # threads that never end a syscall
         matched = np.ones(len(lat), dtype=bool)
         rest = ~matched
+    elif rest.sum() > MAX_PENDING_ROWS:
+        # hva ops outside any system call (kswapd, page faults) never get a syscall end: the
+        # oldest waiting rows are kept without latency, so memory stays bounded
+        waiting = np.flatnonzero(rest)
+        old = waiting[:len(waiting) - MAX_PENDING_ROWS]
+        matched[old] = True
+        rest[old] = False
     dec._pending = {k: v[rest] for k, v in P.items()} if rest.any() else None
     if dec._pending is not None:
         dec._pending["idx"] = np.full(int(rest.sum()), -1, dtype=np.int64)
