@@ -1,0 +1,105 @@
+"""The columnar engine's exact statistics: bit-for-bit equal to numpy over the raw values."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from kvmtrace.analysis import engine as E
+from kvmtrace.analysis.recording import read_recording
+
+FIX = os.path.join(os.path.dirname(__file__), "fixtures", "recordings")
+
+
+def _counts(x):
+    v, c = np.unique(x, return_counts=True)
+    return v.astype(np.int64), c.astype(np.int64)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 100, 101, 1000, 9999, 123457])
+def test_quantiles_from_counts_bit_identical_to_numpy(n):
+    rng = np.random.default_rng(n)
+    for x in (rng.integers(0, 50, n), np.maximum(1, rng.lognormal(7, 1.2, n)).astype(np.int64),
+              rng.integers(-(2 ** 40), 2 ** 40, n)):
+        qs = (0.5, 0.9, 0.99, 0.999, 0.0, 1.0, 0.25)
+        want = np.percentile(x, [q * 100 for q in qs])
+        got = E.quantiles_from_counts(*_counts(x), qs)
+        assert want.tobytes() == got.tobytes(), (n, want, got)
+
+
+def _old_event_stats(ev, key, col, qs=E.QS):
+    """The pre-engine implementation (numpy over the raw values), kept as the reference."""
+    names = [f"p{int(round(q * 100))}" for q in qs]
+    vals = ev[col].to_numpy(dtype=np.int64)
+    rows = []
+    for k, idx in ev.groupby(key, observed=True, sort=True).indices.items():
+        v = vals[idx]
+        v = v[v >= 0]
+        k = k if isinstance(k, tuple) else (k,)
+        if len(v):
+            p = np.percentile(v, [q * 100 for q in qs])
+            rows.append(list(k) + [len(idx), len(v)] + [float(x) for x in p] + [float(v.max()), float(v.mean())])
+        else:
+            rows.append(list(k) + [len(idx), 0] + [math.nan] * (len(qs) + 2))
+    return pd.DataFrame(rows, columns=key + ["events", "n"] + names + ["max", "mean"])
+
+
+def test_stats_match_numpy_per_group_with_unknown_values():
+    rng = np.random.default_rng(1)
+    n = 50_000
+    ev = pd.DataFrame({"vm": rng.choice(["a", "b", "c"], n), "op": rng.choice(["unmap", "age"], n),
+                       "lat": np.where(rng.random(n) < 0.05, -1, rng.lognormal(7, 1, n).astype(np.int64))})
+    ev.loc[ev["vm"] == "c", "lat"] = -1  # a group with no known value
+    ref = _old_event_stats(ev, ["vm", "op"], "lat").set_index(["vm", "op"])
+    vc = ev.groupby(["vm", "op", "lat"]).size().rename("c").reset_index().rename(columns={"lat": "v"})
+    got = E.stats(vc, ["vm", "op"])
+    assert list(got.index) == list(ref.index)
+    for c in ref.columns:
+        a, b = ref[c].to_numpy(dtype=float), got[c].to_numpy(dtype=float)
+        assert np.array_equal(a, b, equal_nan=True), c
+
+
+def test_engine_scan_equals_in_memory_counts_on_fixture():
+    r = read_recording(os.path.join(FIX, "basic"))
+    con = E.connect()
+    hc = E.hva_counts(con, [(0, r.events["hva_events"])])
+    mc = E.mem_counts(con, [(0, r.events["memslot_events"])])
+    con.close()
+    mem = E.HvaCounts.from_events(r["hva_events"])
+    assert hc.events == len(r["hva_events"]) == mem.events
+    a = E.stats(hc.lat[E.HVA_KEY + ["v", "c"]], E.HVA_KEY)
+    b = E.stats(mem.lat[E.HVA_KEY + ["v", "c"]], E.HVA_KEY)
+    pd.testing.assert_frame_equal(a, b)
+    assert mc.events == len(r["memslot_events"])
+
+
+def test_mwu_from_counts_matches_scipy():
+    from scipy.stats import mannwhitneyu
+
+    rng = np.random.default_rng(3)
+    for nx, ny, hi in ((30, 40, 10), (500, 700, 1000), (20000, 15000, 50)):
+        x, y = rng.integers(0, hi, nx), rng.integers(1, hi + 3, ny)
+        want = mannwhitneyu(x, y, alternative="two-sided", method="asymptotic").pvalue
+        got = E.mwu_pvalue(*_counts(x), *_counts(y))
+        assert got == pytest.approx(want, rel=1e-9, abs=1e-300)
+
+
+def test_missing_engine_is_one_clear_error(monkeypatch):
+    import builtins
+
+    from kvmtrace.errors import UsageError
+
+    real = builtins.__import__
+
+    def fake(name, *a, **kw):
+        if name == "duckdb":
+            raise ImportError("no duckdb")
+        return real(name, *a, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", fake)
+    with pytest.raises(UsageError, match="duckdb"):
+        E.connect()
