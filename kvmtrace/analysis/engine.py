@@ -59,6 +59,7 @@ def connect():
             "threads": max(1, os.cpu_count() or 1),
         },
     )
+    con.execute("SET enable_progress_bar = false")  # never draw on the report's terminal
     return con
 
 
