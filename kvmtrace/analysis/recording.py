@@ -737,29 +737,62 @@ def read_bench_index(path: str) -> dict:
     return idx
 
 
-def read_inputs(paths: Sequence[str], **kw) -> List[Recording]:
-    """Recordings and bench directories -> list of Recording (bench runs carry ``.bench``).
-    Sources get unique names."""
-    recs: List[Recording] = []
+def find_recordings(path: str) -> List[str]:
+    """The recordings and bench directories inside ``path`` (a directory of recordings: rotated
+    recordings, or a fleet dataset such as ``ROOT/host=H/date=D/NAME``; see
+    docs/recording-format.md), in path order. A recording's own subdirectories are not searched."""
+    found: List[str] = []
+    for root, dirs, files in os.walk(path):
+        if META_FILE in files or BENCH_FILE in files:
+            found.append(root)
+            dirs[:] = []
+            continue
+        dirs.sort()
+    return sorted(found)
+
+
+def expand_inputs(paths: Sequence[str]) -> List[str]:
+    """Each path as given if it is a recording or bench directory (or not a directory: the
+    reader then says what is wrong with it); a directory holding recordings -> those."""
+    out: List[str] = []
     for p in paths:
-        if is_bench_dir(p):
-            idx = read_bench_index(p)
-            runs = idx.get("runs") or []
-            if not runs:
-                raise DataFileError(f"{p}: bench directory holds no completed run")
-            for run in runs:
-                r = read_recording(os.path.join(p, run["recording"]), **kw)
-                r.bench = {
-                    "scenario": run.get("scenario", ""),
-                    "slots": run.get("slots"),
-                    "iterations": run.get("iterations"),
-                    "workload": run.get("workload") or {},
-                    "bench_dir": p,
-                }
-                r.source = f"{run.get('scenario')}/{run.get('slots')}"
+        if os.path.isdir(p) and not os.path.exists(os.path.join(p, META_FILE)) and not is_bench_dir(p):
+            inner = find_recordings(p)
+            if inner:
+                out.extend(inner)
+                continue
+        out.append(p)
+    return out
+
+
+def read_inputs(paths: Sequence[str], **kw) -> List[Recording]:
+    """Recordings, bench directories and directories holding recordings (searched recursively)
+    -> list of Recording (bench runs carry ``.bench``). Sources get unique names: a recording
+    found inside a directory is named by its path below that directory."""
+    recs: List[Recording] = []
+    for top in paths:
+        for p in expand_inputs([top]):
+            if is_bench_dir(p):
+                idx = read_bench_index(p)
+                runs = idx.get("runs") or []
+                if not runs:
+                    raise DataFileError(f"{p}: bench directory holds no completed run")
+                for run in runs:
+                    r = read_recording(os.path.join(p, run["recording"]), **kw)
+                    r.bench = {
+                        "scenario": run.get("scenario", ""),
+                        "slots": run.get("slots"),
+                        "iterations": run.get("iterations"),
+                        "workload": run.get("workload") or {},
+                        "bench_dir": p,
+                    }
+                    r.source = f"{run.get('scenario')}/{run.get('slots')}"
+                    recs.append(r)
+            else:
+                r = read_recording(p, **kw)
+                if os.path.normpath(p) != os.path.normpath(top) and not r.meta.get("label"):
+                    r.source = os.path.relpath(p, top)
                 recs.append(r)
-        else:
-            recs.append(read_recording(p, **kw))
     seen: Dict[str, int] = {}
     for r in recs:
         n = seen.get(r.source, 0)

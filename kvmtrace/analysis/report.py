@@ -388,12 +388,48 @@ def _rec_counts(r: Recording, i: int, hc_all, mc_all):
     return out[0], out[1]
 
 
+def _concat_counts(cs: Sequence[Optional[E.HvaCounts]]) -> Optional[E.HvaCounts]:
+    cs = [c for c in cs if c is not None]
+    if not cs:
+        return None
+    return E.HvaCounts(pd.concat([c.lat for c in cs], ignore_index=True), pd.concat([c.slots for c in cs], ignore_index=True))
+
+
+ALL_HOSTS = "*"
+
+
+def _hosts_rows(recs: Sequence[Recording], src: pd.DataFrame, counts) -> List[pd.DataFrame]:
+    """hva ops per op over all VMs and recordings of each host, then of all hosts (host "*").
+    Counts, histograms and raw-event value counts add up across recordings, so percentiles stay
+    exact where every recording of the group holds every raw event. duration_s (and the rate)
+    is the sum of the recordings' durations: per recorded second, not per wall-clock second."""
+    hosts = sorted({r.host for r in recs})
+    groups = [(h, [i for i, r in enumerate(recs) if r.host == h]) for h in hosts] + [(ALL_HOSTS, list(range(len(recs))))]
+    out = []
+    for host, idx in groups:
+        hv = [recs[i]["hva"] for i in idx if not recs[i]["hva"].empty]
+        if not hv:
+            continue
+        hva = pd.concat(hv, ignore_index=True).assign(vm_id="*", pid=0, comm="", name="", memslots=-1)
+        hc = _concat_counts([counts[i][0] for i in idx])
+        dur = float(src.iloc[idx]["duration_s"].sum())
+        df = hva_ops(hva, dur, hc.erase() if hc is not None else None, {})
+        kernels = sorted({str(k) for k in src.iloc[idx]["kernel"]})
+        front = {"source": f"{len(idx)} recording{'s' if len(idx) != 1 else ''}", "host": host,
+                 "kernel": kernels[0] if len(kernels) == 1 else ", ".join(kernels), "scenario": "", "bench_slots": -1}
+        for j, (c, v) in enumerate(front.items()):
+            df.insert(j, c, v)
+        out.append(df)
+    return out
+
+
 class Report:
     """All report tables, each a DataFrame: ``sources``, ``hva_ops`` (per VM x op),
-    ``hva_ops_total`` (per op, all VMs of a source), ``memslot_updates``, ``by_memslots``;
+    ``hva_ops_total`` (per op, all VMs of a source), ``memslot_updates``, ``by_memslots``,
+    ``hva_ops_hosts`` (per op, all VMs and recordings of a host; ``host`` "*": all hosts);
     ``hist`` holds summed latency histograms per (source, op) for the plots."""
 
-    TABLES = ("sources", "hva_ops", "hva_ops_total", "memslot_updates", "by_memslots")
+    TABLES = ("sources", "hva_ops", "hva_ops_total", "memslot_updates", "by_memslots", "hva_ops_hosts")
 
     def __init__(self, tables: Dict[str, pd.DataFrame], hist: pd.DataFrame):
         self.tables = tables
@@ -437,6 +473,7 @@ def build_report(recs: Sequence[Recording]) -> Report:
             h = h.reset_index()
             h.insert(0, "source", r.source)
             hists.append(h)
+    parts["hva_ops_hosts"] = _hosts_rows(recs, src, counts)
     tables = {"sources": src}
     for t, ps in parts.items():
         ps = [p for p in ps if not p.empty]
@@ -511,6 +548,7 @@ def to_json(rep: Report) -> dict:
         "hva_ops_total": _hva_json(rep["hva_ops_total"]) if not rep["hva_ops_total"].empty else [],
         "memslot_updates": mem,
         "by_memslots": bym,
+        "hva_ops_hosts": _hva_json(rep["hva_ops_hosts"]) if not rep["hva_ops_hosts"].empty else [],
         "lost_events": rep.lost_events,
         "lost_events_by_source": [{"source": s, "lost_events": int(n)} for s, n in zip(src["source"], src["lost_events"])]
         if not src.empty else [],
