@@ -116,6 +116,47 @@ class HvaCounts:
     def __init__(self, lat: pd.DataFrame, slots: pd.DataFrame):
         self.lat = lat
         self.slots = slots
+        self._stats: Dict[str, object] = {}
+
+    def lat_stats(self) -> pd.DataFrame:
+        """Exact latency statistics per ``HVA_KEY`` (``stats``)."""
+        if "lat" not in self._stats:
+            self._stats["lat"] = stats(self.lat[HVA_KEY + ["v", "c"]], HVA_KEY)
+        return self._stats["lat"]
+
+    def slots_stats(self) -> pd.DataFrame:
+        if "slots" not in self._stats:
+            self._stats["slots"] = stats(self.slots[HVA_KEY + ["v", "c"]], HVA_KEY)
+        return self._stats["slots"]
+
+    def scan_max(self) -> pd.Series:
+        """Largest known slots-scanned figure per ``HVA_KEY`` (NaN: none known)."""
+        if "scan" not in self._stats:
+            sl = self.slots.copy()
+            _norm(sl, HVA_KEY)
+            self._stats["scan"] = sl.groupby(HVA_KEY, sort=True)["scan_max"].max()
+        return self._stats["scan"]
+
+    def split(self, by: str = "rec") -> Dict[object, "HvaCounts"]:
+        """One HvaCounts per value of ``by``, with statistics computed once for all (one pass
+        over the value counts, not one per part)."""
+        if self.lat.empty:
+            return {}
+        ks = by
+        lat_st = stats(self.lat[[ks] + HVA_KEY + ["v", "c"]], [ks] + HVA_KEY)
+        sl_st = stats(self.slots[[ks] + HVA_KEY + ["v", "c"]], [ks] + HVA_KEY)
+        sl = self.slots.copy()
+        _norm(sl, [ks] + HVA_KEY)
+        scan = sl.groupby([ks] + HVA_KEY, sort=True)["scan_max"].max()
+        lat_g = dict(list(self.lat.groupby(ks, sort=False)))
+        sl_g = dict(list(self.slots.groupby(ks, sort=False)))
+        out = {}
+        for k, lat in lat_g.items():
+            hc = HvaCounts(lat, sl_g.get(k, self.slots.iloc[:0]))
+            hc._stats = {"lat": lat_st.xs(k, level=ks), "slots": sl_st.xs(k, level=ks) if k in sl_st.index.get_level_values(ks) else stats(None, HVA_KEY),
+                         "scan": scan.xs(k, level=ks) if k in scan.index.get_level_values(ks) else scan.iloc[:0]}
+            out[k] = hc
+        return out
 
     @property
     def events(self) -> int:

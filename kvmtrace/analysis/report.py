@@ -147,9 +147,7 @@ def hva_ops(hva: pd.DataFrame, duration_s: float, events: Optional[pd.DataFrame]
     ev_lat = ev_slots = ev_scan = None
     hc = _hva_counts(events)
     if hc is not None:
-        ev_lat = E.stats(hc.lat[HVA_KEY + ["v", "c"]], HVA_KEY)
-        ev_slots = E.stats(hc.slots[HVA_KEY + ["v", "c"]], HVA_KEY)
-        ev_scan = _norm_keys(hc.slots, HVA_KEY).groupby(HVA_KEY, sort=True)["scan_max"].max()
+        ev_lat, ev_slots, ev_scan = hc.lat_stats(), hc.slots_stats(), hc.scan_max()
     rows = []
     for k, a in agg.iterrows():
         vm_id, pid, op, lprov, sprov = k
@@ -380,7 +378,10 @@ def _rec_counts(r: Recording, i: int, hc_all, mc_all):
     out = []
     for name, allc, cls in (("hva_events", hc_all, E.HvaCounts), ("memslot_events", mc_all, E.MemCounts)):
         if name in r.events and allc is not None:
-            out.append(allc.select(rec=i))
+            if isinstance(allc, dict):  # HvaCounts split by recording
+                out.append(allc.get(i) or E.HvaCounts(pd.DataFrame(columns=["c"]), pd.DataFrame(columns=["c"])))
+            else:
+                out.append(allc.select(rec=i))
         elif name in r.tables and not r.events:
             out.append(cls.from_events(r.tables[name]) if not r.tables[name].empty else None)
         else:
@@ -446,7 +447,10 @@ class Report:
 
 def build_report(recs: Sequence[Recording]) -> Report:
     hc_all, mc_all = _engine_counts(recs)
-    counts = [_rec_counts(r, i, hc_all, mc_all) for i, r in enumerate(recs)]
+    hc_split = hc_all.split("rec") if hc_all is not None else None
+    # the same per recording with the VM erased (hva_ops_total), statistics again in one pass
+    tot_split = hc_all.erase(drop=()).split("rec") if hc_all is not None else {}
+    counts = [_rec_counts(r, i, hc_split, mc_all) for i, r in enumerate(recs)]
     event_rows = {"hva_events": [h.events if h is not None else 0 for h, _ in counts],
                   "memslot_events": [m.events if m is not None else 0 for _, m in counts]}
     src = sources(recs, event_rows)
@@ -462,7 +466,7 @@ def build_report(recs: Sequence[Recording]) -> Report:
         parts["hva_ops"].append(_prefix(hva_ops(hva, dur, hev, info), r, s))
         # per op over all VMs: the same aggregation with the VM erased
         hva_all = hva.assign(vm_id="*", pid=0, comm="", name="", memslots=-1) if not hva.empty else hva
-        hev_all = hev.erase() if hev is not None else None
+        hev_all = tot_split.get(i) if i in tot_split else (hev.erase() if hev is not None else None)
         parts["hva_ops_total"].append(_prefix(hva_ops(hva_all, dur, hev_all, {}), r, s))
         info_m = dict(info)
         info_m.update(_last_vm_info(_norm_keys(mem, ["vm_id", "pid"])) if not mem.empty else {})
