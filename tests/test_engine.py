@@ -103,3 +103,15 @@ def test_missing_engine_is_one_clear_error(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", fake)
     with pytest.raises(UsageError, match="duckdb"):
         E.connect()
+
+
+def test_compare_statistics_from_counts_equal_those_from_values():
+    from kvmtrace.analysis.compare import _mwu, _mwu_counts, quantile_ci_counts, quantile_ci_values
+
+    rng = np.random.default_rng(7)
+    for n in (1, 5, 9, 1000, 54321):
+        x = np.maximum(1, rng.lognormal(7, 0.8, n)).astype(np.int64)
+        y = np.maximum(1, rng.lognormal(7.1, 0.8, n + 3)).astype(np.int64)
+        for q in (0.5, 0.99):
+            assert quantile_ci_counts(*_counts(x), q) == quantile_ci_values(x, q)
+        assert _mwu_counts(*_counts(x), *_counts(y)) == _mwu(x, y)

@@ -280,6 +280,35 @@ def mem_counts(con, sources: Sequence[Tuple[int, object]]) -> MemCounts:
     return MemCounts(lat)
 
 
+def latency_counts(con, sources: Sequence[Tuple[int, object]], name_col: str) -> pd.DataFrame:
+    """rec, ``name_col`` (op or change), lat_provenance, v (latency_ns), c: the latency value
+    counts compare needs, one scan."""
+    rel = union_sql(con, sources, ["interval", name_col, "lat_provenance", "latency_ns"])
+    if not rel:
+        return pd.DataFrame(columns=["rec", name_col, "lat_provenance", "v", "c"])
+    df = _query(con, f"SELECT rec, {name_col}, lat_provenance, latency_ns AS v, count(*) AS c FROM ({rel}) GROUP BY ALL")
+    _norm(df, ["rec", name_col, "lat_provenance"])
+    df["v"] = df["v"].astype("int64")
+    df["c"] = df["c"].astype("int64")
+    return df
+
+
+def merge_counts(parts: Sequence[Tuple[np.ndarray, np.ndarray]]) -> Tuple[np.ndarray, np.ndarray]:
+    """Several (values, counts) -> one, values sorted ascending and distinct."""
+    if not parts:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    v = np.concatenate([p[0] for p in parts]).astype(np.int64)
+    c = np.concatenate([p[1] for p in parts]).astype(np.int64)
+    u, inv = np.unique(v, return_inverse=True)
+    return u, _sum_by(inv.ravel(), c, len(u))
+
+
+def _sum_by(idx: np.ndarray, c: np.ndarray, n: int) -> np.ndarray:
+    out = np.zeros(n, np.int64)
+    np.add.at(out, idx, c)
+    return out
+
+
 # ----------------------------------------------------------------------------- exact statistics
 
 
@@ -292,13 +321,14 @@ def _lerp(a: np.ndarray, b: np.ndarray, t: np.ndarray) -> np.ndarray:
     return out
 
 
-def quantiles_from_counts(v: np.ndarray, c: np.ndarray, qs: Sequence[float]) -> np.ndarray:
+def quantiles_from_counts(v: np.ndarray, c: np.ndarray, qs: Sequence[float], percent: bool = True) -> np.ndarray:
     """Exact quantiles (numpy "linear") of the multiset {v[i] repeated c[i] times}; ``v`` sorted
-    ascending, c > 0. Equals ``np.percentile(np.repeat(v, c), [q * 100 for q in qs])``."""
+    ascending, c > 0. Equals ``np.percentile(np.repeat(v, c), [q * 100 for q in qs])`` (or, with
+    ``percent=False``, ``np.quantile(np.repeat(v, c), qs)``)."""
     n = int(c.sum())
     if n == 0:
         return np.full(len(qs), np.nan)
-    q = np.true_divide(np.asanyarray([x * 100 for x in qs]), 100)
+    q = np.true_divide(np.asanyarray([x * 100 for x in qs]), 100) if percent else np.asanyarray(qs, dtype=np.float64)
     virtual = (n - 1) * q
     prev = np.floor(virtual)
     nxt = prev + 1
