@@ -115,3 +115,24 @@ def test_compare_statistics_from_counts_equal_those_from_values():
         for q in (0.5, 0.99):
             assert quantile_ci_counts(*_counts(x), q) == quantile_ci_values(x, q)
         assert _mwu_counts(*_counts(x), *_counts(y)) == _mwu(x, y)
+
+
+def test_report_and_compare_never_load_event_tables():
+    """Bounded memory by construction: the raw-event figures come from the engine's scans; no
+    event table becomes a DataFrame (they would be loaded on first access of r[name])."""
+    from kvmtrace.analysis.compare import compare
+    from kvmtrace.analysis.recording import read_inputs
+    from kvmtrace.analysis.report import EVENT_COLUMNS, build_report
+
+    recs = read_inputs([os.path.join(FIX, "basic"), os.path.join(FIX, "bench-before")], event_columns=EVENT_COLUMNS)
+    after = read_inputs([os.path.join(FIX, "basic-csv")])
+    rep = build_report(recs)
+    cmp = compare(recs[:1], after)
+    assert set(rep["hva_ops"]["latency_source"]) >= {"raw events"}
+    assert "raw events" in set(cmp["latency_source"])
+    with_events = [r for r in recs + after if r.events]
+    assert len(with_events) == 2
+    for r in with_events:
+        assert not set(r.events) & set(r.tables._frames), r.source
+    # ... while users' own analysis still gets DataFrames on access
+    assert len(recs[0]["hva_events"]) == 30
