@@ -135,4 +135,4 @@ def test_report_and_compare_never_load_event_tables():
     for r in with_events:
         assert not set(r.events) & set(r.tables._frames), r.source
     # ... while users' own analysis still gets DataFrames on access
-    assert len(recs[0]["hva_events"]) == 30
+    assert len(recs[0]["hva_events"]) == int(rep["sources"]["hva_events"].iloc[0]) == 288
