@@ -54,25 +54,15 @@ def event_stats(ev: pd.DataFrame, key: List[str], col: str, qs: Sequence[float] 
     return E.stats(vc.rename(columns={col: "v"}), key, qs)
 
 
-def _hva_counts(events) -> Optional[E.HvaCounts]:
-    """Raw hva events as value counts (from the engine, or from an in-memory DataFrame); None
-    when there are none."""
+def _counts(events, cls):
+    """Raw events as value counts (``cls``: engine.HvaCounts / MemCounts; from the engine, or
+    from an in-memory DataFrame); None when there are none."""
     if events is None:
         return None
-    if not isinstance(events, E.HvaCounts):
+    if not isinstance(events, cls):
         if events.empty:
             return None
-        events = E.HvaCounts.from_events(events)
-    return events if events.events else None
-
-
-def _mem_counts(events) -> Optional[E.MemCounts]:
-    if events is None:
-        return None
-    if not isinstance(events, E.MemCounts):
-        if events.empty:
-            return None
-        events = E.MemCounts.from_events(events)
+        events = cls.from_events(events)
     return events if events.events else None
 
 
@@ -145,7 +135,7 @@ def hva_ops(hva: pd.DataFrame, duration_s: float, events: Optional[pd.DataFrame]
     lat_h = g[T.LAT_B].sum()
     slot_h = g[T.SLOTS_B].sum()
     ev_lat = ev_slots = ev_scan = None
-    hc = _hva_counts(events)
+    hc = _counts(events, E.HvaCounts)
     if hc is not None:
         ev_lat, ev_slots, ev_scan = hc.lat_stats(), hc.slots_stats(), hc.scan_max()
     rows = []
@@ -211,7 +201,7 @@ def memslot_updates(mem: pd.DataFrame, events: Optional[pd.DataFrame] = None, vm
     agg = g.agg(count=("count", "sum"), errors=("errors", "sum"), lat_sum_ns=("lat_sum_ns", "sum"),
                 lat_max_ns=("lat_max_ns", "max"))
     lat_h = g[T.LAT_B].sum()
-    mc = _mem_counts(events)
+    mc = _counts(events, E.MemCounts)
     ev_lat = E.stats(mc.lat[MEM_KEY + ["v", "c"]], MEM_KEY) if mc is not None else None
     rows = []
     for k, a in agg.iterrows():
@@ -262,7 +252,7 @@ def by_memslots(hva: pd.DataFrame, events: Optional[pd.DataFrame] = None) -> pd.
     from .synth import log2_buckets
 
     total = int(hva["count"].sum()) if not hva.empty else 0
-    hc = _hva_counts(events)
+    hc = _counts(events, E.HvaCounts)
     use_events = hc is not None and hc.events == total and total > 0 and bool((hc.lat["mb"] >= 0).any())
     rows = []
     if use_events:
