@@ -136,3 +136,21 @@ def test_report_and_compare_never_load_event_tables():
         assert not set(r.events) & set(r.tables._frames), r.source
     # ... while users' own analysis still gets DataFrames on access
     assert len(recs[0]["hva_events"]) == int(rep["sources"]["hva_events"].iloc[0]) == 288
+
+
+def test_parquet_part_damaged_inside_its_data_is_one_clear_error(tmp_path, capsys):
+    import shutil
+
+    from kvmtrace.cli import main
+
+    rec = tmp_path / "basic"
+    shutil.copytree(os.path.join(FIX, "basic"), rec)
+    part = rec / "hva_events" / "part-000000.parquet"
+    data = bytearray(part.read_bytes())
+    data[200:2000] = b"\xab" * 1800  # footer intact, column data garbage
+    part.write_bytes(bytes(data))
+    with pytest.raises(SystemExit) as e:
+        main(["report", str(rec)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2, err
+    assert "raw events unreadable" in err and "fix:" in err and "Traceback" not in err

@@ -87,13 +87,20 @@ def union_sql(con, sources: Sequence[Tuple[int, object]], columns: Sequence[str]
 
 
 def _query(con, sql: str) -> pd.DataFrame:
+    import duckdb
+
     try:
         return con.execute(sql).fetch_df()
-    except Exception as e:  # duckdb raises IOException, InvalidInputException, ... for damaged files
-        name = type(e).__name__
-        if "IO" in name or "InvalidInput" in name or "Corrupt" in str(e):
-            raise DataFileError(f"raw events unreadable: {str(e).splitlines()[0]}", "the recording is damaged") from e
-        raise
+    except (duckdb.ParserException, duckdb.BinderException, duckdb.CatalogException):
+        raise  # kvmtrace's own SQL is wrong: a bug, not bad input
+    except duckdb.OutOfMemoryException as e:
+        raise UsageError(f"raw-event scan ran out of memory: {str(e).splitlines()[0]}",
+                         "raise KVMTRACE_ENGINE_MEMORY (now " + MEMORY_LIMIT + ") or free space in "
+                         + tempfile.gettempdir() + " (the engine spills there)") from e
+    except duckdb.Error as e:  # damaged Parquet data: IOException, InvalidInputException, plain Error, ...
+        raise DataFileError(f"raw events unreadable: {str(e).splitlines()[0]}",
+                            "the recording was damaged after it was written (a Parquet part's data); "
+                            "restore it from a copy") from e
 
 
 def _norm(df: pd.DataFrame, key: Sequence[str]) -> pd.DataFrame:
