@@ -255,16 +255,22 @@ def hva_counts(con, sources: Sequence[Tuple[int, object]]) -> HvaCounts:
         lat = pd.DataFrame(columns=["rec"] + HVA_KEY + ["mb", "v", "c"])
         sl = pd.DataFrame(columns=["rec"] + HVA_KEY + ["mb", "v", "c", "ms_min", "ms_max", "scan_max", "scan_sum", "scan_n"])
         return HvaCounts(_norm(lat, ["rec"] + HVA_KEY + ["mb"]), _norm(sl, ["rec"] + HVA_KEY + ["mb"]))
-    con.execute(f"CREATE OR REPLACE TEMP VIEW kvmtrace_hva AS SELECT *, {_MB_SQL} AS mb FROM ({rel})")
-    lat = _query(con, f"SELECT {keys}, mb, latency_ns AS v, count(*) AS c FROM kvmtrace_hva GROUP BY ALL")
-    sl = _query(
+    # one scan, two groupings: by latency value and by slots value
+    both = _query(
         con,
-        f"""SELECT {keys}, mb, slots AS v, count(*) AS c, min(memslots) AS ms_min, max(memslots) AS ms_max,
+        f"""SELECT {keys}, mb, GROUPING(latency_ns) AS by_slots, latency_ns, slots, count(*) AS c,
+                   min(memslots) AS ms_min, max(memslots) AS ms_max,
                    max(scanned) FILTER (WHERE scanned >= 0) AS scan_max,
                    coalesce(sum(scanned) FILTER (WHERE scanned >= 0), 0) AS scan_sum,
                    count(*) FILTER (WHERE scanned >= 0) AS scan_n
-            FROM kvmtrace_hva GROUP BY ALL""",
+            FROM (SELECT *, {_MB_SQL} AS mb FROM ({rel}))
+            GROUP BY GROUPING SETS (({keys}, mb, latency_ns), ({keys}, mb, slots))""",
     )
+    sel = both["by_slots"].to_numpy() != 0
+    lat = both.loc[~sel, ["rec"] + HVA_KEY + ["mb", "latency_ns", "c"]].rename(columns={"latency_ns": "v"})
+    sl = both.loc[sel, ["rec"] + HVA_KEY + ["mb", "slots", "c", "ms_min", "ms_max", "scan_max", "scan_sum", "scan_n"]]
+    sl = sl.rename(columns={"slots": "v"})
+    lat, sl = lat.reset_index(drop=True), sl.reset_index(drop=True)
     for df in (lat, sl):
         _norm(df, ["rec"] + HVA_KEY + ["mb"])
         df["v"] = df["v"].astype("int64")
