@@ -412,6 +412,9 @@ class _Tables(Mapping):
             self._frames[name] = self._events[name].load(cols)
         return self._frames[name]
 
+    def __setitem__(self, name: str, df: pd.DataFrame) -> None:
+        self._frames[name] = df
+
     def __iter__(self):
         return iter(list(dict.fromkeys(list(self._frames) + list(self._events))))
 
