@@ -154,3 +154,29 @@ def test_parquet_part_damaged_inside_its_data_is_one_clear_error(tmp_path, capsy
     err = capsys.readouterr().err
     assert e.value.code == 2, err
     assert "raw events unreadable" in err and "fix:" in err and "Traceback" not in err
+
+
+def test_unfinished_recording_journals_go_through_the_engine(tmp_path):
+    """A recorder that never closed leaves Arrow journals (no Parquet parts): the engine scans
+    them memory-mapped, with the same figures as numpy over the events."""
+    from kvmtrace.analysis.recording import Recorder, read_inputs
+    from kvmtrace.analysis.report import build_report
+    from kvmtrace.analysis.synth import SynthOp, SynthVm, simulate
+
+    vms = [SynthVm("ffff1", 100, memslots=40)]
+    snaps, evs = simulate(vms, [SynthOp("ffff1", op="unmap", per_interval=50)], intervals=3, events=True, seed=5)
+    path = str(tmp_path / "rec")
+    rec = Recorder(path, events=True, fsync=False, meta={"host": "h"})
+    prev = None
+    for s, e in zip(snaps, evs):
+        rec.write(s.delta(prev), e)
+        prev = s
+    # no close(): journals only, status "recording"
+    assert not any(f.endswith(".parquet") for f in os.listdir(os.path.join(path, "hva_events")))
+    r = read_inputs([path])[0]
+    rep = build_report([r])
+    row = rep["hva_ops"].iloc[0]
+    lat = np.array([e.latency_ns for b in evs for e in b], dtype=np.int64)
+    assert row["latency_source"] == "raw events" and row["count"] == len(lat) == 150
+    assert (row["lat_p50_ns"], row["lat_p99_ns"]) == tuple(np.percentile(lat, [50, 99]))
+    assert "hva_events" not in r.tables._frames
