@@ -91,6 +91,20 @@ LEGEND = (
 )
 
 
+def _cost_line(r):
+    """kvmtrace's own cost while recording one source (metadata self_cost)."""
+    from rich.text import Text
+
+    pct = lambda v: "-" if v != v else f"{100 * v:.3g}%"  # noqa: E731  (NaN: not measured)
+    if str(r["bpf_stats"]).startswith("enabled"):
+        bpf = f"in kernel {fmt_num(r['bpf_ns_per_event'])} ns/event, {pct(r['bpf_cpu_share'])} of a CPU"
+    else:
+        bpf = f"in-kernel cost {r['bpf_stats']}"
+    late = f"; {r['late_intervals']} late intervals (kvmtrace fell behind)" if r["late_intervals"] else ""
+    return Text(f"kvmtrace's own cost ({r['source']}): {bpf}; user space {pct(r['user_cpu_share'])} of a CPU{late}",
+                style="dim")
+
+
 def _one_prov(heads: List[str], rows: List[List[str]]):
     """When every row has the same provenance, drop the "prov" column and return it for the
     caption (narrower tables); else leave the column. -> (heads, rows, common or "")."""
@@ -109,6 +123,7 @@ def report_renderables(rep) -> list:
         rows.append([r["source"], r["host"], r["kernel"], f"{r['duration_s']:.1f} s", str(r["intervals"]), r["status"],
                      fmt_num(r["lost_events"]), "yes" if r["raw_events"] else "no"])
     out.append(_table("Recordings", ["source", "host", "kernel", "duration", "intervals", "status", "lost events", "raw events"], rows))
+    out += [_cost_line(r) for _, r in src.iterrows() if "bpf_stats" in r]
     multi = len(src) > 1
     h = rep["hva_ops"]
     if not h.empty:
@@ -155,6 +170,16 @@ def report_renderables(rep) -> list:
                                                   "scanned"]
         out.append(_table("hva operations by memslot count", heads, rows,
                           caption="memslot count: " + ", ".join(sorted(set(b["memslots_source"])))))
+    hh = rep.tables.get("hva_ops_hosts")
+    if multi and hh is not None and not hh.empty:
+        rows = []
+        for _, r in hh.iterrows():
+            rows.append(["all hosts" if r["host"] == "*" else r["host"], r["source"], r["op"], fmt_num(r["count"]),
+                         fmt_ns(r["lat_p50_ns"]), fmt_ns(r["lat_p90_ns"]), fmt_ns(r["lat_p99_ns"]), fmt_ns(r["lat_max_ns"]),
+                         _src_mark(r["latency_source"]), fmt_num(r["slots_mean"]), fmt_num(r["scanned_mean"]),
+                         f"{r['lat_provenance']}/{r['slots_provenance']}"])
+        out.append(_table("hva operations per host (all VMs and recordings of the host), then all hosts",
+                          ["host", "recordings", "op", "count", "p50", "p90", "p99", "max", "src", "visited", "scanned", "prov"], rows))
     from rich.text import Text
 
     out.append(Text(LEGEND, style="dim"))
