@@ -6,7 +6,7 @@ from __future__ import annotations
 import ctypes as ct
 
 EV_HVA, EV_SC_END, EV_MEMSLOT, EV_VM_CREATE = 1, 2, 3, 4
-CNT_LOST, CNT_MAPFULL, CNT_NOLAT = 0, 1, 2
+CNT_LOST, CNT_MAPFULL, CNT_NOLAT, CNT_IGNORED = 0, 1, 2, 3
 
 
 class Event(ct.Structure):
