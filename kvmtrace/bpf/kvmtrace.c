@@ -859,8 +859,15 @@ TRACEPOINT_PROBE(syscalls, sys_exit_ioctl)
     u64 now = bpf_ktime_get_ns();
     s64 ret = args->ret;
     if (s->cmd == KVM_CREATE_VM_NR) {
-        if (ret >= 0)
+        if (ret >= 0) {
             vm_register(tgid, (u32)ret);
+            // rare: lets userspace name the VMM while it is alive
+            struct event ev = {};
+            ev_head(&ev, EV_VM_CREATE, now, id);
+            ev.ret = ret;
+            ev.x = (u32)ret;
+            emit(args, &ev, 0);
+        }
         ioc.delete(&tid);
         return 0;
     }

@@ -96,7 +96,81 @@ class MapContents:
     programs)."""
 
     aggs: Dict[Tuple[int, int, int], AggRow] = field(default_factory=dict)
-    counters: Tuple[int, ...] = (0,) * (CNT_NOLAT + 1)
+    counters: Tuple[int, ...] = (0,) * (CNT_IGNORED + 1)
     vmm: Optional[Tuple[int, ...]] = None
     ms_count: Optional[Dict[int, int]] = None
     ms_aggs: Optional[Dict[Tuple[int, int, int], MsRow]] = None
+    tp: Optional["TpMaps"] = None  # tracepoint mode's VM and slot-table maps (TpMaps)
+
+
+# ---------------------------------------------------------------------------- tracepoint mode
+# (kvmtrace.c "Tracepoint mode: VM identity and per-VM slot tables")
+VMF_PARTIAL, VMF_DEAD, VMF_NOTAB, VMF_BROKEN = 1, 2, 4, 8
+NO_TAB = 0xFFFFFFFF
+MS_BUCKETS = 16
+VM_PER_PROC = 8  # live VMs per process the kernel keeps in notifier order
+SEED_GEN_BASE = 1 << 62  # gens of VMs that predate the trace: base | tgid << 24 | fd (the kernel counts from 1)
+
+
+@dataclass(frozen=True)
+class TpBucket:
+    """hva ops of one (VM, op) at one memslot-count log2 bucket (C ``struct tp_bkt``)."""
+
+    count: int = 0
+    lat_count: int = 0
+    lat_sum: int = 0
+    slots_sum: int = 0
+    nmax: int = 0
+
+
+@dataclass(frozen=True)
+class TpAggRow:
+    """One value of ``tp_aggs`` (C ``struct tp_agg``): the common aggregate, the ops whose
+    slots figure was not derived, and the per-memslot-bucket figures (index = bucket)."""
+
+    agg: AggRow = AggRow()
+    underived: int = 0
+    buckets: Tuple[TpBucket, ...] = ()
+
+    @classmethod
+    def from_map(cls, v) -> "TpAggRow":
+        return cls(AggRow.from_map(v.a), int(v.underived),
+                   tuple(TpBucket(int(b.count), int(b.lat_count), int(b.lat_sum), int(b.slots_sum), int(b.nmax))
+                         for b in v.b))
+
+
+@dataclass(frozen=True)
+class TpVmRow:
+    """One value of ``tp_vms`` (C ``struct tp_vm``): one VM lifetime, keyed by its gen."""
+
+    tgid: int
+    fd: int
+    ordinal: int = 0
+    flags: int = 0
+    tab: int = NO_TAB
+    n: int = 0
+    nmax: int = 0
+
+    @classmethod
+    def from_map(cls, v) -> "TpVmRow":
+        return cls(int(v.tgid), int(v.fd), int(v.ordinal), int(v.flags), int(v.tab), int(v.n), int(v.nmax))
+
+    @property
+    def dead(self) -> bool:
+        return bool(self.flags & VMF_DEAD)
+
+    @property
+    def partial(self) -> bool:
+        return bool(self.flags & VMF_PARTIAL)
+
+
+@dataclass(frozen=True)
+class TpMaps:
+    """Tracepoint mode's maps, read once per interval: ``aggs`` (gen, op, tgid) -> TpAggRow
+    (gen 0: hva ops of no known VMM); ``vms`` gen -> TpVmRow; ``ms`` (gen, change, tgid) ->
+    MsRow; ``tabs`` table index -> (owner gen, entries, broken)."""
+
+    aggs: Dict[Tuple[int, int, int], TpAggRow] = field(default_factory=dict)
+    vms: Dict[int, TpVmRow] = field(default_factory=dict)
+    ms: Dict[Tuple[int, int, int], MsRow] = field(default_factory=dict)
+    tabs: Dict[int, Tuple[int, int, int]] = field(default_factory=dict)
