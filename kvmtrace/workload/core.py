@@ -63,6 +63,7 @@ SCENARIOS = (
     "age",
     "churn",
     "mixed",
+    "multi-vm",  # several VMs in one process (multivm.py)
 )
 DEFAULT_SCENARIO = "mixed"
 DEFAULT_SLOTS = 64
