@@ -158,6 +158,17 @@ def test_tracepoint_dead_vms_are_retired_from_the_maps_but_keep_their_figures():
     assert after.by_memslots == before.by_memslots and [v.vm_id for v in after.vms] == ["vm:100:1"]
 
 
+def test_tracepoint_linear_scan_kernels_scan_the_memslot_count():
+    row = R.TpAggRow(R.AggRow(count=2, slots_count=2, slots_sum=2, scanned_sum=1018),
+                     0, tuple(R.TpBucket(count=2, slots_sum=2, nmax=509, nsum=1018) if i == 9 else R.TpBucket()
+                              for i in range(R.MS_BUCKETS)))
+    maps = tp_maps({(1, 0, 100): row}, {1: R.TpVmRow(tgid=100, fd=4, ordinal=1, n=509, nmax=509)})
+    p = Decoding(plan(linear=True)).decode(maps)
+    assert p.hva[0].scanned_sum == 1018 and p.by_memslots[0].scanned_sum == 1018
+    p = Decoding(plan()).decode(maps)
+    assert p.hva[0].scanned_sum is None and p.by_memslots[0].scanned_sum is None
+
+
 def test_tracepoint_ignored_ioctls_are_reported():
     counters = [0] * (R.CNT_IGNORED + 1)
     counters[R.CNT_IGNORED] = 50

@@ -292,6 +292,7 @@ struct tp_bkt {    // hva ops at one memslot-count bucket (derived ops only)
     u64 lat_sum;
     u64 slots_sum;
     u64 nmax;      // largest memslot count seen in the bucket
+    u64 nsum;      // sum of the memslot counts (= slots scanned on linear-scan kernels)
 };
 struct tp_agg {    // per (vm gen, op, tgid): the common aggregate plus tracepoint-mode figures
     struct agg_val a;
@@ -582,9 +583,12 @@ static __always_inline int on_hva_tp(void *ctx, u32 op, u64 start, u64 end)
             __sync_fetch_and_add(&a->a.s.slots_count, 1);
             __sync_fetch_and_add(&a->a.s.slots_sum, slots);
             max_update(&a->a.s.slots_max, slots);
+            // kernels before 5.17 scan every used slot of every address space per callback
+            __sync_fetch_and_add(&a->a.s.scanned_sum, nslots);
             struct tp_bkt *b = &a->b[bucket & (MS_BUCKETS - 1)];
             __sync_fetch_and_add(&b->count, 1);
             __sync_fetch_and_add(&b->slots_sum, slots);
+            __sync_fetch_and_add(&b->nsum, nslots);
             max_update(&b->nmax, nslots);
         } else {
             __sync_fetch_and_add(&a->underived, 1);

@@ -41,6 +41,8 @@ class TracepointDecoder:
         self.pid = pid  # the session's --pid filter (None: every VMM); applied in the kernel
         self.ops = frozenset(p.op for p in plan.ops
                              if p.kind == "hva" and p.attach == "tracepoint")
+        # kernels before 5.17 scan every used memslot per callback: scanned = the VM's count
+        self.linear = bool(getattr(plan, "linear_scan", False))
         ms = plan.for_op("memslot_update")
         self.ms_tp = bool(ms and ms.attach == "tracepoint")
         # VMs seen (gen -> last row read), figures of VMs retired from the maps
@@ -107,14 +109,15 @@ class TracepointDecoder:
                 slots_hist=Log2Hist.from_counts(a.slots), slots_count=a.slots_count,
                 slots_sum=a.slots_sum, slots_max=a.slots_max,
                 slots_provenance="derived" if a.slots_count else "none",
-                scanned_sum=None, range_hist=Log2Hist.from_counts(a.range), underived=r.underived,
+                scanned_sum=a.scanned_sum if self.linear else None,
+                range_hist=Log2Hist.from_counts(a.range), underived=r.underived,
             ))
             for i, b in enumerate(r.buckets):
                 if b.count:
                     out.by_memslots.append(MemslotBucketStats(
                         vm_id=vm, pid=tgid, op=op, bucket=i, count=b.count, memslots_max=b.nmax,
                         lat_count=b.lat_count, lat_sum_ns=b.lat_sum, slots_count=b.count,
-                        slots_sum=b.slots_sum, scanned_sum=None,
+                        slots_sum=b.slots_sum, scanned_sum=b.nsum if self.linear else None,
                         lat_provenance="syscall" if b.lat_count else "none", slots_provenance="derived"))
         for gen, v in self.vms.items():
             if self.pid is not None and v.tgid != self.pid:

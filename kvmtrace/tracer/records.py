@@ -121,6 +121,7 @@ class TpBucket:
     lat_sum: int = 0
     slots_sum: int = 0
     nmax: int = 0
+    nsum: int = 0  # sum of the memslot counts at its ops
 
 
 @dataclass(frozen=True)
@@ -135,7 +136,8 @@ class TpAggRow:
     @classmethod
     def from_map(cls, v) -> "TpAggRow":
         return cls(AggRow.from_map(v.a), int(v.underived),
-                   tuple(TpBucket(int(b.count), int(b.lat_count), int(b.lat_sum), int(b.slots_sum), int(b.nmax))
+                   tuple(TpBucket(int(b.count), int(b.lat_count), int(b.lat_sum), int(b.slots_sum), int(b.nmax),
+                                  int(b.nsum))
                          for b in v.b))
 
 
