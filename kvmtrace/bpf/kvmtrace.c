@@ -511,7 +511,34 @@ struct sc_state {  // one system call of a VMM thread
     u32 nent;
     struct sc_ent e[SC_ENTS];
 };
+#ifdef TP_TASK_STORAGE
+// per-thread state in task-local storage (5.11+, BTF): a pointer chase instead of a hash
+// lookup, three times per system call of a VMM thread; freed with the task
+BPF_TASK_STORAGE(inflight, struct sc_state);
+#else
 BPF_TABLE("lru_hash", u32, struct sc_state, inflight, MAX_THREADS);
+#endif
+
+static __always_inline struct sc_state *sc_get(u32 tid)
+{
+#ifdef TP_TASK_STORAGE
+    return inflight.task_storage_get((struct task_struct *)bpf_get_current_task_btf(), 0, 0);
+#else
+    return inflight.lookup(&tid);
+#endif
+}
+
+static __always_inline struct sc_state *sc_new(u32 tid)
+{
+#ifdef TP_TASK_STORAGE
+    return inflight.task_storage_get((struct task_struct *)bpf_get_current_task_btf(), 0,
+                                     BPF_LOCAL_STORAGE_GET_F_CREATE);
+#else
+    struct sc_state z = {};
+    inflight.update(&tid, &z);
+    return inflight.lookup(&tid);
+#endif
+}
 
 static __always_inline int tgid_wanted(u32 tgid)
 {
@@ -529,7 +556,7 @@ static __always_inline int on_hva_tp(void *ctx, u32 op, u64 start, u64 end)
     if (filtered_out(tgid))
         return 0;
     struct vmm_val *p = vmm.lookup(&tgid);
-    struct sc_state *s = inflight.lookup(&tid);
+    struct sc_state *s = sc_get(tid);
     u32 n = p ? p->n : 0;
     if (n == 0) {  // not a known VMM process (kswapd, another process's madvise, ...)
         struct tp_agg *u = tp_agg_get(0, op, 0);
@@ -583,13 +610,14 @@ static __always_inline int on_hva_tp(void *ctx, u32 op, u64 start, u64 end)
             __sync_fetch_and_add(&a->a.s.slots_count, 1);
             __sync_fetch_and_add(&a->a.s.slots_sum, slots);
             max_update(&a->a.s.slots_max, slots);
-            // kernels before 5.17 scan every used slot of every address space per callback
-            __sync_fetch_and_add(&a->a.s.scanned_sum, nslots);
             struct tp_bkt *b = &a->b[bucket & (MS_BUCKETS - 1)];
             __sync_fetch_and_add(&b->count, 1);
             __sync_fetch_and_add(&b->slots_sum, slots);
-            __sync_fetch_and_add(&b->nsum, nslots);
             max_update(&b->nmax, nslots);
+#if LINEAR_SCAN  // kernels before 5.17 scan every used slot of every address space per callback
+            __sync_fetch_and_add(&a->a.s.scanned_sum, nslots);
+            __sync_fetch_and_add(&b->nsum, nslots);
+#endif
         } else {
             __sync_fetch_and_add(&a->underived, 1);
         }
@@ -648,8 +676,23 @@ TRACEPOINT_PROBE(raw_syscalls, sys_enter)
 {
     u64 id = bpf_get_current_pid_tgid();
     u32 tgid = id >> 32, tid = (u32)id;
-    if (!tgid_wanted(tgid))
-        return 0;
+    // a VMM thread reuses its state (zeroed at every syscall exit); any other task costs the
+    // lookup of its tgid
+    struct sc_state *cur = 0;
+#ifdef TP_TASK_STORAGE
+    cur = sc_get(tid);  // cheap, and NULL for every task that never ran a VMM syscall
+#endif
+    if (!cur) {
+        if (!tgid_wanted(tgid))
+            return 0;
+#ifndef TP_TASK_STORAGE
+        cur = sc_get(tid);
+#endif
+        if (!cur)
+            cur = sc_new(tid);
+        if (!cur)
+            return 0;
+    }
 #ifdef MS_TP
     if (args->id == NR_CLOSE) {  // a VM's descriptor closed: it leaves the attribution list
         struct vmfd_key k = {};
@@ -665,17 +708,8 @@ TRACEPOINT_PROBE(raw_syscalls, sys_enter)
         }
     }
 #endif
-    // reuse the thread's entry (zeroed at every syscall exit): a lookup and a store instead of
-    // an LRU update per system call
-    struct sc_state *cur = inflight.lookup(&tid);
-    if (cur) {
-        cur->ts = bpf_ktime_get_ns();
-        cur->last_start = cur->last_end = 0;
-        return 0;
-    }
-    struct sc_state s = {};
-    s.ts = bpf_ktime_get_ns();
-    inflight.update(&tid, &s);
+    cur->ts = bpf_ktime_get_ns();
+    cur->last_start = cur->last_end = 0;
     return 0;
 }
 
@@ -702,7 +736,7 @@ TRACEPOINT_PROBE(raw_syscalls, sys_exit)
 {
     u64 id = bpf_get_current_pid_tgid();
     u32 tgid = id >> 32, tid = (u32)id;
-    struct sc_state *s = inflight.lookup(&tid);
+    struct sc_state *s = sc_get(tid);
     if (!s || !s->ts)
         return 0;
     u64 dur = bpf_ktime_get_ns() - s->ts;

@@ -11,6 +11,7 @@ parts of a Snapshot. No bcc, no root: tests/test_decoders.py feeds it fakes.
 
 from __future__ import annotations
 
+import os
 from typing import Callable, Dict, List, Optional, Set, Tuple
 
 from ..snapshot import HvaEvent, HvaStats, Log2Hist, MemslotBucketStats, MemslotEvent, MemslotStats
@@ -18,6 +19,15 @@ from . import records as R
 from .decode_common import CHANGES, OPS, Parts, Stream
 
 U64 = (1 << 64) - 1
+
+
+def tp_cflags(plan, btf_path: str = "/sys/kernel/btf/vmlinux") -> List[str]:
+    """Extra -D flags of tracepoint mode: per-thread state in task-local storage where the kernel
+    has BTF (task storage for tracing programs is 5.11+, tracepoint mode needs 5.13+), else an
+    LRU hash keyed by thread id."""
+    if not any(p.kind == "hva" and p.attach == "tracepoint" for p in plan.ops):
+        return []
+    return ["-DTP_TASK_STORAGE"] if os.path.exists(btf_path) else []
 
 
 def seed_gen(tgid: int, fd: int) -> int:

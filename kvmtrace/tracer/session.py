@@ -303,6 +303,9 @@ class TraceSession:
             self.plan, self.facts, pid=self.pid, ringbuf=ringbuf, ringbuf_pages=self.ringbuf_pages,
             events=self.keep_events, fentry_module=fentry_module,
         )
+        from .decode_tp import tp_cflags
+
+        cflags += tp_cflags(self.plan)
         self.cflags = cflags
         self._rusage0 = self._cpu()
         try:
