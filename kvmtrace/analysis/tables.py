@@ -15,7 +15,7 @@ import pandas as pd
 import pyarrow as pa
 
 from ..consts import LOG2_BUCKETS
-from ..snapshot import HvaEvent, Log2Hist, MemslotEvent, Snapshot
+from ..snapshot import HvaEvent, HvaEventBatch, Log2Hist, MemslotEvent, Snapshot
 
 I64 = pa.int64()
 F64 = pa.float64()
@@ -266,8 +266,35 @@ _MEM_EV_FIELDS = [c for c in columns("memslot_events") if c != "interval"]
 _WRAP = {"start", "end", "gpa", "hva", "size"}
 
 
+class EventColumns:
+    """Raw hva events as columns (numpy arrays), from the tracer's HvaEventBatch objects: no
+    Python object per event on the way to disk. ``len()`` is the number of events."""
+
+    def __init__(self, cols: Dict[str, np.ndarray]) -> None:
+        self.cols = cols
+
+    def __len__(self) -> int:
+        return len(self.cols["ts_ns"])
+
+
+def _hva_columns(batches: list, objs: list) -> EventColumns:
+    cols = {}
+    for f in _HVA_EV_FIELDS:
+        parts = [np.asarray(b.column(f)) for b in batches]
+        if objs:
+            vals = [getattr(e, f) for e in objs]
+            parts.append(np.asarray([_i64(v) for v in vals] if f in _WRAP else vals,
+                                    dtype=object if isinstance(vals[0], str) else np.int64))
+        cols[f] = np.concatenate(parts)
+    return EventColumns(cols)
+
+
 def event_columns(events: Sequence, table: str, interval: int) -> Dict[str, list]:
     """Column lists (not rows: cheaper for millions of events) for a batch of raw events."""
+    if isinstance(events, EventColumns):
+        cols = dict(events.cols)
+        cols["interval"] = np.full(len(events), interval, dtype=np.int64)
+        return cols
     fields = _HVA_EV_FIELDS if table == "hva_events" else _MEM_EV_FIELDS
     cols: Dict[str, list] = {"interval": [interval] * len(events)}
     for f in fields:
@@ -279,12 +306,18 @@ def event_columns(events: Sequence, table: str, interval: int) -> Dict[str, list
 
 
 def split_events(events: Iterable) -> Tuple[list, list]:
-    hva, mem = [], []
+    """(hva events, memslot events); hva events as EventColumns when the tracer gave columns
+    (HvaEventBatch)."""
+    hva, mem, batches = [], [], []
     for e in events:
         if isinstance(e, HvaEvent):
             hva.append(e)
         elif isinstance(e, MemslotEvent):
             mem.append(e)
+        elif isinstance(e, HvaEventBatch):
+            batches.append(e)
+    if batches:
+        return _hva_columns(batches, hva), mem
     return hva, mem
 
 

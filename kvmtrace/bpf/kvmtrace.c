@@ -37,9 +37,8 @@
 #define PAGE_SIZE_B 4096
 #endif
 
-// ---- records shared with userspace (kvmtrace/tracer/records.py mirrors them) ----
-enum { CNT_LOST = 0, CNT_MAPFULL = 1, CNT_NOLAT = 2, CNT_IGNORED = 3, NR_CNT = 4 };
-enum { EV_HVA = 1, EV_SC_END = 2, EV_MEMSLOT = 3, EV_VM_CREATE = 4 };
+// ---- records shared with userspace. struct event, the EV_* kinds and the CNT_* counters are
+// generated from kvmtrace/tracer/records.py and prepended to this file (cflags.source()) ----
 struct sum_val {   // per (vm, op): latency and slot sums
     u64 count;     // operations observed
     u64 lat_count;
@@ -76,21 +75,6 @@ struct ms_val {    // per (vm, change): memslot updates
     u64 lat_max;
     u64 tgid;
     u64 lat[LOG2_BUCKETS];
-};
-
-struct event {     // 80 bytes
-    u64 ts;
-    u64 a;
-    u64 b;
-    u64 c;
-    u64 d;
-    u64 e;
-    s64 ret;
-    u32 kind;
-    u32 tgid;
-    u32 tid;
-    u32 x;
-    u64 vm;        // struct kvm * in exact modes, 0 in tracepoint mode
 };
 
 struct kt_region {  // uapi struct kvm_userspace_memory_region (and the head of ..._region2)
@@ -648,11 +632,11 @@ static __always_inline int on_hva_tp(void *ctx, u32 op, u64 start, u64 end)
 #ifdef EVENTS_LAT  // raw events kept (record --events)
     struct event ev = {};
     ev_head(&ev, EV_HVA, bpf_ktime_get_ns(), id);
-    ev.x = op;
-    ev.a = start;
-    ev.b = end;
-    ev.c = ok ? slots : (u64)-1;
-    ev.d = ok ? nslots : (u64)-1;
+    ev.hva.op = op;
+    ev.hva.start = start;
+    ev.hva.end = end;
+    ev.hva.slots = ok ? slots : 0xFFFFFFFFu;
+    ev.hva.memslots = ok ? nslots : 0xFFFFFFFFu;
     ev.vm = gen;
     emit(ctx, &ev, RB_NO_WAKEUP);
 #endif
@@ -758,8 +742,8 @@ TRACEPOINT_PROBE(raw_syscalls, sys_exit)
     if (total) {
         struct event ev = {};
         ev_head(&ev, EV_SC_END, bpf_ktime_get_ns(), id);
-        ev.a = dur;
-        ev.x = total;
+        ev.sc_end.dur_ns = dur;
+        ev.sc_end.nr_ops = total;
         emit(args, &ev, RB_NO_WAKEUP);
     }
 #endif
@@ -902,8 +886,7 @@ TRACEPOINT_PROBE(syscalls, sys_exit_ioctl)
             // rare: lets userspace name the VMM while it is alive
             struct event ev = {};
             ev_head(&ev, EV_VM_CREATE, now, id);
-            ev.ret = ret;
-            ev.x = (u32)ret;
+            ev.vm_create.ret = (s32)ret;
             emit(args, &ev, 0);
         }
         ioc.delete(&tid);
@@ -955,13 +938,14 @@ TRACEPOINT_PROBE(syscalls, sys_exit_ioctl)
 #ifdef TP_RAW
     struct event ev = {};
     ev_head(&ev, EV_MEMSLOT, s->ts, id);
-    ev.a = now - s->ts;
-    ev.b = s->r.guest_phys_addr;
-    ev.c = s->r.memory_size;
-    ev.d = s->r.userspace_addr;
-    ev.e = ((u64)s->r.flags << 32) | s->r.slot;
-    ev.x = ch;
-    ev.ret = ret;
+    ev.memslot.lat_ns = now - s->ts;
+    ev.memslot.gpa = s->r.guest_phys_addr;
+    ev.memslot.size = s->r.memory_size;
+    ev.memslot.hva = s->r.userspace_addr;
+    ev.memslot.slot = s->r.slot;
+    ev.memslot.flags = s->r.flags;
+    ev.memslot.change = ch;  // classified here
+    ev.memslot.ret = (s32)ret;
     ev.vm = gen;
     emit(args, &ev, 0);
 #endif
@@ -1302,12 +1286,13 @@ static __always_inline int cb_exit(void *ctx)
 #ifdef EVENTS
     struct event ev = {};
     ev_head(&ev, EV_HVA, s->ts, id);
-    ev.x = op;
-    ev.a = s->start;
-    ev.b = s->end;
-    ev.c = dur;
-    ev.d = ((u64)s->scanned << 32) | slots;
-    ev.e = s->owner;
+    ev.hva.op = op;
+    ev.hva.start = s->start;
+    ev.hva.end = s->end;
+    ev.hva.lat_ns = dur;
+    ev.hva.slots = slots;
+    ev.hva.scanned = s->scanned;
+    ev.hva.owner = s->owner;
     ev.vm = vm;
     emit(ctx, &ev, RB_NO_WAKEUP);
 #endif
@@ -1341,10 +1326,10 @@ static __always_inline int handler_hit(void)
 #define HANDLER_PROG(FN) FENTRY(FN) { return handler_hit(); }
 #else
 #define CB_ENTER(OPN, FN, OPV)                                                   \
-    int kp_enter_##OPN##_##FN(struct pt_regs *ctx) { u64 st = 0, en = 0;         \
+    int KP_CB_PROG(enter, OPN, FN)(struct pt_regs *ctx) { u64 st = 0, en = 0;         \
         CB_ARGS_##OPN(ctx, &st, &en); return cb_enter(OPV, ARG(ctx, 0), st, en); }
-#define CB_EXIT(OPN, FN) int kp_exit_##OPN##_##FN(struct pt_regs *ctx) { return cb_exit(ctx); }
-#define HANDLER_PROG(FN) int kp_handler_##FN(struct pt_regs *ctx) { return handler_hit(); }
+#define CB_EXIT(OPN, FN) int KP_CB_PROG(exit, OPN, FN)(struct pt_regs *ctx) { return cb_exit(ctx); }
+#define HANDLER_PROG(FN) int KP_HANDLER_PROG(FN)(struct pt_regs *ctx) { return handler_hit(); }
 #endif
 #define CB_ENTER_(OPN, FN, OPV) CB_ENTER(OPN, FN, OPV)
 #define CB_EXIT_(OPN, FN) CB_EXIT(OPN, FN)
@@ -1498,13 +1483,14 @@ static __always_inline int ms_outer_exit(void *ctx, s64 ret)
 #endif  // MS_DERIVE
     struct event ev = {};
     ev_head(&ev, EV_MEMSLOT, s->ts, id);
-    ev.a = dur;
-    ev.b = s->r.guest_phys_addr;
-    ev.c = s->r.memory_size;
-    ev.d = s->r.userspace_addr;
-    ev.e = ((u64)s->r.flags << 32) | s->r.slot;
-    ev.x = ch;
-    ev.ret = ret;
+    ev.memslot.lat_ns = dur;
+    ev.memslot.gpa = s->r.guest_phys_addr;
+    ev.memslot.size = s->r.memory_size;
+    ev.memslot.hva = s->r.userspace_addr;
+    ev.memslot.slot = s->r.slot;
+    ev.memslot.flags = s->r.flags;
+    ev.memslot.change = ch;
+    ev.memslot.ret = (s32)ret;
     ev.vm = s->kvm;
     ms_inflight.delete(&tid);
     emit(ctx, &ev, 0);
@@ -1517,11 +1503,11 @@ static __always_inline int ms_outer_exit(void *ctx, s64 ret)
 #define MS_SET_PROG(SET) FENTRY(SET) { return ms_set_enter((s64)(int)ARG(ctx, SET_MEMSLOT_CHANGE_ARG)); }
 #else
 #define MS_OUTER_ENTER(OUTER) \
-    int kp_ms_outer_enter(struct pt_regs *ctx) { return ms_outer_enter(ARG(ctx, 0), ARG(ctx, 1)); }
+    int KP_MS_OUTER_ENTER(struct pt_regs *ctx) { return ms_outer_enter(ARG(ctx, 0), ARG(ctx, 1)); }
 #define MS_OUTER_EXIT(OUTER) \
-    int kp_ms_outer_exit(struct pt_regs *ctx) { return ms_outer_exit(ctx, (s64)(int)PT_REGS_RC(ctx)); }
+    int KP_MS_OUTER_EXIT(struct pt_regs *ctx) { return ms_outer_exit(ctx, (s64)(int)PT_REGS_RC(ctx)); }
 #define MS_SET_PROG(SET) \
-    int kp_ms_set_enter(struct pt_regs *ctx) { return ms_set_enter((s64)(int)ARG(ctx, SET_MEMSLOT_CHANGE_ARG)); }
+    int KP_MS_SET_ENTER(struct pt_regs *ctx) { return ms_set_enter((s64)(int)ARG(ctx, SET_MEMSLOT_CHANGE_ARG)); }
 #endif
 #define MS_OUTER_ENTER_(OUTER) MS_OUTER_ENTER(OUTER)
 #define MS_OUTER_EXIT_(OUTER) MS_OUTER_EXIT(OUTER)

@@ -63,7 +63,7 @@ class StatusLine:
             self.stream.flush()
 
 
-def status_text(rec, elapsed: float, duration) -> str:
+def status_text(rec, elapsed: float, duration, late: int = 0) -> str:
     t = rec.totals
     span = f"{elapsed:.0f}/{duration:.0f} s" if duration else f"{elapsed:.0f} s"
     parts = [f"recording {span}", f"{rec.interval} intervals", f"hva ops {t['hva_ops']:,}",
@@ -71,6 +71,8 @@ def status_text(rec, elapsed: float, duration) -> str:
     if rec.events:
         parts.append(f"events {t['hva_events'] + t['memslot_events']:,}")
     parts.append(f"lost {rec.lost_events:,}")
+    if late:
+        parts.append(f"{late} late intervals (kvmtrace fell behind)")
     parts.append(f"{rec.bytes_on_disk() / 1e6:.1f} MB")
     return " | ".join(parts)
 
@@ -88,16 +90,31 @@ def session_meta(session, label: str, pid, interval: float, events: bool) -> dic
     }
 
 
+def _take_events(session) -> list:
+    """Raw events of the interval; hva events as columns when the tracer offers them."""
+    take = getattr(session, "take_event_batches", None)
+    if take is None:
+        return session.take_events()
+    batches, others = take()
+    return list(batches) + list(others)
+
+
 def run_recording(session, recorder, duration=None, stop=None, status: StatusLine = None) -> str:
     """Feed every interval of ``session`` into ``recorder``; returns how it stopped."""
+    from ..snapshot import cost_summary
+
     prev = None
+    late = 0
     t0 = time.monotonic()
     for snap in session.snapshots(duration=duration, stop=stop):
-        events = session.take_events() if recorder.events else ()
+        events = _take_events(session) if recorder.events else ()
         recorder.write(snap.delta(prev), events)
         prev = snap
+        late += snap.late_s > 0
         if status is not None:
-            status.show(status_text(recorder, time.monotonic() - t0, duration))
+            status.show(status_text(recorder, time.monotonic() - t0, duration, late))
+    if prev is not None:  # kvmtrace's own cost over the whole recording
+        recorder.update_meta(self_cost=dict(cost_summary(prev), late_intervals=late))
     if getattr(session, "interrupted", False):
         return "signal"
     if stop is not None and stop():

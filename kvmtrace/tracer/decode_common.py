@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, List, Optional, Tuple
 
 from ..consts import LOG2_BUCKETS, MS_CHANGE_DERIVE, Change, Op
-from ..snapshot import Log2Hist, MemslotEvent, MemslotStats, VmInfo, log2_bucket
+from ..snapshot import HVA_EVENT_FIELDS, HvaEventBatch, Log2Hist, MemslotEvent, MemslotStats, VmInfo, log2_bucket
 from . import records as R
 from .mirror import Mirror
 
@@ -27,6 +27,7 @@ OPS = {int(o): o.label for o in Op}
 CHANGES = {int(c): c.label for c in Change}
 CHANGES[len(Change)] = "unknown"
 EXACT_ATTACH = ("kprobe", "fentry")
+_HVA = R.BODY_STRUCT["hva"]
 
 ProcInfo = Callable[[int], Tuple[str, str, Optional[int], bool]]
 
@@ -104,6 +105,8 @@ class Stream:
         self.mirror = Mirror()
         self.ms: Dict[Tuple[str, str], Agg] = defaultdict(Agg)
         self.events: deque = deque()
+        self.batches: list = []  # HvaEventBatch (columnar raw events, on_batch)
+        self.batch_rows = 0
         self.pending: Dict[int, list] = defaultdict(list)
         self.events_dropped = 0
         self.known_vmm: Dict[int, int] = {}
@@ -112,16 +115,38 @@ class Stream:
     def keep(self, e) -> None:
         if not self.keep_events:
             return
-        if len(self.events) >= self.max_events:
+        if len(self.events) + self.batch_rows >= self.max_events:
             self.events_dropped += 1
             return
         self.events.append(e)
 
-    def take_events(self) -> list:
+    def keep_batch(self, cols: dict) -> None:
+        """Columnar raw hva events (caller holds the lock); rows beyond max_events dropped
+        and counted."""
+        n = len(cols["ts_ns"])
+        room = self.max_events - len(self.events) - self.batch_rows
+        if n > room:
+            self.events_dropped += n - max(room, 0)
+            if room <= 0:
+                return
+            cols = {k: v[:room] for k, v in cols.items()}
+            n = room
+        self.batches.append(HvaEventBatch(tuple((f, cols[f]) for f in HVA_EVENT_FIELDS)))
+        self.batch_rows += n
+
+    def take_batches(self) -> tuple:
+        """(HvaEventBatch list, other raw event objects) kept since the last call."""
         with self.lock:
-            out = list(self.events)
+            out = (self.batches, list(self.events))
+            self.batches, self.batch_rows = [], 0
             self.events.clear()
         return out
+
+    def take_events(self) -> list:
+        batches, objs = self.take_batches()
+        for b in batches:
+            objs += b.events()
+        return objs
 
     def remember(self, pid: int) -> None:
         """Name a VMM while it is alive (VM creation, first memslot update)."""
@@ -135,10 +160,10 @@ class Stream:
         pend = self.pending.pop(ev.tid, None)
         if pend:
             for e in pend:
-                self.keep(_with_latency(e, ev.a))
+                self.keep(_with_latency(e, ev.sc_end.dur_ns))
 
     def on_vm_create(self, ev) -> None:
-        if ev.ret >= 0:
+        if ev.vm_create.ret >= 0:
             self.remember(ev.tgid)
             self.mirror.vm_created(f"pid:{ev.tgid}")
             self.known_vmm[ev.tgid] = self.known_vmm.get(ev.tgid, 0) + 1
@@ -147,31 +172,31 @@ class Stream:
         """A memslot update: ``ev.vm`` is the struct kvm * when an exact program saw it, 0 when
         the ioctl tracepoints did (then the change type is derived from the mirrored table)."""
         self.remember(ev.tgid)
-        slot_field = ev.e & 0xFFFFFFFF
-        flags = ev.e >> 32
-        ok = ev.ret == 0
+        m = ev.memslot
+        slot_field, flags, ret = m.slot, m.flags, m.ret
+        ok = ret == 0
         vm = exact_vm_id(ev.vm, ev.tgid) if ev.vm else f"pid:{ev.tgid}"
-        if ev.vm and ev.x != MS_CHANGE_DERIVE:
-            # exact: change type measured by the kernel (ev.x), aggregated in the kernel
-            change = CHANGES.get(ev.x, "unknown")
+        if ev.vm and m.change != MS_CHANGE_DERIVE:
+            # exact: change type measured by the kernel, aggregated in the kernel
+            change = CHANGES.get(m.change, "unknown")
             if ok:
-                self.mirror.update(vm, slot_field, ev.b, ev.c, ev.d, flags, True)
+                self.mirror.update(vm, slot_field, m.gpa, m.size, m.hva, flags, True)
             cprov, lprov = "exact", "exact"
         else:
             # change type derived from the mirrored table, aggregated here
-            ch = self.mirror.update(vm, slot_field, ev.b, ev.c, ev.d, flags, ok)
+            ch = self.mirror.update(vm, slot_field, m.gpa, m.size, m.hva, flags, ok)
             change = None if (ch is None and ok) else (ch.label if ch is not None else "unknown")
             cprov, lprov = "derived", ("exact" if ev.vm else "syscall")
             if change is not None:  # None: a no-op request, KVM changed nothing
                 a = self.ms[(vm, change)]
-                a.add(ev.a)
+                a.add(m.lat_ns)
                 a.pid = ev.tgid
                 a.prov = lprov
                 if not ok:
                     a.errors += 1
         if change is not None:
             self.keep(MemslotEvent(ev.ts, vm, ev.tgid, ev.tid, change, slot_field & 0xFFFF,
-                                   slot_field >> 16, ev.b, ev.c, ev.d, flags, int(ev.ret), ev.a,
+                                   slot_field >> 16, m.gpa, m.size, m.hva, flags, int(ret), m.lat_ns,
                                    lprov, cprov))
 
 
@@ -201,23 +226,37 @@ class Decoding:
         self._tp_ops = frozenset(n for n, d in self.by_op.items() if d is self.tp)
 
     def take_events(self) -> list:
-        """Raw events decoded since the last call (keep_events=True)."""
+        """Raw events decoded since the last call (keep_events=True), as objects."""
         return self.stream.take_events()
+
+    def take_event_batches(self) -> tuple:
+        """Raw events decoded since the last call: (HvaEventBatch list, other event objects)."""
+        return self.stream.take_batches()
+
+    def on_batch(self, b) -> None:
+        """A batch of records read from the ring buffer (numpy structured array, rawevents.py),
+        decoded as ``on_raw`` would decode them one by one, but hva records as columns: no
+        Python object per hva event."""
+        from .rawevents import decode_batch
+
+        decode_batch(self, b)
 
     def on_raw(self, raw: bytes) -> None:
         """One record from the ring/perf buffer (R.EVENT_SIZE bytes)."""
         st = self.stream
         if not st.keep_events:
             # hot path, tracepoint mode: derive slots visited for one hva range
-            _ts, a, b_, _c, _d, _e, _ret, kind, tgid, _tid, x, _vm = R.EVENT_STRUCT.unpack(raw)
-            if kind == R.EV_HVA and x in self._tp_ops:  # not streamed by current builds
-                self.tp.on_hva_fast(tgid, x, a, b_)
-                return
+            _ts, _vm, kind, tgid, _tid, _p = R.HEAD_STRUCT.unpack_from(raw)
+            if kind == R.EV_HVA:
+                start, end, _lat, _owner, op = _HVA.unpack_from(raw, R.HEAD_SIZE)[:5]
+                if op in self._tp_ops:
+                    self.tp.on_hva_fast(tgid, op, start, end)
+                    return
         ev = R.Event.from_buffer_copy(raw)
         kind = ev.kind
         with st.lock:
             if kind == R.EV_HVA:
-                dec = self.by_op.get(ev.x)
+                dec = self.by_op.get(ev.hva.op)
                 if dec is not None:
                     dec.on_hva(ev)
             elif kind == R.EV_SC_END:

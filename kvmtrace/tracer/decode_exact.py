@@ -23,17 +23,17 @@ class ExactDecoder:
     # ------------------------------------------------------------------ event stream
     def on_hva(self, ev) -> None:
         """One raw hva record (raw events kept; caller holds the stream lock): everything was
-        measured in the kernel; ``ev.e`` carries the VM's VMM tgid, ``ev.d`` slots visited (low
-        32 bits) and scanned (high 32 bits)."""
+        measured in the kernel."""
         st = self.stream
-        op = OPS.get(ev.x, "unknown")
-        vm = exact_vm_id(ev.vm, ev.e)
+        h = ev.hva
+        op = OPS.get(h.op, "unknown")
+        vm = exact_vm_id(ev.vm, h.owner)
         memslots = st.mirror.count(vm)
         p = self.plan.for_op(op)
         slots_ok = p is not None and p.slots == "exact"
         scanned_ok = p is not None and p.scanned == "exact"
-        st.keep(HvaEvent(ev.ts, vm, int(ev.e), ev.tid, op, ev.a, ev.b, ev.c,
-                         (ev.d & 0xFFFFFFFF) if slots_ok else -1, (ev.d >> 32) if scanned_ok else -1,
+        st.keep(HvaEvent(ev.ts, vm, int(h.owner), ev.tid, op, h.start, h.end, h.lat_ns,
+                         h.slots if slots_ok else -1, h.scanned if scanned_ok else -1,
                          -1 if memslots is None else memslots, "exact", "exact" if slots_ok else "none"))
 
     # ------------------------------------------------------------------ maps

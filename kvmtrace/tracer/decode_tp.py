@@ -18,7 +18,7 @@ from ..snapshot import HvaEvent, HvaStats, Log2Hist, MemslotBucketStats, Memslot
 from . import records as R
 from .decode_common import CHANGES, OPS, Parts, Stream
 
-U64 = (1 << 64) - 1
+U32 = 0xFFFFFFFF  # slots / memslots of an op the kernel could not derive
 
 
 def tp_cflags(plan, btf_path: str = "/sys/kernel/btf/vmlinux") -> List[str]:
@@ -71,10 +71,11 @@ class TracepointDecoder:
         st = self.stream
         if not st.keep_events:
             return
-        op = OPS.get(ev.x, "unknown")
-        derived = ev.c != U64
-        e = HvaEvent(ev.ts, vm_id(ev.vm, ev.tgid) if ev.vm else "", ev.tgid, ev.tid, op, ev.a, ev.b, -1,
-                     int(ev.c) if derived else -1, -1, int(ev.d) if ev.d != U64 else -1, "none",
+        h = ev.hva
+        op = OPS.get(h.op, "unknown")
+        derived = h.slots != U32
+        e = HvaEvent(ev.ts, vm_id(ev.vm, ev.tgid) if ev.vm else "", ev.tgid, ev.tid, op, h.start, h.end, -1,
+                     int(h.slots) if derived else -1, -1, int(h.memslots) if h.memslots != U32 else -1, "none",
                      "derived" if derived else "none")
         st.pending[ev.tid].append(e)
         if len(st.pending) > 4096:  # threads that never end a syscall (kernel threads)
@@ -86,10 +87,10 @@ class TracepointDecoder:
         """One raw memslot update (caller holds the lock); its change type came from the kernel."""
         st = self.stream
         st.remember(ev.tgid)
-        slot_field = ev.e & 0xFFFFFFFF
-        change = CHANGES.get(ev.x, "unknown")
-        st.keep(MemslotEvent(ev.ts, vm_id(ev.vm, ev.tgid), ev.tgid, ev.tid, change, slot_field & 0xFFFF,
-                             slot_field >> 16, ev.b, ev.c, ev.d, ev.e >> 32, int(ev.ret), ev.a,
+        m = ev.memslot
+        change = CHANGES.get(m.change, "unknown")
+        st.keep(MemslotEvent(ev.ts, vm_id(ev.vm, ev.tgid), ev.tgid, ev.tid, change, m.slot & 0xFFFF,
+                             m.slot >> 16, m.gpa, m.size, m.hva, m.flags, int(m.ret), m.lat_ns,
                              "syscall", "derived" if change != "unknown" else "none"))
 
     # ------------------------------------------------------------------ maps

@@ -19,8 +19,8 @@ run without bcc or root.
 from __future__ import annotations
 
 import ctypes as ct
+from dataclasses import replace
 import os
-import resource
 import signal
 import socket
 import threading
@@ -29,16 +29,21 @@ from contextlib import contextmanager
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 from .. import __version__
-from ..consts import Op
 from ..errors import CapabilityMissing, KvmtraceError, PermissionProblem
+from . import rawevents
 from . import records as R
 from .cflags import build_cflags, source
 from .decode_common import Decoding, exact_vm_id  # noqa: F401  (exact_vm_id: public name)
 from .plan import KernelFacts, ProbePlan
-from ..snapshot import Snapshot
+from .selfcost import CostMeter, process_cpu_s
+from ..snapshot import SelfCost, Snapshot
 
 
 # ----------------------------------------------------------------------------- preflight
+def _name(n) -> str:
+    return n.decode() if isinstance(n, bytes) else str(n)
+
+
 def have_capabilities() -> Tuple[bool, str]:
     """(ok, why not): root, or CAP_BPF + CAP_PERFMON (+ CAP_SYS_ADMIN for bcc's kprobes)."""
     if os.geteuid() == 0:
@@ -228,6 +233,7 @@ class TraceSession:
         facts: Optional[KernelFacts] = None,
         max_events: int = 2_000_000,
         ringbuf_pages: int = 4096,
+        ring_reader: str = "auto",
     ) -> None:
         if pid is not None and (not isinstance(pid, int) or pid <= 0):
             raise KvmtraceError(f"--pid must be a positive process id, not {pid!r}", exit_code=2)
@@ -241,6 +247,10 @@ class TraceSession:
         self.facts = facts
         self.max_events = max_events
         self.ringbuf_pages = ringbuf_pages
+        # "mmap": batches read through the ring buffer's pages (rawevents.py); "bcc": bcc's
+        # per-record callback; "auto": mmap where supported
+        self.ring_reader = ring_reader
+        self._reader = None
         self.bpf = None
         self.meta: Dict[str, str] = {}
         self.interrupted = False
@@ -253,6 +263,7 @@ class TraceSession:
         self._seq = 0
         self._t0 = 0
         self._rusage0 = 0.0
+        self._cost: Optional[CostMeter] = None
 
     # ------------------------------------------------------------------ lifecycle
     def __enter__(self) -> "TraceSession":
@@ -307,7 +318,9 @@ class TraceSession:
 
         cflags += tp_cflags(self.plan)
         self.cflags = cflags
-        self._rusage0 = self._cpu()
+        # kvmtrace's own cost: BPF run-time statistics on from before the programs are
+        # attached until the session closes
+        self._cost = CostMeter().start()
         try:
             self.bpf = BPF(text=source().encode(), cflags=cflags)
             self._attach_kprobes()
@@ -322,7 +335,12 @@ class TraceSession:
         self.decoding.stream.known_vmm.update(known)
         if self._table("tp_vms") is not None:
             self._tp_setup(BPF)
-        if ringbuf:
+        if ringbuf and self.ring_reader != "bcc" and not rawevents.supported():
+            import mmap
+
+            self._reader = rawevents.RingReader.open(self.bpf["events"].map_fd,
+                                                     self.ringbuf_pages * mmap.PAGESIZE)
+        elif ringbuf:
             self.bpf["events"].open_ring_buffer(self._on_event)
         else:
             self.bpf["events"].open_perf_buffer(
@@ -331,6 +349,10 @@ class TraceSession:
                 lost_cb=self._on_lost,
             )
         self._ringbuf = ringbuf
+        self._cost.watch({_name(n): f.fd for n, f in self.bpf.funcs.items()})
+        # CPU time counts from here, as the snapshots' elapsed time does (the BPF compile and
+        # load before it would otherwise inflate the first intervals' CPU share)
+        self._rusage0 = self._cpu()
         self._t0 = time.monotonic_ns()
         self._wall0 = time.time()
         self.meta = self._make_meta()
@@ -375,30 +397,16 @@ class TraceSession:
             return None
 
     def _attach_kprobes(self) -> None:
-        b = self.bpf
-        for p in self.plan.ops:
-            if p.attach != "kprobe":
-                continue
-            if p.kind == "hva":
-                name = Op[p.op.upper()].name
-                for i, cb in enumerate(p.callbacks[:2]):
-                    opn = name if i == 0 else "AGE2"
-                    b.attach_kprobe(event=cb, fn_name=f"kp_enter_{opn}_{cb}")
-                    # no maxactive: bcc then attaches through perf_event_open, which the kernel
-                    # cleans up even after SIGKILL (maxactive goes through kprobe_events)
-                    b.attach_kretprobe(event=cb, fn_name=f"kp_exit_{opn}_{cb}")
-                if p.slots_method == "handler":
-                    for h in p.handlers[:1]:
-                        b.attach_kprobe(event=h, fn_name=f"kp_handler_{h}")
+        for probe, fn, prog in R.kprobe_programs(self.plan):
+            if probe == "kprobe":
+                self.bpf.attach_kprobe(event=fn, fn_name=prog)
             else:
-                outer = p.callbacks[0]
-                b.attach_kprobe(event=outer, fn_name="kp_ms_outer_enter")
-                b.attach_kretprobe(event=outer, fn_name="kp_ms_outer_exit")
-                if p.handlers and p.change_arg is not None:  # else: change type derived
-                    b.attach_kprobe(event=p.handlers[0], fn_name="kp_ms_set_enter")
+                self.bpf.attach_kretprobe(event=fn, fn_name=prog)
 
     def close(self) -> None:
         self._stop.set()
+        if self._cost is not None:
+            self._cost.close()  # BPF statistics off again (they cost a clock read per run)
         if self._thread is not None:
             self._thread.join(timeout=2)
             self._thread = None
@@ -411,6 +419,9 @@ class TraceSession:
                 self.bpf.cleanup()  # detaches kprobes/tracepoints, closes every fd
             finally:
                 self.bpf = None
+                if self._reader is not None:
+                    self._reader.close()
+                    self._reader = None
 
     # ------------------------------------------------------------------ event stream
     def _consume_loop(self) -> None:
@@ -421,16 +432,25 @@ class TraceSession:
                 self._consumer_errors += 1
             self._stop.wait(0.005)
 
-    def _drain(self) -> None:
+    def _drain(self, timeout: float = -1) -> None:
         # one consumer at a time: libbpf's ring/perf buffer consumption is not thread-safe,
-        # and two threads draining at once deliver records twice
-        with self._drain_lock:
+        # and two threads draining at once deliver records twice. ``timeout``: give up when
+        # the consumer thread holds the buffer longer (it is draining already)
+        if not self._drain_lock.acquire(timeout=timeout):
+            return
+        try:
             if self.bpf is None:
                 return
-            if self._ringbuf:
+            if self._reader is not None:
+                b = self._reader.read()
+                if len(b):
+                    self.decoding.on_batch(b)
+            elif self._ringbuf:
                 self.bpf.ring_buffer_consume()
             else:
                 self.bpf.perf_buffer_poll(timeout=0)
+        finally:
+            self._drain_lock.release()
 
     def _on_lost(self, n: int) -> None:
         self._perf_lost += n
@@ -439,14 +459,18 @@ class TraceSession:
         self.decoding.on_raw(ct.string_at(data, R.EVENT_SIZE))
 
     def take_events(self) -> list:
-        """Raw events received since the last call (events=True)."""
+        """Raw events received since the last call (events=True), as objects."""
         return self.decoding.take_events() if self.decoding is not None else []
+
+    def take_event_batches(self) -> tuple:
+        """Raw events received since the last call (events=True): (list of HvaEventBatch,
+        list of other event objects); hva events stay columns (no object per event)."""
+        return self.decoding.take_event_batches() if self.decoding is not None else ([], [])
 
     # ------------------------------------------------------------------ snapshots
     @staticmethod
     def _cpu() -> float:
-        r = resource.getrusage(resource.RUSAGE_SELF)
-        return r.ru_utime + r.ru_stime
+        return process_cpu_s()
 
     def _make_meta(self) -> Dict[str, str]:
         m = {
@@ -515,13 +539,20 @@ class TraceSession:
         for k in [k for k in slots.keys() if int(k.gen) in dead]:
             slots.pop(k, None)
 
-    def snapshot(self) -> Snapshot:
-        """Read every map once and build a cumulative snapshot."""
+    def snapshot(self, drain_wait: float = -1) -> Snapshot:
+        """Read every map once and build a cumulative snapshot. Its time (``mono_ns``) is the
+        moment the maps are read, and kvmtrace's CPU time and BPF cost are read with them, so
+        an interval's rates and CPU share divide figures by the time they really cover.
+        ``drain_wait``: how long to wait for the consumer thread when it is busy decoding the
+        event buffer (negative: until it is done, so the snapshot holds every event sent
+        before it; ``snapshots`` waits at most one interval except for the final one)."""
         if self.bpf is None:
             raise KvmtraceError("tracer is not open")
+        self._drain(timeout=drain_wait)
         mono = time.monotonic_ns()
-        self._drain()
         maps = self.read_maps()
+        cpu = self._cpu() - self._rusage0
+        cost = self._cost.read() if self._cost is not None else SelfCost()
         parts = self.decoding.decode(maps, extra_lost=self._perf_lost + self._consumer_errors)
         if maps.tp is not None:
             self._tp_retire(maps)
@@ -532,7 +563,7 @@ class TraceSession:
             memslot=parts.memslot, lost_events=parts.lost_events,
             map_full=parts.map_full, unattributed=parts.unattributed,
             by_memslots=parts.by_memslots, ignored_ioctls=parts.ignored_ioctls,
-            self_cpu_s=self._cpu() - self._rusage0, meta=tuple(sorted(self.meta.items())),
+            self_cpu_s=cpu, meta=tuple(sorted(self.meta.items())), cost=cost,
         )
 
     def snapshots(self, duration: Optional[float] = None,
@@ -554,7 +585,14 @@ class TraceSession:
                 self.interrupted = True
                 yield self.snapshot()
                 return
-            snap = self.snapshot()
+            # late: the consumer came back after the interval's end (it fell behind), or
+            # taking the snapshot itself took long
+            last = (duration is not None and time.monotonic() - start >= duration) or \
+                (stop is not None and stop())
+            snap = self.snapshot(drain_wait=-1 if last else self.interval)
+            late = snap.mono_ns / 1e9 - target
+            if late > max(0.05, self.interval / 10):  # scheduling noise is not lateness
+                snap = replace(snap, late_s=round(late, 3))
             yield snap
             now = time.monotonic()
             if (duration is not None and now - start >= duration) or (stop is not None and stop()):
