@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up kvmtrace on a Debian/Ubuntu host, as root. Installs only what is missing; re-runs are fast.
-#   distro packages: python3-bpfcc (bcc), bpftool, python3-venv, kernel headers for bcc
+#   distro packages: python3-bpfcc (bcc), bpftool, python3-venv, kernel headers for bcc,
+#                    chromium (headless, for the HTML page test only)
 #   kernel headers:  linux-headers-$(uname -r) when the distro has it ("exact"); otherwise the
 #                    distro's generic headers linked at /lib/modules/$(uname -r)/{build,source}
 #                    ("compat": kvmtrace's BPF code never depends on header struct layouts)
@@ -65,6 +66,15 @@ if [ "${KVMTRACE_NO_APT:-0}" != 1 ]; then
       ln -sfn "$hdr" "/lib/modules/$KREL/build"
       ln -sfn "$common" "/lib/modules/$KREL/source"
       say "no linux-headers-$KREL in the archive: linked $(basename "$hdr") as compat headers for bcc"
+    fi
+  fi
+  # headless browser for the HTML page test (tests/test_html_browser.py renders report/compare pages)
+  if ! dpkg-query -W -f='${Status}' chromium 2>/dev/null | grep -q 'install ok installed'; then
+    if [ $apt_updated = 0 ]; then need_root; apt-get update -q >/dev/null; apt_updated=1; fi
+    if apt-cache show chromium >/dev/null 2>&1; then
+      apt_install chromium
+    else
+      say "no 'chromium' package in this distribution's archive: the HTML browser test will skip"
     fi
   fi
 fi
