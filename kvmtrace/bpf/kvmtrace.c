@@ -294,6 +294,8 @@ BPF_F_TABLE("hash", struct slot_key, struct slot_rec, tp_slots, MAX_SLOTREC, BPF
 BPF_HASH(tp_aggs, struct op_key, struct tp_agg, MAX_TP_AGG);
 BPF_PERCPU_ARRAY(tp_agg_zero, struct tp_agg, 1);
 
+// agg_get's twin for tracepoint mode's map (bcc rewrites map calls only in plain code, not in a
+// macro or through a map pointer, so the two cannot share one body)
 static __always_inline struct tp_agg *tp_agg_get(u64 gen, u32 op, u32 tgid)
 {
     struct op_key k = {};

@@ -115,7 +115,8 @@ def workload(slots, scenario, iterations, duration, slot_size, pages, vcpu, wait
       mixed          all of the above, plus unmaps of memory no slot covers and ranges
                      spanning three adjacent slots (default)
       multi-vm       3 VMs one after another, then 2 at once, in this one process, with
-                     ground truth per VM ('vms' in --json-out)
+                     ground truth per VM ('vms' in --json-out); one run: --slots and --pages
+                     size the first VM (default 50 pages, 64 KiB slots), no vCPU
 
     \b
     Protocol (for tracers spawning it): 'READY <pid>' once the VM exists (waits for a

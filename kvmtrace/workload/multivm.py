@@ -83,26 +83,19 @@ class MultiVmWorkload(Workload):
         self.vcpu_status = "not tried (multi-vm: host side only)"
 
     def close(self) -> None:
-        self._closing = True
-        if self._gc_was_enabled:
-            gc.enable()
-            self._gc_was_enabled = False
+        """Every VM first (unregisters its MMU notifier), then the memory, then what the
+        single-VM workload releases (its VM fd is already closed here)."""
         for vm in self.vms:
             if vm.alive:
                 self._close_vm(vm)
+        self._vm_fd = -1
         for addr, size in self._maps:
             try:
                 K.munmap(addr, size)
             except OSError:
                 pass
         self._maps = []
-        if self._kvm_fd >= 0:
-            try:
-                os.close(self._kvm_fd)
-            except OSError:
-                pass
-            self._kvm_fd = -1
-        self._restore_signals()
+        super().close()
 
     # ---------------------------------------------------------------- pieces
     def _new_vm(self, concurrent: bool) -> _Vm:
