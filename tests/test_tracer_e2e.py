@@ -344,3 +344,19 @@ def test_slot_tables_stay_sorted_through_inserts_and_removes_anywhere(session):
     vm = vm_of(snap, t["pid"])
     assert (vm.memslots, vm.memslots_max) == (t["created"] - t["deleted"], t["created"])
     assert snap.map_full == 0
+
+
+def test_without_task_storage_the_lru_thread_state_gives_the_same_figures(tmp_path, monkeypatch):
+    """Kernels without BTF keep per-thread syscall state in an LRU hash: same per-VM figures."""
+    from kvmtrace.tracer import decode_tp
+
+    monkeypatch.setattr(decode_tp, "tp_cflags", lambda plan: [])
+    with S.TraceSession(interval=0.5) as s:
+        assert "-DTP_TASK_STORAGE" not in s.cflags
+        truth = run_workload(tmp_path, "--scenario", "multi-vm", "--slots", "4")
+        snap = settle(s, truth["pid"])
+    got = sorted((v.ordinal, h.count, h.slots_sum, h.lat_count) for v in snap.vms if v.pid == truth["pid"]
+                 for h in snap.hva if h.vm_id == v.vm_id and h.op == "unmap")
+    want = [(t["ordinal"], t["hva_ops"]["unmap"], t["hva_slots_visited"]["unmap"], t["hva_ops"]["unmap"])
+            for t in truth["vms"]]
+    assert got == want
