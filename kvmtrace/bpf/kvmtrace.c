@@ -454,14 +454,15 @@ static __always_inline void vm_register(u32 tgid, u32 fd)
     }
 }
 
-// First index in a[0..n) with a[i] >= v (lower) or a[i] > v (upper), n <= TAB_CAP: a
-// branch-free binary search (fixed TAB_STEPS steps, so the verifier walks one path; values are
-// user addresses, below 2^62, so the sign of a difference is the comparison).
+// First index in a[0..n) with a[i] >= v (lower) or a[i] > v (upper), n <= TAB_CAP: a binary
+// search whose steps are branch-free (values are user addresses, below 2^62, so the sign of a
+// difference is the comparison); it stops when one candidate is left, at most 15 steps.
 static __always_inline u32 tab_bound(u64 *a, u32 n, u64 v, int upper)
 {
     u64 base = 0, len = n, vv = upper ? v + 1 : v;
-#pragma unroll
-    for (int i = 0; i < TAB_STEPS; i++) {
+    for (int i = 0; i < TAB_STEPS; i++) {  // a bounded loop (5.3+; tracepoint mode needs 5.13)
+        if (len <= 1)  // ceil(log2(n)) steps: none for one slot, 15 at 32764
+            break;
         u64 half = len >> 1;
         u64 x = a[(base + half) & TAB_MASK];
         u64 lt = (x - vv) >> 63;  // x < vv
