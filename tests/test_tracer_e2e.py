@@ -360,3 +360,43 @@ def test_without_task_storage_the_lru_thread_state_gives_the_same_figures(tmp_pa
     want = [(t["ordinal"], t["hva_ops"]["unmap"], t["hva_slots_visited"]["unmap"], t["hva_ops"]["unmap"])
             for t in truth["vms"]]
     assert got == want
+
+
+MANY_VMS = r"""
+import ctypes, json, os, sys
+from kvmtrace.workload import kvm as K
+K.quiet_process_memory()
+kvm = os.open("/dev/kvm", os.O_RDWR)
+page = K.PAGE_SIZE
+mem = K.mmap_anon(page)
+K.memset(mem, 1, page)
+vms = []
+for i in range(6):  # six VMs alive at once, each with the same one-page slot
+    vm = K.ioctl(kvm, K.KVM_CREATE_VM, 0)
+    r = K.KvmUserspaceMemoryRegion(0, 0, 0, page, mem)
+    assert K.ioctl_raw(vm, K.KVM_SET_USER_MEMORY_REGION, ctypes.byref(r)) == 0
+    vms.append(vm)
+assert K.madvise_raw(mem, page, K.MADV_DONTNEED) == 0
+for vm in vms:  # before the interpreter's own teardown unmaps anything
+    os.close(vm)
+sys.stdout.write(json.dumps({"pid": os.getpid()}) + "\n")
+sys.stdout.flush()
+os._exit(0)
+"""
+
+
+def test_one_process_cannot_take_every_slot_table(session):
+    """Six live VMs in one process: the first four get slot tables (slots derived), the other
+    two are counted underived and in map_full; every VM still gets its exact count."""
+    before = session.snapshot()
+    p = subprocess.run([sys.executable, "-c", MANY_VMS], capture_output=True, text=True, timeout=120, cwd=str(ROOT))
+    assert p.returncode == 0, p.stderr
+    pid = json.loads(p.stdout)["pid"]
+    snap = settle(session, pid)
+    rows = sorted(((v.ordinal, h) for v in snap.vms if v.pid == pid
+                   for h in snap.hva if h.vm_id == v.vm_id and h.op == "unmap"), key=lambda x: x[0])
+    assert [o for o, _ in rows] == [1, 2, 3, 4, 5, 6]
+    # the one madvise fired each VM's notifier once; it lies in every VM's slot
+    assert [h.count for _, h in rows] == [1] * 6
+    assert [(h.slots_sum, h.underived) for _, h in rows] == [(1, 0)] * 4 + [(0, 1)] * 2
+    assert snap.delta(before).map_full >= 2  # (other processes on the host may add theirs)

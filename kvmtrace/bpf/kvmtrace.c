@@ -215,6 +215,9 @@ static __always_inline void max_update(u64 *slot, u64 v)
 #define MAX_TP_AGG 2048  // (vm, op) aggregates
 #endif
 #define VM_PER_PROC 8  // live VMs per process in notifier order (attribution)
+#ifndef TABS_PER_PROC
+#define TABS_PER_PROC 4  // slot tables one process may hold: one process cannot take them all
+#endif
 #define NO_TAB 0xFFFFFFFFu
 #define MS_BUCKETS 16  // log2 buckets of a memslot count (32764 -> bucket 15)
 #define NO_BUCKET 0xFF
@@ -434,7 +437,18 @@ static __always_inline void vm_register(u32 tgid, u32 fd)
     struct tp_vm *vp = tp_vms.lookup(&gen);
     if (!vp)
         return;
-    v.tab = tab_alloc(gen);
+    u32 held = 0;
+#pragma unroll
+    for (int i = 0; i < VM_PER_PROC; i++) {
+        if (i < p->n && p->tab[i] != NO_TAB)
+            held++;
+    }
+    if (held >= TABS_PER_PROC) {
+        bump(CNT_MAPFULL);  // this process's share of the tables is used: figures underived
+        v.tab = NO_TAB;
+    } else {
+        v.tab = tab_alloc(gen);
+    }
     vp->tab = v.tab;
     if (v.tab == NO_TAB)
         vp->flags |= VMF_NOTAB;
