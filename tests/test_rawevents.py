@@ -153,3 +153,32 @@ def test_recorded_columns_equal_recorded_objects(tmp_path, fmt):
     a, c = out["cols"]["hva_events"], out["objs"]["hva_events"]
     assert len(a) == 21 and a.astype(str).equals(c.astype(str))
     assert (a["start"] < 0).sum() == 1  # the wrapped address
+
+
+def test_rows_waiting_for_a_syscall_end_are_bounded(monkeypatch):
+    """hva ops outside any system call never get a syscall end: beyond the bound, the oldest
+    are kept without latency instead of waiting forever."""
+    monkeypatch.setattr(RE, "MAX_PENDING_ROWS", 8)
+    dec = Decoding(plan(), keep_events=True)
+    dec.on_batch(_batch(*[hva(i, tid=555) for i in range(20)]))
+    batches, _ = dec.take_event_batches()
+    kept = [e for b in batches for e in b.events()]
+    assert [e.ts_ns for e in kept] == list(range(12)) and {e.latency_ns for e in kept} == {-1}
+    assert {e.lat_provenance for e in kept} == {"none"} and len(dec._pending["ts_ns"]) == 8
+
+
+def test_exact_records_batch_as_one_by_one():
+    from kvmtrace.consts import Change
+
+    kvm = 0xFFFF_8881_0000_1000
+    recs = [rec("memslot", tgid=42, vm=kvm, lat_ns=5, gpa=0, size=4 * MB, hva=0x1000_0000, slot=0,
+                change=int(Change.CREATE))]
+    recs += [rec("hva", tgid=42, tid=43, ts=10 + i, vm=kvm, op=int(Op.UNMAP), start=0x1000_0000, end=0x1000_1000,
+                  lat_ns=700 + i, slots=1, scanned=0, owner=42) for i in range(70)]
+    one, batch = Decoding(plan("kprobe", "kprobe"), keep_events=True), Decoding(plan("kprobe", "kprobe"), keep_events=True)
+    feed(one, *recs)
+    batch.on_batch(_batch(*recs))
+    key = lambda e: (type(e).__name__, e.ts_ns)  # noqa: E731
+    a, c = sorted(one.take_events(), key=key), sorted(batch.take_events(), key=key)
+    hv = [e for e in c if hasattr(e, "op")]
+    assert a == c and len(hv) == 70 and hv[-1].latency_ns == 769 and hv[-1].memslots == 1

@@ -142,18 +142,20 @@ def run_recording(session, recorder, duration=None, stop=None, status: StatusLin
     available as ``recorder.last_snapshot``."""
     from ..snapshot import cost_summary
 
+    first = prev
     late = 0
     t0 = time.monotonic()
     for snap in session.snapshots(duration=duration, stop=stop):
         events = _take_events(session) if recorder.events else ()
         recorder.write(snap.delta(prev), events)
         prev = snap
-        late += snap.late_s > 0
         recorder.last_snapshot = snap
+        late += snap.late_s > 0
         if status is not None:
             status.show(status_text(recorder, time.monotonic() - t0, duration, late))
-    if prev is not None:  # kvmtrace's own cost over the whole recording
-        recorder.update_meta(self_cost=dict(cost_summary(prev), late_intervals=late))
+    if prev is not None and prev is not first:  # kvmtrace's own cost over this recording
+        span = prev if first is None else prev.delta(first)
+        recorder.update_meta(self_cost=dict(cost_summary(span), late_intervals=late))
     if getattr(session, "interrupted", False):
         return "signal"
     if stop is not None and stop():

@@ -26,6 +26,7 @@ from typing import Optional
 
 import numpy as np
 
+from ..consts import Op
 from . import records as R
 
 BUSY, DISCARD = 1 << 31, 1 << 30
@@ -152,17 +153,31 @@ def decode_batch(dec, b: np.ndarray) -> None:
     ex = hva & np.isin(ops, ex_ops)
     sc = kind == R.EV_SC_END
     other = np.flatnonzero(~(hva | sc))
+    any_ex = bool(ex.any())
     raw = b.view(np.uint8).reshape(n, STRIDE)
     new_pending = []
+    lists = None
+    rows = {k: [] for k in _PEND}  # tracepoint hva rows decoded one by one (short runs)
     with st.lock:
         lo = 0
         for j in other.tolist() + [n]:
-            if j > lo:
+            if 0 < j - lo < SHORT_RUN:
+                # a few hva records between memslot updates: numpy's per-call cost would
+                # dominate, so these are decoded one by one from plain lists
+                if lists is None:
+                    lists = [b[c].tolist() for c in ("tgid", "hva_op", "hva_start", "hva_end", "ts", "tid",
+                                                     "hva_slots", "hva_memslots", "vm")]
+                    tp_l = tp.tolist()
+                for i in range(lo, j):
+                    if tp_l[i]:
+                        _tp_one(dec, i, lists, rows, keep)
+            elif j > lo:
                 idx = lo + np.flatnonzero(tp[lo:j])
                 if idx.size:
                     p = _tp_run(dec, b, idx, keep)
                     if p is not None:
                         new_pending.append(p)
+            if j > lo and any_ex:
                 idx = lo + np.flatnonzero(ex[lo:j])
                 if idx.size and keep:
                     _exact_run(dec, b, idx, exact_vm_id, OPS)
@@ -179,8 +194,29 @@ def decode_batch(dec, b: np.ndarray) -> None:
                     else:
                         st.on_vm_create(ev)
             lo = j + 1
+        if keep and rows["idx"]:
+            p = {k: np.array(v, dtype=np.int64) for k, v in rows.items() if k not in ("start", "end")}
+            for k in ("start", "end"):  # addresses above 2**63 wrap, as the columns do
+                p[k] = np.array(rows[k], dtype=np.uint64).astype(np.int64)
+            new_pending.append(p)
         if keep:
             _pair_latency(dec, b, np.flatnonzero(sc), new_pending, OPS)
+
+
+SHORT_RUN = 48
+
+
+U32 = 0xFFFFFFFF  # slots / memslots of an op the kernel could not derive
+
+
+def _tp_one(dec, i, lists, rows, keep) -> None:
+    """One tracepoint hva record (``_tp_run`` for a run of one): its kernel-derived figures."""
+    if not keep:
+        return
+    tgid, op, start, end, ts, tid, sl, ms, vm = (c[i] for c in lists)
+    for k, v in zip(_PEND, (i, ts, tgid, tid, op, start, end, -1 if sl == U32 else sl,
+                            -1 if ms == U32 else ms, vm)):
+        rows[k].append(v)
 
 
 def _tp_run(dec, b, idx, keep):
@@ -189,7 +225,6 @@ def _tp_run(dec, b, idx, keep):
     latency of their syscall."""
     if not keep:
         return None
-    U32 = 0xFFFFFFFF
     sl, ms = b["hva_slots"][idx].astype(np.int64), b["hva_memslots"][idx].astype(np.int64)
     return {"idx": idx.astype(np.int64), "ts_ns": b["ts"][idx].astype(np.int64), "pid": b["tgid"][idx].astype(np.int64),
             "tid": b["tid"][idx].astype(np.int64), "op": b["hva_op"][idx].astype(np.int64),
@@ -228,6 +263,7 @@ def _exact_run(dec, b, idx, exact_vm_id, OPS):
 
 
 MAX_PENDING_TIDS = 4096
+MAX_PENDING_ROWS = 65536
 
 
 def _pair_latency(dec, b, sc_idx, new_pending, OPS):
@@ -255,6 +291,13 @@ def _pair_latency(dec, b, sc_idx, new_pending, OPS):
     if len(np.unique(P["tid"][rest])) > MAX_PENDING_TIDS:  # threads that never end a syscall
         matched = np.ones(len(lat), dtype=bool)
         rest = ~matched
+    elif rest.sum() > MAX_PENDING_ROWS:
+        # hva ops outside any system call (kswapd, page faults) never get a syscall end: the
+        # oldest waiting rows are kept without latency, so memory stays bounded
+        waiting = np.flatnonzero(rest)
+        old = waiting[:len(waiting) - MAX_PENDING_ROWS]
+        matched[old] = True
+        rest[old] = False
     dec._pending = {k: v[rest] for k, v in P.items()} if rest.any() else None
     if dec._pending is not None:
         dec._pending["idx"] = np.full(int(rest.sum()), -1, dtype=np.int64)

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import ctypes as ct
 import struct
-from typing import Dict, List, Tuple
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
 
 CNT_LOST, CNT_MAPFULL, CNT_NOLAT, CNT_IGNORED = 0, 1, 2, 3
 # index = value; NR_CNT = len. CNT_IGNORED: memslot ioctls on descriptors that are no KVM VM
@@ -218,8 +219,6 @@ def pack(kind: str, **fields) -> bytes:
 # What the tracer reads from the kernel once per interval, as plain Python values: the input of
 # the decoders (decode_exact.py, decode_tp.py), which therefore run and are tested without bcc
 # or root. Keys are the raw integers of the C keys; their meaning is the decoder's business.
-from dataclasses import dataclass, field  # noqa: E402
-from typing import Optional  # noqa: E402
 
 
 @dataclass(frozen=True)
