@@ -179,6 +179,16 @@ def report_renderables(rep) -> list:
                                                   "scanned"]
         out.append(_table("hva operations by memslot count", heads, rows,
                           caption="memslot count: " + ", ".join(sorted(set(b["memslots_source"])))))
+    hh = rep.tables.get("hva_ops_hosts")
+    if multi and hh is not None and not hh.empty:
+        rows = []
+        for _, r in hh.iterrows():
+            rows.append(["all hosts" if r["host"] == "*" else r["host"], r["source"], r["op"], fmt_num(r["count"]),
+                         fmt_ns(r["lat_p50_ns"]), fmt_ns(r["lat_p90_ns"]), fmt_ns(r["lat_p99_ns"]), fmt_ns(r["lat_max_ns"]),
+                         _src_mark(r["latency_source"]), fmt_num(r["slots_mean"]), fmt_num(r["scanned_mean"]),
+                         f"{r['lat_provenance']}/{r['slots_provenance']}"])
+        out.append(_table("hva operations per host (all VMs and recordings of the host), then all hosts",
+                          ["host", "recordings", "op", "count", "p50", "p90", "p99", "max", "src", "visited", "scanned", "prov"], rows))
     from rich.text import Text
 
     out.append(Text(LEGEND, style="dim"))

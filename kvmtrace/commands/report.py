@@ -11,6 +11,7 @@ Examples:
   kvmtrace report run1                               # tables on the terminal
   kvmtrace report run1 --json > report.json          # docs/report.schema.json
   kvmtrace report host-a host-b --csv out/ --html report.html
+  kvmtrace report fleet/                             # every recording below: per host, all hosts
 """,
 )
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
@@ -23,7 +24,8 @@ def report(paths, csv_dir, as_json, html_file):
     lost events. Each VM is named apart as name-or-comm[pid]#n (n-th VM of that process) with
     its largest and final memslot count; JSON and CSV also carry its stable id.
 
-    Several PATHs (e.g. one per host) merge into one report."""
+    Several PATHs (e.g. one per host) merge into one report; a directory holding recordings
+    (e.g. fleet/host=H/date=D/NAME, docs/recording-format.md) stands for all of them."""
     from ..analysis import export
     from ..analysis.recording import read_inputs
     from ..analysis.report import EVENT_COLUMNS, Report, build_report, to_json
