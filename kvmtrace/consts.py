@@ -39,7 +39,10 @@ LOG2_BUCKETS = 64
 
 # The scenarios of the built-in workload (kvmtrace workload / demo / bench; workload/core.py
 # implements one body per name). Add a scenario here and there, nowhere else.
-SCENARIOS = ("unmap", "unmap-chunked", "map", "move-active", "move-inactive", "age", "churn", "mixed")
+SCENARIOS = ("unmap", "unmap-chunked", "map", "move-active", "move-inactive", "age", "churn", "mixed",
+             "multi-vm")  # multi-vm: several VMs in one process (workload/multivm.py)
+# scenarios of one VM (bench and demo compare one VM per run with its ground truth)
+SINGLE_VM_SCENARIOS = tuple(s for s in SCENARIOS if s != "multi-vm")
 
 # KVM uapi (include/uapi/linux/kvm.h; stable ABI). Every ioctl number kvmtrace uses, built with
 # the kernel's _IOC rule; workload/kvm.py checks the encoded sizes against its ctypes structs.

@@ -18,7 +18,7 @@ from typing import List, Optional, Sequence
 import pandas as pd
 
 from .. import __version__
-from ..consts import SCENARIOS  # the one scenario list
+from ..consts import SINGLE_VM_SCENARIOS as SCENARIOS  # the one scenario list, less multi-vm
 from ..errors import UsageError
 from .recorder import write_json_atomic
 from .recording import BENCH_FILE, BENCH_FORMAT, BENCH_VERSION, Recording

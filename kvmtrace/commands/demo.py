@@ -16,7 +16,7 @@ import time
 import click
 
 from ..errors import KvmtraceError
-from ..workload import SCENARIOS
+from ..consts import SINGLE_VM_SCENARIOS as SCENARIOS
 from . import Number, modes_option, parse_modes
 
 

@@ -117,6 +117,9 @@ def workload(slots, scenario, iterations, duration, slot_size, pages, vcpu, wait
       churn          memslot create, dirty logging on/off, move there and back, delete
       mixed          all of the above, plus unmaps of memory no slot covers and ranges
                      spanning three adjacent slots (default)
+      multi-vm       3 VMs one after another, then 2 at once, in this one process, with
+                     ground truth per VM ('vms' in --json-out); one run: --slots and --pages
+                     size the first VM (default 50 pages, 64 KiB slots), no vCPU
 
     \b
     Protocol (for tracers spawning it): 'READY <pid>' once the VM exists (waits for a
@@ -144,6 +147,8 @@ def workload(slots, scenario, iterations, duration, slot_size, pages, vcpu, wait
         if wait_start:
             sys.stdin.readline()
 
+    if scenario == "multi-vm":  # several VMs in this process: a Workload of its own
+        from ..workload.multivm import MultiVmWorkload as Workload  # noqa: F811
     wl = Workload(
         slots=slots,
         slot_size=slot_size,

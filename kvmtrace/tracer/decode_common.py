@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import threading
 from collections import defaultdict, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, List, Optional, Tuple
 
 from ..consts import LOG2_BUCKETS, MS_CHANGE_DERIVE, Change, Op
@@ -74,6 +74,8 @@ class Parts:
     memslot: list = field(default_factory=list)
     vm_pids: Dict[str, int] = field(default_factory=dict)
     unattributed: int = 0
+    by_memslots: list = field(default_factory=list)  # MemslotBucketStats
+    vm_extra: Dict[str, dict] = field(default_factory=dict)  # vm_id -> VmInfo fields the decoder knows
 
 
 @dataclass
@@ -86,6 +88,8 @@ class SnapshotParts:
     lost_events: int
     map_full: int
     unattributed: int
+    by_memslots: tuple = ()
+    ignored_ioctls: int = 0
 
 
 class Stream:
@@ -244,7 +248,7 @@ class Decoding:
             # hot path, tracepoint mode: derive slots visited for one hva range
             _ts, _vm, kind, tgid, _tid, _p = R.HEAD_STRUCT.unpack_from(raw)
             if kind == R.EV_HVA:
-                start, end, _lat, _owner, op, _slots, _scanned = _HVA.unpack_from(raw, R.HEAD_SIZE)
+                start, end, _lat, _owner, op = _HVA.unpack_from(raw, R.HEAD_SIZE)[:5]
                 if op in self._tp_ops:
                     self.tp.on_hva_fast(tgid, op, start, end)
                     return
@@ -258,9 +262,15 @@ class Decoding:
             elif kind == R.EV_SC_END:
                 st.on_sc_end(ev)
             elif kind == R.EV_MEMSLOT:
-                st.on_memslot(ev)
+                if self.tp.ms_tp:  # classified in the kernel, keyed by the VM's gen
+                    self.tp.on_memslot(ev)
+                else:
+                    st.on_memslot(ev)
             elif kind == R.EV_VM_CREATE:
-                st.on_vm_create(ev)
+                if self.tp.ms_tp:  # the VM is in the kernel's tables: only name its VMM
+                    st.remember(ev.tgid)
+                else:
+                    st.on_vm_create(ev)
 
     def decode(self, maps: R.MapContents, extra_lost: int = 0) -> SnapshotParts:
         """The Snapshot parts of one reading of the maps. ``extra_lost``: records the session
@@ -291,13 +301,17 @@ class Decoding:
             elif pid in st.proc_cache:
                 comm, name = st.proc_cache[pid]
             mc = mirror_counts.get(vm)
-            vms.append(VmInfo(vm, pid, comm, name, vcpus if alive else None, mc,
-                              "derived" if mc is not None else "none", partial.get(vm, True), alive))
+            info = VmInfo(vm, pid, comm, name, vcpus if alive else None, mc,
+                          "derived" if mc is not None else "none", partial.get(vm, True), alive)
+            extra = tp.vm_extra.get(vm)
+            vms.append(replace(info, **extra) if extra else info)
         counters = maps.counters
         return SnapshotParts(
             vms=tuple(vms), hva=tuple(hva), memslot=tuple(memslot),
             lost_events=counters[R.CNT_LOST] + dropped + extra_lost,
             map_full=counters[R.CNT_MAPFULL], unattributed=tp.unattributed + ex.unattributed,
+            by_memslots=tuple(tp.by_memslots + ex.by_memslots),
+            ignored_ioctls=counters[R.CNT_IGNORED] if len(counters) > R.CNT_IGNORED else 0,
         )
 
 

@@ -177,6 +177,8 @@ class Workload:
     ):
         if scenario not in SCENARIOS:
             raise UsageError(f"unknown scenario {scenario!r}", "choose one of: " + ", ".join(SCENARIOS))
+        if scenario == "multi-vm" and type(self) is Workload:
+            raise UsageError("scenario multi-vm drives several VMs", "use kvmtrace.workload.multivm.MultiVmWorkload")
         if slots < 1:
             raise UsageError(f"--slots must be at least 1, got {slots}", "use e.g. --slots 64")
         if iterations is not None and duration is not None:
