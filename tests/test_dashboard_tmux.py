@@ -71,6 +71,11 @@ class Tmux:
         """After exit: normal screen, cursor shown, canonical mode and echo back on."""
         assert self.display("#{alternate_on}") == "0"
         assert self.display("#{cursor_flag}") == "1"
+        # the pane prints EXITED first and the stty modes a moment later: wait for both
+        screen = self.wait_for(
+            lambda s: "EXITED rc=" in s and len({"icanon", "-icanon"} & set(s.split("EXITED rc=", 1)[1].split())) > 0
+            and len({"echo", "-echo"} & set(s.split("EXITED rc=", 1)[1].split())) > 0,
+            timeout=10, what="the terminal modes after EXITED")
         tail = screen.split("EXITED rc=", 1)[1].split()
         assert tail[0] == "0"
         assert "icanon" in tail and "echo" in tail
