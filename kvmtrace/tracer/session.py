@@ -405,6 +405,10 @@ class TraceSession:
                 b.attach_kretprobe(event=outer, fn_name="kp_ms_outer_exit")
                 if p.handlers and p.change_arg is not None:  # else: change type derived
                     b.attach_kprobe(event=p.handlers[0], fn_name="kp_ms_set_enter")
+        if self.plan.vm_lifetime and any(p.attach == "kprobe" for p in self.plan.ops):
+            init, destroy = self.plan.vm_lifetime  # VM creation and destruction (exact modes)
+            b.attach_kprobe(event=init, fn_name="kp_vm_init")
+            b.attach_kprobe(event=destroy, fn_name="kp_vm_destroy")
 
     def close(self) -> None:
         self._stop.set()
