@@ -33,3 +33,70 @@ import struct  # noqa: E402
 
 EVENT_STRUCT = struct.Struct("<6Qq4IQ")
 assert EVENT_STRUCT.size == EVENT_SIZE
+
+
+# ---------------------------------------------------------------------------- map contents
+# What the tracer reads from the kernel once per interval, as plain Python values: the input of
+# the decoders (decode_exact.py, decode_tp.py), which therefore run and are tested without bcc
+# or root. Keys are the raw integers of the C keys; their meaning is the decoder's business.
+from dataclasses import dataclass, field  # noqa: E402
+from typing import Dict, Optional, Tuple  # noqa: E402
+
+
+@dataclass(frozen=True)
+class AggRow:
+    """One value of the ``aggs`` map (C ``struct agg_val``): per (vm, op) sums and histograms."""
+
+    count: int = 0
+    lat_count: int = 0
+    lat_sum: int = 0
+    lat_max: int = 0
+    slots_count: int = 0
+    slots_sum: int = 0
+    slots_max: int = 0
+    scanned_sum: int = 0
+    lat: Tuple[int, ...] = ()
+    slots: Tuple[int, ...] = ()
+    range: Tuple[int, ...] = ()
+
+    @classmethod
+    def from_map(cls, v) -> "AggRow":
+        s = v.s
+        return cls(int(s.count), int(s.lat_count), int(s.lat_sum), int(s.lat_max), int(s.slots_count),
+                   int(s.slots_sum), int(s.slots_max), int(s.scanned_sum),
+                   tuple(int(x) for x in v.lat), tuple(int(x) for x in v.slots),
+                   tuple(int(x) for x in v.range))
+
+
+@dataclass(frozen=True)
+class MsRow:
+    """One value of the ``ms_aggs`` map (C ``struct ms_val``): per (vm, change) memslot updates."""
+
+    count: int = 0
+    errors: int = 0
+    lat_sum: int = 0
+    lat_max: int = 0
+    lat: Tuple[int, ...] = ()
+
+    @classmethod
+    def from_map(cls, v) -> "MsRow":
+        return cls(int(v.count), int(v.errors), int(v.lat_sum), int(v.lat_max), tuple(int(x) for x in v.lat))
+
+
+@dataclass(frozen=True)
+class MapContents:
+    """Every map the decoders need, read once per interval. A map this build does not declare
+    (or that the plan does not use) is None.
+
+    ``aggs``: (vm, op, owner) -> AggRow, the C ``struct op_key``: ``vm`` is a ``struct kvm *``
+    and ``owner`` its VMM's tgid for ops the plan attaches exactly (kprobe, fentry); ``vm`` is a
+    tgid and ``owner`` 0 for ops attached to tracepoints. ``counters``: the CNT_* counters summed
+    over CPUs. ``vmm``: tgids the kernel saw create a VM (or seeded at start). ``ms_count``: tgid
+    -> memslot ioctls (tracepoint mode). ``ms_aggs``: (vm, change, owner) -> MsRow (exact memslot
+    programs)."""
+
+    aggs: Dict[Tuple[int, int, int], AggRow] = field(default_factory=dict)
+    counters: Tuple[int, ...] = (0,) * (CNT_NOLAT + 1)
+    vmm: Optional[Tuple[int, ...]] = None
+    ms_count: Optional[Dict[int, int]] = None
+    ms_aggs: Optional[Dict[Tuple[int, int, int], MsRow]] = None

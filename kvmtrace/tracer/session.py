@@ -9,6 +9,11 @@ Attach modes come from the probe plan (plan.resolve): exact modes (kprobe, fentr
 everything in the kernel; tracepoint mode aggregates counts and syscall-bounded latency in the
 kernel and streams hva ranges and memslot ioctls through one ordered ring buffer, from which
 userspace derives slots visited and change types against a mirrored memslot table (mirror.py).
+
+This module only opens (pre-flight, cflags, load, attach, open buffers), reads the maps and
+closes. What the records and maps mean is the decoders' business: decode_exact.py and
+decode_tp.py, joined in decode_common.py, which take plain values (records.MapContents) and
+run without bcc or root.
 """
 
 from __future__ import annotations
@@ -20,22 +25,17 @@ import signal
 import socket
 import threading
 import time
-from collections import defaultdict, deque
 from contextlib import contextmanager
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 from .. import __version__
-from ..consts import LOG2_BUCKETS, MS_CHANGE_DERIVE, Change, Op
+from ..consts import Op
 from ..errors import CapabilityMissing, KvmtraceError, PermissionProblem
 from . import records as R
 from .cflags import build_cflags, source
-from .mirror import Mirror
+from .decode_common import Decoding, exact_vm_id  # noqa: F401  (exact_vm_id: public name)
 from .plan import KernelFacts, ProbePlan
-from ..snapshot import HvaEvent, HvaStats, Log2Hist, MemslotEvent, MemslotStats, Snapshot, VmInfo, log2_bucket
-
-OPS = {int(o): o.label for o in Op}
-CHANGES = {int(c): c.label for c in Change}
-CHANGES[len(Change)] = "unknown"
+from ..snapshot import Snapshot
 
 
 # ----------------------------------------------------------------------------- preflight
@@ -164,12 +164,6 @@ def vmm_pids() -> Dict[int, int]:
     return out
 
 
-def exact_vm_id(kvm: int, pid: int) -> str:
-    """VM id in exact modes: the struct kvm address and its VMM, since an address freed by one
-    VM can be reused by the next."""
-    return f"kvm:{kvm:#x}:{pid}"
-
-
 def _owns_vm(pid: int) -> bool:
     try:
         for fd in os.listdir(f"/proc/{pid}/fd"):
@@ -221,29 +215,6 @@ def proc_info(pid: int) -> Tuple[str, str, Optional[int], bool]:
     return comm, name, vcpus, True
 
 
-# ----------------------------------------------------------------------------- aggregation
-class _Agg:
-    """Userspace-side aggregate for one (vm, op|change)."""
-
-    __slots__ = ("count", "errors", "sum", "max", "hist", "pid", "prov")
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.errors = 0
-        self.sum = 0
-        self.max = 0
-        self.hist = [0] * LOG2_BUCKETS
-        self.pid = 0
-        self.prov = "none"
-
-    def add(self, v: int, n: int = 1) -> None:
-        self.count += n
-        self.sum += v * n
-        if v > self.max:
-            self.max = v
-        self.hist[log2_bucket(v)] += n
-
-
 class TraceSession:
     def __init__(
         self,
@@ -271,25 +242,14 @@ class TraceSession:
         self.bpf = None
         self.meta: Dict[str, str] = {}
         self.interrupted = False
-        self._lock = threading.Lock()
         self._drain_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
-        self._mirror = Mirror()
-        self._derived: Dict[Tuple[str, str], _Agg] = defaultdict(_Agg)
-        self._ms: Dict[Tuple[str, str], _Agg] = defaultdict(_Agg)
-        self._events: deque = deque()
-        self._pending: Dict[int, List[HvaEvent]] = defaultdict(list)
-        self._events_dropped = 0
+        self.decoding: Optional[Decoding] = None  # built once the plan is known (open)
         self._perf_lost = 0
+        self._consumer_errors = 0
         self._seq = 0
         self._t0 = 0
-        self._known_vmm: Dict[int, int] = {}
-        self._proc_cache: Dict[int, Tuple[str, str]] = {}
-        self._tp_vm: Dict[int, str] = {}
-        self._exact = False
-        self._tp_hva = False
-        self._ms_tp = False
         self._rusage0 = 0.0
 
     # ------------------------------------------------------------------ lifecycle
@@ -330,10 +290,8 @@ class TraceSession:
                 "no way to trace unmap operations on this kernel",
                 "run `kvmtrace doctor` for what is missing and how to fix it",
             )
-        self._tp_hva = any(p.kind == "hva" and p.attach == "tracepoint" for p in self.plan.ops)
-        self._exact = any(p.attach in ("kprobe", "fentry") for p in self.plan.ops)
-        ms = self.plan.for_op("memslot_update")
-        self._ms_tp = bool(ms and ms.attach == "tracepoint")
+        self.decoding = Decoding(self.plan, keep_events=self.keep_events, max_events=self.max_events,
+                                 pid=self.pid, proc_info=proc_info, owns_vm=_owns_vm)
         ringbuf = True if self.facts is None or self.facts.ringbuf is None else bool(self.facts.ringbuf)
         fentry_module = None
         if any(p.attach == "fentry" for p in self.plan.ops) and self.facts is not None:
@@ -355,10 +313,11 @@ class TraceSession:
             self.close()
             raise _load_error(e)
         # VMs that exist already: their memslots predate the trace (mirror marks them partial)
-        self._known_vmm = vmm_pids()
+        known = vmm_pids()
+        self.decoding.stream.known_vmm.update(known)
         tbl = self._table("vmm")
         if tbl is not None:
-            for p in self._known_vmm:
+            for p in known:
                 tbl[tbl.Key(p)] = tbl.Leaf(1)
         if ringbuf:
             self.bpf["events"].open_ring_buffer(self._on_event)
@@ -431,7 +390,7 @@ class TraceSession:
             try:
                 self._drain()
             except Exception:  # a broken consumer must not kill the session silently
-                self._events_dropped += 1
+                self._consumer_errors += 1
             self._stop.wait(0.005)
 
     def _drain(self) -> None:
@@ -448,125 +407,12 @@ class TraceSession:
     def _on_lost(self, n: int) -> None:
         self._perf_lost += n
 
-    def _vm_key(self, ev) -> str:
-        if ev.vm:  # exact: struct kvm * and its VMM (hva events carry the owner in e)
-            return exact_vm_id(ev.vm, ev.e if ev.kind == R.EV_HVA else ev.tgid)
-        return f"pid:{ev.tgid}"
-
     def _on_event(self, ctx, data, size) -> None:
-        raw = ct.string_at(data, R.EVENT_SIZE)
-        if not self.keep_events:
-            # hot path, tracepoint mode: derive slots visited for one hva range
-            _ts, a, b_, _c, _d, _e, _ret, kind, tgid, _tid, x, vmp = R.EVENT_STRUCT.unpack(raw)
-            if kind == R.EV_HVA and not vmp:
-                vm = self._tp_vm.get(tgid)
-                if vm is None:
-                    vm = self._tp_vm[tgid] = f"pid:{tgid}"
-                with self._lock:
-                    if vm not in self._mirror.created_in_trace:
-                        return  # partial mirror: no derived figure (see _on_hva)
-                    agg = self._derived.get((vm, OPS.get(x, "unknown")))
-                    if agg is None:
-                        agg = self._derived[(vm, OPS.get(x, "unknown"))]
-                    agg.add(self._mirror.overlap(vm, a, b_))
-                return
-        ev = R.Event.from_buffer_copy(raw)
-        kind = ev.kind
-        with self._lock:
-            if kind == R.EV_HVA:
-                self._on_hva(ev)
-            elif kind == R.EV_SC_END:
-                pend = self._pending.pop(ev.tid, None)
-                if pend:
-                    for e in pend:
-                        self._keep(_with_latency(e, ev.a))
-            elif kind == R.EV_MEMSLOT:
-                self._on_memslot(ev)
-            elif kind == R.EV_VM_CREATE:
-                if ev.ret >= 0:
-                    self._remember(ev.tgid)
-                    self._mirror.vm_created(f"pid:{ev.tgid}")
-                    self._known_vmm[ev.tgid] = self._known_vmm.get(ev.tgid, 0) + 1
-
-    def _keep(self, e) -> None:
-        if not self.keep_events:
-            return
-        if len(self._events) >= self.max_events:
-            self._events_dropped += 1
-            return
-        self._events.append(e)
-
-    def _on_hva(self, ev) -> None:
-        op = OPS.get(ev.x, "unknown")
-        vm = self._vm_key(ev)
-        memslots = self._mirror.count(vm)
-        if ev.vm:  # exact mode: everything measured in the kernel
-            p = self.plan.for_op(op)
-            slots_ok = p is not None and p.slots == "exact"
-            scanned_ok = p is not None and p.scanned == "exact"
-            e = HvaEvent(ev.ts, vm, int(ev.e), ev.tid, op, ev.a, ev.b, ev.c,
-                         (ev.d & 0xFFFFFFFF) if slots_ok else -1, (ev.d >> 32) if scanned_ok else -1,
-                         -1 if memslots is None else memslots, "exact", "exact" if slots_ok else "none")
-            self._keep(e)
-            return
-        # tracepoint mode: slots derived from the mirror; latency arrives with the syscall end
-        if self._mirror.partial(vm):
-            slots = -1  # memslots predate the trace: the mirror would undercount, so no figure
-        else:
-            slots = self._mirror.overlap(vm, ev.a, ev.b)
-            self._derived[(vm, op)].add(slots)
-        if self.keep_events:
-            e = HvaEvent(ev.ts, vm, ev.tgid, ev.tid, op, ev.a, ev.b, -1, slots, -1,
-                         -1 if memslots is None else memslots, "none",
-                         "derived" if slots >= 0 else "none")
-            self._pending[ev.tid].append(e)
-            if len(self._pending) > 4096:  # threads that never end a syscall (kernel threads)
-                for tid in list(self._pending)[:1024]:
-                    for x in self._pending.pop(tid):
-                        self._keep(x)
-
-    def _remember(self, pid: int) -> None:
-        """Name a VMM while it is alive (VM creation, first memslot update)."""
-        if pid and pid not in self._proc_cache:
-            comm, name, _vcpus, alive = proc_info(pid)
-            if alive:
-                self._proc_cache[pid] = (comm, name)
-
-    def _on_memslot(self, ev) -> None:
-        self._remember(ev.tgid)
-        slot_field = ev.e & 0xFFFFFFFF
-        flags = ev.e >> 32
-        ok = ev.ret == 0
-        vm = exact_vm_id(ev.vm, ev.tgid) if ev.vm else f"pid:{ev.tgid}"
-        if ev.vm and ev.x != MS_CHANGE_DERIVE:
-            # exact: change type measured by the kernel (ev.x), aggregated in the kernel
-            change = CHANGES.get(ev.x, "unknown")
-            if ok:
-                self._mirror.update(vm, slot_field, ev.b, ev.c, ev.d, flags, True)
-            cprov, lprov = "exact", "exact"
-        else:
-            # change type derived from the mirrored table, aggregated here
-            ch = self._mirror.update(vm, slot_field, ev.b, ev.c, ev.d, flags, ok)
-            change = None if (ch is None and ok) else (ch.label if ch is not None else "unknown")
-            cprov, lprov = "derived", ("exact" if ev.vm else "syscall")
-            if change is not None:  # None: a no-op request, KVM changed nothing
-                a = self._ms[(vm, change)]
-                a.add(ev.a)
-                a.pid = ev.tgid
-                a.prov = lprov
-                if not ok:
-                    a.errors += 1
-        if change is not None:
-            self._keep(MemslotEvent(ev.ts, vm, ev.tgid, ev.tid, change, slot_field & 0xFFFF,
-                                    slot_field >> 16, ev.b, ev.c, ev.d, flags, int(ev.ret), ev.a,
-                                    lprov, cprov))
+        self.decoding.on_raw(ct.string_at(data, R.EVENT_SIZE))
 
     def take_events(self) -> list:
         """Raw events received since the last call (events=True)."""
-        with self._lock:
-            out = list(self._events)
-            self._events.clear()
-        return out
+        return self.decoding.take_events() if self.decoding is not None else []
 
     # ------------------------------------------------------------------ snapshots
     @staticmethod
@@ -597,122 +443,35 @@ class TraceSession:
             out.append(sum(int(x) for x in v))
         return out
 
+    def read_maps(self) -> R.MapContents:
+        """Every map the decoders need, read once, as plain values."""
+        b = self.bpf
+        aggs = {(int(k.vm), int(k.op), int(k.owner)): R.AggRow.from_map(v) for k, v in b["aggs"].items()}
+        vmm = self._table("vmm")
+        msc = self._table("ms_count")
+        msa = self._table("ms_aggs") if self._table("ms_inflight") is not None else None
+        return R.MapContents(
+            aggs=aggs,
+            counters=tuple(self._read_counters()),
+            vmm=None if vmm is None else tuple(int(k.value) for k in vmm.keys()),
+            ms_count=None if msc is None else {int(k.value): int(v.value) for k, v in msc.items()},
+            ms_aggs=None if msa is None else {(int(k.vm), int(k.op), int(k.owner)): R.MsRow.from_map(v)
+                                              for k, v in msa.items()},
+        )
+
     def snapshot(self) -> Snapshot:
         """Read every map once and build a cumulative snapshot."""
         if self.bpf is None:
             raise KvmtraceError("tracer is not open")
-        b = self.bpf
         mono = time.monotonic_ns()
         self._drain()
-        aggs = {(int(k.vm), int(k.op), int(k.owner)): v for k, v in b["aggs"].items()}
-        counters = self._read_counters()
-        lin = bool(self.plan.linear_scan)
-        hva: List[HvaStats] = []
-        unattributed = 0
-        vm_pids: Dict[str, int] = {}
-        with self._lock:
-            derived = {k: (a.count, a.sum, a.max, tuple(a.hist)) for k, a in self._derived.items()}
-            ms_user = {k: (a.count, a.errors, a.sum, a.max, tuple(a.hist), a.pid, a.prov)
-                       for k, a in self._ms.items()}
-            known = dict(self._known_vmm)
-            mirror_counts = {vm: len(t) for vm, t in self._mirror.tables.items()}
-            partial = {vm: self._mirror.partial(vm) for vm in self._mirror.tables}
-            dropped = self._events_dropped + self._perf_lost
-        if not self._exact:
-            # VMM tgids: the kernel's own set (added at KVM_CREATE_VM, never lost like an event
-            # can be), those seen at start, and any other tgid with figures that owns a VM fd now
-            tbl = self._table("vmm")
-            if tbl is not None:
-                for k in tbl.keys():
-                    known.setdefault(int(k.value), 1)
-            for vmraw, _op, _owner in aggs:
-                if vmraw not in known and _owns_vm(vmraw):
-                    known[vmraw] = 1
-                    with self._lock:
-                        self._known_vmm.setdefault(vmraw, 1)
-        for (vmraw, opn, owner), a in sorted(aggs.items(), key=lambda kv: kv[0]):
-            op = OPS.get(opn, "unknown")
-            s = a.s
-            count = int(s.count)
-            if self._exact and vmraw > 0xFFFFFFFF:  # struct kvm pointer
-                pid = owner
-                vm = exact_vm_id(vmraw, pid)
-                lat_prov = slots_prov = "exact"
-                op_plan = self.plan.for_op(op)
-                slots = (0, 0, 0, None)
-                if op_plan is not None and op_plan.slots == "exact":  # one figure per operation
-                    slots = (count, int(s.slots_sum), int(s.slots_max), tuple(a.slots))
-                scanned = None
-                if lin and op_plan is not None and op_plan.scanned == "exact":
-                    scanned = int(s.scanned_sum)
-            else:
-                pid = vmraw
-                if self.pid is None and pid not in known:
-                    unattributed += count
-                    continue
-                vm = f"pid:{pid}"
-                lat_prov, slots_prov = "syscall", "derived"
-                slots = derived.get((vm, op), (0, 0, 0, None))
-                scanned = None
-            vm_pids[vm] = pid
-            hva.append(HvaStats(
-                vm_id=vm, pid=pid, op=op, count=count,
-                lat_hist=Log2Hist(tuple(a.lat)),
-                lat_count=count if lat_prov == "exact" else int(s.lat_count),
-                lat_sum_ns=int(s.lat_sum),
-                lat_max_ns=int(s.lat_max),
-                lat_provenance=lat_prov,
-                slots_hist=Log2Hist(slots[3]) if slots[3] else Log2Hist(),
-                slots_count=slots[0], slots_sum=slots[1], slots_max=slots[2],
-                slots_provenance=slots_prov if slots[0] else "none",
-                scanned_sum=scanned,
-                range_hist=Log2Hist(tuple(a.range)),
-            ))
-        memslot: List[MemslotStats] = []
-        per_pid_total: Dict[int, int] = defaultdict(int)
-        for (vm, change), (cnt, err, tot, mx, h, pid, prov) in sorted(ms_user.items()):
-            memslot.append(MemslotStats(vm, pid, change, cnt, err, Log2Hist(h), tot, mx, prov, "derived"))
-            per_pid_total[pid] += cnt
-            vm_pids[vm] = pid
-        msc = self._table("ms_count") if self._ms_tp else None
-        if msc is not None:
-            for k, v in msc.items():
-                pid = int(k.value)
-                missing = int(v.value) - per_pid_total.get(pid, 0)
-                if missing > 0 and (self.pid is None or pid == self.pid):
-                    # ioctls whose event was lost, or no-op requests: change type not observed
-                    memslot.append(MemslotStats(f"pid:{pid}", pid, "unknown", missing, 0,
-                                                Log2Hist(), 0, 0, "none", "none"))
-        msa = self._table("ms_aggs") if self._table("ms_inflight") is not None else None
-        if msa is not None:  # exact memslot programs built
-            for k, v in sorted(msa.items(), key=lambda kv: (kv[0].vm, kv[0].op, kv[0].owner)):
-                pid = int(k.owner)
-                vm = exact_vm_id(int(k.vm), pid)
-                vm_pids[vm] = pid
-                memslot.append(MemslotStats(vm, pid, CHANGES.get(int(k.op), "unknown"), int(v.count),
-                                            int(v.errors), Log2Hist(tuple(v.lat)),
-                                            int(v.lat_sum), int(v.lat_max), "exact", "exact"))
-        # VMs: every VM with figures, plus VMMs running now
-        if not self._exact:
-            for p in known:
-                if self.pid is None or p == self.pid:
-                    vm_pids.setdefault(f"pid:{p}", p)
-        vms = []
-        for vm, pid in sorted(vm_pids.items()):
-            comm, name, vcpus, alive = proc_info(pid) if pid else ("", "", None, False)
-            if alive:  # remember who it was: a VMM that exits keeps its name in the figures
-                self._proc_cache[pid] = (comm, name)
-            elif pid in self._proc_cache:
-                comm, name = self._proc_cache[pid]
-            mc = mirror_counts.get(vm)
-            vms.append(VmInfo(vm, pid, comm, name, vcpus if alive else None, mc,
-                              "derived" if mc is not None else "none", partial.get(vm, True), alive))
+        parts = self.decoding.decode(self.read_maps(), extra_lost=self._perf_lost + self._consumer_errors)
         self._seq += 1
         return Snapshot(
             seq=self._seq, wall_time=time.time(), mono_ns=mono,
-            elapsed_s=(mono - self._t0) / 1e9, vms=tuple(vms), hva=tuple(hva),
-            memslot=tuple(memslot), lost_events=counters[R.CNT_LOST] + dropped,
-            map_full=counters[R.CNT_MAPFULL], unattributed=unattributed,
+            elapsed_s=(mono - self._t0) / 1e9, vms=parts.vms, hva=parts.hva,
+            memslot=parts.memslot, lost_events=parts.lost_events,
+            map_full=parts.map_full, unattributed=parts.unattributed,
             self_cpu_s=self._cpu() - self._rusage0, meta=tuple(sorted(self.meta.items())),
         )
 
@@ -743,8 +502,3 @@ class TraceSession:
             while nxt <= now:
                 nxt += self.interval
 
-
-def _with_latency(e: HvaEvent, lat: int) -> HvaEvent:
-    from dataclasses import replace
-
-    return replace(e, latency_ns=int(lat), lat_provenance="syscall")
