@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import threading
 from collections import defaultdict, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, List, Optional, Tuple
 
 from ..consts import LOG2_BUCKETS, MS_CHANGE_DERIVE, Change, Op
@@ -31,10 +31,11 @@ EXACT_ATTACH = ("kprobe", "fentry")
 ProcInfo = Callable[[int], Tuple[str, str, Optional[int], bool]]
 
 
-def exact_vm_id(kvm: int, pid: int) -> str:
-    """VM id in exact modes: the struct kvm address and its VMM, since an address freed by one
-    VM can be reused by the next."""
-    return f"kvm:{kvm:#x}:{pid}"
+def exact_vm_id(kvm: int, pid: int, ordinal: int = 0) -> str:
+    """VM id in exact modes: the struct kvm address, its VMM and the VMM's ordinal of the VM
+    (n-th VM it created while traced), since an address freed by one VM can be reused by the
+    next; a VM older than the trace (ordinal 0) is ``kvm:ADDR:PID``."""
+    return f"kvm:{kvm:#x}:{pid}" + (f"#{ordinal}" if ordinal else "")
 
 
 def no_proc(pid: int) -> Tuple[str, str, Optional[int], bool]:
@@ -73,6 +74,10 @@ class Parts:
     memslot: list = field(default_factory=list)
     vm_pids: Dict[str, int] = field(default_factory=dict)
     unattributed: int = 0
+    # exact modes: per VM what the kernel knows of it (VmInfo fields: ordinal, memslots,
+    # memslots_max, memslots_provenance, partial, alive), and the memslot-count buckets
+    vm_info: Dict[str, dict] = field(default_factory=dict)
+    by_memslots: list = field(default_factory=list)
 
 
 @dataclass
@@ -85,6 +90,7 @@ class SnapshotParts:
     lost_events: int
     map_full: int
     unattributed: int
+    by_memslots: tuple = ()
 
 
 class Stream:
@@ -104,6 +110,8 @@ class Stream:
         self.events_dropped = 0
         self.known_vmm: Dict[int, int] = {}
         self.proc_cache: Dict[int, Tuple[str, str]] = {}
+        # exact modes: (struct kvm *, VMM tgid) -> ordinal of the live VM (from VM lifetime events)
+        self.exact_ordinal: Dict[Tuple[int, int], int] = {}
 
     def keep(self, e) -> None:
         if not self.keep_events:
@@ -146,7 +154,7 @@ class Stream:
         slot_field = ev.e & 0xFFFFFFFF
         flags = ev.e >> 32
         ok = ev.ret == 0
-        vm = exact_vm_id(ev.vm, ev.tgid) if ev.vm else f"pid:{ev.tgid}"
+        vm = exact_vm_id(ev.vm, ev.tgid, self.exact_ordinal.get((ev.vm, ev.tgid), 0)) if ev.vm else f"pid:{ev.tgid}"
         if ev.vm and ev.x != MS_CHANGE_DERIVE:
             # exact: change type measured by the kernel (ev.x), aggregated in the kernel
             change = CHANGES.get(ev.x, "unknown")
@@ -221,7 +229,12 @@ class Decoding:
             elif kind == R.EV_MEMSLOT:
                 st.on_memslot(ev)
             elif kind == R.EV_VM_CREATE:
-                st.on_vm_create(ev)
+                if ev.vm:  # exact modes: kvm_arch_init_vm
+                    self.exact.on_vm_create(ev)
+                else:
+                    st.on_vm_create(ev)
+            elif kind == R.EV_VM_DESTROY:
+                self.exact.on_vm_destroy(ev)
 
     def decode(self, maps: R.MapContents, extra_lost: int = 0) -> SnapshotParts:
         """The Snapshot parts of one reading of the maps. ``extra_lost``: records the session
@@ -252,13 +265,17 @@ class Decoding:
             elif pid in st.proc_cache:
                 comm, name = st.proc_cache[pid]
             mc = mirror_counts.get(vm)
-            vms.append(VmInfo(vm, pid, comm, name, vcpus if alive else None, mc,
-                              "derived" if mc is not None else "none", partial.get(vm, True), alive))
+            info = VmInfo(vm, pid, comm, name, vcpus if alive else None, mc,
+                          "derived" if mc is not None else "none", partial.get(vm, True), alive)
+            if vm in ex.vm_info:
+                info = replace(info, **ex.vm_info[vm])
+            vms.append(info)
         counters = maps.counters
         return SnapshotParts(
             vms=tuple(vms), hva=tuple(hva), memslot=tuple(memslot),
             lost_events=counters[R.CNT_LOST] + dropped + extra_lost,
             map_full=counters[R.CNT_MAPFULL], unattributed=tp.unattributed + ex.unattributed,
+            by_memslots=tuple(ex.by_memslots),
         )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import ctypes as ct
 
-EV_HVA, EV_SC_END, EV_MEMSLOT, EV_VM_CREATE = 1, 2, 3, 4
+EV_HVA, EV_SC_END, EV_MEMSLOT, EV_VM_CREATE, EV_VM_DESTROY = 1, 2, 3, 4, 5
 CNT_LOST, CNT_MAPFULL, CNT_NOLAT = 0, 1, 2
 
 
@@ -84,6 +84,36 @@ class MsRow:
 
 
 @dataclass(frozen=True)
+class VmRow:
+    """One value of the ``vms`` map (C ``struct vm_state``, exact modes): a live VM."""
+
+    tgid: int = 0
+    ordinal: int = 0  # n-th VM its VMM created while traced; 0 = older than the trace
+    memslots: int = -1  # current memslot count, -1 = unknown
+    memslots_max: int = 0
+
+    @classmethod
+    def from_map(cls, v) -> "VmRow":
+        return cls(int(v.tgid), int(v.ordinal), int(v.memslots), int(v.memslots_max))
+
+
+@dataclass(frozen=True)
+class BucketRow:
+    """One value of the ``mbuckets`` map (C ``struct bucket_val``, exact modes): hva ops of one
+    (VM, op, log2 bucket of the VM's memslot count at the event)."""
+
+    count: int = 0
+    memslots_max: int = 0
+    lat_sum: int = 0
+    slots_sum: int = 0
+    scanned_sum: int = 0
+
+    @classmethod
+    def from_map(cls, v) -> "BucketRow":
+        return cls(int(v.count), int(v.memslots_max), int(v.lat_sum), int(v.slots_sum), int(v.scanned_sum))
+
+
+@dataclass(frozen=True)
 class MapContents:
     """Every map the decoders need, read once per interval. A map this build does not declare
     (or that the plan does not use) is None.
@@ -100,3 +130,8 @@ class MapContents:
     vmm: Optional[Tuple[int, ...]] = None
     ms_count: Optional[Dict[int, int]] = None
     ms_aggs: Optional[Dict[Tuple[int, int, int], MsRow]] = None
+    # exact modes. Keys of aggs / ms_aggs carry a 4th element there, the VM's ordinal (C
+    # op_key.ordinal; absent = 0). ``vms``: struct kvm * -> VmRow of live VMs; ``buckets``:
+    # (vm, op, owner, ordinal, bucket) -> BucketRow.
+    vms: Optional[Dict[int, VmRow]] = None
+    buckets: Optional[Dict[Tuple[int, int, int, int, int], BucketRow]] = None

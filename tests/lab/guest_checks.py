@@ -60,6 +60,8 @@ CHECKS = [
                  "record_memslot_updates", "cleanup_after_exit")
 ] + [
     "cleanup_after_sigkill",
+    "exact_vm_lifetimes",
+    "exact_memslot_buckets",
     "harness_wrong_expectation",
 ]
 
@@ -361,11 +363,9 @@ def _check_plan(d, want_mode, label):
             errs.append("%s: attach %s, expected %s (target %s)" % (op, e.get("attach"), want_mode, e.get("target")))
         if e.get("latency") != "exact":
             errs.append("%s: latency %s, expected exact" % (op, e.get("latency")))
+        # exact change type everywhere: on a kvm module without BTF (5.10) kvm_set_memslot's
+        # `change` position comes from the kernel version (argument 5 on 5.7-5.12)
         want_slots = "exact"
-        if op == "memslot_update" and os.path.exists("/sys/module/kvm/initstate") and not os.path.exists("/sys/kernel/btf/kvm"):
-            # no BTF for the kvm module (before 5.11): kvm_set_memslot's `change` position is
-            # unknown, so the change type is derived from the mirrored slot table (latency exact)
-            want_slots = "derived"
         if e.get("slots") != want_slots:
             errs.append("%s: slots %s, expected %s" % (op, e.get("slots"), want_slots))
     if LINEAR_SCAN and "unmap" in plan and plan["unmap"].get("scanned", "exact") in ("none", None):
@@ -713,6 +713,90 @@ def check_cleanup_after_sigkill():
 MODE_CHECKS = {"record_unmap_count": _unmap_count, "record_slots_visited": _slots_visited,
                "record_slots_scanned": _slots_scanned, "record_memslot_updates": _memslot_updates,
                "cleanup_after_exit": _cleanup_after_exit}
+
+
+# --- exact modes in process: VM lifetimes, memslot counts at event time -------------------------
+
+
+def _traced(body):
+    """Run body() under a TraceSession with kvmtrace's default plan (the exact mode this kernel
+    allows); return (body's result, the final cumulative snapshot)."""
+    from kvmtrace.tracer.session import TraceSession
+
+    with TraceSession(pid=os.getpid(), interval=1.0) as s:
+        if not s.plan.vm_lifetime:
+            raise Fail("plan has no VM lifetime probes: %s" % s.plan.vm_lifetime_reason)
+        out = body()
+        time.sleep(0.5)
+        return out, s.snapshot(), s.plan
+
+
+def _workload(slots, pages, scenario="unmap"):
+    from kvmtrace.workload import Workload
+
+    wl = Workload(slots=slots, slot_size=256 << 10, scenario=scenario, iterations=1, pages=pages, vcpu=False,
+                  handle_signals=False)
+    with wl:
+        wl.run()
+    return wl.ground_truth()
+
+
+def check_exact_vm_lifetimes():
+    """Three VMs created one after another by this process (a freed struct kvm is often reused by
+    the next): three VMs with ordinals 1, 2, 3, each with exactly its own unmaps and creates."""
+    if EXPECTED_DEFAULT_MODE not in ("kprobe", "fentry"):
+        raise Skip("no exact mode expected here")
+    gts, snap, plan = _traced(lambda: [_workload(4, 16) for _ in range(3)])
+    vms = sorted((v for v in snap.vms if v.pid == os.getpid()), key=lambda v: v.ordinal)
+    unmaps = {h.vm_id: h.count for h in snap.hva if h.op == "unmap" and h.pid == os.getpid()}
+    creates = {m.vm_id: m.count for m in snap.memslot if m.change == "create" and m.pid == os.getpid()}
+    got = [{"vm": v.vm_id, "ordinal": v.ordinal, "label": v.label, "alive": v.alive, "memslots_max": v.memslots_max,
+            "unmaps": unmaps.get(v.vm_id, 0), "creates": creates.get(v.vm_id, 0)} for v in vms]
+    want = [{"unmaps": g["hva_ops"]["unmap"], "creates": g["memslot_updates"].get("create", 0)} for g in gts]
+    addrs = [v.vm_id.split(":")[1] for v in vms]
+    details = {"vms": got, "truth": want, "plan": plan.vm_lifetime_reason,
+               "address_reused": len(set(addrs)) < len(addrs)}
+    if [v["ordinal"] for v in got] != [1, 2, 3]:
+        raise Fail("expected 3 VMs with ordinals 1, 2, 3, got %s" % [(v["vm"], v["ordinal"]) for v in got], details)
+    errs = ["VM #%d: %d unmaps / %d creates traced, truth %d / %d" % (v["ordinal"], v["unmaps"], v["creates"], w["unmaps"], w["creates"])
+            for v, w in zip(got, want) if (v["unmaps"], v["creates"]) != (w["unmaps"], w["creates"])]
+    errs += ["VM #%d still alive after its destruction" % v["ordinal"] for v in got if v["alive"]]
+    errs += ["VM #%d: memslots_max %r, expected 4" % (v["ordinal"], v["memslots_max"]) for v in got if v["memslots_max"] != 4]
+    if errs:
+        raise Fail("; ".join(errs), details)
+    return "pass", "3 VMs of one process kept apart (%s), exact counts each (address reused: %s)" % (
+        ", ".join(v["label"] for v in got), details["address_reused"]), details
+
+
+def check_exact_memslot_buckets():
+    """Unmaps at N memslots (509 on 5.10, the kernel's limit there) land in the memslot-count
+    bucket of N, aggregated in the kernel; on linear-scan kernels every one scanned N slots."""
+    if EXPECTED_DEFAULT_MODE not in ("kprobe", "fentry"):
+        raise Skip("no exact mode expected here")
+    n = 509
+    gt, snap, plan = _traced(lambda: _workload(n, 64))
+    rows = [b for b in snap.by_memslots if b.pid == os.getpid() and b.op == "unmap"]
+    total = sum(b.count for b in rows)
+    want_b = n.bit_length()  # snapshot.log2_bucket(509) = 9: [256, 512)
+    top = [b for b in rows if b.bucket == want_b]
+    vm = [v for v in snap.vms if v.pid == os.getpid()]
+    details = {"buckets": [(b.bucket, b.count, b.memslots_max, b.scanned_sum) for b in rows],
+               "truth_unmaps": gt["hva_ops"]["unmap"], "vm_memslots_max": [v.memslots_max for v in vm]}
+    errs = []
+    if total != gt["hva_ops"]["unmap"]:
+        errs.append("buckets hold %d unmaps, ground truth %d" % (total, gt["hva_ops"]["unmap"]))
+    if len(top) != 1 or top[0].memslots_max != n or top[0].count < 64:
+        errs.append("no bucket %d with memslots_max %d and the 64 page unmaps" % (want_b, n))
+    elif LINEAR_SCAN and top[0].scanned_sum != n * top[0].count:
+        errs.append("scanned %r at %d memslots for %d unmaps, expected %d each" % (top[0].scanned_sum, n, top[0].count, n))
+    elif not LINEAR_SCAN and top[0].scanned_sum is not None:
+        errs.append("slots scanned %r on an interval-tree kernel" % top[0].scanned_sum)
+    if [v.memslots_max for v in vm] != [n]:
+        errs.append("VM memslots_max %r, expected [%d]" % ([v.memslots_max for v in vm], n))
+    if errs:
+        raise Fail("; ".join(errs), details)
+    return "pass", "%d unmaps at %d memslots in bucket %d%s" % (top[0].count, n, want_b, (
+        ", scanned %d each" % n) if LINEAR_SCAN else ""), details
 
 
 def get_check(name):
