@@ -718,27 +718,37 @@ MODE_CHECKS = {"record_unmap_count": _unmap_count, "record_slots_visited": _slot
 # --- exact modes in process: VM lifetimes, memslot counts at event time -------------------------
 
 
-def _traced(body):
-    """Run body() under a TraceSession with kvmtrace's default plan (the exact mode this kernel
-    allows); return (body's result, the final cumulative snapshot)."""
-    from kvmtrace.tracer.session import TraceSession
-
-    with TraceSession(pid=os.getpid(), interval=1.0) as s:
-        if not s.plan.vm_lifetime:
-            raise Fail("plan has no VM lifetime probes: %s" % s.plan.vm_lifetime_reason)
-        out = body()
-        time.sleep(0.5)
-        return out, s.snapshot(), s.plan
-
-
-def _workload(slots, pages, scenario="unmap"):
-    from kvmtrace.workload import Workload
-
-    wl = Workload(slots=slots, slot_size=256 << 10, scenario=scenario, iterations=1, pages=pages, vcpu=False,
-                  handle_signals=False)
+# One child process runs Workload after Workload (one VM each, one after another) and prints the
+# ground truths: the only process of the VMs, so its unmaps are exactly the workloads' own (the
+# tracer's threads, allocating in this process, would add notifier calls of their own).
+_CHILD = """
+import json, sys
+from kvmtrace.workload import Workload
+out = []
+for slots, pages in json.loads(sys.argv[1]):
+    wl = Workload(slots=slots, slot_size=256 << 10, scenario="unmap", iterations=1, pages=pages, vcpu=False)
     with wl:
         wl.run()
-    return wl.ground_truth()
+    out.append(wl.ground_truth())
+print(json.dumps(out))
+"""
+
+
+def _traced_workloads(specs):
+    """Workloads [(slots, pages), ...] run one after another by one child process under a
+    TraceSession with kvmtrace's default plan (the exact mode this kernel allows); returns
+    (ground truths, the child's pid, the final cumulative snapshot, the plan)."""
+    from kvmtrace.tracer.session import TraceSession
+
+    with TraceSession(interval=1.0) as s:
+        if not s.plan.vm_lifetime:
+            raise Fail("plan has no VM lifetime probes: %s" % s.plan.vm_lifetime_reason)
+        p = run([sys.executable, "-c", _CHILD, json.dumps(specs)], timeout=900)
+        if p.returncode != 0:
+            raise Fail("workload child exited %d: %s" % (p.returncode, tail(p.stderr or p.stdout)))
+        gts = json.loads(p.stdout.strip().splitlines()[-1])
+        time.sleep(0.5)
+        return gts, gts[0]["pid"], s.snapshot(), s.plan
 
 
 def check_exact_vm_lifetimes():
@@ -746,10 +756,10 @@ def check_exact_vm_lifetimes():
     the next): three VMs with ordinals 1, 2, 3, each with exactly its own unmaps and creates."""
     if EXPECTED_DEFAULT_MODE not in ("kprobe", "fentry"):
         raise Skip("no exact mode expected here")
-    gts, snap, plan = _traced(lambda: [_workload(4, 16) for _ in range(3)])
-    vms = sorted((v for v in snap.vms if v.pid == os.getpid()), key=lambda v: v.ordinal)
-    unmaps = {h.vm_id: h.count for h in snap.hva if h.op == "unmap" and h.pid == os.getpid()}
-    creates = {m.vm_id: m.count for m in snap.memslot if m.change == "create" and m.pid == os.getpid()}
+    gts, pid, snap, plan = _traced_workloads([(4, 16)] * 3)
+    vms = sorted((v for v in snap.vms if v.pid == pid), key=lambda v: v.ordinal)
+    unmaps = {h.vm_id: h.count for h in snap.hva if h.op == "unmap" and h.pid == pid}
+    creates = {m.vm_id: m.count for m in snap.memslot if m.change == "create" and m.pid == pid}
     got = [{"vm": v.vm_id, "ordinal": v.ordinal, "label": v.label, "alive": v.alive, "memslots_max": v.memslots_max,
             "unmaps": unmaps.get(v.vm_id, 0), "creates": creates.get(v.vm_id, 0)} for v in vms]
     want = [{"unmaps": g["hva_ops"]["unmap"], "creates": g["memslot_updates"].get("create", 0)} for g in gts]
@@ -774,12 +784,12 @@ def check_exact_memslot_buckets():
     if EXPECTED_DEFAULT_MODE not in ("kprobe", "fentry"):
         raise Skip("no exact mode expected here")
     n = 509
-    gt, snap, plan = _traced(lambda: _workload(n, 64))
-    rows = [b for b in snap.by_memslots if b.pid == os.getpid() and b.op == "unmap"]
+    (gt,), pid, snap, plan = _traced_workloads([(n, 64)])
+    rows = [b for b in snap.by_memslots if b.pid == pid and b.op == "unmap"]
     total = sum(b.count for b in rows)
     want_b = n.bit_length()  # snapshot.log2_bucket(509) = 9: [256, 512)
     top = [b for b in rows if b.bucket == want_b]
-    vm = [v for v in snap.vms if v.pid == os.getpid()]
+    vm = [v for v in snap.vms if v.pid == pid]
     details = {"buckets": [(b.bucket, b.count, b.memslots_max, b.scanned_sum) for b in rows],
                "truth_unmaps": gt["hva_ops"]["unmap"], "vm_memslots_max": [v.memslots_max for v in vm]}
     errs = []
