@@ -11,6 +11,7 @@ import pytest
 
 from kvmtrace.tracer import session as S
 from kvmtrace.tracer.cflags import build_cflags, source
+from kvmtrace.tracer.records import kprobe_programs
 
 pytestmark = pytest.mark.root
 
@@ -36,11 +37,11 @@ def facts():
     return dataclasses.replace(g.facts, kprobes=True, kprobes_reason="assumed for the verifier test")
 
 
-def _load_all(cflags, expected_prefixes):
+def _load_all(plan, cflags, expected_prefixes):
     b = BPF(text=source().encode(), cflags=cflags)
     try:
         names = []
-        for fn in _kp_names(cflags):
+        for _probe, _fn, fn in kprobe_programs(plan):  # the names the session attaches
             names.append(fn)
             b.load_func(fn, BPF.KPROBE)  # raises if the verifier rejects it
         assert names, "no kprobe program was generated"
@@ -51,33 +52,14 @@ def _load_all(cflags, expected_prefixes):
         b.cleanup()
 
 
-def _kp_names(cflags):
-    d = dict(f[2:].split("=", 1) for f in cflags if f.startswith("-D") and "=" in f)
-    names = []
-    for op in ("UNMAP", "AGE", "TEST_AGE", "CHANGE_PTE"):
-        fn = d.get(f"CB_{op}_FN")
-        if fn:
-            names += [f"kp_enter_{op}_{fn}", f"kp_exit_{op}_{fn}"]
-        h = d.get(f"H_{op}_FN")
-        if h:
-            names.append(f"kp_handler_{h}")
-    if "CB_AGE2_FN" in d:
-        names += [f"kp_enter_AGE2_{d['CB_AGE2_FN']}", f"kp_exit_AGE2_{d['CB_AGE2_FN']}"]
-    if "MS_OUTER_FN" in d:
-        names += ["kp_ms_outer_enter", "kp_ms_outer_exit", "kp_ms_set_enter"]
-    if "VM_INIT_FN" in d:
-        names += ["kp_vm_init", "kp_vm_destroy"]
-    return names
-
-
 def test_kprobe_programs_pass_the_verifier(facts):
     from kvmtrace.tracer.plan import resolve
 
     plan = resolve(facts, modes=("kprobe",))
     assert plan.for_op("unmap").attach == "kprobe"
     cflags = build_cflags(plan, facts, events=True)
-    names = _load_all(cflags, ["kp_enter_UNMAP_", "kp_exit_UNMAP_", "kp_handler_", "kp_ms_outer_enter",
-                               "kp_vm_init", "kp_vm_destroy"])
+    names = _load_all(plan, cflags, ["kp_enter_UNMAP_", "kp_exit_UNMAP_", "kp_handler_", "kp_ms_outer_enter",
+                                     "kp_vm_init", "kp_vm_destroy"])
     assert len(names) >= 11
 
 
@@ -94,7 +76,7 @@ def test_linear_scan_count_and_rmap_handlers_pass_the_verifier(facts):
     plan = dataclasses.replace(plan, linear_scan=True, defines=defines, ops=ops)
     cflags = build_cflags(plan, facts, pid=1234, events=True)
     assert "-DREAD_MEMSLOTS=1" in cflags and "-DH_UNMAP_SLOT_ARG=2" in cflags
-    _load_all(cflags, ["kp_enter_UNMAP_", "kp_handler_", "kp_vm_init"])
+    _load_all(plan, cflags, ["kp_enter_UNMAP_", "kp_handler_", "kp_vm_init"])
 
 
 def test_perf_buffer_variant_compiles_and_loads(facts):
@@ -103,4 +85,4 @@ def test_perf_buffer_variant_compiles_and_loads(facts):
     plan = resolve(facts, modes=("kprobe",))
     cflags = build_cflags(plan, facts, ringbuf=False, events=True)
     assert "-DUSE_RINGBUF" not in cflags
-    _load_all(cflags, ["kp_enter_UNMAP_"])
+    _load_all(plan, cflags, ["kp_enter_UNMAP_"])

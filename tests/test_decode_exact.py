@@ -19,11 +19,12 @@ def exact_plan(linear=False):
 
 
 def created(kvm, tgid, ordinal, memslots=0):
-    return rec(R.EV_VM_CREATE, tgid=tgid, vm=kvm, x=ordinal, e=(ordinal << 32) | tgid, ret=memslots)
+    return rec("vm_life", tgid=tgid, vm=kvm, owner=tgid, ordinal=ordinal, memslots=memslots)
 
 
 def destroyed(kvm, tgid, ordinal, memslots, mx):
-    return rec(R.EV_VM_DESTROY, tgid=tgid, vm=kvm, x=ordinal, e=(ordinal << 32) | tgid, ret=memslots, a=mx)
+    return rec("vm_life", tgid=tgid, vm=kvm, owner=tgid, ordinal=ordinal, memslots=memslots, memslots_max=mx,
+               destroyed=1)
 
 
 def test_address_reused_by_the_next_vm_of_one_process_is_another_vm():
@@ -79,7 +80,7 @@ def test_memslot_count_buckets_come_from_the_kernel():
 def test_raw_hva_events_carry_the_ordinal_and_memslot_count_at_the_event():
     dec = Decoding(exact_plan(linear=True), keep_events=True)
     feed(dec, created(KVM, 4242, 3),
-         rec(R.EV_HVA, tgid=4242, x=int(Op.UNMAP), a=0x1000, b=0x2000, c=700, d=1 | (509 << 32),
-             e=(3 << 32) | 4242, ret=509, vm=KVM))
+         rec("hva", tgid=4242, op=int(Op.UNMAP), start=0x1000, end=0x2000, lat_ns=700, slots=1, scanned=509,
+             owner=4242, ordinal=3, memslots=509, vm=KVM))
     (hv,) = dec.take_events()
     assert (hv.vm_id, hv.pid, hv.slots, hv.scanned, hv.memslots) == (f"kvm:{KVM:#x}:4242#3", 4242, 1, 509, 509)

@@ -1,7 +1,8 @@
 """The decoders of both modes on fake map contents and fake raw records: no bcc, no root.
 
-A raw record is packed with the same struct the hot path unpacks (records.EVENT_STRUCT) and
-map contents are plain records.MapContents, which is what the session reads from the kernel."""
+A raw record is packed from the one record definition (records.pack, the layout the C is
+generated from) and map contents are plain records.MapContents, which is what the session reads
+from the kernel."""
 
 from __future__ import annotations
 
@@ -38,17 +39,17 @@ def plan(hva_attach="tracepoint", ms_attach="tracepoint", linear=False, per_op=N
     return ProbePlan(ops=tuple(ops), linear_scan=linear)
 
 
-def rec(kind, tgid=100, tid=None, x=0, a=0, b=0, c=0, d=0, e=0, ret=0, vm=0, ts=1) -> bytes:
-    return R.EVENT_STRUCT.pack(ts, a, b, c, d, e, ret, kind, tgid, tid or tgid, x, vm)
+def rec(kind, tgid=100, tid=None, ts=1, **fields) -> bytes:
+    return R.pack(kind, ts=ts, tgid=tgid, tid=tid or tgid, **fields)
 
 
 def memslot(slot, gpa, size, hva, tgid=100, flags=0, ret=0, lat=1000, vm=0, x=MS_CHANGE_DERIVE):
-    return rec(R.EV_MEMSLOT, tgid=tgid, a=lat, b=gpa, c=size, d=hva, e=slot | (flags << 32), ret=ret,
-               vm=vm, x=x)
+    return rec("memslot", tgid=tgid, lat_ns=lat, gpa=gpa, size=size, hva=hva, slot=slot, flags=flags,
+               ret=ret, vm=vm, change=x)
 
 
 def unmap(start, end, tgid=100, tid=None, op=Op.UNMAP):
-    return rec(R.EV_HVA, tgid=tgid, tid=tid, x=int(op), a=start, b=end)
+    return rec("hva", tgid=tgid, tid=tid, op=int(op), start=start, end=end)
 
 
 def feed(dec, *records):
@@ -57,7 +58,7 @@ def feed(dec, *records):
 
 
 def tp_vm_with_two_slots(dec, tgid=100):
-    feed(dec, rec(R.EV_VM_CREATE, tgid=tgid),
+    feed(dec, rec("vm_create", tgid=tgid),
          memslot(0, 0, 4 * MB, 0x1000_0000, tgid=tgid),
          memslot(1, 4 * MB, 4 * MB, 0x1040_0000, tgid=tgid))  # adjacent: a range can span both
 
@@ -107,7 +108,7 @@ def test_tracepoint_vm_older_than_the_trace_gets_no_slots_figure():
     (h,) = p.hva
     assert h.count == 1 and h.slots_count == 0 and h.slots_provenance == "none"
     assert p.vms[0].partial is True
-    feed(dec, rec(R.EV_SC_END, tgid=200, a=777))
+    feed(dec, rec("sc_end", tgid=200, dur_ns=777, nr_ops=1))
     evs = dec.take_events()
     hv = [e for e in evs if getattr(e, "op", None) == "unmap"]
     assert len(hv) == 1 and hv[0].slots == -1 and hv[0].slots_provenance == "none"
@@ -129,7 +130,7 @@ def test_tracepoint_raw_events_get_the_latency_of_their_syscall():
     tp_vm_with_two_slots(dec)
     feed(dec, unmap(0x1000_0000, 0x1000_1000, tid=101), unmap(0x1040_0000, 0x1040_1000, tid=101))
     assert [e for e in dec.take_events() if getattr(e, "op", None)] == []  # waiting for syscall end
-    feed(dec, rec(R.EV_SC_END, tgid=100, tid=101, a=5000))
+    feed(dec, rec("sc_end", tgid=100, tid=101, dur_ns=5000, nr_ops=2))
     evs = [e for e in dec.take_events() if getattr(e, "op", None) == "unmap"]
     assert [(e.latency_ns, e.lat_provenance, e.slots, e.memslots, e.tid) for e in evs] == [
         (5000, "syscall", 1, 2, 101)] * 2
@@ -187,8 +188,8 @@ def test_each_decoder_knows_its_keys_whatever_their_size():
 
 def test_exact_raw_events_carry_kernel_measured_figures():
     dec = Decoding(plan("kprobe", "kprobe", linear=True), keep_events=True)
-    feed(dec, rec(R.EV_HVA, tgid=4242, tid=4243, x=int(Op.UNMAP), a=0x1000, b=0x3000, c=900,
-                  d=2 | (509 << 32), e=4242, vm=KVM),
+    feed(dec, rec("hva", tgid=4242, tid=4243, op=int(Op.UNMAP), start=0x1000, end=0x3000, lat_ns=900,
+                  slots=2, scanned=509, owner=4242, vm=KVM),
          memslot(0, 0, 4 * MB, 0x1000_0000, tgid=4242, vm=KVM, x=int(Change.CREATE)))
     hv, ms = dec.take_events()
     assert (hv.vm_id, hv.pid, hv.latency_ns, hv.slots, hv.scanned, hv.lat_provenance) == (

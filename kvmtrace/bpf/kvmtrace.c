@@ -44,9 +44,8 @@
 #define PAGE_SIZE_B 4096
 #endif
 
-// ---- records shared with userspace (kvmtrace/tracer/records.py mirrors them) ----
-enum { CNT_LOST = 0, CNT_MAPFULL = 1, CNT_NOLAT = 2, NR_CNT = 3 };
-enum { EV_HVA = 1, EV_SC_END = 2, EV_MEMSLOT = 3, EV_VM_CREATE = 4, EV_VM_DESTROY = 5 };
+// ---- records shared with userspace. struct event, the EV_* kinds and the CNT_* counters are
+// generated from kvmtrace/tracer/records.py and prepended to this file (cflags.source()) ----
 struct sum_val {   // per (vm, op): latency and slot sums
     u64 count;     // operations observed
     u64 lat_count;
@@ -86,21 +85,6 @@ struct ms_val {    // per (vm, change): memslot updates
     u64 lat_max;
     u64 tgid;
     u64 lat[LOG2_BUCKETS];
-};
-
-struct event {     // 80 bytes
-    u64 ts;
-    u64 a;
-    u64 b;
-    u64 c;
-    u64 d;
-    u64 e;
-    s64 ret;
-    u32 kind;
-    u32 tgid;
-    u32 tid;
-    u32 x;
-    u64 vm;        // struct kvm * in exact modes, 0 in tracepoint mode
 };
 
 struct kt_region {  // uapi struct kvm_userspace_memory_region (and the head of ..._region2)
@@ -259,9 +243,9 @@ static __always_inline int on_hva_tp(void *ctx, u32 op, u64 start, u64 end)
 #ifdef EVENTS
     struct event ev = {};
     ev_head(&ev, EV_HVA, bpf_ktime_get_ns(), id);
-    ev.x = op;
-    ev.a = start;
-    ev.b = end;
+    ev.hva.op = op;
+    ev.hva.start = start;
+    ev.hva.end = end;
     emit(ctx, &ev, RB_NO_WAKEUP);
 #endif
     return 0;
@@ -335,8 +319,8 @@ TRACEPOINT_PROBE(raw_syscalls, sys_exit)
     if (total) {
         struct event ev = {};
         ev_head(&ev, EV_SC_END, bpf_ktime_get_ns(), id);
-        ev.a = dur;
-        ev.x = total;
+        ev.sc_end.dur_ns = dur;
+        ev.sc_end.nr_ops = total;
         emit(args, &ev, RB_NO_WAKEUP);
     }
 #endif
@@ -387,7 +371,6 @@ TRACEPOINT_PROBE(syscalls, sys_exit_ioctl)
     struct event ev = {};
     ev.tgid = tgid;
     ev.tid = tid;
-    ev.ret = args->ret;
     if (s->cmd == KVM_CREATE_VM_NR) {
         if (args->ret >= 0) {
             u32 one = 1;
@@ -395,19 +378,21 @@ TRACEPOINT_PROBE(syscalls, sys_exit_ioctl)
         }
         ev.kind = EV_VM_CREATE;
         ev.ts = now;
-        ev.x = (u32)args->ret;
+        ev.vm_create.ret = (s32)args->ret;
     } else {
         u64 zero = 0, *c = ms_count.lookup_or_try_init(&tgid, &zero);
         if (c)
             __sync_fetch_and_add(c, 1);
         ev.kind = EV_MEMSLOT;
         ev.ts = s->ts;
-        ev.a = now - s->ts;
-        ev.b = s->r.guest_phys_addr;
-        ev.c = s->r.memory_size;
-        ev.d = s->r.userspace_addr;
-        ev.e = ((u64)s->r.flags << 32) | s->r.slot;
-        ev.x = (u32)s->fd;
+        ev.memslot.lat_ns = now - s->ts;
+        ev.memslot.gpa = s->r.guest_phys_addr;
+        ev.memslot.size = s->r.memory_size;
+        ev.memslot.hva = s->r.userspace_addr;
+        ev.memslot.slot = s->r.slot;
+        ev.memslot.flags = s->r.flags;
+        ev.memslot.change = MS_CHANGE_DERIVE;  // from the ioctl: derived in userspace
+        ev.memslot.ret = (s32)args->ret;
     }
     ioc.delete(&tid);
     emit(args, &ev, 0);
@@ -641,13 +626,15 @@ static __always_inline int cb_exit(void *ctx)
 #ifdef EVENTS
     struct event ev = {};
     ev_head(&ev, EV_HVA, s->ts, id);
-    ev.x = op;
-    ev.a = s->start;
-    ev.b = s->end;
-    ev.c = dur;
-    ev.d = ((u64)s->scanned << 32) | slots;
-    ev.e = ((u64)s->ordinal << 32) | s->owner;
-    ev.ret = s->memslots;
+    ev.hva.op = op;
+    ev.hva.start = s->start;
+    ev.hva.end = s->end;
+    ev.hva.lat_ns = dur;
+    ev.hva.slots = slots;
+    ev.hva.scanned = s->scanned;
+    ev.hva.owner = s->owner;
+    ev.hva.ordinal = s->ordinal;
+    ev.hva.memslots = s->memslots;
     ev.vm = s->vm;
     emit(ctx, &ev, RB_NO_WAKEUP);
 #endif
@@ -694,11 +681,11 @@ static __always_inline int vm_created(void *ctx, u64 kvm)
     v.memslots = MEMSLOTS_AT_CREATE;
     vms.update(&kvm, &v);
     struct event ev = {};
-    ev_head(&ev, EV_VM_CREATE, bpf_ktime_get_ns(), id);
+    ev_head(&ev, EV_VM_LIFE, bpf_ktime_get_ns(), id);
     ev.vm = kvm;
-    ev.x = v.ordinal;
-    ev.e = ((u64)v.ordinal << 32) | tgid;
-    ev.ret = v.memslots;
+    ev.vm_life.owner = tgid;
+    ev.vm_life.ordinal = v.ordinal;
+    ev.vm_life.memslots = v.memslots;
     emit(ctx, &ev, 0);
     return 0;
 }
@@ -710,12 +697,13 @@ static __always_inline int vm_destroyed(void *ctx, u64 kvm)
         return 0;  // not traced (other VMM under --pid) or never seen
     u64 id = bpf_get_current_pid_tgid();
     struct event ev = {};
-    ev_head(&ev, EV_VM_DESTROY, bpf_ktime_get_ns(), id);
+    ev_head(&ev, EV_VM_LIFE, bpf_ktime_get_ns(), id);
     ev.vm = kvm;
-    ev.x = v->ordinal;
-    ev.e = ((u64)v->ordinal << 32) | v->tgid;
-    ev.ret = v->memslots;
-    ev.a = v->memslots_max;
+    ev.vm_life.owner = v->tgid;
+    ev.vm_life.ordinal = v->ordinal;
+    ev.vm_life.memslots = v->memslots;
+    ev.vm_life.memslots_max = v->memslots_max;
+    ev.vm_life.destroyed = 1;
     vms.delete(&kvm);  // the address may be reused by the next VM: its own entry then
     emit(ctx, &ev, 0);
     return 0;
@@ -739,10 +727,10 @@ static __always_inline int vm_destroyed(void *ctx, u64 kvm)
 #define HANDLER_PROG(FN, OPN) FENTRY(FN) { return handler_hit(H_SLOT_##OPN(ctx)); }
 #else
 #define CB_ENTER(OPN, FN, OPV)                                                   \
-    int kp_enter_##OPN##_##FN(struct pt_regs *ctx) { u64 st = 0, en = 0;         \
+    int KP_CB_PROG(enter, OPN, FN)(struct pt_regs *ctx) { u64 st = 0, en = 0;         \
         CB_ARGS_##OPN(ctx, &st, &en); return cb_enter(OPV, ARG(ctx, 0), st, en); }
-#define CB_EXIT(OPN, FN) int kp_exit_##OPN##_##FN(struct pt_regs *ctx) { return cb_exit(ctx); }
-#define HANDLER_PROG(FN, OPN) int kp_handler_##FN(struct pt_regs *ctx) { return handler_hit(H_SLOT_##OPN(ctx)); }
+#define CB_EXIT(OPN, FN) int KP_CB_PROG(exit, OPN, FN)(struct pt_regs *ctx) { return cb_exit(ctx); }
+#define HANDLER_PROG(FN, OPN) int KP_HANDLER_PROG(FN)(struct pt_regs *ctx) { return handler_hit(H_SLOT_##OPN(ctx)); }
 #endif
 #define CB_ENTER_(OPN, FN, OPV) CB_ENTER(OPN, FN, OPV)
 #define CB_EXIT_(OPN, FN) CB_EXIT(OPN, FN)
@@ -944,13 +932,14 @@ static __always_inline int ms_outer_exit(void *ctx, s64 ret)
 #endif  // MS_DERIVE
     struct event ev = {};
     ev_head(&ev, EV_MEMSLOT, s->ts, id);
-    ev.a = dur;
-    ev.b = s->r.guest_phys_addr;
-    ev.c = s->r.memory_size;
-    ev.d = s->r.userspace_addr;
-    ev.e = ((u64)s->r.flags << 32) | s->r.slot;
-    ev.x = ch;
-    ev.ret = ret;
+    ev.memslot.lat_ns = dur;
+    ev.memslot.gpa = s->r.guest_phys_addr;
+    ev.memslot.size = s->r.memory_size;
+    ev.memslot.hva = s->r.userspace_addr;
+    ev.memslot.slot = s->r.slot;
+    ev.memslot.flags = s->r.flags;
+    ev.memslot.change = ch;
+    ev.memslot.ret = (s32)ret;
     ev.vm = s->kvm;
     ms_inflight.delete(&tid);
     emit(ctx, &ev, 0);
@@ -963,11 +952,11 @@ static __always_inline int ms_outer_exit(void *ctx, s64 ret)
 #define MS_SET_PROG(SET) FENTRY(SET) { return ms_set_enter((s64)(int)ARG(ctx, SET_MEMSLOT_CHANGE_ARG)); }
 #else
 #define MS_OUTER_ENTER(OUTER) \
-    int kp_ms_outer_enter(struct pt_regs *ctx) { return ms_outer_enter(ARG(ctx, 0), ARG(ctx, 1)); }
+    int KP_MS_OUTER_ENTER(struct pt_regs *ctx) { return ms_outer_enter(ARG(ctx, 0), ARG(ctx, 1)); }
 #define MS_OUTER_EXIT(OUTER) \
-    int kp_ms_outer_exit(struct pt_regs *ctx) { return ms_outer_exit(ctx, (s64)(int)PT_REGS_RC(ctx)); }
+    int KP_MS_OUTER_EXIT(struct pt_regs *ctx) { return ms_outer_exit(ctx, (s64)(int)PT_REGS_RC(ctx)); }
 #define MS_SET_PROG(SET) \
-    int kp_ms_set_enter(struct pt_regs *ctx) { return ms_set_enter((s64)(int)ARG(ctx, SET_MEMSLOT_CHANGE_ARG)); }
+    int KP_MS_SET_ENTER(struct pt_regs *ctx) { return ms_set_enter((s64)(int)ARG(ctx, SET_MEMSLOT_CHANGE_ARG)); }
 #endif
 #define MS_OUTER_ENTER_(OUTER) MS_OUTER_ENTER(OUTER)
 #define MS_OUTER_EXIT_(OUTER) MS_OUTER_EXIT(OUTER)
@@ -988,8 +977,8 @@ MS_SET_PROG_(MS_SET_FN)
 #define VM_INIT_PROG(FN) FENTRY(FN) { return vm_created(ctx, ARG(ctx, 0)); }
 #define VM_DESTROY_PROG(FN) FENTRY(FN) { return vm_destroyed(ctx, ARG(ctx, 0)); }
 #else
-#define VM_INIT_PROG(FN) int kp_vm_init(struct pt_regs *ctx) { return vm_created(ctx, ARG(ctx, 0)); }
-#define VM_DESTROY_PROG(FN) int kp_vm_destroy(struct pt_regs *ctx) { return vm_destroyed(ctx, ARG(ctx, 0)); }
+#define VM_INIT_PROG(FN) int KP_VM_INIT(struct pt_regs *ctx) { return vm_created(ctx, ARG(ctx, 0)); }
+#define VM_DESTROY_PROG(FN) int KP_VM_DESTROY(struct pt_regs *ctx) { return vm_destroyed(ctx, ARG(ctx, 0)); }
 #endif
 #define VM_INIT_PROG_(FN) VM_INIT_PROG(FN)
 #define VM_DESTROY_PROG_(FN) VM_DESTROY_PROG(FN)

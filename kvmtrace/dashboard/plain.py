@@ -14,7 +14,7 @@ from ..errors import DataFileError
 from ..snapshot import Snapshot
 from .fmt import plain_num
 from .model import ALL_CHANGES, ALL_OPS, OTHER_CHANGE, View, ViewOptions, VmRow, build_view
-from .view import attach_summary, cpu_percent
+from .view import attach_summary, cost_text, cpu_percent, late_text
 
 
 def _ns(v: Optional[float]) -> str:
@@ -72,7 +72,8 @@ def plain_header(cum: Snapshot, delta: Snapshot, meta: Mapping, plan, what: str)
         f" interval_s {delta.elapsed_s:.3f} elapsed_s {cum.elapsed_s:.3f}",
         "# " + attach_summary(plan),
         f"# lost_events {delta.lost_events} map_full {delta.map_full} unattributed {delta.unattributed}"
-        f" kvmtrace_cpu {'-' if cpu is None else f'{cpu:.1f}%'}",
+        f" kvmtrace_cpu {'-' if cpu is None else f'{cpu:.1f}%'}"
+        + "".join(f" · {t}" for t in (cost_text(delta), late_text(delta)) if t),
     ]
 
 
@@ -153,7 +154,8 @@ class LogFormatter:
         out = []
         if self.lines == 0 or (self.repeat and self.lines % self.repeat == 0 and not summary):
             out.append(self.header())
-        out.append(self._fmt(self.cells(view, d, label)))
+        line = self._fmt(self.cells(view, d, label))
+        out.append(line + (f"  {late_text(d)}" if late_text(d) else ""))
         self.lines += 1
         return out
 

@@ -53,6 +53,25 @@ def cpu_percent(delta: Snapshot) -> Optional[float]:
     return 100.0 * delta.self_cpu_s / delta.elapsed_s
 
 
+def cost_text(delta: Snapshot) -> str:
+    """kvmtrace's in-kernel cost over the interval: mean ns per program run (one run per
+    traced event) and share of one CPU; "" when the source measured no cost (replays, fakes)."""
+    c = delta.cost
+    if c.bpf_stats == "unavailable":
+        return ""
+    if not c.bpf_stats.startswith("enabled"):
+        return f"in-kernel cost {c.bpf_stats}"
+    per = f"{c.bpf_run_ns / c.bpf_run_cnt:.0f} ns/event" if c.bpf_run_cnt else "- ns/event"
+    share = f"{100.0 * c.bpf_run_ns / (delta.elapsed_s * 1e9):.2f}% CPU" if delta.elapsed_s > 0 else "-"
+    return f"in kernel {per}, {share}"
+
+
+def late_text(delta: Snapshot) -> str:
+    """Said when the snapshot came late (kvmtrace fell behind): rates still use the real
+    interval length."""
+    return f"LATE by {delta.late_s:.1f}s (kvmtrace fell behind)" if delta.late_s > 0 else ""
+
+
 def header_lines(cum: Snapshot, delta: Snapshot, meta: Mapping, plan, opts: ViewOptions, view: View) -> List[Text]:
     host = meta.get("host") or "?"
     kernel = meta.get("kernel") or "?"
@@ -80,6 +99,11 @@ def header_lines(cum: Snapshot, delta: Snapshot, meta: Mapping, plan, opts: View
     l3.append(f" · unattributed ops {delta.unattributed} ({un_rate}/s)")
     cpu = cpu_percent(delta)
     l3.append(f" · kvmtrace CPU {'-' if cpu is None else f'{cpu:.1f}%'}")
+    if cost_text(delta):
+        l3.append(f" · {cost_text(delta)}")
+    if late_text(delta):
+        l3.append(" · ")
+        l3.append(late_text(delta), style="bold red")
 
     l4 = Text(f"VMs {view.vms_running} running")
     if opts.filtered or opts.ops:
@@ -376,6 +400,7 @@ def render_summary(cum: Snapshot, meta: Mapping, plan, opts: ViewOptions, width:
     info = Text(
         f"lost events {cum.lost_events} · map full {cum.map_full} · unattributed ops {cum.unattributed}"
         f" · kvmtrace CPU {'-' if cpu is None else f'{cpu:.1f}%'} ({cum.self_cpu_s:.2f}s)"
+        + (f" · {cost_text(whole)}" if cost_text(whole) else "")
     )
     parts: List[RenderableType] = [head, Text(attach_summary(plan)), info]
     if not view.rows:

@@ -173,14 +173,17 @@ def build_cflags(
 
 
 def source() -> str:
-    """The BPF C source, from the package data."""
+    """The BPF C source, from the package data, after the record definitions generated from
+    tracer/records.py (the one definition of struct event)."""
+    from .records import c_header
+
     try:
         from importlib.resources import files  # Python 3.9+
 
-        return files("kvmtrace.bpf").joinpath("kvmtrace.c").read_text()
+        return c_header() + files("kvmtrace.bpf").joinpath("kvmtrace.c").read_text()
     except (ImportError, AttributeError):  # pragma: no cover
         import pkgutil
 
-        return pkgutil.get_data("kvmtrace.bpf", "kvmtrace.c").decode()
+        return c_header() + pkgutil.get_data("kvmtrace.bpf", "kvmtrace.c").decode()
 
 

@@ -27,6 +27,7 @@ OPS = {int(o): o.label for o in Op}
 CHANGES = {int(c): c.label for c in Change}
 CHANGES[len(Change)] = "unknown"
 EXACT_ATTACH = ("kprobe", "fentry")
+_HVA = R.BODY_STRUCT["hva"]
 
 ProcInfo = Callable[[int], Tuple[str, str, Optional[int], bool]]
 
@@ -139,10 +140,10 @@ class Stream:
         pend = self.pending.pop(ev.tid, None)
         if pend:
             for e in pend:
-                self.keep(_with_latency(e, ev.a))
+                self.keep(_with_latency(e, ev.sc_end.dur_ns))
 
     def on_vm_create(self, ev) -> None:
-        if ev.ret >= 0:
+        if ev.vm_create.ret >= 0:
             self.remember(ev.tgid)
             self.mirror.vm_created(f"pid:{ev.tgid}")
             self.known_vmm[ev.tgid] = self.known_vmm.get(ev.tgid, 0) + 1
@@ -151,31 +152,31 @@ class Stream:
         """A memslot update: ``ev.vm`` is the struct kvm * when an exact program saw it, 0 when
         the ioctl tracepoints did (then the change type is derived from the mirrored table)."""
         self.remember(ev.tgid)
-        slot_field = ev.e & 0xFFFFFFFF
-        flags = ev.e >> 32
-        ok = ev.ret == 0
+        m = ev.memslot
+        slot_field, flags, ret = m.slot, m.flags, m.ret
+        ok = ret == 0
         vm = exact_vm_id(ev.vm, ev.tgid, self.exact_ordinal.get((ev.vm, ev.tgid), 0)) if ev.vm else f"pid:{ev.tgid}"
-        if ev.vm and ev.x != MS_CHANGE_DERIVE:
-            # exact: change type measured by the kernel (ev.x), aggregated in the kernel
-            change = CHANGES.get(ev.x, "unknown")
+        if ev.vm and m.change != MS_CHANGE_DERIVE:
+            # exact: change type measured by the kernel, aggregated in the kernel
+            change = CHANGES.get(m.change, "unknown")
             if ok:
-                self.mirror.update(vm, slot_field, ev.b, ev.c, ev.d, flags, True)
+                self.mirror.update(vm, slot_field, m.gpa, m.size, m.hva, flags, True)
             cprov, lprov = "exact", "exact"
         else:
             # change type derived from the mirrored table, aggregated here
-            ch = self.mirror.update(vm, slot_field, ev.b, ev.c, ev.d, flags, ok)
+            ch = self.mirror.update(vm, slot_field, m.gpa, m.size, m.hva, flags, ok)
             change = None if (ch is None and ok) else (ch.label if ch is not None else "unknown")
             cprov, lprov = "derived", ("exact" if ev.vm else "syscall")
             if change is not None:  # None: a no-op request, KVM changed nothing
                 a = self.ms[(vm, change)]
-                a.add(ev.a)
+                a.add(m.lat_ns)
                 a.pid = ev.tgid
                 a.prov = lprov
                 if not ok:
                     a.errors += 1
         if change is not None:
             self.keep(MemslotEvent(ev.ts, vm, ev.tgid, ev.tid, change, slot_field & 0xFFFF,
-                                   slot_field >> 16, ev.b, ev.c, ev.d, flags, int(ev.ret), ev.a,
+                                   slot_field >> 16, m.gpa, m.size, m.hva, flags, int(ret), m.lat_ns,
                                    lprov, cprov))
 
 
@@ -213,15 +214,17 @@ class Decoding:
         st = self.stream
         if not st.keep_events:
             # hot path, tracepoint mode: derive slots visited for one hva range
-            _ts, a, b_, _c, _d, _e, _ret, kind, tgid, _tid, x, _vm = R.EVENT_STRUCT.unpack(raw)
-            if kind == R.EV_HVA and x in self._tp_ops:
-                self.tp.on_hva_fast(tgid, x, a, b_)
-                return
+            _ts, _vm, kind, tgid, _tid, _p = R.HEAD_STRUCT.unpack_from(raw)
+            if kind == R.EV_HVA:
+                start, end, _lat, _owner, op = _HVA.unpack_from(raw, R.HEAD_SIZE)[:5]
+                if op in self._tp_ops:
+                    self.tp.on_hva_fast(tgid, op, start, end)
+                    return
         ev = R.Event.from_buffer_copy(raw)
         kind = ev.kind
         with st.lock:
             if kind == R.EV_HVA:
-                dec = self.by_op.get(ev.x)
+                dec = self.by_op.get(ev.hva.op)
                 if dec is not None:
                     dec.on_hva(ev)
             elif kind == R.EV_SC_END:
@@ -229,12 +232,9 @@ class Decoding:
             elif kind == R.EV_MEMSLOT:
                 st.on_memslot(ev)
             elif kind == R.EV_VM_CREATE:
-                if ev.vm:  # exact modes: kvm_arch_init_vm
-                    self.exact.on_vm_create(ev)
-                else:
-                    st.on_vm_create(ev)
-            elif kind == R.EV_VM_DESTROY:
-                self.exact.on_vm_destroy(ev)
+                st.on_vm_create(ev)
+            elif kind == R.EV_VM_LIFE:  # exact modes: kvm_arch_init_vm / kvm_arch_destroy_vm
+                self.exact.on_vm_life(ev)
 
     def decode(self, maps: R.MapContents, extra_lost: int = 0) -> SnapshotParts:
         """The Snapshot parts of one reading of the maps. ``extra_lost``: records the session

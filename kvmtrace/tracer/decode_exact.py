@@ -39,53 +39,48 @@ class ExactDecoder:
         self._dead = 0
 
     # ------------------------------------------------------------------ event stream
-    def on_vm_create(self, ev) -> None:
-        """kvm_arch_init_vm: ``ev.vm`` the struct kvm *, ``ev.e`` ordinal << 32 | VMM tgid,
-        ``ev.ret`` the memslot count (0, or -1 when the kernel cannot keep it)."""
+    def on_vm_life(self, ev) -> None:
+        """kvm_arch_init_vm or kvm_arch_destroy_vm (``ev.vm_life.destroyed``) of the VM ``ev.vm``:
+        its VMM, ordinal, memslot count (creation: 0, or -1 when the kernel cannot keep it;
+        destruction: the final count) and the largest count seen."""
         st = self.stream
-        tgid, ordinal = ev.e & 0xFFFFFFFF, ev.e >> 32
+        v = ev.vm_life
+        tgid, ordinal = int(v.owner), int(v.ordinal)
         vm = exact_vm_id(ev.vm, tgid, ordinal)
-        st.exact_ordinal[(ev.vm, tgid)] = ordinal
-        st.remember(tgid)
-        st.mirror.vm_created(vm)  # its memslots are all seen: the mirror is complete
-        self.seen[vm] = {"ordinal": ordinal, "alive": True}
-
-    def on_vm_destroy(self, ev) -> None:
-        """kvm_arch_destroy_vm: the VM's final memslot count (``ev.ret``, -1 unknown) and the
-        largest seen (``ev.a``)."""
-        st = self.stream
-        tgid, ordinal = ev.e & 0xFFFFFFFF, ev.e >> 32
-        vm = exact_vm_id(ev.vm, tgid, ordinal)
+        if not v.destroyed:
+            st.exact_ordinal[(ev.vm, tgid)] = ordinal
+            st.remember(tgid)
+            st.mirror.vm_created(vm)  # its memslots are all seen: the mirror is complete
+            self.seen[vm] = {"ordinal": ordinal, "alive": True}
+            return
         if st.exact_ordinal.get((ev.vm, tgid)) == ordinal:
             del st.exact_ordinal[(ev.vm, tgid)]
-        info = {"ordinal": ordinal, "alive": False, "memslots_max": int(ev.a)}
-        if ev.ret >= 0:
-            info.update(memslots=int(ev.ret), memslots_provenance="exact")
+        info = {"ordinal": ordinal, "alive": False, "memslots_max": int(v.memslots_max)}
+        if v.memslots >= 0:
+            info.update(memslots=int(v.memslots), memslots_provenance="exact")
         self.seen[vm] = info
         self._dead += 1
         if self._dead > MAX_DEAD_VMS:  # bounded: forget the oldest destroyed VMs
-            for k in [k for k, v in self.seen.items() if not v["alive"]][: self._dead - MAX_DEAD_VMS]:
+            for k in [k for k, x in self.seen.items() if not x["alive"]][: self._dead - MAX_DEAD_VMS]:
                 del self.seen[k]
             self._dead = MAX_DEAD_VMS
 
     def on_hva(self, ev) -> None:
         """One raw hva record (raw events kept; caller holds the stream lock): everything was
-        measured in the kernel; ``ev.e`` carries the VM's ordinal << 32 | VMM tgid, ``ev.d`` slots
-        visited (low 32 bits) and scanned (high 32 bits), ``ev.ret`` the VM's memslot count at
-        the event (-1 unknown)."""
+        measured in the kernel, with the VM's ordinal and its memslot count at the event."""
         st = self.stream
-        op = OPS.get(ev.x, "unknown")
-        owner, ordinal = ev.e & 0xFFFFFFFF, ev.e >> 32
-        vm = exact_vm_id(ev.vm, owner, ordinal)
-        memslots = int(ev.ret)
+        h = ev.hva
+        op = OPS.get(h.op, "unknown")
+        vm = exact_vm_id(ev.vm, h.owner, h.ordinal)
+        memslots = int(h.memslots)
         if memslots < 0:
             mc = st.mirror.count(vm)
             memslots = -1 if mc is None else mc
         p = self.plan.for_op(op)
         slots_ok = p is not None and p.slots == "exact"
         scanned_ok = p is not None and p.scanned == "exact"
-        st.keep(HvaEvent(ev.ts, vm, owner, ev.tid, op, ev.a, ev.b, ev.c,
-                         (ev.d & 0xFFFFFFFF) if slots_ok else -1, (ev.d >> 32) if scanned_ok else -1,
+        st.keep(HvaEvent(ev.ts, vm, int(h.owner), ev.tid, op, h.start, h.end, h.lat_ns,
+                         h.slots if slots_ok else -1, h.scanned if scanned_ok else -1,
                          memslots, "exact", "exact" if slots_ok else "none"))
 
     # ------------------------------------------------------------------ maps

@@ -51,16 +51,17 @@ class TracepointDecoder:
         """One hva record (caller holds the stream lock); the raw event waits for the end of
         its syscall, which brings its latency."""
         st = self.stream
-        op = OPS.get(ev.x, "unknown")
+        h = ev.hva
+        op = OPS.get(h.op, "unknown")
         vm = f"pid:{ev.tgid}"
         memslots = st.mirror.count(vm)
         if st.mirror.partial(vm):
             slots = -1  # memslots predate the trace: the mirror would undercount, so no figure
         else:
-            slots = st.mirror.overlap(vm, ev.a, ev.b)
+            slots = st.mirror.overlap(vm, h.start, h.end)
             self.derived[(vm, op)].add(slots)
         if st.keep_events:
-            e = HvaEvent(ev.ts, vm, ev.tgid, ev.tid, op, ev.a, ev.b, -1, slots, -1,
+            e = HvaEvent(ev.ts, vm, ev.tgid, ev.tid, op, h.start, h.end, -1, slots, -1,
                          -1 if memslots is None else memslots, "none",
                          "derived" if slots >= 0 else "none")
             st.pending[ev.tid].append(e)

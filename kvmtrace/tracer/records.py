@@ -1,38 +1,211 @@
-"""ctypes mirrors of the records in kvmtrace/bpf/kvmtrace.c (keep the two in step; the layout
-is checked against the C by tests/test_bpf_load.py through a real compile)."""
+"""The one definition of every record kvmtrace's BPF programs send to userspace, and of the
+values it reads from the maps.
+
+The streamed record (C ``struct event``) is defined HERE, field by field, and the C is generated
+from it: ``c_header()`` is prepended to kvmtrace.c by ``cflags.source()`` (enums, one struct per
+event kind, ``struct event`` = a common head + a union of the kinds' bodies, and a
+``_Static_assert`` for every field's offset, so the compiler itself refuses a C layout that
+differs from this one). Python reads records with the ctypes and ``struct`` layouts derived from
+the same definition. To add a field: one line in its kind's body below (fields must be
+naturally aligned in order, and a body may not grow the record beyond ``EVENT_SIZE``).
+"""
 
 from __future__ import annotations
 
 import ctypes as ct
+import struct
+from typing import Dict, List, Tuple
 
-EV_HVA, EV_SC_END, EV_MEMSLOT, EV_VM_CREATE, EV_VM_DESTROY = 1, 2, 3, 4, 5
 CNT_LOST, CNT_MAPFULL, CNT_NOLAT = 0, 1, 2
+COUNTERS = ("CNT_LOST", "CNT_MAPFULL", "CNT_NOLAT")  # index = value; NR_CNT = len
+EV_HVA, EV_SC_END, EV_MEMSLOT, EV_VM_CREATE, EV_VM_LIFE = 1, 2, 3, 4, 5
+
+# (name, C type); "_pad*" fields are padding, never read
+HEAD = (
+    ("ts", "u64"),    # ns, bpf_ktime_get_ns (memslot: the update's start)
+    ("vm", "u64"),    # struct kvm * when an exact program sent it, 0 from tracepoints
+    ("kind", "u32"),  # EV_*
+    ("tgid", "u32"),
+    ("tid", "u32"),
+    ("_pad0", "u32"),
+)
+KINDS = {  # kind name: (EV_* value, body fields)
+    "hva": (EV_HVA, (
+        ("start", "u64"),    # hva range [start, end)
+        ("end", "u64"),
+        ("lat_ns", "u64"),   # exact: callback duration (tracepoints: 0, see sc_end)
+        ("owner", "u32"),    # exact: the VM's VMM tgid
+        ("op", "u32"),       # consts.Op
+        ("slots", "u32"),    # exact: memslots visited
+        ("scanned", "u32"),  # exact, linear-scan kernels: memslots scanned
+        ("ordinal", "u32"),  # exact: the VM's per-VMM ordinal (0 = older than the trace)
+        ("memslots", "s32"),  # exact: the VM's memslot count at the event, -1 = unknown
+    )),
+    "sc_end": (EV_SC_END, (  # end of a system call in which hva ops ran (raw events kept)
+        ("dur_ns", "u64"),
+        ("nr_ops", "u32"),
+        ("_pad1", "u32"),
+    )),
+    "memslot": (EV_MEMSLOT, (
+        ("lat_ns", "u64"),
+        ("gpa", "u64"),
+        ("size", "u64"),
+        ("hva", "u64"),
+        ("slot", "u32"),     # as userspace passed it: address space << 16 | slot id
+        ("flags", "u32"),
+        ("change", "u32"),   # exact: consts.Change, or MS_CHANGE_DERIVE (derive in userspace)
+        ("ret", "s32"),      # 0 or -errno
+    )),
+    "vm_create": (EV_VM_CREATE, (
+        ("ret", "s32"),      # the new VM's fd, or -errno
+        ("_pad1", "u32"),
+    )),
+    "vm_life": (EV_VM_LIFE, (  # exact modes: a VM created (kvm_arch_init_vm) or destroyed
+        ("owner", "u32"),    # its VMM tgid
+        ("ordinal", "u32"),  # n-th VM that VMM created while traced (0 = older than the trace)
+        ("memslots", "s32"),  # its memslot count (creation: 0, or -1 when not kept), -1 = unknown
+        ("memslots_max", "u32"),
+        ("destroyed", "u32"),  # 0: created, 1: destroyed
+        ("_pad1", "u32"),
+    )),
+}
+
+_CT = {"u64": ct.c_uint64, "s64": ct.c_int64, "u32": ct.c_uint32, "s32": ct.c_int32}
+_FMT = {"u64": "Q", "s64": "q", "u32": "I", "s32": "i"}
+_SIZE = {"u64": 8, "s64": 8, "u32": 4, "s32": 4}
 
 
-class Event(ct.Structure):
-    _fields_ = [
-        ("ts", ct.c_uint64),
-        ("a", ct.c_uint64),
-        ("b", ct.c_uint64),
-        ("c", ct.c_uint64),
-        ("d", ct.c_uint64),
-        ("e", ct.c_uint64),
-        ("ret", ct.c_int64),
-        ("kind", ct.c_uint32),
-        ("tgid", ct.c_uint32),
-        ("tid", ct.c_uint32),
-        ("x", ct.c_uint32),
-        ("vm", ct.c_uint64),
-    ]
+def _layout(fields, base: int = 0) -> List[Tuple[str, str, int]]:
+    """(name, type, offset) of packed, naturally aligned fields (refuses implicit padding, so
+    C and Python cannot place a field differently)."""
+    out, off = [], base
+    for name, typ in fields:
+        if off % _SIZE[typ]:
+            raise ValueError(f"record field {name} at offset {off} is not {_SIZE[typ]}-byte aligned: "
+                             "add a _pad field before it")
+        out.append((name, typ, off))
+        off += _SIZE[typ]
+    return out
 
 
-EVENT_SIZE = ct.sizeof(Event)
+HEAD_SIZE = sum(_SIZE[t] for _n, t in HEAD)
+EVENT_SIZE = HEAD_SIZE + max(sum(_SIZE[t] for _n, t in f) for _v, f in KINDS.values())
+if EVENT_SIZE % 8:
+    raise ValueError("struct event must be a multiple of 8 bytes")
 
-# the same record as a struct format, for the hot path: one unpack instead of ctypes field access
-import struct  # noqa: E402
 
-EVENT_STRUCT = struct.Struct("<6Qq4IQ")
-assert EVENT_STRUCT.size == EVENT_SIZE
+def _struct(name: str, fields, base=ct.Structure):
+    return type(name, (base,), {"_fields_": [(n, _CT[t]) for n, t in fields]})
+
+
+_BODIES = {k: _struct(f"Ev_{k}", f) for k, (_v, f) in KINDS.items()}
+_Body = type("EvBody", (ct.Union,), {"_fields_": [(k, c) for k, c in _BODIES.items()]})
+Event = type("Event", (ct.Structure,), {
+    "_fields_": [(n, _CT[t]) for n, t in HEAD] + [("u", _Body)],
+    "_anonymous_": ("u",),
+})
+# the same layouts as struct formats, for the hot path (one unpack instead of ctypes fields)
+HEAD_STRUCT = struct.Struct("<" + "".join(_FMT[t] for _n, t in HEAD))
+BODY_STRUCT: Dict[str, struct.Struct] = {
+    k: struct.Struct("<" + "".join(_FMT[t] for _n, t in f)) for k, (_v, f) in KINDS.items()}
+KIND_NAMES = {v: k for k, (v, _f) in KINDS.items()}
+
+
+def field_offsets() -> Dict[str, int]:
+    """'head.field' / 'kind.field' -> byte offset in struct event (padding excluded)."""
+    out = {f"head.{n}": o for n, _t, o in _layout(HEAD) if not n.startswith("_")}
+    for k, (_v, f) in KINDS.items():
+        out.update({f"{k}.{n}": o for n, _t, o in _layout(f, HEAD_SIZE) if not n.startswith("_")})
+    return out
+
+
+def c_header() -> str:
+    """The C text of every record above (generated; prepended to kvmtrace.c)."""
+    lines = ["// ---- generated from kvmtrace/tracer/records.py: edit the Python, not this ----",
+             "enum { " + ", ".join(f"{n} = {i}" for i, n in enumerate(COUNTERS)) + f", NR_CNT = {len(COUNTERS)} }};",
+             "enum { " + ", ".join(f"EV_{k.upper()} = {v}" for k, (v, _f) in KINDS.items()) + " };"]
+    for k, (_v, f) in KINDS.items():
+        lines.append(f"struct ev_{k} {{ " + " ".join(f"{t} {n};" for n, t in f) + " };")
+    lines.append("struct event {")
+    lines += [f"    {t} {n};" for n, t in HEAD]
+    lines.append("    union {")
+    lines += [f"        struct ev_{k} {k};" for k in KINDS]
+    lines.append("    };")
+    lines.append("};")
+    lines.append(f"_Static_assert(sizeof(struct event) == {EVENT_SIZE}, \"struct event size differs from records.py\");")
+    for key, off in field_offsets().items():
+        where, name = key.split(".")
+        member = name if where == "head" else f"{where}.{name}"
+        lines.append(f"_Static_assert(__builtin_offsetof(struct event, {member}) == {off}, "
+                     f"\"struct event {member} offset differs from records.py\");")
+    lines += c_prog_macros()
+    lines.append("// ---- end of generated records ----")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------- program names
+# kprobe program names, built in one place: the C declares its programs through the macros
+# c_header() generates from these templates, and the session (and tests) attach by the names
+# kprobe_programs() builds from the same templates.
+PROG_CB = "kp_{role}_{op}_{fn}"   # entry/exit of an hva callback; op: consts.Op name or AGE2
+PROG_HANDLER = "kp_handler_{fn}"  # per-slot handler counted inside a callback
+PROG_MS = {"MS_OUTER_ENTER": "kp_ms_outer_enter", "MS_OUTER_EXIT": "kp_ms_outer_exit",
+           "MS_SET_ENTER": "kp_ms_set_enter"}
+PROG_VM = {"VM_INIT": "kp_vm_init", "VM_DESTROY": "kp_vm_destroy"}  # VM lifetimes (exact modes)
+
+
+def _c_paste(template: str, **params) -> str:
+    """A name template as the body of a C macro pasting its parameters (## between tokens)."""
+    out = template.format(**{k: f"##{v}##" for k, v in params.items()})
+    return out.replace("####", "##").strip("#")
+
+
+def c_prog_macros() -> List[str]:
+    return [f"#define KP_CB_PROG(role, OPN, FN) {_c_paste(PROG_CB, role='role', op='OPN', fn='FN')}",
+            f"#define KP_HANDLER_PROG(FN) {_c_paste(PROG_HANDLER, fn='FN')}"] + [
+            f"#define KP_{k} {v}" for k, v in list(PROG_MS.items()) + list(PROG_VM.items())]
+
+
+def kprobe_programs(plan) -> List[Tuple[str, str, str]]:
+    """(``kprobe`` | ``kretprobe``, kernel function, program name) of every kprobe program the
+    plan attaches, in attach order."""
+    out = []
+    for p in plan.ops:
+        if p.attach != "kprobe":
+            continue
+        if p.kind == "hva":
+            name = p.op.upper()
+            for i, cb in enumerate(p.callbacks[:2]):
+                opn = name if i == 0 else "AGE2"
+                out.append(("kprobe", cb, PROG_CB.format(role="enter", op=opn, fn=cb)))
+                # no maxactive: bcc then attaches through perf_event_open, which the kernel
+                # cleans up even after SIGKILL (maxactive goes through kprobe_events)
+                out.append(("kretprobe", cb, PROG_CB.format(role="exit", op=opn, fn=cb)))
+            if p.slots_method == "handler":
+                for h in p.handlers[:1]:
+                    out.append(("kprobe", h, PROG_HANDLER.format(fn=h)))
+        else:
+            outer = p.callbacks[0]
+            out.append(("kprobe", outer, PROG_MS["MS_OUTER_ENTER"]))
+            out.append(("kretprobe", outer, PROG_MS["MS_OUTER_EXIT"]))
+            if p.handlers and p.change_arg is not None:  # else: change type derived
+                out.append(("kprobe", p.handlers[0], PROG_MS["MS_SET_ENTER"]))
+    if getattr(plan, "vm_lifetime", ()) and any(p.attach == "kprobe" for p in plan.ops):
+        init, destroy = plan.vm_lifetime
+        out += [("kprobe", init, PROG_VM["VM_INIT"]), ("kprobe", destroy, PROG_VM["VM_DESTROY"])]
+    return out
+
+
+def pack(kind: str, **fields) -> bytes:
+    """One record as the kernel writes it (tests and benchmarks): head fields and the kind's
+    body fields by name, the rest 0."""
+    v, body = KINDS[kind]
+    head = [fields.pop(n, 0) if n != "kind" else v for n, _t in HEAD]
+    vals = [fields.pop(n, 0) for n, _t in body]
+    if fields:
+        raise TypeError(f"no field(s) {sorted(fields)} in a {kind} record")
+    raw = HEAD_STRUCT.pack(*head) + BODY_STRUCT[kind].pack(*vals)
+    return raw + bytes(EVENT_SIZE - len(raw))
 
 
 # ---------------------------------------------------------------------------- map contents
@@ -40,7 +213,7 @@ assert EVENT_STRUCT.size == EVENT_SIZE
 # the decoders (decode_exact.py, decode_tp.py), which therefore run and are tested without bcc
 # or root. Keys are the raw integers of the C keys; their meaning is the decoder's business.
 from dataclasses import dataclass, field  # noqa: E402
-from typing import Dict, Optional, Tuple  # noqa: E402
+from typing import Optional  # noqa: E402
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,8 @@ run without bcc or root.
 from __future__ import annotations
 
 import ctypes as ct
+from dataclasses import replace
 import os
-import resource
 import signal
 import socket
 import threading
@@ -29,16 +29,20 @@ from contextlib import contextmanager
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 from .. import __version__
-from ..consts import Op
 from ..errors import CapabilityMissing, KvmtraceError, PermissionProblem
 from . import records as R
 from .cflags import build_cflags, source
 from .decode_common import Decoding, exact_vm_id  # noqa: F401  (exact_vm_id: public name)
 from .plan import KernelFacts, ProbePlan
-from ..snapshot import Snapshot
+from .selfcost import CostMeter, process_cpu_s
+from ..snapshot import SelfCost, Snapshot
 
 
 # ----------------------------------------------------------------------------- preflight
+def _name(n) -> str:
+    return n.decode() if isinstance(n, bytes) else str(n)
+
+
 def have_capabilities() -> Tuple[bool, str]:
     """(ok, why not): root, or CAP_BPF + CAP_PERFMON (+ CAP_SYS_ADMIN for bcc's kprobes)."""
     if os.geteuid() == 0:
@@ -251,6 +255,7 @@ class TraceSession:
         self._seq = 0
         self._t0 = 0
         self._rusage0 = 0.0
+        self._cost: Optional[CostMeter] = None
 
     # ------------------------------------------------------------------ lifecycle
     def __enter__(self) -> "TraceSession":
@@ -303,6 +308,9 @@ class TraceSession:
         )
         self.cflags = cflags
         self._rusage0 = self._cpu()
+        # kvmtrace's own cost: BPF run-time statistics on from before the programs are
+        # attached until the session closes
+        self._cost = CostMeter().start()
         try:
             self.bpf = BPF(text=source().encode(), cflags=cflags)
             self._attach_kprobes()
@@ -328,6 +336,7 @@ class TraceSession:
                 lost_cb=self._on_lost,
             )
         self._ringbuf = ringbuf
+        self._cost.watch({_name(n): f.fd for n, f in self.bpf.funcs.items()})
         self._t0 = time.monotonic_ns()
         self._wall0 = time.time()
         self.meta = self._make_meta()
@@ -343,34 +352,16 @@ class TraceSession:
             return None
 
     def _attach_kprobes(self) -> None:
-        b = self.bpf
-        for p in self.plan.ops:
-            if p.attach != "kprobe":
-                continue
-            if p.kind == "hva":
-                name = Op[p.op.upper()].name
-                for i, cb in enumerate(p.callbacks[:2]):
-                    opn = name if i == 0 else "AGE2"
-                    b.attach_kprobe(event=cb, fn_name=f"kp_enter_{opn}_{cb}")
-                    # no maxactive: bcc then attaches through perf_event_open, which the kernel
-                    # cleans up even after SIGKILL (maxactive goes through kprobe_events)
-                    b.attach_kretprobe(event=cb, fn_name=f"kp_exit_{opn}_{cb}")
-                if p.slots_method == "handler":
-                    for h in p.handlers[:1]:
-                        b.attach_kprobe(event=h, fn_name=f"kp_handler_{h}")
+        for probe, fn, prog in R.kprobe_programs(self.plan):
+            if probe == "kprobe":
+                self.bpf.attach_kprobe(event=fn, fn_name=prog)
             else:
-                outer = p.callbacks[0]
-                b.attach_kprobe(event=outer, fn_name="kp_ms_outer_enter")
-                b.attach_kretprobe(event=outer, fn_name="kp_ms_outer_exit")
-                if p.handlers and p.change_arg is not None:  # else: change type derived
-                    b.attach_kprobe(event=p.handlers[0], fn_name="kp_ms_set_enter")
-        if self.plan.vm_lifetime and any(p.attach == "kprobe" for p in self.plan.ops):
-            init, destroy = self.plan.vm_lifetime  # VM creation and destruction (exact modes)
-            b.attach_kprobe(event=init, fn_name="kp_vm_init")
-            b.attach_kprobe(event=destroy, fn_name="kp_vm_destroy")
+                self.bpf.attach_kretprobe(event=fn, fn_name=prog)
 
     def close(self) -> None:
         self._stop.set()
+        if self._cost is not None:
+            self._cost.close()  # BPF statistics off again (they cost a clock read per run)
         if self._thread is not None:
             self._thread.join(timeout=2)
             self._thread = None
@@ -393,16 +384,21 @@ class TraceSession:
                 self._consumer_errors += 1
             self._stop.wait(0.005)
 
-    def _drain(self) -> None:
+    def _drain(self, timeout: float = -1) -> None:
         # one consumer at a time: libbpf's ring/perf buffer consumption is not thread-safe,
-        # and two threads draining at once deliver records twice
-        with self._drain_lock:
+        # and two threads draining at once deliver records twice. ``timeout``: give up when
+        # the consumer thread holds the buffer longer (it is draining already)
+        if not self._drain_lock.acquire(timeout=timeout):
+            return
+        try:
             if self.bpf is None:
                 return
             if self._ringbuf:
                 self.bpf.ring_buffer_consume()
             else:
                 self.bpf.perf_buffer_poll(timeout=0)
+        finally:
+            self._drain_lock.release()
 
     def _on_lost(self, n: int) -> None:
         self._perf_lost += n
@@ -417,8 +413,7 @@ class TraceSession:
     # ------------------------------------------------------------------ snapshots
     @staticmethod
     def _cpu() -> float:
-        r = resource.getrusage(resource.RUSAGE_SELF)
-        return r.ru_utime + r.ru_stime
+        return process_cpu_s()
 
     def _make_meta(self) -> Dict[str, str]:
         m = {
@@ -463,20 +458,28 @@ class TraceSession:
                 for k, v in bkt.items()},
         )
 
-    def snapshot(self) -> Snapshot:
-        """Read every map once and build a cumulative snapshot."""
+    def snapshot(self, drain_wait: float = -1) -> Snapshot:
+        """Read every map once and build a cumulative snapshot. Its time (``mono_ns``) is the
+        moment the maps are read, and kvmtrace's CPU time and BPF cost are read with them, so
+        an interval's rates and CPU share divide figures by the time they really cover.
+        ``drain_wait``: how long to wait for the consumer thread when it is busy decoding the
+        event buffer (negative: until it is done, so the snapshot holds every event sent
+        before it; ``snapshots`` waits at most one interval except for the final one)."""
         if self.bpf is None:
             raise KvmtraceError("tracer is not open")
+        self._drain(timeout=drain_wait)
         mono = time.monotonic_ns()
-        self._drain()
-        parts = self.decoding.decode(self.read_maps(), extra_lost=self._perf_lost + self._consumer_errors)
+        maps = self.read_maps()
+        cpu = self._cpu() - self._rusage0
+        cost = self._cost.read() if self._cost is not None else SelfCost()
+        parts = self.decoding.decode(maps, extra_lost=self._perf_lost + self._consumer_errors)
         self._seq += 1
         return Snapshot(
             seq=self._seq, wall_time=time.time(), mono_ns=mono,
             elapsed_s=(mono - self._t0) / 1e9, vms=parts.vms, hva=parts.hva,
             memslot=parts.memslot, by_memslots=parts.by_memslots, lost_events=parts.lost_events,
             map_full=parts.map_full, unattributed=parts.unattributed,
-            self_cpu_s=self._cpu() - self._rusage0, meta=tuple(sorted(self.meta.items())),
+            self_cpu_s=cpu, meta=tuple(sorted(self.meta.items())), cost=cost,
         )
 
     def snapshots(self, duration: Optional[float] = None,
@@ -498,7 +501,14 @@ class TraceSession:
                 self.interrupted = True
                 yield self.snapshot()
                 return
-            snap = self.snapshot()
+            # late: the consumer came back after the interval's end (it fell behind), or
+            # taking the snapshot itself took long
+            last = (duration is not None and time.monotonic() - start >= duration) or \
+                (stop is not None and stop())
+            snap = self.snapshot(drain_wait=-1 if last else self.interval)
+            late = snap.mono_ns / 1e9 - target
+            if late > max(0.05, self.interval / 10):  # scheduling noise is not lateness
+                snap = replace(snap, late_s=round(late, 3))
             yield snap
             now = time.monotonic()
             if (duration is not None and now - start >= duration) or (stop is not None and stop()):
