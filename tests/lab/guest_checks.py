@@ -62,6 +62,7 @@ CHECKS = [
     "cleanup_after_sigkill",
     "exact_vm_lifetimes",
     "exact_memslot_buckets",
+    "exact_multi_vm",
     "harness_wrong_expectation",
 ]
 
@@ -807,6 +808,62 @@ def check_exact_memslot_buckets():
         raise Fail("; ".join(errs), details)
     return "pass", "%d unmaps at %d memslots in bucket %d%s" % (top[0].count, n, want_b, (
         ", scanned %d each" % n) if LINEAR_SCAN else ""), details
+
+
+def check_exact_multi_vm():
+    """The workload's multi-vm scenario (3 VMs one after another, then 2 alive at once, in one
+    process) under the default exact plan: every VM its own row, by its ordinal, with exactly its
+    ground truth's unmaps (every madvise while it is alive: one notifier per VM), slots visited,
+    memslot updates by change type and memslot counts."""
+    if EXPECTED_DEFAULT_MODE not in ("kprobe", "fentry"):
+        raise Skip("no exact mode expected here")
+    from kvmtrace.tracer.session import TraceSession
+    from kvmtrace.workload import SCENARIOS
+
+    if "multi-vm" not in SCENARIOS:
+        raise Skip("the workload has no multi-vm scenario in this tree")
+    out = os.path.join(RESULTS, "gt-multi-vm-exact.json")
+    with TraceSession(interval=1.0) as s:
+        p = run(KVMTRACE + ["workload", "--scenario", "multi-vm", "--quiet", "--json-out", out], timeout=900)
+        if p.returncode != 0:
+            raise Fail("multi-vm workload exited %d: %s" % (p.returncode, tail(p.stderr or p.stdout)))
+        time.sleep(0.5)
+        snap = s.snapshot()
+    with open(out) as f:
+        gt = json.load(f)
+    pid = gt["pid"]
+    vms = {v.ordinal: v for v in snap.vms if v.pid == pid}
+    hva = {h.vm_id: h for h in snap.hva if h.pid == pid and h.op == "unmap"}
+    upd = {}
+    for m in snap.memslot:
+        if m.pid == pid:
+            upd.setdefault(m.vm_id, {})[m.change] = m.count
+    errs, got = [], []
+    for want in gt["vms"]:
+        v = vms.get(want["ordinal"])
+        if v is None:
+            errs.append("VM #%d: no row" % want["ordinal"])
+            continue
+        h = hva.get(v.vm_id)
+        row = {"ordinal": v.ordinal, "vm": v.vm_id, "unmaps": h.count if h else 0,
+               "visited": h.slots_sum if h else 0, "updates": {k: c for k, c in upd.get(v.vm_id, {}).items() if c},
+               "memslots_max": v.memslots_max}
+        got.append(row)
+        w_upd = {k: c for k, c in want["memslot_updates"].items() if c}
+        if (row["unmaps"], row["visited"], row["updates"], row["memslots_max"]) != (
+                want["hva_ops"]["unmap"], want["hva_slots_visited"]["unmap"], w_upd, want["memslots_max"]):
+            errs.append("VM #%d: traced unmaps %d, visited %d, updates %s, memslots_max %r; truth %d, %d, %s, %r" % (
+                want["ordinal"], row["unmaps"], row["visited"], row["updates"], row["memslots_max"],
+                want["hva_ops"]["unmap"], want["hva_slots_visited"]["unmap"], w_upd, want["memslots_max"]))
+    extra = sorted(set(vms) - {w["ordinal"] for w in gt["vms"]})
+    if extra:
+        errs.append("VMs traced that the workload did not create: ordinals %s" % extra)
+    details = {"traced": got, "truth": gt["vms"]}
+    if errs:
+        raise Fail("; ".join(errs), details)
+    return "pass", "%d VMs of one process (%d at once), each exact: %s" % (
+        len(got), sum(1 for w in gt["vms"] if w.get("concurrent")), ", ".join(
+            "#%d %d unmaps" % (r["ordinal"], r["unmaps"]) for r in got)), details
 
 
 def get_check(name):
