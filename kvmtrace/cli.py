@@ -25,6 +25,7 @@ COMMANDS = {
     "report": "summarise recordings: per VM and op latency, slots visited, memslot updates",
     "compare": "compare two recordings or bench runs (before/after a kernel change)",
     "bench": "run the workload across memslot counts and scenarios under the tracer",
+    "exporter": "serve Prometheus metrics per VM from the tracer (production hosts)",
 }
 
 

@@ -135,6 +135,7 @@ class HvaStats:
     slots_provenance: str = "none"
     # memslots scanned (linear-scan kernels only; None elsewhere)
     scanned_sum: Optional[int] = None
+    scanned_max: Optional[int] = None  # largest per-op scanned figure (cumulative max); None: not measured
     # hva range size, bytes
     range_hist: Log2Hist = EMPTY
     # operations whose slots figure could not be derived (VM older than the trace, table

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up kvmtrace on a Debian/Ubuntu host, as root. Installs only what is missing; re-runs are fast.
-#   distro packages: python3-bpfcc (bcc), bpftool, python3-venv, kernel headers for bcc
+#   distro packages: python3-bpfcc (bcc), bpftool, python3-venv, kernel headers for bcc,
+#                    chromium (headless, for the HTML page test only)
 #   kernel headers:  linux-headers-$(uname -r) when the distro has it ("exact"); otherwise the
 #                    distro's generic headers linked at /lib/modules/$(uname -r)/{build,source}
 #                    ("compat": kvmtrace's BPF code never depends on header struct layouts)
@@ -36,6 +37,20 @@ if [ "${KVMTRACE_NO_APT:-0}" != 1 ]; then
     exit 3
   fi
   apt_install python3-bpfcc bpftool python3-venv python3-pip
+  # Prometheus server and promtool: the exporter's end-to-end test, `promtool check/test` of the
+  # rules. Installed without letting its own service start (it would take port 9090), and that
+  # service is disabled when we installed the package (a host that had it keeps its setup).
+  if ! dpkg-query -W -f='${Status}' prometheus 2>/dev/null | grep -q 'install ok installed'; then
+    prc=/usr/sbin/policy-rc.d own_prc=0
+    if [ ! -e "$prc" ]; then need_root; printf '#!/bin/sh\nexit 101\n' > "$prc"; chmod 755 "$prc"; own_prc=1; fi
+    apt_install prometheus || { [ $own_prc = 1 ] && rm -f "$prc"; exit 1; }
+    [ $own_prc = 1 ] && rm -f "$prc"
+    if command -v systemctl >/dev/null; then systemctl disable prometheus >/dev/null 2>&1 || true; fi
+    if [ -d /run/systemd/system ]; then systemctl stop prometheus >/dev/null 2>&1 || true; fi
+    say "installed prometheus for promtool and the exporter tests; its service is disabled"
+  fi
+  # systemd-analyze: `systemd-analyze verify` of the units in deploy/systemd
+  command -v systemd-analyze >/dev/null || apt_install systemd
   KREL=$(uname -r)
   if [ ! -e "/lib/modules/$KREL/build/include" ]; then
     if [ $apt_updated = 0 ]; then apt-get update -q >/dev/null; apt_updated=1; fi
@@ -51,6 +66,15 @@ if [ "${KVMTRACE_NO_APT:-0}" != 1 ]; then
       ln -sfn "$hdr" "/lib/modules/$KREL/build"
       ln -sfn "$common" "/lib/modules/$KREL/source"
       say "no linux-headers-$KREL in the archive: linked $(basename "$hdr") as compat headers for bcc"
+    fi
+  fi
+  # headless browser for the HTML page test (tests/test_html_browser.py renders report/compare pages)
+  if ! dpkg-query -W -f='${Status}' chromium 2>/dev/null | grep -q 'install ok installed'; then
+    if [ $apt_updated = 0 ]; then need_root; apt-get update -q >/dev/null; apt_updated=1; fi
+    if apt-cache show chromium >/dev/null 2>&1; then
+      apt_install chromium
+    else
+      say "no 'chromium' package in this distribution's archive: the HTML browser test will skip"
     fi
   fi
 fi

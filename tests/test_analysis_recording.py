@@ -146,7 +146,8 @@ def test_recorder_refuses_existing_path(tmp_path):
 
 def test_read_inputs_bench_dir_and_unique_sources():
     recs = read_inputs([os.path.join(FIX, "bench-before"), os.path.join(FIX, "bench-after")])
-    assert [r.source for r in recs] == ["unmap/10", "unmap/509", "unmap/10#2", "unmap/509#2"]
+    runs = ["unmap/10", "unmap/509", "move-inactive/10", "move-inactive/509"]
+    assert [r.source for r in recs] == runs + [f"{r}#2" for r in runs]
     assert recs[1].bench["slots"] == 509 and recs[1].bench["workload"]["iterations"] == 3
 
 

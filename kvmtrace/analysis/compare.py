@@ -24,6 +24,7 @@ iteration's time (``iter_times_s``).
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -184,19 +185,40 @@ def verdict(name: str, ratio: float, p: Optional[float], note: str = "") -> str:
         return f"{name}: not compared ({note or 'no latency on one side'})"
     if ratio <= 0:
         return f"{name}: not compared (zero median)"
-    if abs(ratio - 1) < 1e-12:
-        change = "1.00x (same)"
-    elif ratio < 1:
-        change = f"{1 / ratio:.2f}x faster"
-    else:
-        change = f"{ratio:.2f}x slower"
+    change = _change(ratio, "1.00x (same)")
     if p is None or math.isnan(p):
         return f"{name}: {change}, not tested ({note or 'no samples for a test'})"
     if p < ALPHA and abs(math.log(ratio)) >= math.log(1 + MIN_EFFECT):
-        return f"{name}: {change}, significant (p={_fmt_p(p)})"
+        return f"{name}: {change}, significant ({_p_is(p)})"
     if p < ALPHA:
-        return f"{name}: {change}, significant but below {MIN_EFFECT:.0%} (negligible, p={_fmt_p(p)})"
-    return f"{name}: noise ({change}, p={_fmt_p(p)})"
+        return f"{name}: {change}, significant but below {MIN_EFFECT:.0%} (negligible, {_p_is(p)})"
+    return f"{name}: noise ({change}, {_p_is(p)})"
+
+
+def _change(ratio: float, same: str) -> str:
+    if abs(ratio - 1) < 1e-12:
+        return same
+    return f"{1 / ratio:.2f}x faster" if ratio < 1 else f"{ratio:.2f}x slower"
+
+
+def _p_is(p: float) -> str:
+    t = _fmt_p(p)
+    return "p" + t if t.startswith("<") else "p=" + t
+
+
+def short_verdict(ratio: float, p: Optional[float], compared: bool = True) -> str:
+    """A verdict for one cell: "2.22x faster", "1.30x slower", "same (<2%)", "noise",
+    "1.02x faster?" (not tested), "n/c" (not compared)."""
+    if not compared or ratio is None or math.isnan(ratio) or ratio <= 0:
+        return "n/c"
+    change = _change(ratio, "same")
+    if p is None or math.isnan(p):
+        return change + "?"
+    if p >= ALPHA:
+        return "noise"
+    if abs(math.log(ratio)) < math.log(1 + MIN_EFFECT):
+        return f"same (<{MIN_EFFECT:.0%})"
+    return change
 
 
 COLUMNS = [
@@ -216,8 +238,33 @@ def _label(kind, scen, nslots, name) -> str:
     return base
 
 
+def _side_figures(s: Side, kind: str, raw: bool) -> dict:
+    """One side's own figures (median, p99 with their intervals; slots visited / scanned means),
+    computed whether or not the other side has the key: a value that exists is never hidden."""
+    if raw:
+        v = np.concatenate(s.values)
+        med = quantile_ci_values(v, 0.5)
+        p99 = quantile_ci_values(v, 0.99)
+        n = len(v)
+    else:
+        med = quantile_ci_hist(s.hist, 0.5)
+        p99 = quantile_ci_hist(s.hist, 0.99)
+        n = int(s.hist.sum())
+    out = {"med": med, "p99": p99, "n_lat": n, "src": EVENT_SOURCE if raw else HIST_SOURCE}
+    if kind == "hva":
+        out["slots"] = _ratio(s.slots_sum, s.slots_count)
+        out["scanned"] = _ratio(s.scanned_sum, s.slots_count or s.count) if s.scanned_sum is not None else math.nan
+    return out
+
+
+def _iter_figures(s: Side) -> dict:
+    return {"avg": float(np.mean(s.iter_avg)) if s.iter_avg else math.nan,
+            "best": float(np.min(s.iter_best)) if s.iter_best else math.nan}
+
+
 def compare(before: Sequence[Recording], after: Sequence[Recording]) -> pd.DataFrame:
-    """The comparison table (COLUMNS), one row per key of either side."""
+    """The comparison table (COLUMNS), one row per key of either side. A key present on one side
+    only keeps that side's figures (the other side's are NaN) and a "not compared" verdict."""
     B, A = collect(before), collect(after)
     keys = sorted(set(B) | set(A), key=lambda k: (k[1], k[2], {"iteration": 0, "hva": 1, "memslot": 2}[k[0]], k[3], k[4]))
     rows = []
@@ -228,70 +275,69 @@ def compare(before: Sequence[Recording], after: Sequence[Recording]) -> pd.DataF
         row.update(kind=kind, scenario=scen, slots=nslots, op=name, lat_provenance=lprov, ci_method="", test="",
                    latency_source="", unit="ns", slots_provenance="")
         b, a = B.get(key), A.get(key)
-        if b is None or a is None:
-            missing = "before" if b is None else "after"
-            other = [k for k in (B if b is None else A) if k[:4] == key[:4]]
-            if other:
-                note = f"provenance differs: {lprov} on one side, {other[0][4]} on the other; not comparable"
-            else:
-                note = f"no {name} in {missing}"
-            row.update(n_before=b.count if b else 0, n_after=a.count if a else 0, verdict=f"{label}: not compared ({note})")
-            rows.append(row)
-            continue
-        row.update(n_before=b.count, n_after=a.count)
+        row.update(n_before=b.count if b else 0, n_after=a.count if a else 0)
         if kind == "iteration":
-            mb = float(np.mean(b.iter_avg)) if b.iter_avg else math.nan
-            ma = float(np.mean(a.iter_avg)) if a.iter_avg else math.nan
-            bb = float(np.min(b.iter_best)) if b.iter_best else math.nan
-            ba = float(np.min(a.iter_best)) if a.iter_best else math.nan
+            fb = _iter_figures(b) if b else {"avg": math.nan, "best": math.nan}
+            fa = _iter_figures(a) if a else {"avg": math.nan, "best": math.nan}
+            mb, ma, bb, ba = fb["avg"], fa["avg"], fb["best"], fa["best"]
+            row.update(median_before=mb, median_after=ma, best_before=bb, best_after=ba, unit="s",
+                       latency_source="workload JSON (iter_avg_s, iter_best_s)")
+            if b is None or a is None:
+                row["verdict"] = f"{label} time/iter: not compared (no run in {'before' if b is None else 'after'})"
+                rows.append(row)
+                continue
             p = math.nan
-            test, note = "", "workload JSON has avg/best only, no per-iteration times"
+            test, note = "", "workload JSON has no per-iteration times"
             if b.iter_all_complete and a.iter_all_complete and len(b.iter_all) > 1 and len(a.iter_all) > 1:
                 p = _mwu(np.array(b.iter_all), np.array(a.iter_all))
                 test = "Mann-Whitney U on per-iteration times (workload JSON iter_times_s)"
             r = _ratio(ma, mb)
-            row.update(median_before=mb, median_after=ma, median_ratio=r, best_before=bb, best_after=ba,
-                       best_ratio=_ratio(ba, bb), unit="s", latency_source="workload JSON (iter_avg_s, iter_best_s)",
-                       test=test, p_value=p, verdict=verdict(label + " time/iter", r, p, note))
+            row.update(median_ratio=r, best_ratio=_ratio(ba, bb), test=test, p_value=p,
+                       verdict=verdict(label, r, p, note))
             rows.append(row)
             continue
-        raw = b.events_complete and a.events_complete and b.values and a.values
+        raw = bool(b and a and b.events_complete and a.events_complete and b.values and a.values)
+        if b is None or a is None:
+            one = b or a
+            f = _side_figures(one, kind, bool(one.events_complete and one.values))
+            side = "before" if b is not None else "after"
+            row.update({f"median_{side}": f["med"][0], f"p99_{side}": f["p99"][0], "latency_source": f["src"]})
+            if kind == "hva":
+                row.update({f"slots_mean_{side}": f["slots"], f"scanned_mean_{side}": f["scanned"],
+                            "slots_provenance": one.slots_provenance})
+            other = [k for k in (B if b is None else A) if k[:4] == key[:4]]
+            missing = "before" if b is None else "after"
+            if other:
+                note = f"provenance differs: {lprov} on one side, {other[0][4]} on the other; not comparable"
+            else:
+                note = f"no {name} in {missing}"
+            row["verdict"] = f"{label}: not compared ({note})"
+            rows.append(row)
+            continue
+        fb, fa = _side_figures(b, kind, raw), _side_figures(a, kind, raw)
+        (med_b, med_b_lo, med_b_hi), (med_a, med_a_lo, med_a_hi) = fb["med"], fa["med"]
+        (p99_b, p99_b_lo, p99_b_hi), (p99_a, p99_a_lo, p99_a_hi) = fb["p99"], fa["p99"]
+        nb, na = fb["n_lat"], fa["n_lat"]
         if raw:
-            vb, va = np.concatenate(b.values), np.concatenate(a.values)
-            med_b, med_b_lo, med_b_hi = quantile_ci_values(vb, 0.5)
-            med_a, med_a_lo, med_a_hi = quantile_ci_values(va, 0.5)
-            p99_b, p99_b_lo, p99_b_hi = quantile_ci_values(vb, 0.99)
-            p99_a, p99_a_lo, p99_a_hi = quantile_ci_values(va, 0.99)
-            p = _mwu(vb, va)
+            p = _mwu(np.concatenate(b.values), np.concatenate(a.values))
             test = "Mann-Whitney U on raw event latencies (two-sided)"
-            src = EVENT_SOURCE
-            nb, na = len(vb), len(va)
         else:
-            med_b, med_b_lo, med_b_hi = quantile_ci_hist(b.hist, 0.5)
-            med_a, med_a_lo, med_a_hi = quantile_ci_hist(a.hist, 0.5)
-            p99_b, p99_b_lo, p99_b_hi = quantile_ci_hist(b.hist, 0.99)
-            p99_a, p99_a_lo, p99_a_hi = quantile_ci_hist(a.hist, 0.99)
             idx = np.arange(LOG2_BUCKETS)
-            xb, xa = np.repeat(idx, b.hist), np.repeat(idx, a.hist)
-            p = _mwu(xb, xa)
+            p = _mwu(np.repeat(idx, b.hist), np.repeat(idx, a.hist))
             test = "Mann-Whitney U on log2 bucket indices (histograms only; ties corrected; two-sided)"
-            src = HIST_SOURCE
-            nb, na = int(b.hist.sum()), int(a.hist.sum())
         r = _ratio(med_a, med_b)
         row.update(
             median_before=med_b, median_after=med_a, median_ratio=r,
             median_ratio_ci_lo=_ratio(med_a_lo, med_b_hi), median_ratio_ci_hi=_ratio(med_a_hi, med_b_lo),
             p99_before=p99_b, p99_after=p99_a, p99_ratio=_ratio(p99_a, p99_b),
             p99_ratio_ci_lo=_ratio(p99_a_lo, p99_b_hi), p99_ratio_ci_hi=_ratio(p99_a_hi, p99_b_lo),
-            latency_source=src, ci_method=CI_METHOD, test=test, p_value=p,
+            latency_source=fb["src"], ci_method=CI_METHOD, test=test, p_value=p,
         )
         if lprov == "none" or nb == 0 or na == 0:
             row.update(test="", p_value=math.nan, ci_method="")
             p = math.nan
         if kind == "hva":
-            sb, sa = _ratio(b.slots_sum, b.slots_count), _ratio(a.slots_sum, a.slots_count)
-            cb = _ratio(b.scanned_sum, b.slots_count or b.count) if b.scanned_sum is not None else math.nan
-            ca = _ratio(a.scanned_sum, a.slots_count or a.count) if a.scanned_sum is not None else math.nan
+            sb, sa, cb, ca = fb["slots"], fa["slots"], fb["scanned"], fa["scanned"]
             row.update(slots_mean_before=sb, slots_mean_after=sa, slots_ratio=_ratio(sa, sb),
                        scanned_mean_before=cb, scanned_mean_after=ca, scanned_ratio=_ratio(ca, cb),
                        slots_provenance=b.slots_provenance if b.slots_provenance == a.slots_provenance
@@ -299,4 +345,74 @@ def compare(before: Sequence[Recording], after: Sequence[Recording]) -> pd.DataF
         note = "no latency figure (provenance none)" if lprov == "none" else ""
         row["verdict"] = verdict(label, r, p, note)
         rows.append(row)
-    return pd.DataFrame(rows, columns=COLUMNS)
+    df = pd.DataFrame(rows, columns=COLUMNS)
+    # latency histograms per side and key, for plots (kept out of the table's columns)
+    hists = []
+    for side, sides in (("before", B), ("after", A)):
+        for (kind, scen, nslots, name, lprov), s in sides.items():
+            if kind != "iteration" and s.hist.sum():
+                hists.append([side, kind, scen, nslots, name, lprov] + [int(x) for x in s.hist])
+    df.attrs["latency_hists"] = pd.DataFrame(hists, columns=["side", "kind", "scenario", "slots", "op", "lat_provenance"]
+                                             + list(T.LAT_B))
+    return df
+
+
+def _attach_modes(meta: dict) -> str:
+    """The attach mode(s) of a recording, from its probe plan (e.g. "fentry", "kprobe+tracepoint")."""
+    plan = meta.get("probe_plan") or {}
+    modes = sorted({str(o.get("attach")) for o in plan.get("ops") or () if isinstance(o, dict)
+                    and o.get("attach") not in (None, "", "none")})
+    return "+".join(modes) if modes else "unknown"
+
+
+def describe(recs: Sequence[Recording], path: str = "") -> Dict[str, str]:
+    """What one side is: label, kernel, host and attach mode (values joined when runs differ)."""
+    def uniq(vals):
+        vals = [v for v in dict.fromkeys(str(v) for v in vals) if v]
+        return ", ".join(vals) if vals else "?"
+
+    bench = {r.bench.get("bench_dir") for r in recs if r.bench}
+    label = uniq([os.path.basename(os.path.normpath(d)) for d in sorted(bench)]) if bench else uniq(r.source for r in recs)
+    return {"label": label, "kernel": uniq(r.meta.get("kernel", "") for r in recs),
+            "host": uniq(r.meta.get("host", "") for r in recs), "attach": uniq(_attach_modes(r.meta) for r in recs),
+            "path": path}
+
+
+def is_bench(df: pd.DataFrame) -> bool:
+    return bool((df["scenario"] != "").any() or (df["slots"] >= 0).any()) if not df.empty else False
+
+
+def bench_matrix(df: pd.DataFrame) -> Tuple[List[int], List[dict]]:
+    """The upstream series' table shape: rows = scenario x what (time/iter, each op's p50 and p99
+    latency, slots visited, slots scanned where either side has it), columns = memslot counts; every cell holds
+    (before, after) figures (NaN where a side has none); p50 and time/iter rows carry a short
+    verdict per cell."""
+    d = df[df["slots"] >= 0]
+    slots = sorted(int(x) for x in d["slots"].unique())
+    out: List[dict] = []
+    order = {"iteration": 0, "hva": 1, "memslot": 2}
+    keys = sorted({(r.scenario, order[r.kind], r.kind, r.op, r.lat_provenance) for r in d.itertuples()})
+    for scen, _, kind, op, lprov in keys:
+        part = d[(d["scenario"] == scen) & (d["kind"] == kind) & (d["op"] == op) & (d["lat_provenance"] == lprov)]
+        by = {int(r.slots): r for r in part.itertuples()}
+        what = "time/iter" if kind == "iteration" else (f"memslot {op}" if kind == "memslot" else op) + " p50"
+        multi_prov = len(set(df[(df["scenario"] == scen) & (df["op"] == op) & (df["kind"] == kind)]["lat_provenance"])) > 1
+        if multi_prov and kind != "iteration":
+            what += f" ({lprov})"
+        unit = "s" if kind == "iteration" else "ns"
+        out.append({"scenario": scen, "what": what, "unit": unit,
+                    "cells": {n: (by[n].median_before, by[n].median_after) if n in by else (math.nan, math.nan) for n in slots},
+                    "verdicts": {n: short_verdict(by[n].median_ratio, by[n].p_value, by[n].n_before > 0 and by[n].n_after > 0)
+                                 if n in by else "" for n in slots}})
+        if kind != "iteration":
+            out.append({"scenario": scen, "what": what.replace(" p50", " p99"), "unit": unit, "verdicts": None,
+                        "cells": {n: (by[n].p99_before, by[n].p99_after) if n in by else (math.nan, math.nan) for n in slots}})
+        if kind == "hva":
+            out.append({"scenario": scen, "what": f"{op} visited", "unit": "", "verdicts": None,
+                        "cells": {n: (by[n].slots_mean_before, by[n].slots_mean_after) if n in by else (math.nan, math.nan)
+                                  for n in slots}})
+        if kind == "hva" and (part["scanned_mean_before"].notna().any() or part["scanned_mean_after"].notna().any()):
+            out.append({"scenario": scen, "what": f"{op} scanned", "unit": "",
+                        "cells": {n: (by[n].scanned_mean_before, by[n].scanned_mean_after) if n in by else (math.nan, math.nan)
+                                  for n in slots}, "verdicts": None})
+    return slots, out

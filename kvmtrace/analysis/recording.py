@@ -377,7 +377,7 @@ class Recording:
 _PART = re.compile(r"^(part|journal)-(\d{6})\.(parquet|arrows)$")
 
 
-def _read_journal(path: str, schema: pa.Schema, warnings: List[str]) -> pa.Table:
+def _read_journal(path: str, schema: pa.Schema, warnings: List[str], name: str = "") -> pa.Table:
     batches = []
     try:
         with open(path, "rb") as f:
@@ -390,7 +390,8 @@ def _read_journal(path: str, schema: pa.Schema, warnings: List[str]) -> pa.Table
         reader = pa.ipc.open_stream(pa.BufferReader(data))
     except pa.ArrowInvalid as e:
         raise DataFileError(f"{path}: not an Arrow stream ({e})", "the recording is damaged or not a kvmtrace recording") from e
-    if not reader.schema.equals(schema):
+    legacy = name and reader.schema.names == T.legacy_names(name) != schema.names  # older columns: upgraded below
+    if not reader.schema.equals(schema) and not legacy:
         raise DataFileError(f"{path}: columns differ from this kvmtrace's {FORMAT} v{FORMAT_VERSION}")
     while True:
         try:
@@ -400,6 +401,8 @@ def _read_journal(path: str, schema: pa.Schema, warnings: List[str]) -> pa.Table
         except (pa.ArrowInvalid, OSError, EOFError):
             warnings.append(f"{os.path.basename(path)}: torn last interval dropped (recorder stopped mid-write)")
             break
+    if legacy:
+        return T.upgrade(name, pa.Table.from_batches(batches, reader.schema))
     return pa.Table.from_batches(batches, schema)
 
 
@@ -426,10 +429,12 @@ def _read_parquet_table(directory: str, name: str, columns: Optional[Sequence[st
                     f"{f['part']}: truncated or corrupt Parquet part ({e})", "the recording was damaged after it was written"
                 ) from e
             want = schema if not columns else pa.schema([schema.field(c) for c in columns])
+            if not columns:
+                t = T.upgrade(name, t)  # a recording written before columns were added
             if not t.schema.equals(want):
                 raise DataFileError(f"{f['part']}: columns differ from this kvmtrace's {FORMAT} v{FORMAT_VERSION}")
         else:
-            t = _read_journal(f["journal"], schema, warnings)
+            t = _read_journal(f["journal"], schema, warnings, name)
             if columns:
                 t = t.select(list(columns))
         parts.append(t)
@@ -451,7 +456,8 @@ def _read_csv_table(directory: str, name: str, columns: Optional[Sequence[str]],
         raise DataFileError(f"{directory}: table {name!r} is missing ({name}.csv)", "the recording is incomplete") from e
     header = ",".join(schema.names).encode()
     first = data.split(b"\n", 1)[0]
-    if first != header:
+    legacy = first == ",".join(T.legacy_names(name)).encode() != header  # older columns: upgraded below
+    if first != header and not legacy:
         raise DataFileError(f"{path}: columns differ from this kvmtrace's {FORMAT} v{FORMAT_VERSION}")
     if not data.endswith(b"\n"):
         data = data[: data.rfind(b"\n") + 1]
@@ -460,7 +466,7 @@ def _read_csv_table(directory: str, name: str, columns: Optional[Sequence[str]],
         t = pcsv.read_csv(
             io.BytesIO(data),
             convert_options=pcsv.ConvertOptions(
-                column_types={f.name: f.type for f in schema},
+                column_types={f.name: f.type for f in schema if not legacy or f.name in T.legacy_names(name)},
                 include_columns=list(columns) if columns else None,
                 strings_can_be_null=False,
             ),
@@ -471,7 +477,7 @@ def _read_csv_table(directory: str, name: str, columns: Optional[Sequence[str]],
         if c in T.TEXT_COLUMNS:
             vals = [unescape_cell(v) for v in t.column(c).to_pylist()]
             t = t.set_column(t.schema.get_field_index(c), c, pa.array(vals, pa.string()))
-    return t
+    return T.upgrade(name, t) if legacy and not columns else t
 
 
 def read_meta(path: str) -> dict:

@@ -45,8 +45,8 @@ def fmt_num(v, digits: int = 3) -> str:
         return str(v)  # a label, shown as it is
     if math.isnan(n):
         return "-"
-    if n == int(n) and abs(n) < 1e15:
-        return f"{int(n):,}"
+    if abs(n) < 1e15 and (n == int(n) or abs(n) >= 10 ** digits):
+        return f"{int(round(n)):,}"  # 18,224 rather than 1.82e+04
     return f"{n:.{digits}g}"
 
 
@@ -60,13 +60,28 @@ def _src_mark(src: str) -> str:
         return "ev"
     if src.startswith(HIST_SOURCE):
         return "hist*" if "incomplete" in src else "hist"
+    if src.startswith("in-kernel sum / count"):
+        return "mean"
     return src or "-"
 
 
+def fmt_count(v) -> str:
+    """A count or memslot figure where negative means unknown (sentinel): "-"."""
+    n = _num(v)
+    return "-" if n is None or n < 0 else fmt_num(n)
+
+
+def fmt_memslots(mx, final) -> str:
+    """Per VM: the largest memslot count seen while traced / the final one ("509/0": torn down)."""
+    return f"{fmt_count(mx)}/{fmt_count(final)}"
+
+
 def _table(title: str, headers: List[str], rows: List[List[str]], caption: Optional[str] = None):
+    from rich import box
     from rich.table import Table
 
-    t = Table(title=title, caption=caption, caption_justify="left", title_justify="left")
+    t = Table(title=title, caption=caption, caption_justify="left", title_justify="left", box=box.SIMPLE_HEAD,
+              pad_edge=False, collapse_padding=True)
     for i, h in enumerate(headers):
         t.add_column(h, justify="left" if i < 1 or h in ("vm", "comm", "op", "change", "prov", "src", "verdict", "scenario", "source") else "right",
                      overflow="fold")
@@ -77,10 +92,22 @@ def _table(title: str, headers: List[str], rows: List[List[str]], caption: Optio
 
 LEGEND = (
     "src: ev = exact percentiles over raw events; hist = from the in-kernel log2 histogram, linear "
-    "interpolation within the bucket; hist* = histogram because raw events were incomplete. "
+    "interpolation within the bucket; hist* = histogram because raw events were incomplete; "
+    "mean = in-kernel sum / count only (memslot-count buckets keep no histogram). "
+    "vm: guest name or comm, VMM pid, #n = n-th VM of that process (#? = predates the trace). "
     "prov: latency/slots provenance (exact = function entry/exit, syscall = bounded by the ioctl/"
     "syscall, derived = from mirrored state). Means and max are exact (in-kernel sums and maxima)."
 )
+
+
+def _one_prov(heads: List[str], rows: List[List[str]]):
+    """When every row has the same provenance, drop the "prov" column and return it for the
+    caption (narrower tables); else leave the column. -> (heads, rows, common or "")."""
+    i = heads.index("prov")
+    vals = {r[i] for r in rows}
+    if len(vals) != 1:
+        return heads, rows, ""
+    return heads[:i] + heads[i + 1:], [r[:i] + r[i + 1:] for r in rows], vals.pop()
 
 
 def report_renderables(rep) -> list:
@@ -96,34 +123,45 @@ def report_renderables(rep) -> list:
     if not h.empty:
         rows = []
         for _, r in h.iterrows():
-            vm = f"{r['comm'] or '?'}[{r['pid']}]" + (f" {r['name']}" if r["name"] else "")
             rows.append(([r["source"]] if multi else []) + [
-                vm, fmt_num(r["memslots"]) if r["memslots"] >= 0 else "-", r["op"], fmt_num(r["count"]),
+                r["vm_label"], fmt_memslots(r["memslots_max"], r["memslots"]), r["op"], fmt_num(r["count"]),
                 fmt_num(r["rate_per_s"]), fmt_ns(r["lat_p50_ns"]), fmt_ns(r["lat_p90_ns"]), fmt_ns(r["lat_p99_ns"]),
                 fmt_ns(r["lat_max_ns"]), _src_mark(r["latency_source"]), fmt_num(r["slots_mean"]),
-                fmt_num(r["slots_p99"]), fmt_num(r["slots_max"]), fmt_num(r["scanned_mean"]),
+                fmt_num(r["slots_max"]), fmt_num(r["scanned_mean"]), fmt_num(r["scanned_max"]),
                 f"{r['lat_provenance']}/{r['slots_provenance']}"])
-        heads = (["source"] if multi else []) + ["vm", "slots", "op", "count", "/s", "p50", "p90", "p99", "max", "src",
-                                                  "visited", "vis p99", "vis max", "scanned", "prov"]
-        out.append(_table("hva operations per VM", heads, rows))
+        heads = (["source"] if multi else []) + ["vm", "memslots", "op", "count", "/s", "p50", "p90", "p99",
+                                                  "max", "src", "visited", "vis max", "scanned", "scan max",
+                                                  "prov"]
+        under = int(h["underived"].sum()) if "underived" in h else 0
+        cap = "memslots: the VM's largest / final memslot count"
+        heads, rows, one = _one_prov(heads, rows)
+        if one:
+            cap += f"; provenance (latency/slots): {one}"
+        if under:
+            cap += f"; slots visited not derivable for {under:,} operations (counted, not guessed)"
+        out.append(_table("hva operations per VM", heads, rows, caption=cap))
     m = rep["memslot_updates"]
     if not m.empty:
         rows = []
         for _, r in m.iterrows():
             rows.append(([r["source"]] if multi else []) + [
-                f"{r['comm'] or '?'}[{r['pid']}]", r["change"], fmt_num(r["count"]), fmt_num(r["errors"]),
+                r["vm_label"], r["change"], fmt_num(r["count"]), fmt_num(r["errors"]),
                 fmt_ns(r["lat_p50_ns"]), fmt_ns(r["lat_p90_ns"]), fmt_ns(r["lat_p99_ns"]), fmt_ns(r["lat_max_ns"]),
                 _src_mark(r["latency_source"]), f"{r['lat_provenance']}/{r['change_provenance']}"])
         heads = (["source"] if multi else []) + ["vm", "change", "count", "errors", "p50", "p90", "p99", "max", "src", "prov"]
-        out.append(_table("memslot updates", heads, rows))
+        heads, rows, one = _one_prov(heads, rows)
+        out.append(_table("memslot updates", heads, rows,
+                          caption=f"provenance (latency/change type): {one}" if one else None))
     b = rep["by_memslots"]
     if not b.empty:
         rows = []
         for _, r in b.iterrows():
             rows.append(([r["source"]] if multi else []) + [
-                r["op"], r["memslots_bucket"], fmt_num(r["count"]), fmt_ns(r["lat_p50_ns"]), fmt_ns(r["lat_p99_ns"]),
-                fmt_ns(r["lat_mean_ns"]), _src_mark(r["latency_source"]), fmt_num(r["slots_mean"]), fmt_num(r["scanned_mean"])])
-        heads = (["source"] if multi else []) + ["op", "memslots", "count", "p50", "p99", "mean", "src", "visited", "scanned"]
+                r["op"], r["memslots_bucket"], fmt_count(r["memslots_max"]), fmt_num(r["count"]), fmt_ns(r["lat_p50_ns"]),
+                fmt_ns(r["lat_p99_ns"]), fmt_ns(r["lat_mean_ns"]), _src_mark(r["latency_source"]), fmt_num(r["slots_mean"]),
+                fmt_num(r["scanned_mean"])])
+        heads = (["source"] if multi else []) + ["op", "memslots", "max", "count", "p50", "p99", "mean", "src", "visited",
+                                                  "scanned"]
         out.append(_table("hva operations by memslot count", heads, rows,
                           caption="memslot count: " + ", ".join(sorted(set(b["memslots_source"])))))
     from rich.text import Text
@@ -138,27 +176,107 @@ def report_renderables(rep) -> list:
     return out
 
 
-def compare_renderables(df: pd.DataFrame) -> list:
+def before_after(b: str, a: str) -> str:
+    """"509 -> -": both sides shown whenever either has a value; "-" only when neither has."""
+    return "-" if b == "-" and a == "-" else f"{b} -> {a}"
+
+
+def fmt_ns_tight(v) -> str:
+    """fmt_ns without the space ("1.81µs"), for before -> after cells."""
+    return fmt_ns(v).replace(" ", "")
+
+
+def fmt_count_tight(v) -> str:
+    """Counts in before -> after cells: exact below 100,000, else 3 significant digits with k/M/G."""
+    n = _num(v)
+    if n is None:
+        return "-"
+    for suffix, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= 1e5 and abs(n) >= div:
+            return f"{n / div:.3g}{suffix}"
+    return fmt_num(n)
+
+
+def fmt_ci(lo, hi) -> str:
+    """"[0.41-0.47]": a ratio's 95 % interval, compact (2 significant digits)."""
+    if _num(lo) is None or _num(hi) is None:
+        return ""
+    return f"[{_num(lo):.2g}-{_num(hi):.2g}]"
+
+
+def compare_header(before: dict, after: dict) -> list:
+    """One line per side naming the recording: label, kernel, host, attach mode."""
     from rich.text import Text
 
-    from .compare import _fmt_p
+    out = []
+    for side, d in (("before", before), ("after", after)):
+        out.append(Text(f"{side + ':':8}{d['label']}  kernel {d['kernel']}  host {d['host']}  attach {d['attach']}"))
+    return out
 
-    bench = bool((df["scenario"] != "").any() or (df["slots"] >= 0).any()) if not df.empty else False
-    rows = []
-    for _, r in df.iterrows():
-        unit = fmt_s if r["unit"] == "s" else fmt_ns
-        rows.append([r["op"] if r["kind"] != "memslot" else f"memslot {r['op']}"]
-                    + ([r["scenario"] or "-", fmt_num(r["slots"]) if r["slots"] >= 0 else "-"] if bench else [])
-                    + [fmt_num(r["n_before"]), fmt_num(r["n_after"]), unit(r["median_before"]), unit(r["median_after"]),
-                       fmt_ratio(r["median_ratio"]),
-                       f"{fmt_ratio(r['median_ratio_ci_lo'])}-{fmt_ratio(r['median_ratio_ci_hi'])}"
-                       if not pd.isna(r["median_ratio_ci_lo"]) else "-",
-                       unit(r["p99_before"]), unit(r["p99_after"]), fmt_ratio(r["p99_ratio"]),
-                       _fmt_p(r["p_value"]), fmt_ratio(r["slots_ratio"]), fmt_ratio(r["scanned_ratio"]), r["lat_provenance"]])
-    heads = (["op"] + (["scenario", "slots"] if bench else [])
-             + ["n before", "n after", "median before", "median after", "ratio", "95% CI",
-                "p99 before", "p99 after", "p99 ratio", "p", "visited ratio", "scanned ratio", "prov"])
-    out = [_table("before -> after (ratio = after / before; < 1 is faster)", heads, rows)]
+
+def _compact_table(title: str, headers: List[str], rows: List[List[str]], left: int = 1):
+    """A borderless table for 120 columns: values fold rather than being cut ("…" would hide them)."""
+    from rich import box
+    from rich.table import Table
+
+    from rich.console import Group
+    from rich.text import Text
+
+    t = Table(box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1), collapse_padding=True)
+    for i, h in enumerate(headers):
+        t.add_column(h, justify="left" if i < left else "right", overflow="fold")
+    for r in rows:
+        t.add_row(*r)
+    return Group(Text(title, style="italic"), t)  # the title on its own line: never cut to the table's width
+
+
+def _unit(r):
+    return fmt_s if r["unit"] == "s" else fmt_ns
+
+
+def compare_renderables(df: pd.DataFrame, before: Optional[dict] = None, after: Optional[dict] = None) -> list:
+    """Header naming both sides, then: for bench directories the matrix (rows = scenario and
+    what, columns = memslot counts, cells before -> after); otherwise one row per op / memslot
+    change type with absolute before -> after figures and the ratio; then the verdict lines."""
+    from rich.text import Text
+
+    from .compare import bench_matrix, is_bench
+
+    out = compare_header(before, after) if before and after else []
+    if is_bench(df):
+        slots, mrows = bench_matrix(df)
+        rows = []
+        scen = None
+        for m in mrows:
+            if m["scenario"] != scen:  # scenario as a group header: the cells keep the width
+                scen = m["scenario"]
+                rows.append([scen or "-"] + [""] * len(slots))
+            f = (lambda v: fmt_s(v).replace(" ", "")) if m["unit"] == "s" else fmt_ns_tight if m["unit"] == "ns" else fmt_num
+            rows.append(["  " + m["what"]] + [before_after(f(b), f(a)) for b, a in (m["cells"][n] for n in slots)])
+            if m["verdicts"]:
+                rows.append([""] + [m["verdicts"][n] for n in slots])
+        out.append(_compact_table("before -> after by scenario and memslot count (latency p50 / p99; time/iter = "
+                                  "workload average)", ["scenario / what"] + [f"{n} slots" for n in slots], rows))
+        out.append(Text("verdict per cell: significant change, noise, same (<2%), ? = not tested, n/c = not compared",
+                        style="dim"))
+    else:
+        from .compare import short_verdict
+
+        rows = []
+        for _, r in df.iterrows():
+            u = fmt_s if r["unit"] == "s" else fmt_ns_tight
+            what = r["op"] if r["kind"] != "memslot" else f"memslot {r['op']}"
+            rows.append([what, before_after(fmt_count_tight(r["n_before"]), fmt_count_tight(r["n_after"])),
+                         before_after(u(r["median_before"]), u(r["median_after"])), fmt_ratio(r["median_ratio"]),
+                         before_after(u(r["p99_before"]), u(r["p99_after"])), fmt_ratio(r["p99_ratio"]),
+                         before_after(fmt_num(r["slots_mean_before"]), fmt_num(r["slots_mean_after"])),
+                         before_after(fmt_num(r["scanned_mean_before"]), fmt_num(r["scanned_mean_after"]))])
+            both = r["n_before"] > 0 and r["n_after"] > 0
+            rows.append(["  " + short_verdict(r["median_ratio"], r["p_value"], both), "", "",
+                         fmt_ci(r["median_ratio_ci_lo"], r["median_ratio_ci_hi"]), "",
+                         fmt_ci(r["p99_ratio_ci_lo"], r["p99_ratio_ci_hi"]), "", ""])
+        out.append(_compact_table("before -> after (ratio = after / before, < 1 is faster; [95% CI] below it)",
+                                  ["what", "count", "p50", "ratio", "p99", "ratio", "visited", "scanned"], rows))
     for v in df["verdict"]:
         out.append(Text(v))
     tests = sorted({t for t in df["test"] if isinstance(t, str) and t})

@@ -14,6 +14,7 @@ different provenance are never merged: provenance is part of every grouping key.
 from __future__ import annotations
 
 import math
+import os
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -96,13 +97,29 @@ def _norm_keys(df: pd.DataFrame, key: List[str]) -> pd.DataFrame:
     return df
 
 
+def vm_label(name: str, comm: str, pid: int, ordinal: int) -> str:
+    """What outputs show for a VM (snapshot.VmInfo.label): guest name or comm, the VMM pid and
+    the per-process VM ordinal, e.g. ``web1[4242]#2``; ``#?`` when the VM predates the trace."""
+    from ..snapshot import VmInfo
+
+    return VmInfo(vm_id="", pid=int(pid), comm=str(comm or ""), name=str(name or ""), ordinal=int(ordinal or 0)).label
+
+
 def _last_vm_info(df: pd.DataFrame) -> Dict[tuple, dict]:
+    """(vm_id, pid) -> comm, name, label, the final memslot count and the largest one seen."""
     info: Dict[tuple, dict] = {}
     if df.empty:
         return info
     last = df.sort_values("interval").groupby(["vm_id", "pid"], sort=False).tail(1)
+    seen_max = df.groupby(["vm_id", "pid"], sort=False)["memslots"].max()
+    rec_max = df.groupby(["vm_id", "pid"], sort=False)["memslots_max"].max() if "memslots_max" in df else None
     for r in last.itertuples(index=False):
-        info[(str(r.vm_id), int(r.pid))] = {"comm": r.comm, "name": r.name, "memslots": int(r.memslots)}
+        k = (str(r.vm_id), int(r.pid))
+        ordinal = int(getattr(r, "ordinal", 0) or 0)
+        mx = max(int(seen_max.get((r.vm_id, r.pid), -1)),
+                 int(rec_max.get((r.vm_id, r.pid), -1)) if rec_max is not None else -1)
+        info[k] = {"comm": r.comm, "name": r.name, "memslots": int(r.memslots), "memslots_max": mx,
+                   "ordinal": ordinal, "vm_label": vm_label(r.name, r.comm, int(r.pid), ordinal)}
     return info
 
 
@@ -113,10 +130,11 @@ def hva_ops(hva: pd.DataFrame, duration_s: float, events: Optional[pd.DataFrame]
     """One recording's hva rows (and its raw events, if any) -> one row per VM x op x provenance:
     count, rate, latency p50/p90/p99/max/mean, slots visited mean/p99/max, slots scanned."""
     out_cols = [
-        "vm_id", "pid", "comm", "name", "memslots", "op", "count", "count_provenance", "duration_s", "rate_per_s",
+        "vm_id", "vm_label", "ordinal", "pid", "comm", "name", "memslots", "memslots_max", "op", "count", "count_provenance",
+        "duration_s", "rate_per_s",
         "lat_n", "lat_p50_ns", "lat_p90_ns", "lat_p99_ns", "lat_max_ns", "lat_mean_ns", "lat_provenance", "latency_source",
         "slots_n", "slots_mean", "slots_p99", "slots_max", "slots_provenance", "slots_source",
-        "scanned_mean", "scanned_max", "scanned_provenance",
+        "scanned_mean", "scanned_max", "scanned_provenance", "underived",
     ]
     if hva.empty:
         return pd.DataFrame(columns=out_cols)
@@ -134,6 +152,8 @@ def hva_ops(hva: pd.DataFrame, duration_s: float, events: Optional[pd.DataFrame]
         scanned_provenance=("scanned_provenance", "first"),
     )
     agg["scanned_sum"] = g["scanned_sum"].sum(min_count=1)
+    agg["scanned_max"] = g["scanned_max"].max() if "scanned_max" in hva else math.nan
+    agg["underived"] = g["underived"].sum() if "underived" in hva else 0
     lat_h = g[T.LAT_B].sum()
     slot_h = g[T.SLOTS_B].sum()
     ev = None
@@ -150,7 +170,10 @@ def hva_ops(hva: pd.DataFrame, duration_s: float, events: Optional[pd.DataFrame]
         count = int(a["count"])
         row = {
             "vm_id": vm_id, "pid": pid, "comm": info.get("comm", ""), "name": info.get("name", ""),
-            "memslots": info.get("memslots", -1), "op": op, "count": count, "count_provenance": "exact",
+            "vm_label": info.get("vm_label", "*" if vm_id == "*" else vm_label("", "", pid, 0)),
+            "ordinal": info.get("ordinal", 0),
+            "memslots": info.get("memslots", -1), "memslots_max": info.get("memslots_max", -1),
+            "underived": int(a["underived"]), "op": op, "count": count, "count_provenance": "exact",
             "duration_s": duration_s, "rate_per_s": _div(count, duration_s),
             "lat_provenance": lprov, "slots_provenance": sprov, "scanned_provenance": a["scanned_provenance"],
         }
@@ -188,15 +211,20 @@ def hva_ops(hva: pd.DataFrame, duration_s: float, events: Optional[pd.DataFrame]
             row.update(scanned_mean=math.nan, scanned_max=math.nan)
         else:
             denom = int(a["slots_count"]) or count
-            row.update(scanned_mean=_div(a["scanned_sum"], denom),
-                       scanned_max=float(ev_scan.loc[k, "max"]) if complete and ev_scan is not None and k in ev_scan.index else math.nan)
+            if not pd.isna(a["scanned_max"]):  # the in-kernel maximum
+                smax = float(a["scanned_max"])
+            elif complete and ev_scan is not None and k in ev_scan.index:
+                smax = float(ev_scan.loc[k, "max"])
+            else:
+                smax = math.nan
+            row.update(scanned_mean=_div(a["scanned_sum"], denom), scanned_max=smax)
         rows.append(row)
     return pd.DataFrame(rows, columns=out_cols)
 
 
 def memslot_updates(mem: pd.DataFrame, events: Optional[pd.DataFrame] = None, vm_info=None) -> pd.DataFrame:
     """One recording's memslot rows -> one row per VM x change type x provenance."""
-    out_cols = ["vm_id", "pid", "comm", "name", "change", "count", "errors", "change_provenance", "lat_n",
+    out_cols = ["vm_id", "vm_label", "ordinal", "pid", "comm", "name", "change", "count", "errors", "change_provenance", "lat_n",
                 "lat_p50_ns", "lat_p90_ns", "lat_p99_ns", "lat_max_ns", "lat_mean_ns", "lat_provenance", "latency_source"]
     if mem.empty:
         return pd.DataFrame(columns=out_cols)
@@ -214,6 +242,7 @@ def memslot_updates(mem: pd.DataFrame, events: Optional[pd.DataFrame] = None, vm
         count = int(a["count"])
         n_lat = int(lat_h.loc[k].sum())
         row = {"vm_id": vm_id, "pid": pid, "comm": info.get("comm", ""), "name": info.get("name", ""),
+               "vm_label": info.get("vm_label", vm_label("", "", pid, 0)), "ordinal": info.get("ordinal", 0),
                "change": change, "count": count, "errors": int(a["errors"]), "change_provenance": cprov,
                "lat_provenance": lprov}
         complete = ev_lat is not None and k in ev_lat.index and int(ev_lat.loc[k, "events"]) == count
@@ -238,25 +267,57 @@ def memslot_updates(mem: pd.DataFrame, events: Optional[pd.DataFrame] = None, vm
 
 
 def memslot_bucket_label(b: int) -> str:
+    """log2 bucket -> the memslot counts it holds: "0", "1", "2-3", "4-7", ... "256-511"."""
     if b <= 0:
         return "0"
     lo, hi = T.Log2Hist.bucket_bounds(b)
-    return f"{lo}-{hi - 1}"
+    return str(lo) if hi - lo == 1 else f"{lo}-{hi - 1}"
 
 
-BY_MEMSLOTS_COLS = ["op", "memslots_bucket", "memslots_min", "memslots_max", "count", "lat_p50_ns", "lat_p99_ns",
-                    "lat_mean_ns", "lat_provenance", "latency_source", "slots_mean", "slots_provenance",
-                    "scanned_mean", "memslots_source"]
+# memslots_source values: where each operation's memslot count comes from
+MEMSLOTS_KERNEL = "memslot count at each operation (in-kernel buckets)"
+MEMSLOTS_EVENTS = "memslot count at each operation (raw events)"
+MEMSLOTS_INTERVAL_END = "VM memslot count at interval end (recording without in-kernel memslot-count buckets)"
+
+BY_MEMSLOTS_COLS = ["op", "bucket", "memslots_bucket", "memslots_min", "memslots_max", "count", "lat_p50_ns",
+                    "lat_p99_ns", "lat_mean_ns", "lat_provenance", "latency_source", "slots_mean",
+                    "slots_provenance", "scanned_mean", "memslots_source"]
 
 
-def by_memslots(hva: pd.DataFrame, events: Optional[pd.DataFrame] = None) -> pd.DataFrame:
-    """hva ops by the VM's memslot count (log2 buckets). From raw events (each carries the count
-    at that moment) when they cover every operation; else from interval rows, taking the VM's
-    memslot count at the end of the interval (``memslots_source`` says which)."""
+def _by_memslots_kernel(bm: pd.DataFrame) -> list:
+    """Rows from the in-kernel memslot-count buckets: counts and means (the kernel keeps sums per
+    bucket, no latency histogram, so no percentiles); ``memslots_max`` is the largest count seen."""
+    rows = []
+    b = _norm_keys(bm, ["op", "lat_provenance", "slots_provenance"])
+    g = b.groupby(["op", "bucket", "lat_provenance", "slots_provenance"], sort=True)
+    agg = g.agg(count=("count", "sum"), lat_count=("lat_count", "sum"), lat_sum_ns=("lat_sum_ns", "sum"),
+                slots_count=("slots_count", "sum"), slots_sum=("slots_sum", "sum"), mmax=("memslots_max", "max"))
+    agg["scanned_sum"] = g["scanned_sum"].sum(min_count=1)
+    for (op, bucket, lp, sp), a in agg.iterrows():
+        has_lat = lp != "none" and int(a["lat_count"]) > 0
+        mmax = int(a["mmax"])
+        rows.append([op, int(bucket), memslot_bucket_label(int(bucket)), math.nan, mmax,
+                     int(a["count"]), math.nan, math.nan, _div(a["lat_sum_ns"], a["lat_count"]) if has_lat else math.nan,
+                     lp, "in-kernel sum / count (mean only)" if has_lat else "none",
+                     _div(a["slots_sum"], a["slots_count"]) if sp != "none" else math.nan, sp,
+                     _div(a["scanned_sum"], a["slots_count"] or a["count"]), MEMSLOTS_KERNEL])
+    return rows
+
+
+def by_memslots(hva: pd.DataFrame, events: Optional[pd.DataFrame] = None,
+                kernel: Optional[pd.DataFrame] = None) -> pd.DataFrame:
+    """hva ops by the VM's memslot count (log2 buckets, in numeric order). The count is the one
+    at each operation: from raw events when they cover every operation (exact percentiles), else
+    from the in-kernel buckets (``kernel``: the recording's by_memslots table; counts and means).
+    Recordings with neither (older versions, or a tracer that kept no buckets) fall back to the
+    VM's memslot count at the end of each interval, and ``memslots_source`` says so."""
     from .synth import log2_buckets
 
     total = int(hva["count"].sum()) if not hva.empty else 0
     use_events = events is not None and len(events) == total and total > 0 and (events["memslots"] >= 0).any()
+    have_kernel = kernel is not None and not kernel.empty
+    if use_events and have_kernel and not (events["memslots"] >= 0).all():
+        use_events = False  # some events lack the count: the in-kernel buckets cover every operation
     rows = []
     if use_events:
         known = (events["memslots"] >= 0).to_numpy()
@@ -274,10 +335,12 @@ def by_memslots(hva: pd.DataFrame, events: Optional[pd.DataFrame] = None) -> pd.
             c = sc[idx]
             c = c[c >= 0]
             p50, p99 = (np.percentile(l, [50, 99]) if len(l) else (math.nan, math.nan))
-            rows.append([str(op), memslot_bucket_label(int(b)), int(ms[idx].min()), int(ms[idx].max()), len(idx),
+            rows.append([str(op), int(b), memslot_bucket_label(int(b)), int(ms[idx].min()), int(ms[idx].max()), len(idx),
                          float(p50), float(p99), float(l.mean()) if len(l) else math.nan, str(lp),
                          EVENT_SOURCE if len(l) else "none", float(s.mean()) if len(s) else math.nan, str(sp),
-                         float(c.mean()) if len(c) else math.nan, "memslot count per event"])
+                         float(c.mean()) if len(c) else math.nan, MEMSLOTS_EVENTS])
+    elif have_kernel:
+        rows = _by_memslots_kernel(kernel)
     elif not hva.empty:
         h = hva[hva["memslots"] >= 0].copy()
         if not h.empty:
@@ -294,11 +357,12 @@ def by_memslots(hva: pd.DataFrame, events: Optional[pd.DataFrame] = None) -> pd.
                 op, b, lp, sp = k
                 has_lat = lp != "none" and int(a["lat_count"]) > 0
                 p50, p99 = _hist_q(lat_h.loc[k].to_numpy(), (0.5, 0.99), hi=a["lat_max_ns"]) if has_lat else (math.nan, math.nan)
-                rows.append([op, memslot_bucket_label(int(b)), int(a["mmin"]), int(a["mmax"]), int(a["count"]),
+                rows.append([op, int(b), memslot_bucket_label(int(b)), int(a["mmin"]), int(a["mmax"]), int(a["count"]),
                              p50, p99, _div(a["lat_sum_ns"], a["lat_count"]) if has_lat else math.nan, lp,
                              HIST_SOURCE if has_lat else "none", _div(a["slots_sum"], a["slots_count"]), sp,
-                             _div(a["scanned_sum"], a["slots_count"] or a["count"]), "VM memslot count at interval end"])
-    return pd.DataFrame(rows, columns=BY_MEMSLOTS_COLS)
+                             _div(a["scanned_sum"], a["slots_count"] or a["count"]), MEMSLOTS_INTERVAL_END])
+    df = pd.DataFrame(rows, columns=BY_MEMSLOTS_COLS)
+    return df.sort_values(["op", "bucket", "lat_provenance", "slots_provenance"], kind="stable").reset_index(drop=True)
 
 
 def sources(recs: Sequence[Recording]) -> pd.DataFrame:
@@ -311,6 +375,7 @@ def sources(recs: Sequence[Recording]) -> pd.DataFrame:
         rows.append({
             "source": r.source, "path": r.path, "host": r.meta.get("host", ""), "kernel": r.meta.get("kernel", ""),
             "label": r.meta.get("label", ""), "scenario": b.get("scenario", ""),
+            "bench_dir": os.path.basename(os.path.normpath(b["bench_dir"])) if b.get("bench_dir") else "",
             "bench_slots": b.get("slots") if b.get("slots") is not None else -1,
             "iter_avg_s": float(wl.get("iter_avg_s", math.nan)) if wl.get("iter_avg_s") is not None else math.nan,
             "iter_best_s": float(wl.get("iter_best_s", math.nan)) if wl.get("iter_best_s") is not None else math.nan,
@@ -374,17 +439,19 @@ def build_report(recs: Sequence[Recording]) -> Report:
         hev = r.tables.get("hva_events")
         mev = r.tables.get("memslot_events")
         dur = float(s["duration_s"])
-        info = _last_vm_info(_norm_keys(r["vms"], ["vm_id", "pid"])) if not r["vms"].empty else {}
-        info.update(_last_vm_info(_norm_keys(hva, ["vm_id", "pid"])) if not hva.empty else {})
+        # VM names and memslot counts: the vms table has every interval (the final count is its
+        # last one); the hva rows only fill in VMs it lacks
+        info = _last_vm_info(_norm_keys(hva, ["vm_id", "pid"])) if not hva.empty else {}
+        info.update(_last_vm_info(_norm_keys(r["vms"], ["vm_id", "pid"])) if not r["vms"].empty else {})
         parts["hva_ops"].append(_prefix(hva_ops(hva, dur, hev, info), r, s))
         # per op over all VMs: the same aggregation with the VM erased
         hva_all = hva.assign(vm_id="*", pid=0, comm="", name="", memslots=-1) if not hva.empty else hva
         hev_all = _erase_vm(hev) if hev is not None and not hev.empty else hev
         parts["hva_ops_total"].append(_prefix(hva_ops(hva_all, dur, hev_all, {}), r, s))
-        info_m = dict(info)
-        info_m.update(_last_vm_info(_norm_keys(mem, ["vm_id", "pid"])) if not mem.empty else {})
+        info_m = _last_vm_info(_norm_keys(mem, ["vm_id", "pid"])) if not mem.empty else {}
+        info_m.update(info)
         parts["memslot_updates"].append(_prefix(memslot_updates(mem, mev, info_m), r, s))
-        parts["by_memslots"].append(_prefix(by_memslots(hva, hev), r, s))
+        parts["by_memslots"].append(_prefix(by_memslots(hva, hev, r.tables.get("by_memslots")), r, s))
         if not hva.empty:
             h = _norm_keys(hva, ["op", "lat_provenance"]).groupby(["op", "lat_provenance"], sort=True)[T.LAT_B].sum()
             h = h.reset_index()
@@ -425,8 +492,10 @@ def _hva_json(df: pd.DataFrame) -> List[dict]:
     for _, r in df.iterrows():
         out.append({
             "source": r["source"], "host": r["host"], "kernel": r["kernel"], "scenario": r["scenario"],
-            "bench_slots": _num(r["bench_slots"]), "vm": r["vm_id"], "pid": _num(r["pid"]), "comm": r["comm"],
-            "name": r["name"], "memslots": _num(r["memslots"]), "op": r["op"], "count": _num(r["count"]),
+            "bench_slots": _num(r["bench_slots"]), "vm": r["vm_id"], "vm_label": r["vm_label"],
+            "ordinal": _num(r["ordinal"]), "pid": _num(r["pid"]), "comm": r["comm"],
+            "name": r["name"], "memslots": _num(r["memslots"]), "memslots_max": _num(r["memslots_max"]),
+            "op": r["op"], "count": _num(r["count"]), "underived": _num(r["underived"]),
             "count_provenance": r["count_provenance"], "rate_per_s": _num(r["rate_per_s"]),
             "latency_ns": _latency(r),
             "slots_visited": {"mean": _num(r["slots_mean"]), "p99": _num(r["slots_p99"]), "max": _num(r["slots_max"]),
@@ -442,12 +511,14 @@ def to_json(rep: Report) -> dict:
     src = rep["sources"]
     mem = []
     for _, r in rep["memslot_updates"].iterrows() if not rep["memslot_updates"].empty else []:
-        mem.append({"source": r["source"], "vm": r["vm_id"], "pid": _num(r["pid"]), "comm": r["comm"],
+        mem.append({"source": r["source"], "vm": r["vm_id"], "vm_label": r["vm_label"], "ordinal": _num(r["ordinal"]),
+                    "pid": _num(r["pid"]), "comm": r["comm"],
                     "change": r["change"], "change_provenance": r["change_provenance"], "count": _num(r["count"]),
                     "errors": _num(r["errors"]), "latency_ns": _latency(r)})
     bym = []
     for _, r in rep["by_memslots"].iterrows() if not rep["by_memslots"].empty else []:
-        bym.append({"source": r["source"], "op": r["op"], "memslots_bucket": r["memslots_bucket"],
+        bym.append({"source": r["source"], "op": r["op"], "bucket": _num(r["bucket"]),
+                    "memslots_bucket": r["memslots_bucket"],
                     "memslots_min": _num(r["memslots_min"]), "memslots_max": _num(r["memslots_max"]),
                     "count": _num(r["count"]),
                     "latency_ns": {"p50": _num(r["lat_p50_ns"]), "p99": _num(r["lat_p99_ns"]),

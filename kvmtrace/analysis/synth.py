@@ -10,7 +10,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..consts import LOG2_BUCKETS
-from ..snapshot import HvaEvent, HvaStats, Log2Hist, MemslotEvent, MemslotStats, Snapshot, VmInfo
+from ..snapshot import HvaEvent, HvaStats, Log2Hist, MemslotBucketStats, MemslotEvent, MemslotStats, Snapshot, VmInfo
 
 
 @dataclass
@@ -19,8 +19,10 @@ class SynthVm:
     pid: int
     comm: str = "qemu-system-x86"
     name: str = ""
-    memslots: Optional[int] = 10
+    memslots: Optional[int] = 10  # count at the end (VmInfo.memslots)
     memslots_provenance: str = "exact"
+    ordinal: int = 1  # n-th VM of its process (VmInfo.ordinal)
+    memslots_max: Optional[int] = None  # default: the largest count of its ops / the final count
 
 
 @dataclass
@@ -38,6 +40,7 @@ class SynthOp:
     scanned: Optional[int] = None  # linear-scan kernels: memslots scanned per op
     lat_provenance: str = "exact"
     slots_provenance: str = "exact"
+    memslots: Optional[int] = None  # the VM's memslot count at these ops (default: the VM's final count)
 
 
 @dataclass
@@ -52,6 +55,8 @@ class _Acc:
     scanned: Optional[int] = None
     rng: np.ndarray = field(default_factory=lambda: np.zeros(LOG2_BUCKETS, dtype=np.int64))
     errors: int = 0
+    scanned_max: Optional[int] = None
+    memslots_max: int = 0
 
 
 def log2_buckets(values: np.ndarray) -> np.ndarray:
@@ -79,8 +84,11 @@ def simulate(
     seed: int = 1,
     events: bool = True,
     lost_per_interval: int = 0,
+    kernel_buckets: bool = True,
 ) -> Tuple[List[Snapshot], List[list]]:
-    """Cumulative snapshots (one per interval) and the raw events of each interval."""
+    """Cumulative snapshots (one per interval) and the raw events of each interval.
+    ``kernel_buckets``: also the in-kernel memslot-count buckets (Snapshot.by_memslots), keyed
+    by each op's memslot count at the event (SynthOp.memslots, default the VM's count)."""
     rng = np.random.default_rng(seed)
     acc: Dict[Tuple[str, str, str], _Acc] = {}
     vm_by_id = {v.vm_id: v for v in vms}
@@ -111,6 +119,18 @@ def simulate(
                 a.rng += _hist(sizes)
                 if o.scanned is not None:
                     a.scanned = (a.scanned or 0) + o.scanned * n
+                    a.scanned_max = max(a.scanned_max or 0, o.scanned) if n else a.scanned_max
+                ms = o.memslots if o.memslots is not None else vm.memslots
+                if kernel_buckets and ms is not None and n:
+                    from ..snapshot import log2_bucket
+
+                    b = acc.setdefault(("bucket", o.vm_id, o.op, log2_bucket(ms)), _Acc())
+                    b.count += n
+                    b.lat_sum += int(lat.sum())
+                    b.slots_sum += int(sl.sum())
+                    b.memslots_max = max(b.memslots_max, ms)
+                    if o.scanned is not None:
+                        b.scanned = (b.scanned or 0) + o.scanned * n
                 if events:
                     for j in range(n):
                         batch.append(
@@ -119,7 +139,7 @@ def simulate(
                                 start=0x7F0000000000 + 4096 * j, end=0x7F0000000000 + 4096 * (j + 1),
                                 latency_ns=int(lat[j]), slots=o.slots,
                                 scanned=-1 if o.scanned is None else o.scanned,
-                                memslots=-1 if vm.memslots is None else vm.memslots,
+                                memslots=-1 if ms is None else ms,
                                 lat_provenance=o.lat_provenance, slots_provenance=o.slots_provenance,
                             )
                         )
@@ -147,6 +167,7 @@ def simulate(
                         slots_hist=Log2Hist.from_counts(a.slots.tolist()), slots_count=a.count,
                         slots_sum=a.slots_sum, slots_max=a.slots_max, slots_provenance=o.slots_provenance,
                         scanned_sum=a.scanned, range_hist=Log2Hist.from_counts(a.rng.tolist()),
+                        scanned_max=a.scanned_max,
                     )
                 )
             else:
@@ -157,9 +178,30 @@ def simulate(
                         lat_max_ns=a.lat_max, lat_provenance=o.lat_provenance, change_provenance="exact",
                     )
                 )
+        buckets = []
+        provs = {(o.vm_id, o.op): o for o in ops if o.op}
+        for k, b in sorted((k, b) for k, b in acc.items() if k[0] == "bucket"):
+            o = provs[(k[1], k[2])]
+            buckets.append(
+                MemslotBucketStats(
+                    vm_id=k[1], pid=vm_by_id[k[1]].pid, op=k[2], bucket=k[3], count=b.count,
+                    memslots_max=b.memslots_max, lat_count=b.count, lat_sum_ns=b.lat_sum,
+                    slots_count=b.count, slots_sum=b.slots_sum, scanned_sum=b.scanned,
+                    lat_provenance=o.lat_provenance, slots_provenance=o.slots_provenance,
+                )
+            )
+
+        def vm_max(v):
+            if v.memslots_max is not None:
+                return v.memslots_max
+            seen = [o.memslots for o in ops if o.vm_id == v.vm_id and o.memslots is not None]
+            seen += [v.memslots] if v.memslots is not None else []
+            return max(seen) if seen else None
+
         vminfo = tuple(
             VmInfo(vm_id=v.vm_id, pid=v.pid, comm=v.comm, name=v.name, vcpus=1, memslots=v.memslots,
-                   memslots_provenance=v.memslots_provenance if v.memslots is not None else "none")
+                   memslots_provenance=v.memslots_provenance if v.memslots is not None else "none",
+                   ordinal=v.ordinal, memslots_max=vm_max(v))
             for v in vms
         )
         snaps.append(
@@ -171,6 +213,7 @@ def simulate(
                 vms=vminfo,
                 hva=tuple(hva),
                 memslot=tuple(mem),
+                by_memslots=tuple(buckets),
                 lost_events=lost_per_interval * (i + 1),
             )
         )

@@ -39,6 +39,8 @@ _VM = [
     ("name", STR),
     ("memslots", I64),  # VM memslot count at interval end; -1 unknown
     ("memslots_provenance", STR),
+    ("ordinal", I64),  # n-th VM of its VMM process while traced (VmInfo.ordinal); 0 = predates the trace
+    ("memslots_max", I64),  # largest memslot count of the VM seen while traced; -1 unknown
 ]
 
 SCHEMAS: Dict[str, pa.Schema] = {
@@ -81,8 +83,28 @@ SCHEMAS: Dict[str, pa.Schema] = {
             ("slots_provenance", STR),
             ("scanned_sum", I64),  # null: not a linear-scan kernel
             ("scanned_provenance", STR),
+            ("scanned_max", I64),  # cumulative maximum since attach; null: not measured
+            ("underived", I64),  # ops whose slots figure could not be derived (counted, never guessed)
         ]
         + [(c, I64) for c in LAT_B + SLOTS_B + RANGE_B]
+    ),
+    # hva ops by the VM's memslot count AT THE OPERATION (log2 bucket), aggregated in the kernel
+    "by_memslots": pa.schema(
+        _INTERVAL
+        + [("vm_id", STR), ("pid", I64)]
+        + [
+            ("op", STR),
+            ("bucket", I64),  # log2 bucket of the memslot count (0 = none, i = [2**(i-1), 2**i))
+            ("memslots_max", I64),  # largest memslot count seen in the bucket (cumulative maximum)
+            ("count", I64),
+            ("lat_count", I64),
+            ("lat_sum_ns", I64),
+            ("lat_provenance", STR),
+            ("slots_count", I64),
+            ("slots_sum", I64),
+            ("slots_provenance", STR),
+            ("scanned_sum", I64),  # null: not a linear-scan kernel
+        ]
     ),
     "memslot": pa.schema(
         _INTERVAL
@@ -139,13 +161,46 @@ SCHEMAS: Dict[str, pa.Schema] = {
 }
 
 # Tables always present in a recording; event tables only when raw events were recorded.
-AGG_TABLES = ("intervals", "vms", "hva", "memslot")
+AGG_TABLES = ("intervals", "vms", "hva", "memslot", "by_memslots")
 EVENT_TABLES = ("hva_events", "memslot_events")
 TEXT_COLUMNS = {"vm_id", "comm", "name", "op", "change"}  # user-influenced text (CSV escaping)
 
 
 def columns(table: str) -> List[str]:
     return list(SCHEMAS[table].names)
+
+
+# Columns added to a table after recordings without them were written, with the value an older
+# recording stands for (unknown / not measured). Readers fill them in (``upgrade``), so older
+# recordings keep reading; tables added later (by_memslots) are simply absent from them.
+ADDED_COLUMNS: Dict[str, Dict[str, object]] = {
+    "vms": {"ordinal": 0, "memslots_max": -1},
+    "hva": {"ordinal": 0, "memslots_max": -1, "scanned_max": None, "underived": 0},
+    "memslot": {"ordinal": 0, "memslots_max": -1},
+}
+
+
+def legacy_names(table: str) -> List[str]:
+    """The table's columns as written before ADDED_COLUMNS existed."""
+    added = ADDED_COLUMNS.get(table, {})
+    return [n for n in SCHEMAS[table].names if n not in added]
+
+
+def upgrade(table: str, t: pa.Table) -> pa.Table:
+    """An older table (its columns = ``legacy_names``) -> the current schema, the added columns
+    filled with their 'unknown' value. Tables already current, or of another shape, are
+    returned unchanged (the caller's schema check then judges them)."""
+    added = ADDED_COLUMNS.get(table)
+    if not added or t.column_names != legacy_names(table):
+        return t
+    schema = SCHEMAS[table]
+    cols = []
+    for f in schema:
+        if f.name in added:
+            cols.append(pa.array([added[f.name]] * t.num_rows, type=f.type))
+        else:
+            cols.append(t.column(f.name).cast(f.type))
+    return pa.Table.from_arrays(cols, schema=schema)
 
 
 def _i64(v) -> int:
@@ -176,7 +231,9 @@ def snapshot_rows(
     def vm_cols(vm_id: str, pid: int) -> dict:
         v = vms.get(vm_id)
         if v is None:
-            return {"vm_id": vm_id, "pid": pid, "comm": "", "name": "", "memslots": -1, "memslots_provenance": "none"}
+            return {"vm_id": vm_id, "pid": pid, "comm": "", "name": "", "memslots": -1, "memslots_provenance": "none",
+                    "ordinal": 0, "memslots_max": -1}
+        mx = getattr(v, "memslots_max", None)
         return {
             "vm_id": vm_id,
             "pid": pid or v.pid,
@@ -184,9 +241,11 @@ def snapshot_rows(
             "name": v.name,
             "memslots": -1 if v.memslots is None else int(v.memslots),
             "memslots_provenance": v.memslots_provenance if v.memslots is not None else "none",
+            "ordinal": int(getattr(v, "ordinal", 0) or 0),
+            "memslots_max": -1 if mx is None else int(mx),
         }
 
-    out: Dict[str, List[dict]] = {"intervals": [], "vms": [], "hva": [], "memslot": []}
+    out: Dict[str, List[dict]] = {"intervals": [], "vms": [], "hva": [], "memslot": [], "by_memslots": []}
     for v in delta.vms:
         r = dict(base)
         r.update(vm_cols(v.vm_id, v.pid))
@@ -214,12 +273,36 @@ def snapshot_rows(
                 "slots_provenance": str(h.slots_provenance),
                 "scanned_sum": None if h.scanned_sum is None else int(h.scanned_sum),
                 "scanned_provenance": str(sprov) if h.scanned_sum is not None else "none",
+                "scanned_max": None if getattr(h, "scanned_max", None) is None else int(h.scanned_max),
+                "underived": int(getattr(h, "underived", 0) or 0),
             }
         )
         r.update(zip(LAT_B, h.lat_hist.counts))
         r.update(zip(SLOTS_B, h.slots_hist.counts))
         r.update(zip(RANGE_B, h.range_hist.counts))
         out["hva"].append(r)
+    for b in delta.by_memslots:
+        if b.count == 0:
+            continue
+        r = dict(base)
+        r.update(
+            {
+                "vm_id": b.vm_id,
+                "pid": int(b.pid),
+                "op": b.op,
+                "bucket": int(b.bucket),
+                "memslots_max": int(b.memslots_max),
+                "count": int(b.count),
+                "lat_count": int(b.lat_count),
+                "lat_sum_ns": int(b.lat_sum_ns),
+                "lat_provenance": str(b.lat_provenance),
+                "slots_count": int(b.slots_count),
+                "slots_sum": int(b.slots_sum),
+                "slots_provenance": str(b.slots_provenance),
+                "scanned_sum": None if b.scanned_sum is None else int(b.scanned_sum),
+            }
+        )
+        out["by_memslots"].append(r)
     mem_total = 0
     for m in delta.memslot:
         if m.count == 0 and m.errors == 0:

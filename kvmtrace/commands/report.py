@@ -19,7 +19,9 @@ Examples:
 @click.option("--html", "html_file", type=click.Path(), default=None, help="write a self-contained HTML page with plots")
 def report(paths, csv_dir, as_json, html_file):
     """Summarise recordings: per VM and op count, rate, latency percentiles, slots visited and
-    scanned; memslot updates by change type; breakdown by memslot count; lost events.
+    scanned; memslot updates by change type; hva ops by the memslot count at the operation;
+    lost events. Each VM is named apart as name-or-comm[pid]#n (n-th VM of that process) with
+    its largest and final memslot count; JSON and CSV also carry its stable id.
 
     Several PATHs (e.g. one per host) merge into one report."""
     from ..analysis import export

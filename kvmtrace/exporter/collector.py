@@ -1,0 +1,308 @@
+"""Prometheus collector over the tracer's latest cumulative snapshot.
+
+The tracer loop (its own clock, ``--interval``) hands every new snapshot to ``Exporter.update``,
+which decides which VMs get series (bounded cardinality) and publishes one immutable view. A
+scrape only turns that view into metric families: its work grows with the number of series,
+never with the number of events traced (the kernel aggregated those already).
+
+Every figure is described once, with its provenance, in docs/exporter.md.
+"""
+
+from __future__ import annotations
+
+import platform
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+
+from .. import __version__
+from ..snapshot import Log2Hist, Snapshot, VmInfo
+
+# Histogram geometry. The kernel's log2 bucket i holds the integer values 2**(i-1) .. 2**i - 1
+# (bucket 0: the value 0), so ``le = 2**i - 1`` is an exact upper bound of every value counted at
+# or below bucket i: the Prometheus buckets are the in-kernel buckets, merged below the first
+# bound and above the last one (those values are in +Inf only), never re-estimated.
+LAT_BUCKETS = range(7, 36)  # le = 127 ns .. 2**35 - 1 ns (34.4 s), in seconds
+SLOT_BUCKETS = range(0, 17)  # le = 0, 1, 3, 7 .. 65535 memslots (KVM allows at most 32764)
+
+VM_LABELS = ("vm", "vm_id", "pid", "guest")
+
+DEFAULT_PORT = 9132
+DEFAULT_MAX_VMS = 64
+DEFAULT_GRACE_S = 300.0
+
+
+def _fmt(x: float) -> str:
+    from prometheus_client.utils import floatToGoString
+
+    return floatToGoString(x)
+
+
+def hist_buckets(h: Log2Hist, bounds: Iterable[int], per_unit: float) -> List[Tuple[str, int]]:
+    """Cumulative Prometheus buckets of a log2 histogram: (le, count of values <= le), one per
+    in-kernel bucket index in ``bounds`` (le = (2**i - 1) / per_unit, e.g. 1e9 ns per second),
+    then +Inf = the total."""
+    counts = h.counts
+    out = []
+    cum = 0
+    nxt = 0
+    for i in bounds:
+        while nxt <= i:
+            cum += counts[nxt]
+            nxt += 1
+        hi = 0 if i == 0 else (1 << i) - 1
+        out.append((_fmt(hi / per_unit), cum))
+    out.append(("+Inf", h.total))
+    return out
+
+
+@dataclass
+class VmGate:
+    """Which VMs get series. A VM is admitted while fewer than ``max_vms`` are exported; a VM that
+    exited leaves ``grace_s`` seconds after it was last seen alive (so its final figures are
+    scraped), then its series drop out and its place frees. VMs refused by the cap are counted:
+    ``refused`` now, ``dropped_total`` distinct VMs ever refused. Label values are fixed when a VM
+    is admitted, so a VM keeps one set of series for its whole life."""
+
+    max_vms: int = DEFAULT_MAX_VMS
+    grace_s: float = DEFAULT_GRACE_S
+    clock: Callable[[], float] = time.monotonic
+    admitted: Dict[str, Tuple[str, ...]] = field(default_factory=dict)  # vm_id -> label values
+    last_alive: Dict[str, float] = field(default_factory=dict)
+    expired: set = field(default_factory=set)
+    ever_refused: set = field(default_factory=set)
+    refused: int = 0
+    expired_total: int = 0
+
+    def update(self, vms: Sequence[VmInfo]) -> None:
+        now = self.clock()
+        refused = 0
+        for v in vms:
+            if v.vm_id in self.expired:
+                continue
+            if v.alive or v.vm_id not in self.last_alive:
+                self.last_alive[v.vm_id] = now
+            if now - self.last_alive[v.vm_id] > self.grace_s:
+                self.expired.add(v.vm_id)
+                self.last_alive.pop(v.vm_id, None)
+                if self.admitted.pop(v.vm_id, None) is not None:
+                    self.expired_total += 1
+                continue
+            if v.vm_id in self.admitted:
+                continue
+            if len(self.admitted) < self.max_vms:
+                self.admitted[v.vm_id] = (v.label, v.vm_id, str(v.pid), v.name)
+            else:
+                refused += 1
+                self.ever_refused.add(v.vm_id)
+        self.refused = refused
+
+
+@dataclass(frozen=True)
+class View:
+    """What one scrape reads: the latest snapshot and the label values of the admitted VMs."""
+
+    snap: Snapshot
+    labels: Dict[str, Tuple[str, ...]]
+    vms_exported: int
+    vms_refused: int
+    vms_dropped_total: int
+    vms_expired_total: int
+    published_mono: float
+
+
+class Exporter:
+    """Collector for prometheus_client's registry. ``update`` runs in the tracer loop; ``collect``
+    runs per scrape and reads only the published view (one attribute read, no lock)."""
+
+    def __init__(self, gate: Optional[VmGate] = None, plan_ops: Sequence[Tuple[str, str, str, str, str]] = (),
+                 memslots_limit: Optional[int] = None, memslots_limit_why: str = "",
+                 build: Optional[Dict[str, str]] = None) -> None:
+        self.gate = gate or VmGate()
+        self.plan_ops = tuple(plan_ops)  # (op, attach, target, latency provenance, slots provenance)
+        self.memslots_limit = memslots_limit
+        self.memslots_limit_why = memslots_limit_why
+        self.build = dict(build or {})
+        self._view: Optional[View] = None
+        self._lock = threading.Lock()  # update() callers only; collect() never takes it
+
+    def update(self, snap: Snapshot) -> None:
+        with self._lock:
+            g = self.gate
+            g.update(snap.vms)
+            self._view = View(snap, dict(g.admitted), len(g.admitted), g.refused, len(g.ever_refused),
+                              g.expired_total, time.monotonic())
+
+    @property
+    def view(self) -> Optional[View]:
+        return self._view
+
+    # ------------------------------------------------------------------ scrape
+    def collect(self) -> Iterator:
+        from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily,
+                                            InfoMetricFamily)
+
+        build = InfoMetricFamily("kvmtrace_build", "kvmtrace build: versions of kvmtrace, bcc and Python, kernel release",
+                                 labels=["version", "bcc", "python", "kernel"])
+        build.add_metric([], {"version": __version__, "bcc": self.build.get("bcc", ""),
+                              "python": platform.python_version(), "kernel": self.build.get("kernel", platform.release())})
+        yield build
+        attach = InfoMetricFamily("kvmtrace_attach", "how each operation is traced on this host (the probe plan)",
+                                  labels=["op", "attach", "target", "latency", "slots"])
+        for op, how, target, lat, slots in self.plan_ops:
+            attach.add_metric([], {"op": op, "attach": how, "target": target, "latency": lat, "slots": slots})
+        yield attach
+        if self.memslots_limit is not None:
+            g = GaugeMetricFamily("kvmtrace_kvm_memslots_limit",
+                                  "memslots per address space this kernel allows a VM (KVM_CAP_NR_MEMSLOTS)")
+            g.add_metric([], self.memslots_limit)
+            yield g
+
+        v = self._view
+        up = GaugeMetricFamily("kvmtrace_tracer_up", "1 once the tracer has produced a snapshot, else 0")
+        up.add_metric([], 0 if v is None else 1)
+        yield up
+        if v is None:
+            return
+        s = v.snap
+        yield from self._self_metrics(v, s, CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily)
+        yield from self._hva_metrics(v, s, CounterMetricFamily, HistogramMetricFamily)
+        yield from self._memslot_metrics(v, s, CounterMetricFamily, HistogramMetricFamily, GaugeMetricFamily)
+
+    def _self_metrics(self, v: View, s: Snapshot, Counter, Gauge, Info):
+        def one(cls, name, doc, value):
+            m = cls(name, doc)
+            m.add_metric([], value)
+            return m
+
+        yield one(Gauge, "kvmtrace_snapshot_timestamp_seconds", "wall-clock time of the snapshot served", s.wall_time)
+        yield one(Gauge, "kvmtrace_snapshot_age_seconds", "seconds since the tracer loop published that snapshot",
+                  max(0.0, time.monotonic() - v.published_mono))
+        yield one(Gauge, "kvmtrace_tracer_attached_seconds", "seconds since the tracer attached", s.elapsed_s)
+        yield one(Counter, "kvmtrace_snapshots", "snapshots taken by the tracer loop", s.seq)
+        yield one(Gauge, "kvmtrace_consumer_late_seconds",
+                  "how much later than its interval the latest snapshot came (a consumer falling behind)", s.late_s)
+        yield one(Counter, "kvmtrace_lost_events",
+                  "raw events dropped (ring buffer full, consumer behind): derived figures miss them", s.lost_events)
+        yield one(Counter, "kvmtrace_map_full", "in-kernel aggregation map insertions that failed (map full)", s.map_full)
+        yield one(Counter, "kvmtrace_unattributed_operations",
+                  "hva operations from tasks that are not a known VMM (kswapd, khugepaged, ...)", s.unattributed)
+        yield one(Counter, "kvmtrace_ignored_ioctls",
+                  "memslot ioctls on descriptors that are not KVM VMs, dropped in the kernel", s.ignored_ioctls)
+        yield one(Counter, "kvmtrace_tracer_cpu_seconds",
+                  "CPU time (user + system) of the kvmtrace process since the tracer attached (getrusage)", s.self_cpu_s)
+        c = s.cost
+        enabled = c.bpf_stats == "enabled"
+        yield one(Gauge, "kvmtrace_bpf_stats_enabled",
+                  "1 when the kernel's BPF run-time statistics measure kvmtrace's in-kernel cost, else 0", 1 if enabled else 0)
+        info = Info("kvmtrace_bpf_stats", "state of BPF run-time statistics: enabled, or why they are unavailable",
+                    labels=["state"])
+        info.add_metric([], {"state": c.bpf_stats})
+        yield info
+        if enabled:
+            run_s = Counter("kvmtrace_bpf_run_seconds", "run time of kvmtrace's BPF programs (kernel BPF statistics)",
+                            labels=["program"])
+            runs = Counter("kvmtrace_bpf_runs", "runs of kvmtrace's BPF programs (kernel BPF statistics)",
+                           labels=["program"])
+            progs = c.per_prog or (("all", c.bpf_run_ns, c.bpf_run_cnt),)
+            for name, ns, cnt in progs:
+                run_s.add_metric([name], ns / 1e9)
+                runs.add_metric([name], cnt)
+            yield run_s
+            yield runs
+        vms = Gauge("kvmtrace_exporter_vms", "VMs the exporter gives series (exported) or leaves out now (refused: --max-vms)",
+                    labels=["state"])
+        vms.add_metric(["exported"], v.vms_exported)
+        vms.add_metric(["refused"], v.vms_refused)
+        yield vms
+        yield one(Counter, "kvmtrace_exporter_vms_dropped",
+                  "distinct VMs ever left out because --max-vms series were taken", v.vms_dropped_total)
+        yield one(Counter, "kvmtrace_exporter_vms_expired",
+                  "exported VMs whose series dropped out after exiting (--vm-grace)", v.vms_expired_total)
+
+    def _hva_metrics(self, v: View, s: Snapshot, Counter, Histogram):
+        names = list(VM_LABELS) + ["op", "provenance"]
+        ops = Counter("kvmtrace_hva_operations", "hva operations (MMU-notifier callbacks) per VM and op", labels=names)
+        lat = Histogram("kvmtrace_hva_latency_seconds", "latency of hva operations (log2 buckets from the kernel)",
+                        labels=names)
+        slots = Histogram("kvmtrace_hva_memslots_visited", "memslots visited (matched) per hva operation", labels=names)
+        scanned = Counter("kvmtrace_hva_memslots_scanned", "memslots scanned by hva operations (linear-scan kernels)",
+                          labels=names)
+        underived = Counter("kvmtrace_hva_underived_operations",
+                            "hva operations whose memslots-visited figure could not be derived (counted, not guessed)",
+                            labels=list(VM_LABELS) + ["op"])
+        for h in s.hva:
+            lv = v.labels.get(h.vm_id)
+            if lv is None:
+                continue
+            ops.add_metric([*lv, h.op, "exact"], h.count)
+            if h.lat_provenance != "none" and h.lat_hist.total:
+                lat.add_metric([*lv, h.op, h.lat_provenance], hist_buckets(h.lat_hist, LAT_BUCKETS, 1e9),
+                               h.lat_sum_ns / 1e9)
+            if h.slots_provenance != "none" and h.slots_hist.total:
+                slots.add_metric([*lv, h.op, h.slots_provenance], hist_buckets(h.slots_hist, SLOT_BUCKETS, 1),
+                                 h.slots_sum)
+            if h.scanned_sum is not None:
+                scanned.add_metric([*lv, h.op, "exact"], h.scanned_sum)
+            if h.slots_provenance != "exact":
+                underived.add_metric([*lv, h.op], h.underived)
+        yield from (ops, lat, slots, scanned, underived)
+
+    def _memslot_metrics(self, v: View, s: Snapshot, Counter, Histogram, Gauge):
+        names = list(VM_LABELS) + ["change", "provenance"]
+        upd = Counter("kvmtrace_memslot_updates", "memslot updates per VM and change type", labels=names)
+        err = Counter("kvmtrace_memslot_update_errors", "memslot updates that returned an error", labels=names)
+        lat = Histogram("kvmtrace_memslot_update_latency_seconds", "latency of memslot updates (log2 buckets)",
+                        labels=names)
+        for m in s.memslot:
+            lv = v.labels.get(m.vm_id)
+            if lv is None:
+                continue
+            upd.add_metric([*lv, m.change, m.change_provenance], m.count)
+            err.add_metric([*lv, m.change, m.change_provenance], m.errors)
+            if m.lat_provenance != "none" and m.lat_hist.total:
+                lat.add_metric([*lv, m.change, m.lat_provenance], hist_buckets(m.lat_hist, LAT_BUCKETS, 1e9),
+                               m.lat_sum_ns / 1e9)
+        yield from (upd, err, lat)
+        count = Gauge("kvmtrace_vm_memslots", "memslots the VM has now (from the mirrored memslot table)",
+                      labels=list(VM_LABELS) + ["provenance"])
+        most = Gauge("kvmtrace_vm_memslots_max", "largest memslot count of the VM seen while traced",
+                     labels=list(VM_LABELS) + ["provenance"])
+        complete = Gauge("kvmtrace_vm_memslots_complete",
+                         "1 when the VM's memslot table is fully known (created while traced), 0 when it predates "
+                         "the trace (then no memslot count is exported)", labels=list(VM_LABELS))
+        alive = Gauge("kvmtrace_vm_alive", "1 while the VMM process of the VM runs, 0 after it exited",
+                      labels=list(VM_LABELS))
+        for vm in s.vms:
+            lv = v.labels.get(vm.vm_id)
+            if lv is None:
+                continue
+            alive.add_metric(list(lv), 1 if vm.alive else 0)
+            complete.add_metric(list(lv), 0 if vm.partial else 1)
+            if not vm.partial and vm.memslots is not None and vm.memslots_provenance != "none":
+                count.add_metric([*lv, vm.memslots_provenance], vm.memslots)
+                if vm.memslots_max is not None:
+                    most.add_metric([*lv, vm.memslots_provenance], vm.memslots_max)
+        yield from (count, most, complete, alive)
+
+
+def plan_rows(plan) -> List[Tuple[str, str, str, str, str]]:
+    """(op, attach, target, latency provenance, slots provenance) of every op of a probe plan."""
+    if plan is None:
+        return []
+    return [(p.op, str(p.attach), p.target, str(p.latency), str(p.slots)) for p in plan.ops]
+
+
+def render(exporter: Exporter, openmetrics: bool = False) -> bytes:
+    """The exposition a scrape returns (text format, or OpenMetrics)."""
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.exposition import generate_latest
+
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(exporter)
+    if openmetrics:
+        from prometheus_client.openmetrics.exposition import generate_latest as om
+
+        return om(reg)
+    return generate_latest(reg)

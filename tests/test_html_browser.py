@@ -1,0 +1,126 @@
+"""The HTML pages of `report --html` and `compare --html`, read as a person would: the headline
+first, human units, no sentinels or raw timestamps, and rendered in a real headless browser
+(Debian's chromium, installed by scripts/setup.sh): the page renders, nothing overflows a 1280 px
+window, the plots are present and load. Set KVMTRACE_HTML_SHOTS=DIR to keep screenshots."""
+
+from __future__ import annotations
+
+import html as htmlmod
+import json
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from kvmtrace.cli import main
+
+FIX = os.path.join(os.path.dirname(__file__), "fixtures", "recordings")
+WIDTH = 1280
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+needs_browser = pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (scripts/setup.sh installs it)")
+
+# Injected by the test only (the pages themselves hold no scripts): measures the laid-out page and
+# leaves the figures in the DOM for --dump-dom.
+PROBE = """<script>
+window.addEventListener('load', function () {
+  var imgs = [].slice.call(document.images);
+  var r = {scrollWidth: document.documentElement.scrollWidth, innerWidth: window.innerWidth,
+    imgs: imgs.length, loaded: imgs.filter(function (i) { return i.complete && i.naturalWidth > 0; }).length,
+    imgRight: Math.max.apply(null, imgs.map(function (i) { return Math.ceil(i.getBoundingClientRect().right); }).concat([0])),
+    tableRight: Math.max.apply(null, [].slice.call(document.querySelectorAll('table')).map(function (t) {
+      return Math.ceil(t.getBoundingClientRect().right); }).concat([0])),
+    h2: [].slice.call(document.querySelectorAll('h2')).map(function (h) { return h.textContent; })};
+  var d = document.createElement('pre'); d.id = 'kvmtrace-probe'; d.textContent = JSON.stringify(r);
+  document.body.appendChild(d);
+});
+</script>"""
+
+
+def _cli(args, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    out = capsys.readouterr()
+    assert e.value.code == 0, out.err
+
+
+def _pages(tmp_path, capsys):
+    rep = tmp_path / "report.html"
+    _cli(["report", os.path.join(FIX, "multi-vm"), os.path.join(FIX, "basic"), os.path.join(FIX, "hist-only"),
+          os.path.join(FIX, "bench-before"), "--html", str(rep)], capsys)
+    cmp_bench = tmp_path / "compare-bench.html"
+    _cli(["compare", os.path.join(FIX, "bench-before"), os.path.join(FIX, "bench-after"), "--html", str(cmp_bench)], capsys)
+    cmp_rec = tmp_path / "compare.html"
+    _cli(["compare", os.path.join(FIX, "hist-only"), os.path.join(FIX, "basic"), "--html", str(cmp_rec)], capsys)
+    return {"report": rep, "compare-bench": cmp_bench, "compare": cmp_rec}
+
+
+def _visible_text(page: str) -> str:
+    page = re.sub(r'src="data:image/png;base64,[^"]*"', 'src=""', page)
+    page = re.sub(r"<style>.*?</style>", "", page, flags=re.S)
+    return htmlmod.unescape(re.sub(r"<[^>]+>", " ", page))
+
+
+def test_pages_read_as_a_person_would(tmp_path, capsys):
+    pages = _pages(tmp_path, capsys)
+    for name, p in pages.items():
+        page = p.read_text()
+        assert "<script" not in page and "http://" not in page and "https://" not in page, name
+        text = re.sub(r"p[=<][0-9.e+-]+", "p", _visible_text(page))  # p-values may be 1e-05
+        assert not re.search(r"\d\.?\d*e[+-]\d\d", text), (name, re.findall(r"\S*\de[+-]\d\d\S*", text)[:5])
+        assert not re.search(r"(^|\s)-1(\s|$)", text), name  # no -1 sentinels
+        assert not re.search(r"\b1[5-9]\d{8}(\.\d+)?\b", text), name  # no raw Unix timestamps
+        assert page.count('<img class="plot"') >= 2, name
+    rep = pages["report"].read_text()
+    h2 = re.findall(r"<h2>(.*?)</h2>", rep)
+    assert h2[0] == "Per VM and op"  # the headline first
+    text = _visible_text(rep)
+    # every VM named apart; units on every latency; a date, not a timestamp
+    for label in ("selftest[900]#1", "selftest[900]#2", "selftest[900]#3", "web1[901]#1", "web2[901]#2"):
+        assert label in text
+    assert "509/0" in text and "1.87 µs" in text and "2023-11-14 22:13:20 UTC" in text
+    cb = _visible_text(pages["compare-bench"].read_text())
+    assert re.findall(r"<h2>(.*?)</h2>", pages["compare-bench"].read_text())[0] == "Before -&gt; after"
+    assert "before: bench-before · kernel 5.10-synthetic · host synthetic · attach kprobe" in " ".join(cb.split())
+    assert "509 -> -" in cb and "1.81 µs -> 816 ns (2.22x faster)" in cb
+
+
+def _render(page, tmp_path, shot_name=None) -> dict:
+    probe = tmp_path / (page.stem + "-probe.html")
+    probe.write_text(page.read_text().replace("</body>", PROBE + "</body>"))
+    base = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--no-first-run", f"--user-data-dir={tmp_path / 'chromium-profile'}",
+            f"--window-size={WIDTH},2000"]
+    r = subprocess.run(base + ["--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120)
+    m = re.search(r'<pre id="kvmtrace-probe">(.*?)</pre>', r.stdout)
+    assert m, f"page did not render (chromium exit {r.returncode}): {r.stderr[-500:]}"
+    shots = os.environ.get("KVMTRACE_HTML_SHOTS")
+    if shots:
+        os.makedirs(shots, exist_ok=True)
+        subprocess.run(base[:-1] + [f"--window-size={WIDTH},2600", f"--screenshot={os.path.join(shots, page.stem + '.png')}",
+                                    page.as_uri()], capture_output=True, timeout=120)
+    return json.loads(htmlmod.unescape(m.group(1)))
+
+
+@needs_browser
+def test_pages_render_in_headless_chromium_without_overflow(tmp_path, capsys):
+    for name, page in _pages(tmp_path, capsys).items():
+        got = _render(page, tmp_path)
+        assert got["innerWidth"] == WIDTH, (name, got)
+        assert got["scrollWidth"] <= WIDTH, (name, got)  # no horizontal overflow at 1280 px
+        assert got["tableRight"] <= WIDTH and got["imgRight"] <= WIDTH, (name, got)
+        assert got["imgs"] >= 2 and got["loaded"] == got["imgs"], (name, got)  # plots present and decoded
+        assert got["h2"][0] in ("Per VM and op", "Before -> after"), (name, got)
+
+
+@needs_browser
+def test_overflow_check_can_fail(tmp_path, capsys):
+    # the measurement is real: a table wider than the window is caught
+    wide = tmp_path / "wide.html"
+    wide.write_text("<!DOCTYPE html><html><body><h2>Per VM and op</h2><table><tr>"
+                    + "".join(f"<td style='white-space:nowrap'>column-{i:03d}-wide-cell</td>" for i in range(80))
+                    + "</tr></table></body></html>")
+    got = _render(wide, tmp_path)
+    assert got["scrollWidth"] > WIDTH and got["tableRight"] > WIDTH
