@@ -30,11 +30,10 @@ def kvmtrace(*args, **kw):
 def start_record(path, *args):
     p = subprocess.Popen(KT + ["record", "-o", str(path), "--interval", "0.5", *args],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 60
-    while not (path / "kvmtrace-recording.json").exists():  # written once the tracer is attached
-        assert p.poll() is None, p.communicate()
-        assert time.time() < deadline, "record did not start"
-        time.sleep(0.1)
+    line = p.stderr.readline()  # documented for scripts: one line once the probes are attached
+    assert line.startswith("kvmtrace: attached") and line.rstrip().endswith(f"recording to {path}"), \
+        line + p.stderr.read()
+    assert (path / "kvmtrace-recording.json").exists()
     return p
 
 

@@ -2,7 +2,8 @@
 
 Layout (each module pure unless stated):
   tables     column layout of every recorded table; Snapshot / raw events -> rows -> DataFrames
-  recording  Recorder (writes a recording directory, Parquet or CSV) and read_recording / read_inputs
+  recorder   Recorder (writes a recording directory, Parquet or CSV)
+  recording  read_recording / read_inputs (the readers)
   report     recordings -> summary DataFrames (per op and VM, memslot updates, memslot-count
              breakdown, lost events) and the JSON document of ``kvmtrace report --json``
   compare    two sets of recordings -> one row per op (and scenario x slots) with ratios,

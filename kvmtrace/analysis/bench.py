@@ -19,7 +19,8 @@ import pandas as pd
 
 from .. import __version__
 from ..errors import UsageError
-from .recording import BENCH_FILE, BENCH_FORMAT, BENCH_VERSION, Recording, write_json_atomic
+from .recorder import write_json_atomic
+from .recording import BENCH_FILE, BENCH_FORMAT, BENCH_VERSION, Recording
 from .report import build_report
 
 SCENARIOS = ("unmap", "unmap-chunked", "move-active", "move-inactive", "map", "age", "churn", "mixed")

@@ -224,7 +224,7 @@ def simulate(
 def record_synthetic(path: str, snaps: Sequence[Snapshot], evs: Optional[Sequence[list]] = None,
                      fmt: str = "parquet", meta: Optional[dict] = None, **kw) -> str:
     """Write a synthetic run through the real Recorder."""
-    from .recording import Recorder
+    from .recorder import Recorder
 
     m = {"host": "synthetic", "kernel": "0.0.0-synthetic", "start": snaps[0].wall_time - 1 if snaps else 0.0}
     m.update(meta or {})
