@@ -330,6 +330,25 @@ class Snapshot:
         return dict(self.meta)
 
 
+def cost_summary(cum: "Snapshot") -> dict:
+    """kvmtrace's own cost over a whole trace (a cumulative snapshot), for recording metadata
+    and reports: BPF run time and runs (null when BPF statistics were unavailable), ns per
+    program run, and in-kernel and user-space CPU as a fraction of one CPU."""
+    c, t = cum.cost, cum.elapsed_s
+    on = c.bpf_stats.startswith("enabled")
+    return {
+        "bpf_stats": c.bpf_stats,
+        "bpf_run_ns": c.bpf_run_ns if on else None,
+        "bpf_run_cnt": c.bpf_run_cnt if on else None,
+        "bpf_ns_per_event": (c.bpf_run_ns / c.bpf_run_cnt) if on and c.bpf_run_cnt else None,
+        "bpf_cpu_share": (c.bpf_run_ns / 1e9 / t) if on and t > 0 else None,
+        "user_cpu_s": cum.self_cpu_s,
+        "user_cpu_share": (cum.self_cpu_s / t) if t > 0 else None,
+        "elapsed_s": t,
+        "per_prog": {n: [ns, cnt] for n, ns, cnt in c.per_prog} if on else {},
+    }
+
+
 def mean(total: int, n: int) -> Optional[float]:
     return None if n <= 0 else total / n
 
@@ -387,3 +406,27 @@ class MemslotEvent:
     latency_ns: int
     lat_provenance: str
     change_provenance: str
+
+
+HVA_EVENT_FIELDS = ("ts_ns", "vm_id", "pid", "tid", "op", "start", "end", "latency_ns", "slots", "scanned",
+                    "memslots", "lat_provenance", "slots_provenance")
+
+
+@dataclass(frozen=True)
+class HvaEventBatch:
+    """Raw hva operations as columns (one sequence per HvaEvent field, all of one length, e.g.
+    numpy arrays): what the tracer hands over at high event rates without one Python object per
+    event. ``events()`` builds HvaEvent objects for consumers that want them."""
+
+    columns: Tuple[Tuple[str, object], ...]
+
+    def column(self, name: str):
+        return dict(self.columns)[name]
+
+    def __len__(self) -> int:
+        return len(self.column("ts_ns"))
+
+    def events(self) -> list:
+        cols = dict(self.columns)
+        lists = [list(cols[f]) for f in HVA_EVENT_FIELDS]
+        return [HvaEvent(*(v if isinstance(v, str) else int(v) for v in row)) for row in zip(*lists)]

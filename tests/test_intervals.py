@@ -76,8 +76,9 @@ def test_rates_and_cpu_share_use_the_time_the_figures_cover():
 def test_a_late_snapshot_says_so_and_its_rate_stays_true():
     s = fake_session([0.0, 1.0, 0.0], interval=0.5)
     snaps = list(s.snapshots(duration=2.2))
-    late = [x for x in snaps if x.late_s > 0]
-    assert len(late) == 1 and late[0].late_s >= 0.9 and late[0] is snaps[1]
+    late = [x for x in snaps if x.late_s >= 0.9]
+    assert len(late) == 1 and late[0] is snaps[1]
+    assert all(x.late_s < 0.5 for x in snaps if x is not late[0])  # others: on time (load noise aside)
     for p, x in zip(snaps, snaps[1:]):
         assert unmap_rate(x.delta(p)) == pytest.approx(RATE, rel=0.15)
     d = late[0].delta(snaps[snaps.index(late[0]) - 1])

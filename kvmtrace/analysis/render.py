@@ -100,6 +100,20 @@ LEGEND = (
 )
 
 
+def _cost_line(r):
+    """kvmtrace's own cost while recording one source (metadata self_cost)."""
+    from rich.text import Text
+
+    pct = lambda v: "-" if v != v else f"{100 * v:.3g}%"  # noqa: E731  (NaN: not measured)
+    if str(r["bpf_stats"]).startswith("enabled"):
+        bpf = f"in kernel {fmt_num(r['bpf_ns_per_event'])} ns/event, {pct(r['bpf_cpu_share'])} of a CPU"
+    else:
+        bpf = f"in-kernel cost {r['bpf_stats']}"
+    late = f"; {r['late_intervals']} late intervals (kvmtrace fell behind)" if r["late_intervals"] else ""
+    return Text(f"kvmtrace's own cost ({r['source']}): {bpf}; user space {pct(r['user_cpu_share'])} of a CPU{late}",
+                style="dim")
+
+
 def _one_prov(heads: List[str], rows: List[List[str]]):
     """When every row has the same provenance, drop the "prov" column and return it for the
     caption (narrower tables); else leave the column. -> (heads, rows, common or "")."""
@@ -118,6 +132,7 @@ def report_renderables(rep) -> list:
         rows.append([r["source"], r["host"], r["kernel"], f"{r['duration_s']:.1f} s", str(r["intervals"]), r["status"],
                      fmt_num(r["lost_events"]), "yes" if r["raw_events"] else "no"])
     out.append(_table("Recordings", ["source", "host", "kernel", "duration", "intervals", "status", "lost events", "raw events"], rows))
+    out += [_cost_line(r) for _, r in src.iterrows() if "bpf_stats" in r]
     multi = len(src) > 1
     h = rep["hva_ops"]
     if not h.empty:

@@ -387,8 +387,19 @@ def sources(recs: Sequence[Recording]) -> pd.DataFrame:
             "hva_events": int(len(r.tables["hva_events"])) if "hva_events" in r.tables else 0,
             "memslot_events": int(len(r.tables["memslot_events"])) if "memslot_events" in r.tables else 0,
             "warnings": "; ".join(r.warnings),
+            **_self_cost(r.meta.get("self_cost")),
         })
     return pd.DataFrame(rows)
+
+
+def _self_cost(c) -> dict:
+    """kvmtrace's own cost over a recording (metadata ``self_cost``; absent in recordings made
+    before kvmtrace measured it)."""
+    c = c or {}
+    num = lambda k: math.nan if c.get(k) is None else float(c[k])  # noqa: E731
+    return {"bpf_stats": c.get("bpf_stats", "not recorded"), "bpf_ns_per_event": num("bpf_ns_per_event"),
+            "bpf_cpu_share": num("bpf_cpu_share"), "user_cpu_share": num("user_cpu_share"),
+            "late_intervals": int(c.get("late_intervals") or 0)}
 
 
 def _prefix(df: pd.DataFrame, r: Recording, src: pd.Series) -> pd.DataFrame:

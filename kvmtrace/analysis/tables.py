@@ -15,7 +15,7 @@ import pandas as pd
 import pyarrow as pa
 
 from ..consts import LOG2_BUCKETS
-from ..snapshot import HvaEvent, Log2Hist, MemslotEvent, Snapshot
+from ..snapshot import HvaEvent, HvaEventBatch, Log2Hist, MemslotEvent, Snapshot
 
 I64 = pa.int64()
 F64 = pa.float64()
@@ -60,6 +60,10 @@ SCHEMAS: Dict[str, pa.Schema] = {
             ("memslot_updates", I64),
             ("hva_events", I64),
             ("memslot_events", I64),
+            # kvmtrace's own cost in the interval (Snapshot.cost); null: BPF statistics unavailable
+            ("bpf_run_ns", I64),
+            ("bpf_run_cnt", I64),
+            ("late_s", F64),  # the snapshot came this much later than its interval asked
         ]
     ),
     "vms": pa.schema(
@@ -174,6 +178,7 @@ def columns(table: str) -> List[str]:
 # recording stands for (unknown / not measured). Readers fill them in (``upgrade``), so older
 # recordings keep reading; tables added later (by_memslots) are simply absent from them.
 ADDED_COLUMNS: Dict[str, Dict[str, object]] = {
+    "intervals": {"bpf_run_ns": None, "bpf_run_cnt": None, "late_s": 0.0},
     "vms": {"ordinal": 0, "memslots_max": -1},
     "hva": {"ordinal": 0, "memslots_max": -1, "scanned_max": None, "underived": 0},
     "memslot": {"ordinal": 0, "memslots_max": -1},
@@ -339,6 +344,9 @@ def snapshot_rows(
             "memslot_updates": mem_total,
             "hva_events": int(n_hva_events),
             "memslot_events": int(n_memslot_events),
+            "bpf_run_ns": int(delta.cost.bpf_run_ns) if delta.cost.bpf_stats.startswith("enabled") else None,
+            "bpf_run_cnt": int(delta.cost.bpf_run_cnt) if delta.cost.bpf_stats.startswith("enabled") else None,
+            "late_s": float(delta.late_s),
         }
     )
     return out
@@ -349,8 +357,35 @@ _MEM_EV_FIELDS = [c for c in columns("memslot_events") if c != "interval"]
 _WRAP = {"start", "end", "gpa", "hva", "size"}
 
 
+class EventColumns:
+    """Raw hva events as columns (numpy arrays), from the tracer's HvaEventBatch objects: no
+    Python object per event on the way to disk. ``len()`` is the number of events."""
+
+    def __init__(self, cols: Dict[str, np.ndarray]) -> None:
+        self.cols = cols
+
+    def __len__(self) -> int:
+        return len(self.cols["ts_ns"])
+
+
+def _hva_columns(batches: list, objs: list) -> EventColumns:
+    cols = {}
+    for f in _HVA_EV_FIELDS:
+        parts = [np.asarray(b.column(f)) for b in batches]
+        if objs:
+            vals = [getattr(e, f) for e in objs]
+            parts.append(np.asarray([_i64(v) for v in vals] if f in _WRAP else vals,
+                                    dtype=object if isinstance(vals[0], str) else np.int64))
+        cols[f] = np.concatenate(parts)
+    return EventColumns(cols)
+
+
 def event_columns(events: Sequence, table: str, interval: int) -> Dict[str, list]:
     """Column lists (not rows: cheaper for millions of events) for a batch of raw events."""
+    if isinstance(events, EventColumns):
+        cols = dict(events.cols)
+        cols["interval"] = np.full(len(events), interval, dtype=np.int64)
+        return cols
     fields = _HVA_EV_FIELDS if table == "hva_events" else _MEM_EV_FIELDS
     cols: Dict[str, list] = {"interval": [interval] * len(events)}
     for f in fields:
@@ -362,12 +397,18 @@ def event_columns(events: Sequence, table: str, interval: int) -> Dict[str, list
 
 
 def split_events(events: Iterable) -> Tuple[list, list]:
-    hva, mem = [], []
+    """(hva events, memslot events); hva events as EventColumns when the tracer gave columns
+    (HvaEventBatch)."""
+    hva, mem, batches = [], [], []
     for e in events:
         if isinstance(e, HvaEvent):
             hva.append(e)
         elif isinstance(e, MemslotEvent):
             mem.append(e)
+        elif isinstance(e, HvaEventBatch):
+            batches.append(e)
+    if batches:
+        return _hva_columns(batches, hva), mem
     return hva, mem
 
 

@@ -87,7 +87,7 @@ class StatusLine:
             self.stream.flush()
 
 
-def status_text(rec, elapsed: float, duration) -> str:
+def status_text(rec, elapsed: float, duration, late: int = 0) -> str:
     t = rec.totals
     span = f"{elapsed:.0f}/{duration:.0f} s" if duration else f"{elapsed:.0f} s"
     parts = [f"recording {span}", f"{rec.interval} intervals", f"hva ops {t['hva_ops']:,}",
@@ -95,6 +95,8 @@ def status_text(rec, elapsed: float, duration) -> str:
     if rec.events:
         parts.append(f"events {t['hva_events'] + t['memslot_events']:,}")
     parts.append(f"lost {rec.lost_events:,}")
+    if late:
+        parts.append(f"{late} late intervals (kvmtrace fell behind)")
     parts.append(f"{rec.bytes_on_disk() / 1e6:.1f} MB")
     return " | ".join(parts)
 
@@ -110,6 +112,15 @@ def session_meta(session, label: str, pid, interval: float, events: bool) -> dic
         "raw_events": events,
         "session": sm,
     }
+
+
+def _take_events(session) -> list:
+    """Raw events of the interval; hva events as columns when the tracer offers them."""
+    take = getattr(session, "take_event_batches", None)
+    if take is None:
+        return session.take_events()
+    batches, others = take()
+    return list(batches) + list(others)
 
 
 def attached_line(session, path: str) -> str:
@@ -129,14 +140,22 @@ def run_recording(session, recorder, duration=None, stop=None, status: StatusLin
     ``prev`` (the last cumulative snapshot of an earlier recording) the first interval is
     differenced against it, so consecutive recordings have no gap. The last snapshot is
     available as ``recorder.last_snapshot``."""
+    from ..snapshot import cost_summary
+
+    first = prev
+    late = 0
     t0 = time.monotonic()
     for snap in session.snapshots(duration=duration, stop=stop):
-        events = session.take_events() if recorder.events else ()
+        events = _take_events(session) if recorder.events else ()
         recorder.write(snap.delta(prev), events)
         prev = snap
         recorder.last_snapshot = snap
+        late += snap.late_s > 0
         if status is not None:
-            status.show(status_text(recorder, time.monotonic() - t0, duration))
+            status.show(status_text(recorder, time.monotonic() - t0, duration, late))
+    if prev is not None and prev is not first:  # kvmtrace's own cost over this recording
+        span = prev if first is None else prev.delta(first)
+        recorder.update_meta(self_cost=dict(cost_summary(span), late_intervals=late))
     if getattr(session, "interrupted", False):
         return "signal"
     if stop is not None and stop():

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, List, Optional, Tuple
 
 from ..consts import LOG2_BUCKETS, MS_CHANGE_DERIVE, Change, Op
-from ..snapshot import Log2Hist, MemslotEvent, MemslotStats, VmInfo, log2_bucket
+from ..snapshot import HVA_EVENT_FIELDS, HvaEventBatch, Log2Hist, MemslotEvent, MemslotStats, VmInfo, log2_bucket
 from . import records as R
 from .mirror import Mirror
 
@@ -107,6 +107,8 @@ class Stream:
         self.mirror = Mirror()
         self.ms: Dict[Tuple[str, str], Agg] = defaultdict(Agg)
         self.events: deque = deque()
+        self.batches: list = []  # HvaEventBatch (columnar raw events, on_batch)
+        self.batch_rows = 0
         self.pending: Dict[int, list] = defaultdict(list)
         self.events_dropped = 0
         self.known_vmm: Dict[int, int] = {}
@@ -117,16 +119,38 @@ class Stream:
     def keep(self, e) -> None:
         if not self.keep_events:
             return
-        if len(self.events) >= self.max_events:
+        if len(self.events) + self.batch_rows >= self.max_events:
             self.events_dropped += 1
             return
         self.events.append(e)
 
-    def take_events(self) -> list:
+    def keep_batch(self, cols: dict) -> None:
+        """Columnar raw hva events (caller holds the lock); rows beyond max_events dropped
+        and counted."""
+        n = len(cols["ts_ns"])
+        room = self.max_events - len(self.events) - self.batch_rows
+        if n > room:
+            self.events_dropped += n - max(room, 0)
+            if room <= 0:
+                return
+            cols = {k: v[:room] for k, v in cols.items()}
+            n = room
+        self.batches.append(HvaEventBatch(tuple((f, cols[f]) for f in HVA_EVENT_FIELDS)))
+        self.batch_rows += n
+
+    def take_batches(self) -> tuple:
+        """(HvaEventBatch list, other raw event objects) kept since the last call."""
         with self.lock:
-            out = list(self.events)
+            out = (self.batches, list(self.events))
+            self.batches, self.batch_rows = [], 0
             self.events.clear()
         return out
+
+    def take_events(self) -> list:
+        batches, objs = self.take_batches()
+        for b in batches:
+            objs += b.events()
+        return objs
 
     def remember(self, pid: int) -> None:
         """Name a VMM while it is alive (VM creation, first memslot update)."""
@@ -206,8 +230,20 @@ class Decoding:
         self._tp_ops = frozenset(n for n, d in self.by_op.items() if d is self.tp)
 
     def take_events(self) -> list:
-        """Raw events decoded since the last call (keep_events=True)."""
+        """Raw events decoded since the last call (keep_events=True), as objects."""
         return self.stream.take_events()
+
+    def take_event_batches(self) -> tuple:
+        """Raw events decoded since the last call: (HvaEventBatch list, other event objects)."""
+        return self.stream.take_batches()
+
+    def on_batch(self, b) -> None:
+        """A batch of records read from the ring buffer (numpy structured array, rawevents.py),
+        decoded as ``on_raw`` would decode them one by one, but hva records as columns: no
+        Python object per hva event."""
+        from .rawevents import decode_batch
+
+        decode_batch(self, b)
 
     def on_raw(self, raw: bytes) -> None:
         """One record from the ring/perf buffer (R.EVENT_SIZE bytes)."""

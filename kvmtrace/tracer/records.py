@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import ctypes as ct
 import struct
-from typing import Dict, List, Tuple
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
 
 CNT_LOST, CNT_MAPFULL, CNT_NOLAT = 0, 1, 2
 COUNTERS = ("CNT_LOST", "CNT_MAPFULL", "CNT_NOLAT")  # index = value; NR_CNT = len
@@ -143,6 +144,22 @@ def c_header() -> str:
     return "\n".join(lines) + "\n"
 
 
+def numpy_fields() -> Tuple[List[str], List[str], List[int]]:
+    """(names, numpy formats, offsets) of every field of struct event for a numpy structured
+    dtype (columnar batches, rawevents.py): head fields by name, body fields as
+    ``<kind>_<field>`` (the bodies overlap, as the C union does)."""
+    fmt = {"u64": "<u8", "s64": "<i8", "u32": "<u4", "s32": "<i4"}
+    names, formats, offsets = [], [], []
+    for n, t, o in _layout(HEAD):
+        if not n.startswith("_"):
+            names.append(n), formats.append(fmt[t]), offsets.append(o)
+    for k, (_v, f) in KINDS.items():
+        for n, t, o in _layout(f, HEAD_SIZE):
+            if not n.startswith("_"):
+                names.append(f"{k}_{n}"), formats.append(fmt[t]), offsets.append(o)
+    return names, formats, offsets
+
+
 # ---------------------------------------------------------------------------- program names
 # kprobe program names, built in one place: the C declares its programs through the macros
 # c_header() generates from these templates, and the session (and tests) attach by the names
@@ -212,8 +229,6 @@ def pack(kind: str, **fields) -> bytes:
 # What the tracer reads from the kernel once per interval, as plain Python values: the input of
 # the decoders (decode_exact.py, decode_tp.py), which therefore run and are tested without bcc
 # or root. Keys are the raw integers of the C keys; their meaning is the decoder's business.
-from dataclasses import dataclass, field  # noqa: E402
-from typing import Optional  # noqa: E402
 
 
 @dataclass(frozen=True)

@@ -103,7 +103,9 @@ class CostMeter:
         self.cpu0 = 0.0
 
     def watch(self, progs: Dict[str, int]) -> None:
+        """Measure these programs from now on; user CPU time counts from now too."""
         self.progs = dict(progs)
+        self.cpu0 = self.cpu()
 
     def start(self) -> "CostMeter":
         self.cpu0 = self.cpu()

@@ -30,6 +30,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 from .. import __version__
 from ..errors import CapabilityMissing, KvmtraceError, PermissionProblem
+from . import rawevents
 from . import records as R
 from .cflags import build_cflags, source
 from .decode_common import Decoding, exact_vm_id  # noqa: F401  (exact_vm_id: public name)
@@ -230,6 +231,7 @@ class TraceSession:
         facts: Optional[KernelFacts] = None,
         max_events: int = 2_000_000,
         ringbuf_pages: int = 4096,
+        ring_reader: str = "auto",
     ) -> None:
         if pid is not None and (not isinstance(pid, int) or pid <= 0):
             raise KvmtraceError(f"--pid must be a positive process id, not {pid!r}", exit_code=2)
@@ -243,6 +245,10 @@ class TraceSession:
         self.facts = facts
         self.max_events = max_events
         self.ringbuf_pages = ringbuf_pages
+        # "mmap": batches read through the ring buffer's pages (rawevents.py); "bcc": bcc's
+        # per-record callback; "auto": mmap where supported
+        self.ring_reader = ring_reader
+        self._reader = None
         self.bpf = None
         self.meta: Dict[str, str] = {}
         self.interrupted = False
@@ -307,7 +313,6 @@ class TraceSession:
             events=self.keep_events, fentry_module=fentry_module,
         )
         self.cflags = cflags
-        self._rusage0 = self._cpu()
         # kvmtrace's own cost: BPF run-time statistics on from before the programs are
         # attached until the session closes
         self._cost = CostMeter().start()
@@ -327,7 +332,12 @@ class TraceSession:
         if tbl is not None:
             for p in known:
                 tbl[tbl.Key(p)] = tbl.Leaf(1)
-        if ringbuf:
+        if ringbuf and self.ring_reader != "bcc" and not rawevents.supported():
+            import mmap
+
+            self._reader = rawevents.RingReader.open(self.bpf["events"].map_fd,
+                                                     self.ringbuf_pages * mmap.PAGESIZE)
+        elif ringbuf:
             self.bpf["events"].open_ring_buffer(self._on_event)
         else:
             self.bpf["events"].open_perf_buffer(
@@ -337,6 +347,9 @@ class TraceSession:
             )
         self._ringbuf = ringbuf
         self._cost.watch({_name(n): f.fd for n, f in self.bpf.funcs.items()})
+        # CPU time counts from here, as the snapshots' elapsed time does (the BPF compile and
+        # load before it would otherwise inflate the first intervals' CPU share)
+        self._rusage0 = self._cpu()
         self._t0 = time.monotonic_ns()
         self._wall0 = time.time()
         self.meta = self._make_meta()
@@ -374,6 +387,9 @@ class TraceSession:
                 self.bpf.cleanup()  # detaches kprobes/tracepoints, closes every fd
             finally:
                 self.bpf = None
+                if self._reader is not None:
+                    self._reader.close()
+                    self._reader = None
 
     # ------------------------------------------------------------------ event stream
     def _consume_loop(self) -> None:
@@ -393,7 +409,11 @@ class TraceSession:
         try:
             if self.bpf is None:
                 return
-            if self._ringbuf:
+            if self._reader is not None:
+                b = self._reader.read()
+                if len(b):
+                    self.decoding.on_batch(b)
+            elif self._ringbuf:
                 self.bpf.ring_buffer_consume()
             else:
                 self.bpf.perf_buffer_poll(timeout=0)
@@ -407,8 +427,13 @@ class TraceSession:
         self.decoding.on_raw(ct.string_at(data, R.EVENT_SIZE))
 
     def take_events(self) -> list:
-        """Raw events received since the last call (events=True)."""
+        """Raw events received since the last call (events=True), as objects."""
         return self.decoding.take_events() if self.decoding is not None else []
+
+    def take_event_batches(self) -> tuple:
+        """Raw events received since the last call (events=True): (list of HvaEventBatch,
+        list of other event objects); hva events stay columns (no object per event)."""
+        return self.decoding.take_event_batches() if self.decoding is not None else ([], [])
 
     # ------------------------------------------------------------------ snapshots
     @staticmethod
