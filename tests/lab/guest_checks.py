@@ -63,6 +63,7 @@ CHECKS = [
     "exact_vm_lifetimes",
     "exact_memslot_buckets",
     "exact_multi_vm",
+    "exact_report_by_memslots",
     "harness_wrong_expectation",
 ]
 
@@ -864,6 +865,50 @@ def check_exact_multi_vm():
     return "pass", "%d VMs of one process (%d at once), each exact: %s" % (
         len(got), sum(1 for w in gt["vms"] if w.get("concurrent")), ", ".join(
             "#%d %d unmaps" % (r["ordinal"], r["unmaps"]) for r in got)), details
+
+
+def check_exact_report_by_memslots():
+    """`kvmtrace record` (default plan, no --events) around one VM with 509 memslots unmapping 64
+    pages, then `report --json`: the memslot-count table has the unmaps at 509 memslots (from
+    the kernel's buckets), scanned 509 per unmap on linear-scan kernels."""
+    if EXPECTED_DEFAULT_MODE not in ("kprobe", "fentry"):
+        raise Skip("no exact mode expected here")
+    out = os.path.join(RESULTS, "rec-by-memslots")
+    log = open(os.path.join(RESULTS, "record-by-memslots.log"), "w")
+    before_kp, before_ids = kprobe_events(), bpf_prog_ids()
+    proc = subprocess.Popen(KVMTRACE + ["record", "-o", out, "--interval", "1"], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        if not _wait_attached(proc, before_kp, before_ids):
+            raise Fail("`kvmtrace record` exited before attaching: %s" % tail(open(log.name).read()))
+        p = run(KVMTRACE + ["workload", "--slots", "509", "--slot-size", "256K", "--scenario", "unmap", "--pages", "64",
+                            "--iterations", "1", "--quiet", "--json-out", os.path.join(RESULTS, "gt-by-memslots.json")])
+        if p.returncode != 0:
+            raise Fail("workload exited %d: %s" % (p.returncode, tail(p.stderr or p.stdout)))
+        time.sleep(2.5)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+    with open(os.path.join(RESULTS, "gt-by-memslots.json")) as f:
+        gt = json.load(f)
+    rep = json.loads(run(KVMTRACE + ["report", out, "--json"], check=True).stdout)
+    rows = [r for r in rep.get("by_memslots", []) if r.get("op") == "unmap"]
+    details = {"by_memslots": rows, "truth_unmaps": gt["hva_ops"]["unmap"]}
+    top = [r for r in rows if r.get("memslots_max") == 509]
+    errs = []
+    if sum(r.get("count", 0) for r in rows) != gt["hva_ops"]["unmap"]:
+        errs.append("by_memslots holds %d unmaps, ground truth %d" % (sum(r.get("count", 0) for r in rows), gt["hva_ops"]["unmap"]))
+    if len(top) != 1 or top[0].get("count", 0) < 64:
+        errs.append("no memslot-count row with max 509 holding the 64 page unmaps")
+    elif LINEAR_SCAN and (top[0].get("slots_scanned") or {}).get("mean") != 509:
+        errs.append("slots scanned at 509 memslots: %r, expected 509" % (top[0].get("slots_scanned"),))
+    if errs:
+        raise Fail("; ".join(errs), details)
+    return "pass", "report: %d unmaps at %s memslots (max 509)%s" % (
+        top[0]["count"], top[0].get("memslots_bucket"), ", scanned 509" if LINEAR_SCAN else ""), details
 
 
 def get_check(name):
