@@ -1,15 +1,12 @@
 """kvmtrace command line. Commands are thin: they parse options and hand over to the tracer,
 workload, dashboard or analysis modules. Every KvmtraceError becomes one message with its
-remedy and an exit status here, in ``main``; nothing else prints tracebacks."""
+remedy and an exit status in ``main`` (commands.run_click); nothing prints tracebacks."""
 
 from __future__ import annotations
-
-import sys
 
 import click
 
 from . import __version__
-from .errors import KvmtraceError
 
 CONTEXT_SETTINGS = dict(help_option_names=["-h", "--help"], max_content_width=100)
 
@@ -67,23 +64,9 @@ def cli():
 
 
 def main(argv=None):
-    try:
-        cli.main(args=argv, prog_name="kvmtrace", standalone_mode=False)
-    except KvmtraceError as e:
-        click.echo(f"kvmtrace: {e}", err=True)
-        sys.exit(e.exit_code)
-    except click.exceptions.Abort:
-        click.echo("kvmtrace: aborted", err=True)
-        sys.exit(130)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        click.echo("kvmtrace: interrupted", err=True)
-        sys.exit(130)
-    except BrokenPipeError:
-        sys.exit(0)
-    sys.exit(0)
+    from .commands import run_click
+
+    run_click(cli, argv, "kvmtrace")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 (dashboard, recorder, exporter, reports). Pure Python, no bcc, no rich.
 
 A snapshot holds *cumulative* figures since the tracer attached; ``Snapshot.delta(prev)`` gives
-the figures of one interval. Every figure group carries its provenance (consts.Provenance).
+the figures of one interval. Every figure group carries its provenance ("exact", "syscall", "derived" or "none").
 """
 
 from __future__ import annotations

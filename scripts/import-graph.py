@@ -21,7 +21,7 @@ PKG = "kvmtrace"
 
 # Layers, lowest first. A part may import parts of its own layer or below, never above.
 LAYERS = [
-    ("base", {"consts", "errors", "__init__", "fmt"}),
+    ("base", {"consts", "errors", "__init__", "fmt", "output", "signals"}),
     ("model", {"snapshot"}),
     ("producers", {"tracer", "workload"}),
     ("consumers", {"analysis", "dashboard", "exporter"}),
@@ -39,7 +39,11 @@ ALLOWED = {("exporter", "kvmtrace.tracer.session")}
 
 
 def part_of(module: str) -> str:
+    """The part a module belongs to. A ``__main__`` module is an entry point (``python -m``):
+    it belongs with the commands, whatever package holds it."""
     parts = module.split(".")
+    if parts[-1] == "__main__":
+        return "__main__"
     return parts[1] if len(parts) > 1 else "__init__"
 
 

@@ -10,11 +10,11 @@ import io
 import pytest
 
 from kvmtrace.dashboard import live as live_mod
-from kvmtrace.dashboard.fmt import fmt_duration, fmt_ns, fmt_rate
+from kvmtrace.fmt import fmt_duration, fmt_ns, fmt_rate
 from kvmtrace.dashboard.live import make_options, run_live
 from kvmtrace.dashboard.model import ViewOptions, build_view, cycle_selected
 from kvmtrace.dashboard.plain import CsvSink, LogFormatter, csv_columns, plain_table
-from kvmtrace.dashboard.synthetic import SyntheticSession, snapshot_at, tracepoint_plan
+from .synthetic_top import SyntheticSession, snapshot_at, tracepoint_plan
 from kvmtrace.dashboard.view import hist_lines, render_text
 from kvmtrace.errors import DataFileError, UsageError
 from kvmtrace.tracer.plan import OpPlan, ProbePlan

@@ -12,6 +12,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -94,7 +95,7 @@ PY = shlex.quote(sys.executable)
 
 
 def test_synthetic_keys_resize_quit(tmux_factory):
-    t = tmux_factory(f"{PY} -m kvmtrace.dashboard.synthetic --interval 0.3")
+    t = tmux_factory(f"{PY} -m tests.synthetic_top --interval 0.3")
     s = t.wait_for(lambda s: "4343 python3" in s, what="the second VM to appear")
     assert t.display("#{alternate_on}") == "1"  # full-screen view on the alternate screen
     assert "4242 guest-a" in s and "sort ops" in s and "keys: s sort" in s
@@ -130,7 +131,7 @@ def test_synthetic_keys_resize_quit(tmux_factory):
 
 
 def test_synthetic_ctrl_c_restores_terminal(tmux_factory):
-    t = tmux_factory(f"{PY} -m kvmtrace.dashboard.synthetic --interval 0.3")
+    t = tmux_factory(f"{PY} -m tests.synthetic_top --interval 0.3")
     t.wait_for(lambda s: "4242 guest-a" in s, what="first interval")
     t.send("C-c")
     s = t.wait_for(lambda s: "EXITED rc=" in s, timeout=10, what="exit after Ctrl-C")
@@ -138,9 +139,39 @@ def test_synthetic_ctrl_c_restores_terminal(tmux_factory):
     t.assert_restored(s)
 
 
+def _child_pid(t) -> int:
+    """The pid of the command running in the pane (the pane's shell forks it)."""
+    shell = int(t.display("#{pane_pid}"))
+    with open(f"/proc/{shell}/task/{shell}/children") as f:
+        return int(f.read().split()[0])
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_synthetic_sigterm_sighup_restore_terminal_and_print_summary(tmux_factory, sig):
+    """issue 13 #9: SIGTERM/SIGHUP left no echo, the alternate screen and a hidden cursor, and no
+    summary."""
+    t = tmux_factory(f"{PY} -m tests.synthetic_top --interval 0.3")
+    t.wait_for(lambda s: "4242 guest-a" in s, what="first interval")
+    os.kill(_child_pid(t), sig)
+    s = t.wait_for(lambda s: "EXITED rc=" in s, timeout=10, what=f"exit after {sig.name}")
+    assert "kvmtrace top summary" in s
+    t.assert_restored(s)
+
+
+def test_background_top_stops_on_sigint_from_a_script(tmp_path):
+    """issue 13 #9: a shell script starts background jobs with SIGINT ignored; `kill -INT` must
+    still stop the view (with its summary)."""
+    script = (f"cd {shlex.quote(REPO)} && {{ {PY} -m tests.synthetic_top --interval 0.2 --log & }}; "
+              "pid=$!; sleep 1.5; kill -INT $pid; wait $pid; echo rc=$?")
+    p = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=30)
+    lines = p.stdout.splitlines()
+    assert lines[-1] == "rc=0", p.stdout + p.stderr
+    assert lines[-2].split()[0] == "total"
+
+
 def test_not_a_tty_stdout_has_no_escape_codes(tmux_factory, tmp_path):
     out = tmp_path / "out.txt"
-    t = tmux_factory(f"{PY} -m kvmtrace.dashboard.synthetic --interval 0.1 --duration 0.35 > {out}")
+    t = tmux_factory(f"{PY} -m tests.synthetic_top --interval 0.1 --duration 0.35 > {out}")
     s = t.wait_for(lambda s: "EXITED rc=" in s, timeout=10, what="batch run to end")
     t.assert_restored(s)
     text = out.read_text()
@@ -175,7 +206,9 @@ def test_real_top_shows_workload_vm(tmux_factory):
     why = _why_not_real()
     if why:
         pytest.skip(f"needs root, bcc, tracefs and /dev/kvm: {why}")
-    t = tmux_factory(f"{PY} -m kvmtrace.cli top --interval 1")
+    # a tall pane: on a busy host the summary lists every VM seen (other users' short-lived VMMs
+    # too), and its header must still be on screen
+    t = tmux_factory(f"{PY} -m kvmtrace.cli top --interval 1", y=200)
     t.wait_for(lambda s: "kvmtrace top · host" in s, timeout=60, what="the tracer to attach")
     wl = subprocess.Popen(
         [sys.executable, "-m", "kvmtrace.workload", "--slots", "64", "--scenario", "mixed", "--duration", "20", "-q"],

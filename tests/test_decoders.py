@@ -57,94 +57,123 @@ def feed(dec, *records):
         dec.on_raw(r)
 
 
-def tp_vm_with_two_slots(dec, tgid=100):
-    feed(dec, rec("vm_create", tgid=tgid),
-         memslot(0, 0, 4 * MB, 0x1000_0000, tgid=tgid),
-         memslot(1, 4 * MB, 4 * MB, 0x1040_0000, tgid=tgid))  # adjacent: a range can span both
+def tp_row(count, slots_count=None, slots_sum=0, slots_max=0, underived=0, lat_count=0, lat_sum=0,
+           buckets=None):
+    """A tp_aggs value: ``buckets`` maps a memslot-count bucket to (count, slots_sum, nmax)."""
+    slots_count = count - underived if slots_count is None else slots_count
+    b = [R.TpBucket()] * R.MS_BUCKETS
+    for i, (n, ss, mx) in (buckets or {}).items():
+        b[i] = R.TpBucket(count=n, lat_count=n if lat_count else 0, lat_sum=lat_sum, slots_sum=ss, nmax=mx)
+    agg = R.AggRow(count=count, lat_count=lat_count, lat_sum=lat_sum, slots_count=slots_count,
+                   slots_sum=slots_sum, slots_max=slots_max, slots=hist(b1=slots_count) if slots_count else ())
+    return R.TpAggRow(agg, underived, tuple(b))
+
+
+def tp_maps(aggs=None, vms=None, ms=None, counters=None):
+    tp = R.TpMaps(aggs=aggs or {}, vms=vms or {}, ms=ms or {})
+    kw = {"counters": tuple(counters)} if counters else {}
+    return R.MapContents(tp=tp, **kw)
 
 
 # ------------------------------------------------------------------------ tracepoint mode
-def test_tracepoint_rows_take_counts_from_the_map_and_slots_from_the_mirror():
-    dec = Decoding(plan(), keep_events=False)
-    tp_vm_with_two_slots(dec)
-    feed(dec, unmap(0x1000_0000, 0x1000_0000 + PAGE),                # one slot
-         unmap(0x1040_0000 - PAGE, 0x1040_0000 + PAGE),              # spans both
-         unmap(0x9000_0000, 0x9000_1000))                            # outside slot memory
-    maps = R.MapContents(
-        aggs={(100, int(Op.UNMAP), 0): R.AggRow(count=3, lat_count=3, lat_sum=3000, lat_max=1500,
-                                                 lat=hist(b10=3), range=hist(b13=3))},
-        vmm=(100,), ms_count={100: 2})
-    p = dec.decode(maps)
-    (h,) = p.hva
-    assert (h.vm_id, h.pid, h.op, h.count) == ("pid:100", 100, "unmap", 3)
-    assert (h.lat_count, h.lat_sum_ns, h.lat_max_ns, h.lat_provenance) == (3, 3000, 1500, "syscall")
-    assert (h.slots_count, h.slots_sum, h.slots_max, h.slots_provenance) == (3, 3, 2, "derived")
-    assert h.slots_hist.counts[0] == 1 and h.slots_hist.counts[1] == 1 and h.slots_hist.counts[2] == 1
-    assert h.scanned_sum is None and h.range_hist.counts[13] == 3
-    assert {(m.change, m.count, m.change_provenance, m.lat_provenance) for m in p.memslot} == {
-        ("create", 2, "derived", "syscall")}
-    (v,) = p.vms
-    assert (v.vm_id, v.memslots, v.memslots_provenance, v.partial) == ("pid:100", 2, "derived", False)
-    assert p.unattributed == 0
-
-
-def test_tracepoint_hot_path_and_raw_event_path_aggregate_the_same():
-    out = []
-    for keep in (False, True):
-        dec = Decoding(plan(), keep_events=keep)
-        tp_vm_with_two_slots(dec)
-        feed(dec, *(unmap(0x1000_0000 + i * PAGE, 0x1000_0000 + (i + 1) * PAGE) for i in range(10)),
-             unmap(0x1000_0000, 0x1080_0000))
-        (h,) = dec.decode(R.MapContents(aggs={(100, 0, 0): R.AggRow(count=11)}, vmm=(100,))).hva
-        out.append((h.slots_count, h.slots_sum, h.slots_max, h.slots_hist))
-    assert out[0] == out[1] and out[0][:3] == (11, 12, 2)
-
-
-def test_tracepoint_vm_older_than_the_trace_gets_no_slots_figure():
-    dec = Decoding(plan(), keep_events=True)
-    feed(dec, memslot(0, 0, 4 * MB, 0x1000_0000, tgid=200),  # no VM_CREATE: predates the trace
-         unmap(0x1000_0000, 0x1000_1000, tgid=200))
-    p = dec.decode(R.MapContents(aggs={(200, 0, 0): R.AggRow(count=1)}, vmm=(200,)))
-    (h,) = p.hva
-    assert h.count == 1 and h.slots_count == 0 and h.slots_provenance == "none"
-    assert p.vms[0].partial is True
-    feed(dec, rec("sc_end", tgid=200, dur_ns=777, nr_ops=1))
-    evs = dec.take_events()
-    hv = [e for e in evs if getattr(e, "op", None) == "unmap"]
-    assert len(hv) == 1 and hv[0].slots == -1 and hv[0].slots_provenance == "none"
-
-
-def test_tracepoint_unknown_tgid_is_unattributed_unless_it_owns_a_vm_or_is_filtered():
-    maps = R.MapContents(aggs={(100, 0, 0): R.AggRow(count=4), (555, 0, 0): R.AggRow(count=9)},
-                         vmm=(100,))
-    p = Decoding(plan()).decode(maps)
-    assert [h.pid for h in p.hva] == [100] and p.unattributed == 9
-    p = Decoding(plan(), owns_vm=lambda pid: pid == 555).decode(maps)
-    assert sorted(h.pid for h in p.hva) == [100, 555] and p.unattributed == 0
-    p = Decoding(plan(), pid=555).decode(R.MapContents(aggs={(555, 0, 0): R.AggRow(count=9)}))
-    assert [h.count for h in p.hva] == [9] and p.unattributed == 0
-
-
-def test_tracepoint_raw_events_get_the_latency_of_their_syscall():
-    dec = Decoding(plan(), keep_events=True)
-    tp_vm_with_two_slots(dec)
-    feed(dec, unmap(0x1000_0000, 0x1000_1000, tid=101), unmap(0x1040_0000, 0x1040_1000, tid=101))
-    assert [e for e in dec.take_events() if getattr(e, "op", None)] == []  # waiting for syscall end
-    feed(dec, rec("sc_end", tgid=100, tid=101, dur_ns=5000, nr_ops=2))
-    evs = [e for e in dec.take_events() if getattr(e, "op", None) == "unmap"]
-    assert [(e.latency_ns, e.lat_provenance, e.slots, e.memslots, e.tid) for e in evs] == [
-        (5000, "syscall", 1, 2, 101)] * 2
-
-
-def test_tracepoint_memslot_ioctls_without_an_observed_change_are_unknown():
+def test_tracepoint_rows_are_per_vm_lifetime_with_kernel_derived_slots_and_buckets():
     dec = Decoding(plan())
-    tp_vm_with_two_slots(dec)
-    feed(dec, memslot(1, 8 * MB, 4 * MB, 0x1040_0000),        # move
-         memslot(5, 64 * MB, 4 * MB, 0x2000_0000, ret=-22),    # failed create: counted as error
-         memslot(1, 0, 0, 0))                                  # delete
-    p = dec.decode(R.MapContents(vmm=(100,), ms_count={100: 7}))
-    got = {m.change: (m.count, m.errors) for m in p.memslot}
-    assert got == {"create": (3, 1), "move": (1, 0), "delete": (1, 0), "unknown": (2, 0)}
+    vms = {1: R.TpVmRow(tgid=100, fd=5, ordinal=1, n=64, nmax=64),
+           2: R.TpVmRow(tgid=100, fd=5, ordinal=2, n=3, nmax=9, flags=R.VMF_DEAD)}  # same fd, later VM
+    aggs = {(1, int(Op.UNMAP), 100): tp_row(10, slots_sum=10, slots_max=1, underived=2, lat_count=10,
+                                            lat_sum=5000, buckets={7: (8, 10, 64)}),
+            (2, int(Op.UNMAP), 100): tp_row(4, slots_sum=8, slots_max=2, buckets={2: (4, 8, 3)})}
+    p = dec.decode(tp_maps(aggs, vms))
+    rows = {h.vm_id: h for h in p.hva}
+    assert set(rows) == {"vm:100:1", "vm:100:2"}
+    h = rows["vm:100:1"]
+    assert (h.count, h.slots_count, h.slots_sum, h.underived, h.slots_provenance) == (10, 8, 10, 2, "derived")
+    assert (h.lat_count, h.lat_sum_ns, h.lat_provenance) == (10, 5000, "syscall")
+    bk = {(b.vm_id, b.bucket): b for b in p.by_memslots}
+    assert set(bk) == {("vm:100:1", 7), ("vm:100:2", 2)}
+    b = bk[("vm:100:1", 7)]
+    assert (b.count, b.slots_count, b.slots_sum, b.memslots_max, b.lat_count) == (8, 8, 10, 64, 8)
+    info = {v.vm_id: v for v in p.vms}
+    assert (info["vm:100:1"].ordinal, info["vm:100:1"].memslots, info["vm:100:1"].partial) == (1, 64, False)
+    assert (info["vm:100:2"].ordinal, info["vm:100:2"].memslots_max, info["vm:100:2"].alive) == (2, 9, False)
+    assert info["vm:100:1"].label.endswith("[100]#1") and p.unattributed == 0
+
+
+def test_tracepoint_vm_older_than_the_trace_is_partial_and_underived():
+    from kvmtrace.tracer.decode_tp import seed_gen
+
+    g = seed_gen(200, 13)
+    vms = {g: R.TpVmRow(tgid=200, fd=13, flags=R.VMF_PARTIAL | R.VMF_NOTAB)}
+    p = Decoding(plan()).decode(tp_maps({(g, 0, 200): tp_row(3, underived=3)}, vms))
+    (h,) = p.hva
+    assert (h.vm_id, h.count, h.slots_count, h.underived, h.slots_provenance) == ("vm:200:fd13", 3, 0, 3, "none")
+    (v,) = p.vms
+    assert (v.ordinal, v.partial, v.memslots, v.label) == (0, True, None, "?[200]#?")
+    assert p.by_memslots == ()
+
+
+def test_tracepoint_ops_of_no_known_vmm_are_unattributed():
+    p = Decoding(plan()).decode(tp_maps({(0, 0, 0): tp_row(9, underived=9),
+                                         (1, 0, 100): tp_row(4)}, {1: R.TpVmRow(tgid=100, fd=4, ordinal=1)}))
+    assert [h.vm_id for h in p.hva] == ["vm:100:1"] and p.unattributed == 9
+
+
+def test_tracepoint_memslot_rows_come_from_the_kernel_classification():
+    ms = {(1, int(Change.CREATE), 100): R.MsRow(count=3, errors=1, lat_sum=30, lat_max=20, lat=hist(b4=3)),
+          (1, int(Change.MOVE), 100): R.MsRow(count=1, lat_sum=9, lat_max=9, lat=hist(b4=1)),
+          (7, len(Change), 100): R.MsRow(count=2, lat=hist(b4=2))}
+    p = Decoding(plan()).decode(tp_maps(ms=ms))
+    got = {(m.vm_id, m.change): (m.count, m.errors, m.change_provenance) for m in p.memslot}
+    assert got == {("vm:100:1", "create"): (3, 1, "derived"), ("vm:100:1", "move"): (1, 0, "derived"),
+                   ("vm:100:7", "unknown"): (2, 0, "none")}
+
+
+def test_tracepoint_raw_events_carry_kernel_figures_and_their_syscall_latency():
+    dec = Decoding(plan(), keep_events=True)
+    U = 0xFFFFFFFF
+    feed(dec, rec("hva", tgid=100, tid=101, op=0, start=0x1000_0000, end=0x1000_1000, slots=1, memslots=64, vm=3),
+         rec("hva", tgid=100, tid=101, op=0, start=0x1000_0000, end=0x1000_1000, slots=U, memslots=U, vm=3))
+    assert [e for e in dec.take_events() if getattr(e, "op", None)] == []  # waiting for syscall end
+    feed(dec, rec("sc_end", tgid=100, tid=101, dur_ns=5000, nr_ops=2),
+         memslot(2, 0, 4 * MB, 0x1000_0000, vm=3, x=int(Change.FLAGS_ONLY)))
+    evs = dec.take_events()
+    hv = [(e.vm_id, e.latency_ns, e.slots, e.memslots, e.slots_provenance) for e in evs if hasattr(e, "op")]
+    assert hv == [("vm:100:3", 5000, 1, 64, "derived"), ("vm:100:3", 5000, -1, -1, "none")]
+    (m,) = [e for e in evs if hasattr(e, "change")]
+    assert (m.vm_id, m.change, m.change_provenance, m.slot) == ("vm:100:3", "flags_only", "derived", 2)
+
+
+def test_tracepoint_dead_vms_are_retired_from_the_maps_but_keep_their_figures():
+    dec = Decoding(plan())
+    vms = {1: R.TpVmRow(tgid=100, fd=5, ordinal=1, n=2, nmax=2, flags=R.VMF_DEAD)}
+    aggs = {(1, 0, 100): tp_row(6, slots_sum=6, buckets={2: (6, 6, 2)})}
+    ms = {(1, int(Change.CREATE), 100): R.MsRow(count=2)}
+    m1 = tp_maps(aggs, vms, ms)
+    dec.decode(m1)
+    assert dec.tp.retire(m1) == ([], [], [])  # dead at one reading only: a late figure may come
+    m2 = tp_maps(aggs, vms, ms)
+    before = dec.decode(m2)
+    assert dec.tp.retire(m2) == ([(1, 0, 100)], [(1, int(Change.CREATE), 100)], [1])
+    after = dec.decode(tp_maps())  # the session deleted them from the maps
+    assert after.hva == before.hva and after.memslot == before.memslot
+    assert after.by_memslots == before.by_memslots and [v.vm_id for v in after.vms] == ["vm:100:1"]
+
+
+def test_tracepoint_linear_scan_kernels_scan_the_memslot_count():
+    row = R.TpAggRow(R.AggRow(count=2, slots_count=2, slots_sum=2, scanned_sum=1018),
+                     0, tuple(R.TpBucket(count=2, slots_sum=2, nmax=509, nsum=1018) if i == 9 else R.TpBucket()
+                              for i in range(R.MS_BUCKETS)))
+    maps = tp_maps({(1, 0, 100): row}, {1: R.TpVmRow(tgid=100, fd=4, ordinal=1, n=509, nmax=509)})
+    p = Decoding(plan(linear=True)).decode(maps)
+    assert p.hva[0].scanned_sum == 1018 and p.by_memslots[0].scanned_sum == 1018
+    p = Decoding(plan()).decode(maps)
+    assert p.hva[0].scanned_sum is None and p.by_memslots[0].scanned_sum is None
+
+
+def test_tracepoint_ignored_ioctls_are_reported():
+    counters = [0] * (R.CNT_IGNORED + 1)
+    counters[R.CNT_IGNORED] = 50
+    assert Decoding(plan()).decode(tp_maps(counters=counters)).ignored_ioctls == 50
 
 
 # ------------------------------------------------------------------------ exact modes
@@ -175,15 +204,15 @@ def test_exact_scanned_only_on_linear_scan_kernels():
 
 
 def test_each_decoder_knows_its_keys_whatever_their_size():
-    # a struct kvm * that fits 32 bits is still a struct kvm * for an exact op, and a tgid is a
-    # tgid for a tracepoint op: the key's meaning comes from the op's attach mode, not its size
+    # a struct kvm * that fits 32 bits is still a struct kvm * for an exact op, and a gen is a
+    # tracepoint VM for a tracepoint op: the key's meaning comes from the op's attach mode
     small_kvm = 0x1000
-    maps = R.MapContents(aggs={(small_kvm, int(Op.UNMAP), 4242): R.AggRow(count=1),
-                               (4242, int(Op.AGE), 0): R.AggRow(count=2, lat_count=2)},
-                         vmm=(4242,))
+    maps = R.MapContents(aggs={(small_kvm, int(Op.UNMAP), 4242): R.AggRow(count=1)},
+                         tp=R.TpMaps(aggs={(1, int(Op.AGE), 4242): tp_row(2, lat_count=2)},
+                                     vms={1: R.TpVmRow(tgid=4242, fd=3, ordinal=1)}))
     p = Decoding(plan("kprobe", "kprobe", per_op={"age": "tracepoint"})).decode(maps)
     got = {h.op: (h.vm_id, h.lat_provenance) for h in p.hva}
-    assert got == {"unmap": (f"kvm:{small_kvm:#x}:4242", "exact"), "age": ("pid:4242", "syscall")}
+    assert got == {"unmap": (f"kvm:{small_kvm:#x}:4242", "exact"), "age": ("vm:4242:1", "syscall")}
 
 
 def test_exact_raw_events_carry_kernel_measured_figures():

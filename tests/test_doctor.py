@@ -140,3 +140,42 @@ def test_not_root_one_line_exit_2():
     assert res.stdout == ""
     assert res.stderr.strip().splitlines() == [
         "kvmtrace: doctor needs root, or CAP_BPF and CAP_PERFMON (run: sudo kvmtrace doctor)"]
+
+
+def test_problems_are_typed_and_decided_by_code():
+    """issue 10: remedies come from Problem codes set where the fact is found, never from
+    matching words of a message (the same reason text gives the fix its code says)."""
+    from kvmtrace.errors import CapabilityMissing, PermissionProblem, Problem
+    from kvmtrace.tracer import host
+    from kvmtrace.tracer.plan import resolve
+
+    g = gathered("6.1-debian-module")
+    hdr, dk = host.Headers("exact", "/x", "x"), host.DevKvm(True, True, "read/write")
+    plan = resolve(g.facts)
+    coded = {p.code: p for p in kernel.diagnose(dataclasses.replace(g, fentry_code="module_btf"), hdr, dk, plan)}
+    assert "install bcc >= 0.31" in coded["fentry.module_btf"].fix
+    uncoded = {p.code: p for p in kernel.diagnose(g, hdr, dk, plan)}
+    assert "bcc >= 0.31" not in uncoded["fentry.unavailable"].fix
+    assert coded["fentry.module_btf"].message == uncoded["fentry.unavailable"].message
+    host_g = dataclasses.replace(gathered("6.18-builtin-host"), fentry_code="eperm")
+    eperm = {p.code: p for p in kernel.diagnose(host_g, hdr, dk, resolve(host_g.facts))}["fentry.eperm"]
+    assert "lockdown=integrity" in eperm.fix
+    no_kvm = kernel.diagnose(g, hdr, host.DevKvm(True, False, "present but not accessible"), plan)
+    p = next(x for x in no_kvm if x.code == "kvm.access")
+    assert isinstance(p.error(), PermissionProblem) and p.error().exit_code == 2
+    assert isinstance(Problem("x", "m", "f").error(), CapabilityMissing)
+    r = D.collect(gathered=g)
+    assert all(pr["code"] for pr in r["problems"])
+
+
+def test_load_failures_become_typed_problems():
+    """The one classification of bcc's text-only failures, for the tracer to raise."""
+    from kvmtrace.errors import CapabilityMissing, PermissionProblem
+
+    p = kernel.load_problem(Exception("Failed to load BPF program b'x': Operation not permitted"))
+    assert p.code == "load.eperm" and isinstance(p.error(), PermissionProblem)
+    p = kernel.load_problem(Exception("Failed to compile BPF module <text>"),
+                            "<built-in>:1:10: fatal error: 'linux/kconfig.h' file not found\n")
+    assert p.code == "load.headers" and "linux-headers-" in p.fix and isinstance(p.error(), CapabilityMissing)
+    p = kernel.load_problem(Exception("Failed to attach BPF program: Invalid argument"))
+    assert p.code == "load.einval" and "kvmtrace doctor" in p.fix

@@ -50,7 +50,8 @@ def fake_session(drains, interval=0.1):
 
     def read_maps():  # the kernel's counter: RATE per second since attach, read now
         n = int(RATE * (time.monotonic_ns() - t0) / 1e9)
-        return R.MapContents(aggs={(100, 0, 0): R.AggRow(count=n)}, vmm=(100,))
+        return R.MapContents(tp=R.TpMaps(aggs={(1, 0, 100): R.TpAggRow(R.AggRow(count=n))},
+                                         vms={1: R.TpVmRow(tgid=100, fd=4, ordinal=1)}))
 
     s.read_maps = read_maps
     return s

@@ -64,3 +64,40 @@ def test_bpf_log2_bucket_formula_matches_python_rule():
     values += [2**k + d for k in range(62) for d in (-1, 0, 1) if 2**k + d >= 0]
     for v in values:
         assert c_rule(v) == log2_bucket(v), v
+
+
+def test_bpf_tab_bound_transcribed_matches_bisect():
+    """kvmtrace.c's tab_bound (the per-op binary search of tracepoint mode's slot tables),
+    transcribed step by step, equals bisect_left / bisect_right, and the overlap it gives
+    equals SlotTable.overlap."""
+    import random
+    from bisect import bisect_left, bisect_right
+
+    def tab_bound(a, n, v, upper):
+        base, ln, vv = 0, n, (v + 1 if upper else v)
+        for _ in range(16):  # TAB_STEPS
+            if ln <= 1:
+                break
+            half = ln >> 1
+            lt = 1 if a[base + half] < vv else 0  # (x - vv) >> 63 for addresses below 2^62
+            base += lt * half
+            ln -= half
+        lt = 1 if n and a[base] < vv else 0
+        return base + (ln & lt)
+
+    rng = random.Random(1)
+    for n in (0, 1, 2, 3, 5, 64, 1000, 32764):
+        a = sorted(rng.randrange(0, 1 << 20) for _ in range(n))
+        for v in [rng.randrange(-1, (1 << 20) + 2) for _ in range(50)] + a[:3] + a[-3:]:
+            assert tab_bound(a, n, v, False) == bisect_left(a, v)
+            assert tab_bound(a, n, v, True) == bisect_right(a, v)
+    t = SlotTable()
+    ranges = [(rng.randrange(0, 1 << 30) & ~0xFFF, rng.randrange(1, 64) * 4096) for _ in range(300)]
+    for i, (h, z) in enumerate(ranges):
+        t.apply(0, i, i << 30, z, h, 0)
+    starts, ends = sorted(h for h, _ in ranges), sorted(h + z for h, z in ranges)
+    for _ in range(500):
+        s = rng.randrange(0, 1 << 30)
+        e = s + rng.randrange(1, 1 << 22)
+        kernel = tab_bound(starts, len(starts), e, False) - tab_bound(ends, len(ends), s, True)
+        assert kernel == t.overlap(s, e) == brute(ranges, s, e)

@@ -6,12 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kvmtrace.consts import MS_CHANGE_DERIVE, Op
+from kvmtrace.consts import Change, Op
 from kvmtrace.tracer import records as R
 from kvmtrace.tracer import rawevents as RE
 from kvmtrace.tracer.decode_common import Decoding
 
-from .test_decoders import MB, PAGE, feed, plan, rec, tp_vm_with_two_slots
+from .test_decoders import MB, PAGE, feed, plan, rec, tp_maps, tp_row
 
 PG = 4096
 
@@ -47,9 +47,10 @@ class FakeRing:
         return RE.RingReader(self.cons, self.prod, self.size, page=PG)
 
 
-def hva(i, tgid=100, tid=None):
+def hva(i, tgid=100, tid=None, gen=1, slots=1, memslots=1):
+    """A tracepoint-mode hva record of VM ``gen`` with its kernel-derived figures."""
     return rec("hva", tgid=tgid, tid=tid, ts=i, op=int(Op.UNMAP), start=0x1000_0000 + i * PAGE,
-               end=0x1000_0000 + (i + 1) * PAGE)
+               end=0x1000_0000 + (i + 1) * PAGE, vm=gen, slots=slots, memslots=memslots)
 
 
 def test_batches_wrap_around_and_advance_the_consumer():
@@ -101,16 +102,17 @@ def _batch(*records):
 
 @pytest.mark.parametrize("keep", [False, True])
 def test_a_batch_decodes_as_record_by_record(keep):
-    records = [rec("vm_create", tgid=100),
-               rec("memslot", tgid=100, lat_ns=10, gpa=0, size=4 * MB, hva=0x1000_0000, slot=0, change=MS_CHANGE_DERIVE),
+    records = [rec("vm_create", tgid=100, ret=4),
+               rec("memslot", tgid=100, lat_ns=10, gpa=0, size=4 * MB, hva=0x1000_0000, slot=0,
+                   change=int(Change.CREATE), vm=1),
                *[hva(i, tid=101) for i in range(50)],
                rec("sc_end", tgid=100, tid=101, dur_ns=7000, nr_ops=50),
-               rec("memslot", tgid=100, lat_ns=10, gpa=0, size=0, hva=0, slot=0, change=MS_CHANGE_DERIVE),
-               *[hva(i, tid=102) for i in range(50, 60)]]
+               rec("memslot", tgid=100, lat_ns=10, gpa=0, size=0, hva=0, slot=0, change=int(Change.DELETE), vm=1),
+               *[hva(i, tid=102, slots=0xFFFFFFFF, memslots=0xFFFFFFFF) for i in range(50, 60)]]
     one, batch = Decoding(plan(), keep_events=keep), Decoding(plan(), keep_events=keep)
     feed(one, *records)
     batch.on_batch(_batch(*records))
-    maps = R.MapContents(aggs={(100, 0, 0): R.AggRow(count=60)}, vmm=(100,))
+    maps = tp_maps({(1, 0, 100): tp_row(60, underived=10)}, {1: R.TpVmRow(tgid=100, fd=4, ordinal=1)})
     assert one.decode(maps) == batch.decode(maps)
     key = lambda e: (type(e).__name__, e.ts_ns, e.tid)  # noqa: E731
     a, c = sorted(one.take_events(), key=key), sorted(batch.take_events(), key=key)
@@ -121,6 +123,7 @@ def test_a_batch_decodes_as_record_by_record(keep):
     batch.on_batch(_batch(end))  # the next batch: rows carried over get their latency
     a, c = sorted(one.take_events(), key=key), sorted(batch.take_events(), key=key)
     assert a == c and [e.latency_ns for e in c] == ([900] * 10 if keep else [])
+    assert all(e.vm_id == "vm:100:1" and e.slots == -1 and e.slots_provenance == "none" for e in c)
 
 
 @pytest.mark.parametrize("fmt", ["parquet", "csv"])
@@ -131,9 +134,9 @@ def test_recorded_columns_equal_recorded_objects(tmp_path, fmt):
     from kvmtrace.snapshot import HvaEvent, Snapshot
 
     dec = Decoding(plan(), keep_events=True)
-    tp_vm_with_two_slots(dec)
     recs = [hva(i, tid=101) for i in range(20)]
-    recs.append(rec("hva", tgid=100, tid=101, ts=99, op=int(Op.AGE), start=(1 << 64) - 2 * PAGE, end=(1 << 64) - PAGE))
+    recs.append(rec("hva", tgid=100, tid=101, ts=99, op=int(Op.AGE), start=(1 << 64) - 2 * PAGE,
+                    end=(1 << 64) - PAGE, vm=1, slots=0, memslots=1))
     recs.append(rec("sc_end", tgid=100, tid=101, dur_ns=5000, nr_ops=21))
     dec.on_batch(_batch(*recs))
     batches, others = dec.take_event_batches()
@@ -157,7 +160,6 @@ def test_rows_waiting_for_a_syscall_end_are_bounded(monkeypatch):
     are kept without latency instead of waiting forever."""
     monkeypatch.setattr(RE, "MAX_PENDING_ROWS", 8)
     dec = Decoding(plan(), keep_events=True)
-    tp_vm_with_two_slots(dec)
     dec.on_batch(_batch(*[hva(i, tid=555) for i in range(20)]))
     batches, _ = dec.take_event_batches()
     kept = [e for b in batches for e in b.events()]
@@ -172,7 +174,7 @@ def test_exact_records_batch_as_one_by_one():
     recs = [rec("memslot", tgid=42, vm=kvm, lat_ns=5, gpa=0, size=4 * MB, hva=0x1000_0000, slot=0,
                 change=int(Change.CREATE))]
     recs += [rec("hva", tgid=42, tid=43, ts=10 + i, vm=kvm, op=int(Op.UNMAP), start=0x1000_0000, end=0x1000_1000,
-                  lat_ns=700 + i, slots=1, scanned=0, owner=42, memslots=-1) for i in range(70)]
+                  lat_ns=700 + i, slots=1, scanned=0, owner=42, memslots=R.NO_COUNT) for i in range(70)]
     one, batch = Decoding(plan("kprobe", "kprobe"), keep_events=True), Decoding(plan("kprobe", "kprobe"), keep_events=True)
     feed(one, *recs)
     batch.on_batch(_batch(*recs))

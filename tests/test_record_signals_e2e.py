@@ -91,7 +91,13 @@ def test_rotation_adds_up_to_the_ground_truth(tmp_path):
     assert int(hva.loc[(hva["pid"] == pid) & (hva["op"] == "unmap"), "count"].sum()) == truth["hva_ops"]["unmap"]
     mem = rep["memslot"]
     got = mem[mem["pid"] == pid].groupby("change")["count"].sum()
-    assert {k: int(v) for k, v in got.items() if v} == {k: v for k, v in truth["memslot_updates"].items() if v}
+    got = {k: int(v) for k, v in got.items() if v}
+    want = {k: v for k, v in truth["memslot_updates"].items() if v}
+    if "unknown" in got:  # tracepoint mode: the VM predates the trace (--wait-start), so updates of
+        # slots it was not seen to create have no derivable change type (docs/tracer.md): totals
+        assert sum(got.values()) == sum(want.values())
+    else:
+        assert got == want
     r = subprocess.run(KT + ["report", str(d), "--json"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     unmap = [h for h in json.loads(r.stdout)["hva_ops"] if h["pid"] == pid and h["op"] == "unmap"]

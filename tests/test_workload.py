@@ -122,6 +122,47 @@ def test_range_accounting_outside_spanning_and_adjacent():
     assert (plan.ops, plan.visited, plan.outside) == (6, 1 + 2 + 4 + 0 + 0 + 1, 2)
 
 
+def test_pages_beyond_slot_memory_do_not_list_every_page():
+    """issue 13 #7: --pages 10**12 built one list entry per page and ran the host out of memory.
+    The plan now lists one pass over the slot memory and multiplies; the figures stay exact."""
+    wl = Workload(slots=4, slot_size=8192, scenario="unmap", pages=10**9 + 3)
+    wl._mem = base = 0x10000000
+    for i in range(4):
+        wl.slot_table[i] = C.Slot(i, base + i * 8192, 8192, i * 8192)
+    wl._plan()
+    plan = wl._plans["unmap"]
+    assert len(plan.ranges) == 8  # one pass: 4 slots x 2 pages
+    assert (plan.ops, plan.visited, plan.outside) == (10**9 + 3, 10**9 + 3, 0)
+    assert (plan.repeat, plan.tail) == (125_000_000, 3)
+    small = Workload(slots=4, slot_size=8192, scenario="unmap", pages=11)
+    small._mem = base
+    small.slot_table = dict(wl.slot_table)
+    small._plan()
+    seq = [r for ranges in small._plans["unmap"].passes() for r in ranges]
+    assert seq == [(base + (i % 8) * 4096, 4096) for i in range(11)]  # the old per-page order
+    with pytest.raises(UsageError, match="--pages"):
+        Workload(pages=C.MAX_PAGES + 1)
+    assert_clean_error(run_cli("--pages", "1000000000000"), "--pages", rc=2)
+
+
+def test_non_finite_numbers_are_usage_errors():
+    """issue 13 #6: --duration nan never returned (NaN passes every comparison)."""
+    for v in ("nan", "inf", "-inf", "-1", "0"):
+        assert_clean_error(run_cli("--duration", v), "--duration", rc=2)
+    with pytest.raises(UsageError, match="--duration"):
+        Workload(duration=float("nan"))
+
+
+def test_json_out_is_not_overwritten_without_force(tmp_path):
+    """issue 13 #11: outputs never replace a file without --force (checked before any VM)."""
+    taken = tmp_path / "truth.json"
+    taken.write_text("keep")
+    assert_clean_error(run_cli("--json-out", str(taken)), "already exists", "--force", rc=2)
+    assert taken.read_text() == "keep"
+    assert_clean_error(run_cli("--json-out", str(tmp_path / "no" / "truth.json")), "no such directory", rc=2)
+    assert not (tmp_path / "no").exists()
+
+
 def test_no_dev_kvm_is_capability_missing():
     wl = Workload(slots=1, kvm_path="/nonexistent/kvm", handle_signals=False)
     with pytest.raises(CapabilityMissing) as e:
@@ -318,6 +359,16 @@ def test_unmap_64_slots_5000_pages_exact(counter, tmp_path):
     assert truth["slot_setup_s"] > 0 and truth["iter_best_s"] <= truth["iter_avg_s"]
     assert truth["vcpu"]  # "ran" or the reason it could not
     assert "Memslot setup took" in stdout and f"unmap {5000 + extra} " in stdout
+
+
+@needs_kvm
+def test_pages_wrapping_the_slot_memory_exact(counter, tmp_path):
+    """--pages above the slot memory's page count wraps around it; every unmap still counted."""
+    truth, got, _ = drive(counter, tmp_path, "--slots", "4", "--slot-size", "4k", "--scenario", "unmap",
+                          "--pages", "10", "--iterations", "1", "--no-vcpu")
+    extra = truth["hva_ops_by_part"].get("vcpu-teardown", 0)
+    assert truth["hva_ops"]["unmap"] == 10 + extra == got["unmap"]
+    assert truth["hva_slots_visited"]["unmap"] == 10
 
 
 @needs_kvm

@@ -3,7 +3,11 @@
 Layout (each module pure unless stated):
   tables     column layout of every recorded table; Snapshot / raw events -> rows -> DataFrames
   recorder   Recorder (writes a recording directory, Parquet or CSV)
-  recording  read_recording / read_inputs (the readers)
+  recording  read_recording / read_inputs (the readers: raw-event tables located, not loaded;
+             directories of recordings searched; every recording verified by integrity)
+  integrity  a recording checked against its manifest: longest consistent prefix, or refused
+  rotation   directories of rotated recordings (record --rotate), read as one recording
+  engine     raw events through DuckDB out of core: value counts, exact percentiles (numpy's)
   report     recordings -> summary DataFrames (per op and VM, memslot updates, memslot-count
              breakdown, lost events) and the JSON document of ``kvmtrace report --json``
   compare    two sets of recordings -> one row per op (and scenario x slots) with ratios,

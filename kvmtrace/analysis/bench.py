@@ -18,12 +18,11 @@ from typing import List, Optional, Sequence
 import pandas as pd
 
 from .. import __version__
+from ..consts import SINGLE_VM_SCENARIOS as SCENARIOS  # the one scenario list, less multi-vm
 from ..errors import UsageError
 from .recorder import write_json_atomic
 from .recording import BENCH_FILE, BENCH_FORMAT, BENCH_VERSION, Recording
 from .report import build_report
-
-SCENARIOS = ("unmap", "unmap-chunked", "move-active", "move-inactive", "map", "age", "churn", "mixed")
 
 
 def parse_slots(text: str) -> List[int]:

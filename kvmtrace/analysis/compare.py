@@ -51,7 +51,7 @@ class Side:
     lat_count: int = 0
     lat_sum: int = 0
     hist: np.ndarray = field(default_factory=lambda: np.zeros(LOG2_BUCKETS, dtype=np.int64))
-    values: List[np.ndarray] = field(default_factory=list)
+    values: List[Tuple[np.ndarray, np.ndarray]] = field(default_factory=list)  # raw latencies as (values, counts)
     events_complete: bool = True
     slots_count: int = 0
     slots_sum: int = 0
@@ -69,16 +69,49 @@ def _bench_key(r: Recording) -> Tuple[str, int]:
     return ("", -1)
 
 
+def _latency_counts(recs: Sequence[Recording]) -> Dict[str, Optional[pd.DataFrame]]:
+    """Raw-event latency value counts of every recording (engine, out of core), per event table:
+    rec, op/change, lat_provenance, v, c. Event tables held in memory are counted in pandas."""
+    from . import engine as E
+
+    out: Dict[str, Optional[pd.DataFrame]] = {}
+    con = None
+    try:
+        for ev_table, name_col in (("hva_events", "op"), ("memslot_events", "change")):
+            src = [(i, r.events[ev_table]) for i, r in enumerate(recs) if ev_table in r.events]
+            parts = []
+            if src:
+                con = con or E.connect()
+                parts.append(E.latency_counts(con, src, name_col))
+            for i, r in enumerate(recs):
+                if ev_table not in r.events and ev_table in r.tables and not r.tables[ev_table].empty:
+                    ev = r.tables[ev_table]
+                    vc = ev.groupby([name_col, "lat_provenance", "latency_ns"], observed=True).size().rename("c").reset_index()
+                    vc = vc.rename(columns={"latency_ns": "v"}).assign(rec=i)
+                    vc[name_col] = vc[name_col].astype(str)
+                    vc["lat_provenance"] = vc["lat_provenance"].astype(str)
+                    parts.append(vc)
+            out[ev_table] = pd.concat(parts, ignore_index=True) if parts else None
+    finally:
+        if con is not None:
+            con.close()
+    return out
+
+
 def collect(recs: Sequence[Recording]) -> Dict[tuple, Side]:
     """Recordings -> {(kind, scenario, slots, name, lat_provenance): Side}."""
     out: Dict[tuple, Side] = {}
-    for r in recs:
+    lat_vc = _latency_counts(recs)
+    for ri, r in enumerate(recs):
         scen, nslots = _bench_key(r)
         for kind, table, name_col, ev_table in (("hva", "hva", "op", "hva_events"), ("memslot", "memslot", "change", "memslot_events")):
             df = r[table]
             if df.empty:
                 continue
-            ev = r.tables.get(ev_table)
+            vc = lat_vc.get(ev_table)
+            has_ev = vc is not None and ev_table in r.tables
+            if has_ev:
+                vc = vc[vc["rec"] == ri]
             g = df.assign(_n=df[name_col].astype(str), _p=df["lat_provenance"].astype(str)).groupby(["_n", "_p"], sort=True)
             for (name, lprov), part in g:
                 key = (kind, scen, nslots, name, lprov)
@@ -96,13 +129,13 @@ def collect(recs: Sequence[Recording]) -> Dict[tuple, Side]:
                     sc = part["scanned_sum"].sum(min_count=1)
                     if not pd.isna(sc):
                         s.scanned_sum = (s.scanned_sum or 0) + int(sc)
-                if ev is not None and not ev.empty:
-                    sel = (ev[name_col] == name) & (ev["lat_provenance"] == lprov)
-                    e = ev.loc[sel.to_numpy(), "latency_ns"].to_numpy(dtype=np.int64)
-                    if len(e) != cnt or (e < 0).any():
+                if has_ev and not vc.empty:
+                    sel = ((vc[name_col] == name) & (vc["lat_provenance"] == lprov)).to_numpy()
+                    v, c = vc["v"].to_numpy(np.int64)[sel], vc["c"].to_numpy(np.int64)[sel]
+                    if int(c.sum()) != cnt or (v < 0).any():
                         s.events_complete = False
                     else:
-                        s.values.append(e)
+                        s.values.append((v, c))
                 else:
                     s.events_complete = False
         if r.bench:
@@ -141,6 +174,36 @@ def quantile_ci_values(v: np.ndarray, q: float, conf: float = SIDE_CONF) -> Tupl
     lo = float(s[max(0, int(math.floor(lo_r)) - 1)])
     hi = float(s[min(n - 1, int(math.ceil(hi_r)))])
     return est, min(lo, est), max(hi, est)
+
+
+def quantile_ci_counts(v: np.ndarray, c: np.ndarray, q: float, conf: float = SIDE_CONF) -> Tuple[float, float, float]:
+    """``quantile_ci_values`` of the multiset {v[i] x c[i]} (v sorted, distinct), without
+    expanding it: the same figures, bit for bit."""
+    from . import engine as E
+
+    n = int(c.sum())
+    if n == 0:
+        return (math.nan,) * 3
+    est = float(E.quantiles_from_counts(v, c, [q], percent=False)[0])
+    lo_r, hi_r = _ranks(n, q, conf)
+    lo = float(E.order_stat(v, c, max(0, int(math.floor(lo_r)) - 1)))
+    hi = float(E.order_stat(v, c, min(n - 1, int(math.ceil(hi_r)))))
+    return est, min(lo, est), max(hi, est)
+
+
+MWU_EXPAND_MAX = 2_000_000  # up to this many values, scipy runs on the values themselves
+
+
+def _mwu_counts(vx: np.ndarray, cx: np.ndarray, vy: np.ndarray, cy: np.ndarray) -> float:
+    """``_mwu`` from value counts: scipy on the values while they are few (its exact method for
+    tiny samples included), else the same asymptotic formulas over the counts (engine)."""
+    from . import engine as E
+
+    if int(cx.sum()) + int(cy.sum()) <= MWU_EXPAND_MAX:
+        return _mwu(np.repeat(vx, cx), np.repeat(vy, cy))
+    if len(vx) == 1 and len(vy) == 1 and vx[0] == vy[0]:
+        return 1.0
+    return E.mwu_pvalue(vx, cx, vy, cy)
 
 
 def quantile_ci_hist(counts: np.ndarray, q: float, conf: float = SIDE_CONF) -> Tuple[float, float, float]:
@@ -242,10 +305,12 @@ def _side_figures(s: Side, kind: str, raw: bool) -> dict:
     """One side's own figures (median, p99 with their intervals; slots visited / scanned means),
     computed whether or not the other side has the key: a value that exists is never hidden."""
     if raw:
-        v = np.concatenate(s.values)
-        med = quantile_ci_values(v, 0.5)
-        p99 = quantile_ci_values(v, 0.99)
-        n = len(v)
+        from . import engine as E
+
+        v, c = E.merge_counts(s.values)
+        med = quantile_ci_counts(v, c, 0.5)
+        p99 = quantile_ci_counts(v, c, 0.99)
+        n = int(c.sum())
     else:
         med = quantile_ci_hist(s.hist, 0.5)
         p99 = quantile_ci_hist(s.hist, 0.99)
@@ -319,7 +384,10 @@ def compare(before: Sequence[Recording], after: Sequence[Recording]) -> pd.DataF
         (p99_b, p99_b_lo, p99_b_hi), (p99_a, p99_a_lo, p99_a_hi) = fb["p99"], fa["p99"]
         nb, na = fb["n_lat"], fa["n_lat"]
         if raw:
-            p = _mwu(np.concatenate(b.values), np.concatenate(a.values))
+            from . import engine as E
+
+            (vb, cb), (va, ca) = E.merge_counts(b.values), E.merge_counts(a.values)
+            p = _mwu_counts(vb, cb, va, ca)
             test = "Mann-Whitney U on raw event latencies (two-sided)"
         else:
             idx = np.arange(LOG2_BUCKETS)

@@ -1,16 +1,18 @@
-"""Writing report tables out: spreadsheet-safe CSV (one file per table) and JSON."""
+"""Writing report tables out: spreadsheet-safe CSV (one file per table) and JSON. Paths are
+checked (``check_*``) before any work, files are written atomically and never replace an
+existing file without ``force`` (kvmtrace/output.py holds the policy and the cell escaping)."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
-from typing import Dict, List
+from typing import Dict, List, Optional, Sequence
 
 import pandas as pd
 
-from ..errors import UsageError
-from .recording import escape_cell
+from .. import output
+from ..output import escape_cell
 
 
 def safe_frame(df: pd.DataFrame) -> pd.DataFrame:
@@ -24,39 +26,87 @@ def safe_frame(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def write_csv_tables(tables: Dict[str, pd.DataFrame], directory: str) -> List[str]:
-    """One CSV per table in ``directory`` (created). Returns the paths written."""
-    try:
-        os.makedirs(directory, exist_ok=True)
-    except OSError as e:
-        raise UsageError(f"cannot create {directory}: {e.strerror}", "choose a writable directory for --csv") from e
-    paths = []
-    for name, df in tables.items():
-        p = os.path.join(directory, f"{name}.csv")
-        safe_frame(df).to_csv(p, index=False, float_format="%.6g")
-        paths.append(p)
-    return paths
+def csv_names(tables: Sequence[str]) -> List[str]:
+    return [f"{name}.csv" for name in tables]
 
 
-def write_csv(df: pd.DataFrame, path: str) -> str:
-    d = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(d):
-        raise UsageError(f"cannot write {path}: no such directory {d}")
-    safe_frame(df).to_csv(path, index=False, float_format="%.6g")
+def check_csv_dir(directory: Optional[str], tables: Sequence[str], force: bool = False, option: str = "--csv") -> None:
+    """Before any work: ``directory`` can receive one CSV per table (see output.check_new_dir)."""
+    if directory:
+        output.check_new_dir(directory, option, csv_names(tables), force)
+
+
+def check_file(path: Optional[str], option: str, force: bool = False) -> None:
+    """Before any work: ``path`` can be written (see output.check_new_file)."""
+    if path:
+        output.check_new_file(path, option, force)
+
+
+def _frame_to(path: str, df: pd.DataFrame, option: str) -> str:
+    with output.AtomicFile(path, option, newline="") as f:
+        safe_frame(df).to_csv(f, index=False, float_format="%.6g")
     return path
 
 
-def write_text(path: str, text: str, option: str) -> str:
+def write_csv_tables(tables: Dict[str, pd.DataFrame], directory: str, force: bool = False,
+                     option: str = "--csv") -> List[str]:
+    """One CSV per table in ``directory`` (created, one level). All or nothing: every table is
+    written to a temporary file first and the files are renamed into place only when all are
+    written; on a failure (full disk) nothing new is left behind. Returns the paths written."""
+    output.check_new_dir(directory, option, csv_names(tables), force)
+    created = not os.path.isdir(directory)
+    output.make_dir(directory, option)
+    staged = []
+    try:
+        for name, df in tables.items():
+            path = os.path.join(directory, f"{name}.csv")
+            tmp = _frame_to(path + ".part", df, option)
+            staged.append((tmp, path))
+        for tmp, path in staged:
+            os.replace(tmp, path)
+    except BaseException:
+        for tmp, _path in staged:
+            _unlink(tmp)
+        if created:
+            try:
+                os.rmdir(directory)
+            except OSError:
+                pass
+        raise
+    return [path for _tmp, path in staged]
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def write_csv(df: pd.DataFrame, path: str, force: bool = False, option: str = "--csv") -> str:
+    output.check_new_file(path, option, force)
+    return _frame_to(path, df, option)
+
+
+def write_text(path: str, text: str, option: str, force: bool = False) -> str:
     """Write a report page (or any text output) to ``path``; an unwritable path is a usage error
     naming the option that gave it."""
-    from ..errors import UsageError
+    output.check_new_file(path, option, force)
+    return output.write_text(path, text, option)
 
-    try:
-        with open(path, "w") as f:
-            f.write(text)
-    except OSError as e:
-        raise UsageError(f"cannot write {path}: {e.strerror}", f"choose a writable path for {option}") from e
-    return path
+
+def snapshot_frame(snap) -> pd.DataFrame:
+    """The hva and memslot tables of one cumulative snapshot in one frame (column ``table``
+    says which), as `kvmtrace demo --csv` writes it."""
+    from .tables import frames_from_snapshots
+
+    frames = frames_from_snapshots([snap])
+    parts = []
+    for table in ("hva", "memslot"):
+        df = frames[table].copy()
+        df.insert(0, "table", table)
+        parts.append(df)
+    return pd.concat(parts, ignore_index=True, sort=False)
 
 
 def _clean(o):

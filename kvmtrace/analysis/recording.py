@@ -33,6 +33,7 @@ import io
 import json
 import os
 import re
+from collections.abc import Mapping
 from typing import Dict, List, Optional, Sequence
 
 import pandas as pd
@@ -40,6 +41,7 @@ import pyarrow as pa
 
 from .. import __version__
 from ..errors import DataFileError
+from ..output import escape_cell, unescape_cell  # noqa: F401 (the one cell policy; the recorder imports it here)
 from . import integrity
 from . import tables as T
 
@@ -49,24 +51,6 @@ META_FILE = "kvmtrace-recording.json"
 BENCH_FORMAT = "kvmtrace-bench"
 BENCH_VERSION = 1
 BENCH_FILE = "kvmtrace-bench.json"
-
-_DANGEROUS = ("=", "+", "-", "@", "\t", "\r")
-
-
-def escape_cell(s: str) -> str:
-    """Spreadsheet-safe text: a cell starting with = + - @ tab or CR is prefixed with a quote,
-    so no spreadsheet evaluates it as a formula. A leading quote is doubled, which keeps the
-    escaping reversible (``unescape_cell``)."""
-    if s and (s[0] in _DANGEROUS or s[0] == "'"):
-        return "'" + s
-    return s
-
-
-def unescape_cell(s: str) -> str:
-    if s and s[0] == "'":
-        return s[1:]
-    return s
-
 
 _WRITER_NAMES = ("Recorder", "write_json_atomic", "plan_to_dict", "scanned_provenance_from_plan")
 
@@ -83,18 +67,96 @@ def __getattr__(name):
 # --------------------------------------------------------------------------------- reading
 
 
+class EventTable:
+    """One raw-event table of a recording, NOT loaded: the files that hold it and the last
+    complete interval. The engine (analysis/engine.py) scans it out of core; ``to_arrow`` /
+    ``load`` materialise it for small recordings and users' own analysis."""
+
+    def __init__(self, name: str, directory: str, parquet: List[str], journals: List[str], arrow: List[pa.Table],
+                 last: int):
+        self.name = name
+        self.directory = directory
+        self.parquet = parquet  # Parquet parts, scanned from disk
+        self.journals = journals  # Arrow journals of an unfinished recording (their tables are in arrow)
+        self.arrow = arrow  # in-memory (memory-mapped journals, CSV) tables
+        self.last = last
+
+    def to_arrow(self, columns: Optional[Sequence[str]] = None) -> pa.Table:
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        schema = T.SCHEMAS[self.name]
+        cols = list(columns) if columns else None
+        parts = []
+        for f in self.parquet:
+            try:
+                parts.append(pq.read_table(f, columns=cols))
+            except Exception as e:  # pyarrow raises several types for damaged files
+                raise DataFileError(f"{f}: truncated or corrupt Parquet part ({e})",
+                                    "the recording was damaged after it was written") from e
+        parts += [t.select(cols) if cols else t for t in self.arrow]
+        want = schema if not cols else pa.schema([schema.field(c) for c in cols])
+        t = pa.concat_tables(parts) if parts else want.empty_table()
+        if t.num_rows and "interval" in t.column_names:
+            t = t.filter(pc.less_equal(t.column("interval"), self.last))
+        return t
+
+    def load(self, columns: Optional[Sequence[str]] = None) -> pd.DataFrame:
+        """The whole table as one DataFrame (text columns categorical). Memory grows with the
+        number of events: reports never call this; the engine scans the files instead."""
+        return _to_pandas(self.to_arrow(columns), True)
+
+
+class _Tables(Mapping):
+    """A recording's tables by name: aggregate tables are DataFrames; event tables are loaded
+    (``EventTable.load``) on first access only, so reading a recording costs no event memory."""
+
+    def __init__(self, frames: Dict[str, pd.DataFrame], events: Dict[str, EventTable],
+                 columns: Optional[Dict[str, Sequence[str]]] = None):
+        self._frames = dict(frames)
+        self._events = events
+        self._columns = columns or {}
+
+    def __getitem__(self, name: str) -> pd.DataFrame:
+        if name not in self._frames and name in self._events:
+            cols = self._columns.get(name)
+            if cols:
+                cols = list(dict.fromkeys(["interval"] + list(cols)))
+            self._frames[name] = self._events[name].load(cols)
+        return self._frames[name]
+
+    def __setitem__(self, name: str, df: pd.DataFrame) -> None:
+        self._frames[name] = df
+
+    def __iter__(self):
+        return iter(list(dict.fromkeys(list(self._frames) + list(self._events))))
+
+    def __len__(self) -> int:
+        return len(set(self._frames) | set(self._events))
+
+    def __contains__(self, name) -> bool:
+        return name in self._frames or name in self._events
+
+
 class Recording:
-    """A recording read back: ``meta`` (dict) and one DataFrame per table (``tables``).
+    """A recording read back: ``meta`` (dict) and one DataFrame per table (``tables``; raw-event
+    tables are loaded only when accessed, ``events`` holds them unloaded for the engine).
     ``source`` names it in merged reports; ``bench`` holds scenario/slots/workload for bench
     runs; ``warnings`` says what was tolerated (unfinished recording, torn last interval)."""
 
-    def __init__(self, path: str, meta: dict, tables: Dict[str, pd.DataFrame], warnings: List[str]):
+    def __init__(self, path: str, meta: dict, tables, warnings: List[str],
+                 events: Optional[Dict[str, EventTable]] = None):
         self.path = path
         self.meta = meta
-        self.tables = tables
+        self.events: Dict[str, EventTable] = events or {}
+        self.tables = tables if isinstance(tables, _Tables) else _Tables(tables, self.events)
         self.warnings = warnings
         self.source = meta.get("label") or os.path.basename(os.path.normpath(path))
         self.bench: Optional[dict] = None
+
+    @property
+    def host(self) -> str:
+        return str(self.meta.get("host") or "")
 
     @property
     def has_events(self) -> bool:
@@ -108,14 +170,14 @@ _PART = re.compile(r"^(part|journal)-(\d{6})\.(parquet|arrows)$")
 
 
 def _read_journal(path: str, schema: pa.Schema, warnings: List[str], name: str = "") -> pa.Table:
+    """An Arrow journal, memory-mapped (its batches reference the page cache, not the heap)."""
     batches = []
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        if os.path.getsize(path) == 0:
+            return schema.empty_table()
+        data = pa.memory_map(path, "r").read_buffer()
     except OSError as e:
         raise DataFileError(f"{path}: cannot read: {e.strerror}") from e
-    if not data:
-        return schema.empty_table()
     try:
         reader = pa.ipc.open_stream(pa.BufferReader(data))
     except pa.ArrowInvalid as e:
@@ -136,10 +198,9 @@ def _read_journal(path: str, schema: pa.Schema, warnings: List[str], name: str =
     return pa.Table.from_batches(batches, schema)
 
 
-def _read_parquet_table(directory: str, name: str, columns: Optional[Sequence[str]], warnings: List[str]) -> pa.Table:
-    import pyarrow.parquet as pq
-
-    schema = T.SCHEMAS[name]
+def _table_files(directory: str, name: str) -> List[Dict[str, str]]:
+    """The parts and journals of one table in number order; a part wins over the journal of
+    the same number (crash between compaction's rename and the journal's removal)."""
     tdir = os.path.join(directory, name)
     if not os.path.isdir(tdir):
         raise DataFileError(f"{directory}: table {name!r} is missing", "the recording is incomplete or damaged")
@@ -148,9 +209,15 @@ def _read_parquet_table(directory: str, name: str, columns: Optional[Sequence[st
         m = _PART.match(fn)
         if m:
             found.setdefault(int(m.group(2)), {})[m.group(1)] = os.path.join(tdir, fn)
+    return [found[k] for k in sorted(found)]
+
+
+def _read_parquet_table(directory: str, name: str, columns: Optional[Sequence[str]], warnings: List[str]) -> pa.Table:
+    import pyarrow.parquet as pq
+
+    schema = T.SCHEMAS[name]
     parts = []
-    for k in sorted(found):
-        f = found[k]
+    for f in _table_files(directory, name):
         if "part" in f:
             try:
                 with open(f["part"], "rb") as fh:  # a Python file: pyarrow paths must be UTF-8
@@ -173,6 +240,55 @@ def _read_parquet_table(directory: str, name: str, columns: Optional[Sequence[st
         s = schema if not columns else pa.schema([schema.field(c) for c in columns])
         return s.empty_table()
     return pa.concat_tables(parts)
+
+
+def _parquet_event_table(directory: str, name: str, warnings: List[str]) -> "tuple[EventTable, Optional[int]]":
+    """An event table of a Parquet recording without reading its rows: every part's footer is
+    checked (schema, readable) and gives the largest interval (column statistics); journals are
+    memory-mapped. Returns the table (``last`` still unset) and its largest interval."""
+    import pyarrow.parquet as pq
+
+    schema = T.SCHEMAS[name]
+    parquet, journals, arrow = [], [], []
+    mx: Optional[int] = None
+    for f in _table_files(directory, name):
+        if "part" in f:
+            try:
+                meta = pq.ParquetFile(f["part"]).metadata
+                got = meta.schema.to_arrow_schema()
+            except Exception as e:  # pyarrow raises several types for damaged files
+                raise DataFileError(
+                    f"{f['part']}: truncated or corrupt Parquet part ({e})", "the recording was damaged after it was written"
+                ) from e
+            if not got.equals(schema):
+                raise DataFileError(f"{f['part']}: columns differ from this kvmtrace's {FORMAT} v{FORMAT_VERSION}")
+            if meta.num_rows:
+                parquet.append(f["part"])
+                col = schema.get_field_index("interval")
+                for g in range(meta.num_row_groups):
+                    st = meta.row_group(g).column(col).statistics
+                    if st is None or not st.has_min_max:
+                        mx = _parquet_max_interval(f["part"], mx)
+                        break
+                    mx = st.max if mx is None else max(mx, st.max)
+        else:
+            t = _read_journal(f["journal"], schema, warnings, name)
+            journals.append(f["journal"])
+            if t.num_rows:
+                arrow.append(t)
+                import pyarrow.compute as pc
+
+                m = pc.max(t.column("interval")).as_py()
+                mx = m if mx is None else max(mx, m)
+    return EventTable(name, directory, parquet, journals, arrow, -1), mx
+
+
+def _parquet_max_interval(path: str, mx: Optional[int]) -> Optional[int]:
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    m = pc.max(pq.read_table(path, columns=["interval"]).column("interval")).as_py()
+    return m if mx is None else max(mx, m)
 
 
 def _read_csv_table(directory: str, name: str, columns: Optional[Sequence[str]], warnings: List[str]) -> pa.Table:
@@ -270,9 +386,10 @@ def read_recording(
     tables: Optional[Sequence[str]] = None,
     event_columns: Optional[Dict[str, Sequence[str]]] = None,
 ) -> Recording:
-    """Read a recording directory. ``tables`` limits which tables are read (default: all);
-    ``event_columns`` limits the columns of event tables (they can hold millions of rows; their
-    text columns come back categorical)."""
+    """Read a recording directory. ``tables`` limits which tables are read (default: all).
+    Aggregate tables are read into DataFrames; raw-event tables are not read at all but located
+    (``Recording.events``: files, last complete interval) for the engine, and loaded only if
+    ``recording[name]`` is accessed (then limited to ``event_columns``, text columns categorical)."""
     meta = read_meta(path)
     warnings: List[str] = []
     present = list((meta.get("tables") or {}).keys()) or list(T.AGG_TABLES)
@@ -286,31 +403,45 @@ def read_recording(
         raise DataFileError(f"{path}: unknown storage {storage!r}")
     out: Dict[str, pd.DataFrame] = {}
     arrow: Dict[str, pa.Table] = {}
+    events: Dict[str, EventTable] = {}
+    ev_max: Dict[str, Optional[int]] = {}
+    import pyarrow.compute as pc
+
     for n in want:
-        cols = None
-        if event_columns and n in event_columns:
-            cols = list(dict.fromkeys(["interval"] + list(event_columns[n])))
+        if n in T.EVENT_TABLES:
+            if storage == "parquet":
+                events[n], ev_max[n] = _parquet_event_table(path, n, warnings)
+            else:
+                t = reader(path, n, None, warnings)
+                events[n] = EventTable(n, path, [], [], [t] if t.num_rows else [], -1)
+                ev_max[n] = pc.max(t.column("interval")).as_py() if t.num_rows else None
+            continue
         try:
-            arrow[n] = reader(path, n, cols, warnings)
+            arrow[n] = reader(path, n, None, warnings)
         except (pa.ArrowException, OSError, ValueError, KeyError) as e:  # any damage: one error, no traceback
             raise DataFileError(f"{path}: table {n!r} is unreadable ({e})", "the recording is damaged") from e
+    # verified against the manifest; raw-event files are checked there by size and checksum, and
+    # cut below to the intervals that survive
     arrow = integrity.verify(path, meta, arrow, warnings)
     iv = arrow["intervals"]
     if iv.num_rows == 0:
         raise DataFileError(f"{path}: recording holds no complete interval", "record for at least one interval")
     last = max(iv.column("interval").to_pylist())
-    import pyarrow.compute as pc
-
-    for n, t in arrow.items():
-        if n != "intervals" and t.num_rows:
-            mx = pc.max(t.column("interval")).as_py()
+    for n in want:
+        if n in events:
+            events[n].last = last
+            mx = ev_max[n]
+        else:
+            t = arrow[n]
+            mx = pc.max(t.column("interval")).as_py() if n != "intervals" and t.num_rows else None
             if mx is not None and mx > last:
                 t = t.filter(pc.less_equal(t.column("interval"), last))
-                warnings.append(f"{n}: rows of interval {mx} dropped (interval not complete)")
-        out[n] = _to_pandas(t, n in T.EVENT_TABLES)
+            out[n] = _to_pandas(t, False)
+        if mx is not None and mx > last:
+            warnings.append(f"{n}: rows of interval {mx} dropped (interval not complete)")
     if meta.get("status") == "recording":
         warnings.append(f"{path}: recorder did not finish (crash or still running); using intervals 0..{last}")
-    return Recording(path, meta, out, warnings)
+    return Recording(path, meta, _Tables(out, events, event_columns), warnings, events)
 
 
 # --------------------------------------------------------------------------------- bench dirs
@@ -342,31 +473,65 @@ def _rotation():
     return rotation
 
 
-def read_inputs(paths: Sequence[str], **kw) -> List[Recording]:
-    """Recordings and bench directories -> list of Recording (bench runs carry ``.bench``).
-    Sources get unique names."""
-    recs: List[Recording] = []
+def find_recordings(path: str) -> List[str]:
+    """The recordings and bench directories inside ``path`` (a directory of recordings: rotated
+    recordings, or a fleet dataset such as ``ROOT/host=H/date=D/NAME``; see
+    docs/recording-format.md), in path order. A recording's own subdirectories are not searched."""
+    found: List[str] = []
+    for root, dirs, files in os.walk(path):
+        if META_FILE in files or BENCH_FILE in files:
+            found.append(root)
+            dirs[:] = []
+            continue
+        dirs.sort()
+    return sorted(found)
+
+
+def expand_inputs(paths: Sequence[str]) -> List[str]:
+    """Each path as given if it is a recording or bench directory (or not a directory: the
+    reader then says what is wrong with it); a directory holding recordings -> those."""
+    out: List[str] = []
     for p in paths:
-        if is_bench_dir(p):
-            idx = read_bench_index(p)
-            runs = idx.get("runs") or []
-            if not runs:
-                raise DataFileError(f"{p}: bench directory holds no completed run")
-            for run in runs:
-                r = read_recording(os.path.join(p, run["recording"]), **kw)
-                r.bench = {
-                    "scenario": run.get("scenario", ""),
-                    "slots": run.get("slots"),
-                    "iterations": run.get("iterations"),
-                    "workload": run.get("workload") or {},
-                    "bench_dir": p,
-                }
-                r.source = f"{run.get('scenario')}/{run.get('slots')}"
+        if os.path.isdir(p) and not os.path.exists(os.path.join(p, META_FILE)) and not is_bench_dir(p):
+            inner = find_recordings(p)
+            if inner:
+                out.extend(inner)
+                continue
+        out.append(p)
+    return out
+
+
+def read_inputs(paths: Sequence[str], **kw) -> List[Recording]:
+    """Recordings, bench directories and directories holding recordings (searched recursively)
+    -> list of Recording (bench runs carry ``.bench``). Sources get unique names: a recording
+    found inside a directory is named by its path below that directory."""
+    recs: List[Recording] = []
+    for top in paths:
+        if _rotation().is_rotation_dir(top):  # record --rotate: one recording
+            recs.append(_rotation().read_rotated(top, **kw))
+            continue
+        for p in expand_inputs([top]):
+            if is_bench_dir(p):
+                idx = read_bench_index(p)
+                runs = idx.get("runs") or []
+                if not runs:
+                    raise DataFileError(f"{p}: bench directory holds no completed run")
+                for run in runs:
+                    r = read_recording(os.path.join(p, run["recording"]), **kw)
+                    r.bench = {
+                        "scenario": run.get("scenario", ""),
+                        "slots": run.get("slots"),
+                        "iterations": run.get("iterations"),
+                        "workload": run.get("workload") or {},
+                        "bench_dir": p,
+                    }
+                    r.source = f"{run.get('scenario')}/{run.get('slots')}"
+                    recs.append(r)
+            else:
+                r = read_recording(p, **kw)
+                if os.path.normpath(p) != os.path.normpath(top) and not r.meta.get("label"):
+                    r.source = os.path.relpath(p, top)
                 recs.append(r)
-        elif _rotation().is_rotation_dir(p):
-            recs.append(_rotation().read_rotated(p, **kw))
-        else:
-            recs.append(read_recording(p, **kw))
     seen: Dict[str, int] = {}
     for r in recs:
         integrity.printable_names(r)

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import math
 import os
+from functools import partial
 from typing import List, Optional
 
 import pandas as pd
 
+from .. import fmt as _fmt
 from .report import EVENT_SOURCE, HIST_SOURCE
 
 
@@ -21,19 +23,8 @@ def _num(v) -> Optional[float]:
     return None if math.isnan(v) else v
 
 
-def fmt_ns(v) -> str:
-    v = _num(v)
-    if v is None:
-        return "-"
-    for unit, div in (("s", 1e9), ("ms", 1e6), ("µs", 1e3)):
-        if abs(v) >= div:
-            return f"{v / div:.3g} {unit}"
-    return f"{v:.0f} ns"
-
-
-def fmt_s(v) -> str:
-    v = _num(v)
-    return "-" if v is None else fmt_ns(v * 1e9)
+fmt_ns = partial(_fmt.fmt_ns, style="report")  # the one number formatter, in the report style
+fmt_s = partial(_fmt.fmt_s, style="report")
 
 
 def fmt_num(v, digits: int = 3) -> str:
@@ -179,6 +170,16 @@ def report_renderables(rep) -> list:
                                                   "scanned"]
         out.append(_table("hva operations by memslot count", heads, rows,
                           caption="memslot count: " + ", ".join(sorted(set(b["memslots_source"])))))
+    hh = rep.tables.get("hva_ops_hosts")
+    if multi and hh is not None and not hh.empty:
+        rows = []
+        for _, r in hh.iterrows():
+            rows.append(["all hosts" if r["host"] == "*" else r["host"], r["source"], r["op"], fmt_num(r["count"]),
+                         fmt_ns(r["lat_p50_ns"]), fmt_ns(r["lat_p90_ns"]), fmt_ns(r["lat_p99_ns"]), fmt_ns(r["lat_max_ns"]),
+                         _src_mark(r["latency_source"]), fmt_num(r["slots_mean"]), fmt_num(r["scanned_mean"]),
+                         f"{r['lat_provenance']}/{r['slots_provenance']}"])
+        out.append(_table("hva operations per host (all VMs and recordings of the host), then all hosts",
+                          ["host", "recordings", "op", "count", "p50", "p90", "p99", "max", "src", "visited", "scanned", "prov"], rows))
     from rich.text import Text
 
     out.append(Text(LEGEND, style="dim"))

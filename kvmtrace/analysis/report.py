@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from .. import __version__
+from . import engine as E
 from . import tables as T
 from .recording import Recording
 
@@ -44,30 +45,26 @@ EVENT_COLUMNS = {
 
 
 def event_stats(ev: pd.DataFrame, key: List[str], col: str, qs: Sequence[float] = QS) -> pd.DataFrame:
-    """Exact statistics of ``col`` per ``key`` over raw events (rows with col < 0 = unknown are
-    left out). Columns: n, p50.., max, mean, events (all rows of the group, known or not)."""
-    names = [f"p{int(round(q * 100))}" for q in qs]
-    cols = ["events", "n"] + names + ["max", "mean"]
+    """Exact statistics of ``col`` per ``key`` over an in-memory DataFrame of raw events (rows
+    with col < 0 = unknown are left out). Columns: n, p50.., max, mean, events (all rows of the
+    group, known or not). Reports do not call this on recordings: the engine computes the same
+    figures out of core (``engine.stats`` over value counts)."""
     if ev is None or ev.empty:
-        return pd.DataFrame(columns=key + cols).set_index(key)
-    vals = ev[col].to_numpy(dtype=np.int64)
-    rows = []
-    for k, idx in ev.groupby(key, observed=True, sort=True).indices.items():
-        v = vals[idx]
-        v = v[v >= 0]
-        k = k if isinstance(k, tuple) else (k,)
-        if len(v):
-            p = np.percentile(v, [q * 100 for q in qs])
-            rows.append(list(k) + [len(idx), len(v)] + [float(x) for x in p] + [float(v.max()), float(v.mean())])
-        else:
-            rows.append(list(k) + [len(idx), 0] + [math.nan] * (len(qs) + 2))
-    out = pd.DataFrame(rows, columns=key + cols)
-    for c in key:
-        if c in ("pid",):
-            out[c] = out[c].astype("int64")
-        else:
-            out[c] = out[c].astype(str)
-    return out.set_index(key)
+        return E.stats(None, key, qs)
+    vc = ev.groupby(key + [col], observed=True, sort=False).size().rename("c").reset_index()
+    return E.stats(vc.rename(columns={col: "v"}), key, qs)
+
+
+def _counts(events, cls):
+    """Raw events as value counts (``cls``: engine.HvaCounts / MemCounts; from the engine, or
+    from an in-memory DataFrame); None when there are none."""
+    if events is None:
+        return None
+    if not isinstance(events, cls):
+        if events.empty:
+            return None
+        events = cls.from_events(events)
+    return events if events.events else None
 
 
 def _hist_q(counts: np.ndarray, qs=QS, hi=None) -> List[float]:
@@ -127,8 +124,9 @@ def _last_vm_info(df: pd.DataFrame) -> Dict[tuple, dict]:
 
 
 def hva_ops(hva: pd.DataFrame, duration_s: float, events: Optional[pd.DataFrame] = None, vm_info=None) -> pd.DataFrame:
-    """One recording's hva rows (and its raw events, if any) -> one row per VM x op x provenance:
-    count, rate, latency p50/p90/p99/max/mean, slots visited mean/p99/max, slots scanned."""
+    """One recording's hva rows (and its raw events, if any: a DataFrame or the engine's
+    ``HvaCounts``) -> one row per VM x op x provenance: count, rate, latency p50/p90/p99/max/mean,
+    slots visited mean/p99/max, slots scanned."""
     out_cols = [
         "vm_id", "vm_label", "ordinal", "pid", "comm", "name", "memslots", "memslots_max", "op", "count", "count_provenance",
         "duration_s", "rate_per_s",
@@ -156,13 +154,10 @@ def hva_ops(hva: pd.DataFrame, duration_s: float, events: Optional[pd.DataFrame]
     agg["underived"] = g["underived"].sum() if "underived" in hva else 0
     lat_h = g[T.LAT_B].sum()
     slot_h = g[T.SLOTS_B].sum()
-    ev = None
     ev_lat = ev_slots = ev_scan = None
-    if events is not None and not events.empty:
-        ev = events
-        ev_lat = event_stats(ev, HVA_KEY, "latency_ns")
-        ev_slots = event_stats(ev, HVA_KEY, "slots")
-        ev_scan = event_stats(ev, HVA_KEY, "scanned")
+    hc = _counts(events, E.HvaCounts)
+    if hc is not None:
+        ev_lat, ev_slots, ev_scan = hc.lat_stats(), hc.slots_stats(), hc.scan_max()
     rows = []
     for k, a in agg.iterrows():
         vm_id, pid, op, lprov, sprov = k
@@ -214,7 +209,7 @@ def hva_ops(hva: pd.DataFrame, duration_s: float, events: Optional[pd.DataFrame]
             if not pd.isna(a["scanned_max"]):  # the in-kernel maximum
                 smax = float(a["scanned_max"])
             elif complete and ev_scan is not None and k in ev_scan.index:
-                smax = float(ev_scan.loc[k, "max"])
+                smax = float(ev_scan.loc[k])
             else:
                 smax = math.nan
             row.update(scanned_mean=_div(a["scanned_sum"], denom), scanned_max=smax)
@@ -234,7 +229,8 @@ def memslot_updates(mem: pd.DataFrame, events: Optional[pd.DataFrame] = None, vm
     agg = g.agg(count=("count", "sum"), errors=("errors", "sum"), lat_sum_ns=("lat_sum_ns", "sum"),
                 lat_max_ns=("lat_max_ns", "max"))
     lat_h = g[T.LAT_B].sum()
-    ev_lat = event_stats(events, MEM_KEY, "latency_ns") if events is not None and not events.empty else None
+    mc = _counts(events, E.MemCounts)
+    ev_lat = E.stats(mc.lat[MEM_KEY + ["v", "c"]], MEM_KEY) if mc is not None else None
     rows = []
     for k, a in agg.iterrows():
         vm_id, pid, change, lprov, cprov = k
@@ -311,34 +307,39 @@ def by_memslots(hva: pd.DataFrame, events: Optional[pd.DataFrame] = None,
     from the in-kernel buckets (``kernel``: the recording's by_memslots table; counts and means).
     Recordings with neither (older versions, or a tracer that kept no buckets) fall back to the
     VM's memslot count at the end of each interval, and ``memslots_source`` says so."""
-    from .synth import log2_buckets
+    from .tables import log2_buckets
 
     total = int(hva["count"].sum()) if not hva.empty else 0
-    use_events = events is not None and len(events) == total and total > 0 and (events["memslots"] >= 0).any()
+    hc = _counts(events, E.HvaCounts)
+    use_events = hc is not None and hc.events == total and total > 0 and bool((hc.lat["mb"] >= 0).any())
     have_kernel = kernel is not None and not kernel.empty
-    if use_events and have_kernel and not (events["memslots"] >= 0).all():
+    if use_events and have_kernel and bool((hc.lat["mb"] < 0).any()):
         use_events = False  # some events lack the count: the in-kernel buckets cover every operation
     rows = []
     if use_events:
-        known = (events["memslots"] >= 0).to_numpy()
-        ev = events if known.all() else events[known]
-        ev = ev.assign(b=log2_buckets(ev["memslots"].to_numpy()))
-        lat = ev["latency_ns"].to_numpy()
-        sl = ev["slots"].to_numpy()
-        sc = ev["scanned"].to_numpy()
-        ms = ev["memslots"].to_numpy()
-        for (op, b, lp, sp), idx in ev.groupby(["op", "b", "lat_provenance", "slots_provenance"], sort=True, observed=True).indices.items():
-            l = lat[idx]
-            l = l[l >= 0]
-            s = sl[idx]
-            s = s[s >= 0]
-            c = sc[idx]
-            c = c[c >= 0]
-            p50, p99 = (np.percentile(l, [50, 99]) if len(l) else (math.nan, math.nan))
-            rows.append([str(op), int(b), memslot_bucket_label(int(b)), int(ms[idx].min()), int(ms[idx].max()), len(idx),
-                         float(p50), float(p99), float(l.mean()) if len(l) else math.nan, str(lp),
-                         EVENT_SOURCE if len(l) else "none", float(s.mean()) if len(s) else math.nan, str(sp),
-                         float(c.mean()) if len(c) else math.nan, MEMSLOTS_EVENTS])
+        key = ["op", "mb", "lat_provenance", "slots_provenance"]
+        lat = hc.lat[hc.lat["mb"] >= 0]
+        sl = hc.slots[hc.slots["mb"] >= 0]
+        lat_g = dict(list(lat.groupby(key, sort=True, observed=True)))
+        sl_g = dict(list(sl.groupby(key, sort=True, observed=True)))
+        for k in sorted(lat_g):
+            op, b, lp, sp = k
+            lg = lat_g[k].groupby("v", sort=True)["c"].sum()
+            sg = sl_g[k]
+            known = lg[lg.index >= 0]
+            lv, lc = known.index.to_numpy(np.int64), known.to_numpy(np.int64)
+            n_l = int(lc.sum())
+            p50, p99 = E.quantiles_from_counts(lv, lc, (0.5, 0.99)) if n_l else (math.nan, math.nan)
+            sk = sg[sg["v"] >= 0]
+            n_s = int(sk["c"].sum())
+            s_sum = int(np.dot(sk["v"].to_numpy(np.int64).astype(object), sk["c"].to_numpy(np.int64).astype(object))) if n_s else 0
+            n_c = int(sg["scan_n"].sum())
+            c_sum = int(sg["scan_sum"].astype("int64").sum())
+            l_sum = int(np.dot(lv.astype(object), lc.astype(object))) if n_l else 0
+            rows.append([str(op), int(b), memslot_bucket_label(int(b)), int(sg["ms_min"].min()), int(sg["ms_max"].max()),
+                         int(lg.sum()), float(p50), float(p99), float(l_sum / n_l) if n_l else math.nan, str(lp),
+                         EVENT_SOURCE if n_l else "none", float(s_sum / n_s) if n_s else math.nan, str(sp),
+                         float(c_sum / n_c) if n_c else math.nan, MEMSLOTS_EVENTS])
     elif have_kernel:
         rows = _by_memslots_kernel(kernel)
     elif not hva.empty:
@@ -365,10 +366,12 @@ def by_memslots(hva: pd.DataFrame, events: Optional[pd.DataFrame] = None,
     return df.sort_values(["op", "bucket", "lat_provenance", "slots_provenance"], kind="stable").reset_index(drop=True)
 
 
-def sources(recs: Sequence[Recording]) -> pd.DataFrame:
-    """One row per input recording: where, what, how long, lost events and status."""
+def sources(recs: Sequence[Recording], event_rows: Optional[Dict[str, List[int]]] = None) -> pd.DataFrame:
+    """One row per input recording: where, what, how long, lost events and status.
+    ``event_rows``: raw events per recording and table, as the engine counted them (else the
+    event tables are counted in memory)."""
     rows = []
-    for r in recs:
+    for i, r in enumerate(recs):
         iv = r["intervals"]
         b = r.bench or {}
         wl = b.get("workload") or {}
@@ -384,8 +387,8 @@ def sources(recs: Sequence[Recording]) -> pd.DataFrame:
             "status": r.meta.get("status", ""), "lost_events": int(iv["lost_events"].sum()),
             "map_full": int(iv["map_full"].sum()), "unattributed": int(iv["unattributed"].sum()),
             "raw_events": bool(r.has_events),
-            "hva_events": int(len(r.tables["hva_events"])) if "hva_events" in r.tables else 0,
-            "memslot_events": int(len(r.tables["memslot_events"])) if "memslot_events" in r.tables else 0,
+            "hva_events": _event_rows(r, "hva_events", i, event_rows),
+            "memslot_events": _event_rows(r, "memslot_events", i, event_rows),
             "warnings": "; ".join(r.warnings),
             **_self_cost(r.meta.get("self_cost")),
         })
@@ -411,21 +414,89 @@ def _prefix(df: pd.DataFrame, r: Recording, src: pd.Series) -> pd.DataFrame:
     return df
 
 
-def _erase_vm(ev: pd.DataFrame) -> pd.DataFrame:
-    """The events with every VM key replaced by "*" / 0, cheaply (categorical codes, no strings)."""
-    n = len(ev)
-    cols = {c: ev[c] for c in ev.columns if c not in ("vm_id", "pid")}
-    cols["vm_id"] = pd.Categorical.from_codes(np.zeros(n, dtype=np.int8), categories=["*"])
-    cols["pid"] = np.zeros(n, dtype=np.int64)
-    return pd.DataFrame(cols, index=ev.index, copy=False)
+def _event_rows(r: Recording, name: str, i: int, event_rows) -> int:
+    if name not in r.tables:
+        return 0
+    if event_rows is not None and name in event_rows:
+        return int(event_rows[name][i])
+    return int(len(r.tables[name]))
+
+
+def _engine_counts(recs: Sequence[Recording]):
+    """Value counts of every recording's raw events (one engine scan per figure family, all
+    recordings at once), tagged with the recording's index ``rec``."""
+    hsrc = [(i, r.events["hva_events"]) for i, r in enumerate(recs) if "hva_events" in r.events]
+    msrc = [(i, r.events["memslot_events"]) for i, r in enumerate(recs) if "memslot_events" in r.events]
+    hc = mc = None
+    if hsrc or msrc:
+        con = E.connect()
+        try:
+            hc = E.hva_counts(con, hsrc)
+            mc = E.mem_counts(con, msrc)
+        finally:
+            con.close()
+    return hc, mc
+
+
+def _rec_counts(r: Recording, i: int, hc_all, mc_all):
+    """(HvaCounts or None, MemCounts or None) of recording ``i``: the engine's, or for event
+    tables held in memory (recordings built by hand), counted from the DataFrame."""
+    out = []
+    for name, allc, cls in (("hva_events", hc_all, E.HvaCounts), ("memslot_events", mc_all, E.MemCounts)):
+        if name in r.events and allc is not None:
+            if isinstance(allc, dict):  # HvaCounts split by recording
+                out.append(allc.get(i) or E.HvaCounts(pd.DataFrame(columns=["c"]), pd.DataFrame(columns=["c"])))
+            else:
+                out.append(allc.select(rec=i))
+        elif name in r.tables and not r.events:
+            out.append(cls.from_events(r.tables[name]) if not r.tables[name].empty else None)
+        else:
+            out.append(None)
+    return out[0], out[1]
+
+
+def _concat_counts(cs: Sequence[Optional[E.HvaCounts]]) -> Optional[E.HvaCounts]:
+    cs = [c for c in cs if c is not None]
+    if not cs:
+        return None
+    return E.HvaCounts(pd.concat([c.lat for c in cs], ignore_index=True), pd.concat([c.slots for c in cs], ignore_index=True))
+
+
+ALL_HOSTS = "*"
+
+
+def _hosts_rows(recs: Sequence[Recording], src: pd.DataFrame, counts) -> List[pd.DataFrame]:
+    """hva ops per op over all VMs and recordings of each host, then of all hosts (host "*").
+    Counts, histograms and raw-event value counts add up across recordings, so percentiles stay
+    exact where every recording of the group holds every raw event. duration_s (and the rate)
+    is the sum of the recordings' durations: per recorded second, not per wall-clock second."""
+    hosts = sorted({r.host for r in recs})
+    groups = [(h, [i for i, r in enumerate(recs) if r.host == h]) for h in hosts] + [(ALL_HOSTS, list(range(len(recs))))]
+    out = []
+    for host, idx in groups:
+        hv = [recs[i]["hva"] for i in idx if not recs[i]["hva"].empty]
+        if not hv:
+            continue
+        hva = pd.concat(hv, ignore_index=True).assign(vm_id="*", pid=0, comm="", name="", memslots=-1)
+        hc = _concat_counts([counts[i][0] for i in idx])
+        dur = float(src.iloc[idx]["duration_s"].sum())
+        df = hva_ops(hva, dur, hc.erase() if hc is not None else None, {})
+        kernels = sorted({str(k) for k in src.iloc[idx]["kernel"]})
+        front = {"source": f"{len(idx)} recording{'s' if len(idx) != 1 else ''}", "host": host,
+                 "kernel": kernels[0] if len(kernels) == 1 else ", ".join(kernels), "scenario": "", "bench_slots": -1}
+        for j, (c, v) in enumerate(front.items()):
+            df.insert(j, c, v)
+        out.append(df)
+    return out
 
 
 class Report:
     """All report tables, each a DataFrame: ``sources``, ``hva_ops`` (per VM x op),
-    ``hva_ops_total`` (per op, all VMs of a source), ``memslot_updates``, ``by_memslots``;
+    ``hva_ops_total`` (per op, all VMs of a source), ``memslot_updates``, ``by_memslots``,
+    ``hva_ops_hosts`` (per op, all VMs and recordings of a host; ``host`` "*": all hosts);
     ``hist`` holds summed latency histograms per (source, op) for the plots."""
 
-    TABLES = ("sources", "hva_ops", "hva_ops_total", "memslot_updates", "by_memslots")
+    TABLES = ("sources", "hva_ops", "hva_ops_total", "memslot_updates", "by_memslots", "hva_ops_hosts")
 
     def __init__(self, tables: Dict[str, pd.DataFrame], hist: pd.DataFrame):
         self.tables = tables
@@ -441,14 +512,20 @@ class Report:
 
 
 def build_report(recs: Sequence[Recording]) -> Report:
-    src = sources(recs)
+    hc_all, mc_all = _engine_counts(recs)
+    hc_split = hc_all.split("rec") if hc_all is not None else None
+    # the same per recording with the VM erased (hva_ops_total), statistics again in one pass
+    tot_split = hc_all.erase(drop=()).split("rec") if hc_all is not None else {}
+    counts = [_rec_counts(r, i, hc_split, mc_all) for i, r in enumerate(recs)]
+    event_rows = {"hva_events": [h.events if h is not None else 0 for h, _ in counts],
+                  "memslot_events": [m.events if m is not None else 0 for _, m in counts]}
+    src = sources(recs, event_rows)
     parts: Dict[str, List[pd.DataFrame]] = {t: [] for t in Report.TABLES if t != "sources"}
     hists = []
     for i, r in enumerate(recs):
         s = src.iloc[i]
         hva, mem = r["hva"], r["memslot"]
-        hev = r.tables.get("hva_events")
-        mev = r.tables.get("memslot_events")
+        hev, mev = counts[i]
         dur = float(s["duration_s"])
         # VM names and memslot counts: the vms table has every interval (the final count is its
         # last one); the hva rows only fill in VMs it lacks
@@ -457,7 +534,7 @@ def build_report(recs: Sequence[Recording]) -> Report:
         parts["hva_ops"].append(_prefix(hva_ops(hva, dur, hev, info), r, s))
         # per op over all VMs: the same aggregation with the VM erased
         hva_all = hva.assign(vm_id="*", pid=0, comm="", name="", memslots=-1) if not hva.empty else hva
-        hev_all = _erase_vm(hev) if hev is not None and not hev.empty else hev
+        hev_all = tot_split.get(i) if i in tot_split else (hev.erase() if hev is not None else None)
         parts["hva_ops_total"].append(_prefix(hva_ops(hva_all, dur, hev_all, {}), r, s))
         info_m = _last_vm_info(_norm_keys(mem, ["vm_id", "pid"])) if not mem.empty else {}
         info_m.update(info)
@@ -468,6 +545,7 @@ def build_report(recs: Sequence[Recording]) -> Report:
             h = h.reset_index()
             h.insert(0, "source", r.source)
             hists.append(h)
+    parts["hva_ops_hosts"] = _hosts_rows(recs, src, counts)
     tables = {"sources": src}
     for t, ps in parts.items():
         ps = [p for p in ps if not p.empty]
@@ -546,6 +624,7 @@ def to_json(rep: Report) -> dict:
         "hva_ops_total": _hva_json(rep["hva_ops_total"]) if not rep["hva_ops_total"].empty else [],
         "memslot_updates": mem,
         "by_memslots": bym,
+        "hva_ops_hosts": _hva_json(rep["hva_ops_hosts"]) if not rep["hva_ops_hosts"].empty else [],
         "lost_events": rep.lost_events,
         "lost_events_by_source": [{"source": s, "lost_events": int(n)} for s, n in zip(src["source"], src["lost_events"])]
         if not src.empty else [],

@@ -11,6 +11,7 @@ import numpy as np
 
 from ..consts import LOG2_BUCKETS
 from ..snapshot import HvaEvent, HvaStats, Log2Hist, MemslotBucketStats, MemslotEvent, MemslotStats, Snapshot, VmInfo
+from .tables import log2_buckets
 
 
 @dataclass
@@ -57,18 +58,6 @@ class _Acc:
     errors: int = 0
     scanned_max: Optional[int] = None
     memslots_max: int = 0
-
-
-def log2_buckets(values: np.ndarray) -> np.ndarray:
-    """Vectorised consts' log2 bucket rule: 0 -> 0, v -> bit length of v."""
-    v = np.asarray(values, dtype=np.int64)
-    b = np.zeros(v.shape, dtype=np.int64)
-    pos = v > 0
-    b[pos] = np.floor(np.log2(v[pos])).astype(np.int64) + 1
-    # guard against float rounding at exact powers of two
-    b[pos] = np.where(v[pos] >= (np.int64(1) << b[pos]), b[pos] + 1, b[pos])
-    b[pos] = np.where(v[pos] < (np.int64(1) << (b[pos] - 1)), b[pos] - 1, b[pos])
-    return np.minimum(b, LOG2_BUCKETS - 1)
 
 
 def _hist(values: np.ndarray) -> np.ndarray:

@@ -443,6 +443,18 @@ def events_frame(events: Sequence, table: str, interval: int = 0) -> pd.DataFram
     return to_arrow(table, event_columns(list(events), table, interval)).to_pandas()
 
 
+def log2_buckets(values: np.ndarray) -> np.ndarray:
+    """Vectorised consts' log2 bucket rule: 0 -> 0, v -> bit length of v."""
+    v = np.asarray(values, dtype=np.int64)
+    b = np.zeros(v.shape, dtype=np.int64)
+    pos = v > 0
+    b[pos] = np.floor(np.log2(v[pos])).astype(np.int64) + 1
+    # guard against float rounding at exact powers of two
+    b[pos] = np.where(v[pos] >= (np.int64(1) << b[pos]), b[pos] + 1, b[pos])
+    b[pos] = np.where(v[pos] < (np.int64(1) << (b[pos] - 1)), b[pos] - 1, b[pos])
+    return np.minimum(b, LOG2_BUCKETS - 1)
+
+
 def hist_sum(df: pd.DataFrame, cols: List[str]) -> np.ndarray:
     """Summed histogram counts over the rows of ``df``."""
     if df.empty:

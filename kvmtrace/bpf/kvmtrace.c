@@ -100,8 +100,6 @@ BPF_HASH(aggs, struct op_key, struct agg_val, MAX_AGG);
 BPF_PERCPU_ARRAY(agg_zero, struct agg_val, 1);  // never written: the initial value of new entries
 BPF_HASH(ms_aggs, struct op_key, struct ms_val, MAX_AGG);
 BPF_PERCPU_ARRAY(ms_zero, struct ms_val, 1);
-BPF_HASH(vmm, u32, u32, MAX_VMMS);       // known VMM tgids (tracepoint mode)
-BPF_HASH(ms_count, u32, u64, MAX_VMMS);  // memslot ioctls per tgid (exact total for tp mode)
 
 #ifdef USE_RINGBUF
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
@@ -202,16 +200,361 @@ static __always_inline void max_update(u64 *slot, u64 v)
 }
 
 // =====================================================================================
+// Tracepoint mode: VM identity and per-VM slot tables (shared by the hva and memslot parts)
+// =====================================================================================
+// A VM is the descriptor its VMM got from KVM_CREATE_VM: (tgid, fd) -> gen, a number unique in
+// this trace (a later VM on the same fd number gets a new gen). Memslot ioctls on any other
+// descriptor are dropped here (CNT_IGNORED), before any map or ring buffer is touched.
+// Each VM created while traced gets a slot table (one of MAX_TABS): its slot records (hash,
+// for the change type, exactly as kvm_set_memory_region decides it) and the hva starts and
+// ends of its slots in two sorted arrays, so that the slots an hva range overlaps are two
+// binary searches: #(start < end_q) - #(end <= start_q). The arrays are kept sorted at update
+// time by tail-called programs shifting SHIFT_CHUNK entries each (O(n) per update, rare).
+#if defined(HVA_TP_UNMAP) || defined(HVA_TP_AGE) || defined(HVA_TP_TEST_AGE) || \
+    defined(HVA_TP_CHANGE_PTE) || defined(MS_TP)
+#define TP_VMS 1
+#define TAB_CAP 32768  // >= KVM_USER_MEM_SLOTS (32764) of one address space
+#define TAB_MASK (TAB_CAP - 1)
+#define TAB_STEPS 16   // binary search steps: log2(TAB_CAP) + 1
+#define SHIFT_CHUNK 1024  // entries moved per tail-called program (33 calls cover TAB_CAP)
+#ifndef MAX_TABS
+#define MAX_TABS 16    // slot tables (512 KiB each): VMs created while traced, alive at once
+#endif
+#ifndef MAX_TP_VMS
+#define MAX_TP_VMS 4096  // VMs known (alive, or dead and not yet read by userspace)
+#endif
+#ifndef MAX_SLOTREC
+#define MAX_SLOTREC 131072  // slot records over all VMs (allocated on use)
+#endif
+#ifndef MAX_TP_AGG
+#define MAX_TP_AGG 2048  // (vm, op) aggregates
+#endif
+#define VM_PER_PROC 8  // live VMs per process in notifier order (attribution)
+#ifndef TABS_PER_PROC
+#define TABS_PER_PROC 4  // slot tables one process may hold: one process cannot take them all
+#endif
+#define NO_TAB 0xFFFFFFFFu
+#define MS_BUCKETS 16  // log2 buckets of a memslot count (32764 -> bucket 15)
+#define NO_BUCKET 0xFF
+#ifndef NR_CLOSE
+#define NR_CLOSE 3     // x86_64 (tracepoint mode is built for x86 only)
+#endif
+#define KT_ENOTTY 25
+#define KT_EBADF 9
+enum { VMF_PARTIAL = 1, VMF_DEAD = 2, VMF_NOTAB = 4, VMF_BROKEN = 8 };
+
+struct vmm_val {   // one VMM process: its live VMs in creation order (notifier order reversed)
+    u32 created;   // VMs it created while traced (the next VM's ordinal - 1)
+    u32 n;
+    u64 gen[VM_PER_PROC];
+    u32 tab[VM_PER_PROC];
+    u32 fd[VM_PER_PROC];
+};
+struct vmfd_key {
+    u32 tgid;
+    u32 fd;
+};
+struct tp_vm {     // one VM lifetime, keyed by gen; userspace removes it once read after death
+    u32 tgid;
+    u32 fd;
+    u32 ordinal;   // 0 = predates the trace
+    u32 flags;     // VMF_*
+    u32 tab;
+    u32 n;         // memslots now (exact unless VMF_PARTIAL)
+    u32 nmax;
+    u32 pad;
+};
+struct tab_hdr {
+    u64 gen;       // owning VM, 0 = free
+    u64 seq;       // bumped after every finished table change
+    u32 n;         // entries in the sorted arrays
+    u32 busy;      // memslot ioctls in flight on the VM (its kernel table may be mid-change)
+    u32 broken;    // table lost sync (concurrent writers, overflow): figures underived
+    u32 pad;
+};
+struct tab_data {
+    u64 start[TAB_CAP];
+    u64 end[TAB_CAP];
+};
+struct slot_key {
+    u64 gen;
+    u32 slot;      // as_id << 16 | slot id, as passed by userspace
+    u32 pad;
+};
+struct slot_rec {
+    u64 gpa;
+    u64 size;
+    u64 hva;
+    u32 flags;
+    u32 pad;
+};
+struct tp_bkt {    // hva ops at one memslot-count bucket (derived ops only)
+    u64 count;
+    u64 lat_count;
+    u64 lat_sum;
+    u64 slots_sum;
+    u64 nmax;      // largest memslot count seen in the bucket
+    u64 nsum;      // sum of the memslot counts (= slots scanned on linear-scan kernels)
+};
+struct tp_agg {    // per (vm gen, op, tgid): the common aggregate plus tracepoint-mode figures
+    struct agg_val a;
+    u64 underived; // ops whose slots figure could not be derived
+    struct tp_bkt b[MS_BUCKETS];
+};
+
+BPF_HASH(vmm, u32, struct vmm_val, MAX_VMMS);  // known VMM processes
+BPF_HASH(tp_vmfd, struct vmfd_key, u64, MAX_TP_VMS);
+BPF_HASH(tp_vms, u64, struct tp_vm, MAX_TP_VMS);
+BPF_ARRAY(tp_gen, u64, 1);
+BPF_ARRAY(tp_hdr, struct tab_hdr, MAX_TABS);
+BPF_ARRAY(tp_tab, struct tab_data, MAX_TABS);
+BPF_F_TABLE("hash", struct slot_key, struct slot_rec, tp_slots, MAX_SLOTREC, BPF_F_NO_PREALLOC);
+BPF_HASH(tp_aggs, struct op_key, struct tp_agg, MAX_TP_AGG);
+BPF_PERCPU_ARRAY(tp_agg_zero, struct tp_agg, 1);
+
+// agg_get's twin for tracepoint mode's map (bcc rewrites map calls only in plain code, not in a
+// macro or through a map pointer, so the two cannot share one body)
+static __always_inline struct tp_agg *tp_agg_get(u64 gen, u32 op, u32 tgid)
+{
+    struct op_key k = {};
+    u32 zk = 0;
+    k.vm = gen;
+    k.op = op;
+    k.owner = tgid;
+    struct tp_agg *v = tp_aggs.lookup(&k);
+    if (v)
+        return v;
+    struct tp_agg *zero = tp_agg_zero.lookup(&zk);
+    if (!zero)
+        return 0;
+    tp_aggs.insert(&k, zero);
+    v = tp_aggs.lookup(&k);
+    if (!v)
+        bump(CNT_MAPFULL);
+    return v;
+}
+
+static __always_inline void tab_free(u32 tab, u64 gen)
+{
+    struct tab_hdr *h = tp_hdr.lookup(&tab);
+    if (h && h->gen == gen) {
+        h->seq++;
+        h->gen = 0;
+    }
+}
+
+// The VM of `gen` is gone (its fd closed or reused, or its process exited): free its table,
+// mark it dead for userspace, which reads its final figures and removes it.
+static __always_inline void vm_gone(u32 tgid, u32 fd, u64 gen)
+{
+    struct tp_vm *v = tp_vms.lookup(&gen);
+    if (v) {
+        v->flags |= VMF_DEAD;
+        if (v->tab != NO_TAB)
+            tab_free(v->tab, gen);
+    }
+    struct vmfd_key k = {};
+    k.tgid = tgid;
+    k.fd = fd;
+    tp_vmfd.delete(&k);
+}
+
+// Remove `gen` from its process's list, keeping the order of the others.
+static __always_inline void vmm_drop(struct vmm_val *p, u64 gen)
+{
+    u32 found = 0;
+#pragma unroll
+    for (int i = 0; i < VM_PER_PROC; i++) {
+        if (i < p->n && p->gen[i] == gen)
+            found = 1;
+        if (found && i + 1 < VM_PER_PROC) {
+            p->gen[i] = p->gen[i + 1];
+            p->tab[i] = p->tab[i + 1];
+            p->fd[i] = p->fd[i + 1];
+        }
+    }
+    if (found && p->n > 0)
+        p->n--;
+}
+
+static __always_inline u32 tab_alloc(u64 gen)
+{
+    // check-then-set (the BPF atomics bcc emits have no compare-and-swap): two VMs created at
+    // the same instant may pick one table; the later owner keeps it, and the other VM's
+    // figures are underived (its events check the owner), never wrong
+#pragma unroll
+    for (u32 i = 0; i < MAX_TABS; i++) {
+        u32 k = i;
+        struct tab_hdr *h = tp_hdr.lookup(&k);
+        if (!h || h->gen)
+            continue;
+        h->gen = gen;
+        h->n = 0;
+        h->busy = 0;
+        h->broken = 0;
+        h->seq++;
+        return i;
+    }
+    bump(CNT_MAPFULL);  // every table in use: this VM's figures are underived
+    return NO_TAB;
+}
+
+// KVM_CREATE_VM returned `fd` to `tgid`.
+static __always_inline void vm_register(u32 tgid, u32 fd)
+{
+    struct vmfd_key k = {};
+    k.tgid = tgid;
+    k.fd = fd;
+    struct vmm_val *p = vmm.lookup(&tgid);
+    u64 *old = tp_vmfd.lookup(&k);
+    if (old) {  // the fd number of a VM whose close we did not see: that VM is gone
+        u64 og = *old;
+        vm_gone(tgid, fd, og);
+        if (p)
+            vmm_drop(p, og);
+    }
+    if (!p) {
+        struct vmm_val z = {};
+        vmm.insert(&tgid, &z);
+        p = vmm.lookup(&tgid);
+        if (!p) {
+            bump(CNT_MAPFULL);
+            return;
+        }
+    }
+    u32 zk = 0;
+    u64 *g = tp_gen.lookup(&zk);
+    if (!g)
+        return;
+    // a new gen: the counter is bumped without a fetching atomic (bcc's BPF target has none),
+    // so two VMs created at the same instant may draw the same number: the insertion, which
+    // fails for an existing key, tells, and the next number is tried
+    struct tp_vm v = {};
+    v.tgid = tgid;
+    v.fd = fd;
+    p->created++;
+    v.ordinal = p->created;
+    u64 gen = 0;
+    int ok = 0;
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        if (!ok) {
+            gen = *g + 1;
+            *g = gen;
+            if (tp_vms.insert(&gen, &v) == 0)
+                ok = 1;
+        }
+    }
+    if (!ok) {
+        bump(CNT_MAPFULL);
+        return;
+    }
+    struct tp_vm *vp = tp_vms.lookup(&gen);
+    if (!vp)
+        return;
+    u32 held = 0;
+#pragma unroll
+    for (int i = 0; i < VM_PER_PROC; i++) {
+        if (i < p->n && p->tab[i] != NO_TAB)
+            held++;
+    }
+    if (held >= TABS_PER_PROC) {
+        bump(CNT_MAPFULL);  // this process's share of the tables is used: figures underived
+        v.tab = NO_TAB;
+    } else {
+        v.tab = tab_alloc(gen);
+    }
+    vp->tab = v.tab;
+    if (v.tab == NO_TAB)
+        vp->flags |= VMF_NOTAB;
+    if (tp_vmfd.update(&k, &gen) != 0)
+        bump(CNT_MAPFULL);
+    u32 n = p->n;
+    if (n >= VM_PER_PROC) {  // more live VMs than the list holds: the oldest leaves it
+        bump(CNT_MAPFULL);
+        vmm_drop(p, p->gen[0]);
+        n = p->n;
+    }
+    if (n < VM_PER_PROC) {
+        p->gen[n] = gen;
+        p->tab[n] = v.tab;
+        p->fd[n] = fd;
+        p->n = n + 1;
+    }
+}
+
+// First index in a[0..n) with a[i] >= v (lower) or a[i] > v (upper), n <= TAB_CAP: a binary
+// search whose steps are branch-free (values are user addresses, below 2^62, so the sign of a
+// difference is the comparison); it stops when one candidate is left, at most 15 steps.
+static __always_inline u32 tab_bound(u64 *a, u32 n, u64 v, int upper)
+{
+    u64 base = 0, len = n, vv = upper ? v + 1 : v;
+    for (int i = 0; i < TAB_STEPS; i++) {  // a bounded loop (5.3+; tracepoint mode needs 5.13)
+        if (len <= 1)  // ceil(log2(n)) steps: none for one slot, 15 at 32764
+            break;
+        u64 half = len >> 1;
+        u64 x = a[(base + half) & TAB_MASK];
+        u64 lt = (x - vv) >> 63;  // x < vv
+        asm volatile("" : "+r"(lt));
+        base += lt * half;
+        len -= half;
+    }
+    u64 x = a[base & TAB_MASK];
+    u64 lt = (x - vv) >> 63;
+    asm volatile("" : "+r"(lt));
+    return (u32)(base + (len & lt));
+}
+#endif  // TP_VMS
+
+// =====================================================================================
 // Tracepoint mode: hva ops
 // =====================================================================================
 #if defined(HVA_TP_UNMAP) || defined(HVA_TP_AGE) || defined(HVA_TP_TEST_AGE) || defined(HVA_TP_CHANGE_PTE)
 #define HVA_TP 1
+#define SC_ENTS 4
 
+struct sc_ent {    // hva ops of one (vm, op, memslot bucket) inside the current system call
+    u64 gen;
+    u32 op;
+    u16 bucket;
+    u16 n;
+};
 struct sc_state {  // one system call of a VMM thread
     u64 ts;
-    u32 n[NR_OPS];  // hva ops seen inside it, per op
+    u64 last_start;  // the previous hva op of this thread: the kernel calls each VM's notifier
+    u64 last_end;    // in turn with the same range, newest VM first
+    u32 rep;
+    u32 nent;
+    struct sc_ent e[SC_ENTS];
 };
+#ifdef TP_TASK_STORAGE
+// per-thread state in task-local storage (5.11+, BTF): a pointer chase instead of a hash
+// lookup, three times per system call of a VMM thread; freed with the task
+BPF_TASK_STORAGE(inflight, struct sc_state);
+#else
 BPF_TABLE("lru_hash", u32, struct sc_state, inflight, MAX_THREADS);
+#endif
+
+static __always_inline struct sc_state *sc_get(u32 tid)
+{
+#ifdef TP_TASK_STORAGE
+    return inflight.task_storage_get((struct task_struct *)bpf_get_current_task_btf(), 0, 0);
+#else
+    return inflight.lookup(&tid);
+#endif
+}
+
+static __always_inline struct sc_state *sc_new(u32 tid)
+{
+#ifdef TP_TASK_STORAGE
+    return inflight.task_storage_get((struct task_struct *)bpf_get_current_task_btf(), 0,
+                                     BPF_LOCAL_STORAGE_GET_F_CREATE);
+#else
+    struct sc_state z = {};
+    inflight.update(&tid, &z);
+    return inflight.lookup(&tid);
+#endif
+}
 
 static __always_inline int tgid_wanted(u32 tgid)
 {
@@ -228,24 +571,105 @@ static __always_inline int on_hva_tp(void *ctx, u32 op, u64 start, u64 end)
     u32 tgid = id >> 32, tid = (u32)id;
     if (filtered_out(tgid))
         return 0;
-    struct agg_val *a = agg_get(tgid, op, 0);
+    struct vmm_val *p = vmm.lookup(&tgid);
+    struct sc_state *s = sc_get(tid);
+    u32 n = p ? p->n : 0;
+    if (n == 0) {  // not a known VMM process (kswapd, another process's madvise, ...)
+        struct tp_agg *u = tp_agg_get(0, op, 0);
+        if (u)
+            __sync_fetch_and_add(&u->a.s.count, 1);
+        return 0;
+    }
+    // Attribution: one notifier per VM, called newest VM first, each with the same range;
+    // the rep-th repeat of a range on this thread belongs to the rep-th newest live VM.
+    u32 rep = 0;
+    if (s) {
+        if (s->last_start == start && s->last_end == end) {
+            rep = s->rep + 1;
+        } else {
+            s->last_start = start;
+            s->last_end = end;
+        }
+        s->rep = rep;
+    }
+    if (n > VM_PER_PROC)
+        n = VM_PER_PROC;
+    u32 idx = (n - 1 - rep % n) & (VM_PER_PROC - 1);
+    u64 gen = p->gen[idx];
+    u32 tab = p->tab[idx];
+    // Derivation: the VM's slot table, unless a memslot update is in flight or finished meanwhile
+    u32 slots = 0, nslots = 0, ok = 0;
+    struct tab_hdr *h = tab == NO_TAB ? 0 : tp_hdr.lookup(&tab);
+    struct tab_data *t = tab == NO_TAB ? 0 : tp_tab.lookup(&tab);
+    if (h && t && h->gen == gen && !h->broken) {
+        u64 seq = h->seq;
+        u32 busy = h->busy;
+        asm volatile("" ::: "memory");
+        nslots = h->n;
+        if (!busy && nslots <= TAB_CAP && start < end) {
+            u32 before_end = tab_bound(t->start, nslots, end, 0);  // slots starting before end
+            u32 ended = tab_bound(t->end, nslots, start, 1);       // slots ending at or before start
+            slots = before_end > ended ? before_end - ended : 0;
+            asm volatile("" ::: "memory");
+            ok = h->seq == seq && h->busy == 0 && h->gen == gen;
+        } else if (!busy && start >= end) {
+            ok = 1;
+        }
+    }
+    u32 bucket = ok ? (log2_bucket(nslots) & (MS_BUCKETS - 1)) : NO_BUCKET;
+    struct tp_agg *a = tp_agg_get(gen, op, tgid);
     if (a) {
-        __sync_fetch_and_add(&a->s.count, 1);
-        hist_inc(a->range, end - start, 1);
+        __sync_fetch_and_add(&a->a.s.count, 1);
+        hist_inc(a->a.range, end - start, 1);
+        if (ok) {
+            hist_inc(a->a.slots, slots, 1);
+            __sync_fetch_and_add(&a->a.s.slots_count, 1);
+            __sync_fetch_and_add(&a->a.s.slots_sum, slots);
+            max_update(&a->a.s.slots_max, slots);
+            struct tp_bkt *b = &a->b[bucket & (MS_BUCKETS - 1)];
+            __sync_fetch_and_add(&b->count, 1);
+            __sync_fetch_and_add(&b->slots_sum, slots);
+            max_update(&b->nmax, nslots);
+#if LINEAR_SCAN  // kernels before 5.17 scan every used slot of every address space per callback
+            __sync_fetch_and_add(&a->a.s.scanned_sum, nslots);
+            __sync_fetch_and_add(&b->nsum, nslots);
+#endif
+        } else {
+            __sync_fetch_and_add(&a->underived, 1);
+        }
     }
-    struct sc_state *s = inflight.lookup(&tid);
-    if (s && s->ts) {
-        if (op < NR_OPS)
-            s->n[op]++;
+    if (s && s->ts) {  // latency: the enclosing system call's, added at its exit
+        u32 i, done = 0;
+#pragma unroll
+        for (i = 0; i < SC_ENTS; i++) {
+            if (!done && i < s->nent && s->e[i].gen == gen && s->e[i].op == op && s->e[i].bucket == bucket) {
+                s->e[i].n++;
+                done = 1;
+            }
+        }
+        u32 ne = s->nent;
+        if (!done && ne < SC_ENTS) {
+            s->e[ne & (SC_ENTS - 1)].gen = gen;
+            s->e[ne & (SC_ENTS - 1)].op = op;
+            s->e[ne & (SC_ENTS - 1)].bucket = bucket;
+            s->e[ne & (SC_ENTS - 1)].n = 1;
+            s->nent = ne + 1;
+            done = 1;
+        }
+        if (!done)
+            bump(CNT_NOLAT);
     } else {
-        bump(CNT_NOLAT);  // not inside a traced system call (kswapd, page fault path, ...)
+        bump(CNT_NOLAT);  // not inside a traced system call (page fault path, ...)
     }
-#ifdef EVENTS
+#ifdef EVENTS_LAT  // raw events kept (record --events)
     struct event ev = {};
     ev_head(&ev, EV_HVA, bpf_ktime_get_ns(), id);
     ev.hva.op = op;
     ev.hva.start = start;
     ev.hva.end = end;
+    ev.hva.slots = ok ? slots : 0xFFFFFFFFu;
+    ev.hva.memslots = ok ? nslots : 0xFFFFFFFFu;
+    ev.vm = gen;
     emit(ctx, &ev, RB_NO_WAKEUP);
 #endif
     return 0;
@@ -268,53 +692,84 @@ TRACEPOINT_PROBE(raw_syscalls, sys_enter)
 {
     u64 id = bpf_get_current_pid_tgid();
     u32 tgid = id >> 32, tid = (u32)id;
-    if (!tgid_wanted(tgid))
-        return 0;
-    // reuse the thread's entry (its counters are zeroed at every syscall exit): a lookup and a
-    // store instead of an LRU update per system call
-    struct sc_state *cur = inflight.lookup(&tid);
-    if (cur) {
-        cur->ts = bpf_ktime_get_ns();
-        return 0;
+    // a VMM thread reuses its state (zeroed at every syscall exit); any other task costs the
+    // lookup of its tgid
+    struct sc_state *cur = 0;
+#ifdef TP_TASK_STORAGE
+    cur = sc_get(tid);  // cheap, and NULL for every task that never ran a VMM syscall
+#endif
+    if (!cur) {
+        if (!tgid_wanted(tgid))
+            return 0;
+#ifndef TP_TASK_STORAGE
+        cur = sc_get(tid);
+#endif
+        if (!cur)
+            cur = sc_new(tid);
+        if (!cur)
+            return 0;
     }
-    struct sc_state s = {};
-    s.ts = bpf_ktime_get_ns();
-    inflight.update(&tid, &s);
+#ifdef MS_TP
+    if (args->id == NR_CLOSE) {  // a VM's descriptor closed: it leaves the attribution list
+        struct vmfd_key k = {};
+        k.tgid = tgid;
+        k.fd = (u32)args->args[0];
+        u64 *g = tp_vmfd.lookup(&k);
+        if (g) {
+            u64 gen = *g;
+            struct vmm_val *p = vmm.lookup(&tgid);
+            vm_gone(tgid, k.fd, gen);
+            if (p)
+                vmm_drop(p, gen);
+        }
+    }
+#endif
+    cur->ts = bpf_ktime_get_ns();
+    cur->last_start = cur->last_end = 0;
     return 0;
 }
 
-static __always_inline void sc_lat(u32 tgid, u32 op, u32 n, u64 dur)
+static __always_inline void sc_lat(u32 tgid, struct sc_ent *e, u64 dur)
 {
+    u32 n = e->n;
     if (!n)
         return;
-    struct agg_val *a = agg_get(tgid, op, 0);
+    struct tp_agg *a = tp_agg_get(e->gen, e->op, tgid);
     if (!a)
         return;
-    hist_inc(a->lat, dur, n);
-    __sync_fetch_and_add(&a->s.lat_count, n);
-    __sync_fetch_and_add(&a->s.lat_sum, dur * n);
-    max_update(&a->s.lat_max, dur);
+    hist_inc(a->a.lat, dur, n);
+    __sync_fetch_and_add(&a->a.s.lat_count, n);
+    __sync_fetch_and_add(&a->a.s.lat_sum, dur * n);
+    max_update(&a->a.s.lat_max, dur);
+    if (e->bucket != NO_BUCKET) {
+        struct tp_bkt *b = &a->b[e->bucket & (MS_BUCKETS - 1)];
+        __sync_fetch_and_add(&b->lat_count, n);
+        __sync_fetch_and_add(&b->lat_sum, dur * n);
+    }
 }
 
 TRACEPOINT_PROBE(raw_syscalls, sys_exit)
 {
     u64 id = bpf_get_current_pid_tgid();
     u32 tgid = id >> 32, tid = (u32)id;
-    struct sc_state *s = inflight.lookup(&tid);
+    struct sc_state *s = sc_get(tid);
     if (!s || !s->ts)
         return 0;
     u64 dur = bpf_ktime_get_ns() - s->ts;
     s->ts = 0;
-    u32 total = 0;
+    s->last_start = s->last_end = 0;
+    u32 ne = s->nent, total = 0;
+    if (!ne)
+        return 0;
 #pragma unroll
-    for (int i = 0; i < NR_OPS; i++) {
-        u32 n = s->n[i];
-        if (n) {
-            sc_lat(tgid, i, n, dur);
-            total += n;
-            s->n[i] = 0;
+    for (int i = 0; i < SC_ENTS; i++) {
+        if (i < ne) {
+            total += s->e[i].n;
+            sc_lat(tgid, &s->e[i], dur);
+            s->e[i].n = 0;
         }
     }
+    s->nent = 0;
 #ifdef EVENTS_LAT  // raw events kept: each gets its syscall's duration in userspace
     if (total) {
         struct event ev = {};
@@ -332,13 +787,49 @@ TRACEPOINT_PROBE(raw_syscalls, sys_exit)
 // Tracepoint mode: memslot updates (and VM creation) from the ioctl system call
 // =====================================================================================
 #ifdef MS_TP
+#if defined(EVENTS_LAT) || (defined(EVENTS) && !defined(EVENTS_TP_HVA))
+#define TP_RAW 1   // raw events kept: memslot updates are streamed too
+#endif
+enum { JOB_NONE = 0, JOB_INSERT = 1, JOB_REMOVE = 2 };
 struct ioc_state {
     u64 ts;
     u64 cmd;
     u64 fd;
+    u64 gen;
     struct kt_region r;
+    u32 tab;       // the VM's table, NO_TAB when none or when busy was not taken
+    u32 job;       // JOB_*: table change done by the tail-called shift programs
+    u32 n;         // entries before the change
+    u32 ps;        // position of the start value (insert: where it goes; remove: where it is)
+    u32 pe;        // same for the end value
+    u32 j;         // shift progress
+    u64 vs;        // start and end values inserted
+    u64 ve;
 };
 BPF_TABLE("lru_hash", u32, struct ioc_state, ioc, MAX_THREADS);
+BPF_PROG_ARRAY(tp_jobs, 2);  // 0: shift right (insert), 1: shift left (remove); filled by userspace
+
+static __always_inline void ioc_release(struct ioc_state *s, int changed)
+{
+    if (s->tab == NO_TAB)
+        return;
+    u32 tab = s->tab;
+    struct tab_hdr *h = tp_hdr.lookup(&tab);
+    if (!h)
+        return;
+    if (changed)
+        h->seq++;
+    if (h->busy > 0)
+        __sync_fetch_and_add(&h->busy, -1);
+    s->tab = NO_TAB;
+}
+
+static __always_inline void tab_broken(u32 tab)
+{
+    struct tab_hdr *h = tp_hdr.lookup(&tab);
+    if (h)
+        h->broken = 1;
+}
 
 TRACEPOINT_PROBE(syscalls, sys_enter_ioctl)
 {
@@ -353,11 +844,63 @@ TRACEPOINT_PROBE(syscalls, sys_enter_ioctl)
     struct ioc_state s = {};
     s.cmd = cmd;
     s.fd = args->fd;
-    if (cmd != KVM_CREATE_VM_NR)
+    s.tab = NO_TAB;
+    if (cmd != KVM_CREATE_VM_NR) {
+        // only descriptors KVM_CREATE_VM returned: anything else never becomes a VM or update
+        struct vmfd_key k = {};
+        k.tgid = tgid;
+        k.fd = (u32)args->fd;
+        u64 *g = tp_vmfd.lookup(&k);
+        if (!g) {
+            bump(CNT_IGNORED);
+            return 0;
+        }
+        s.gen = *g;
+        struct tp_vm *v = tp_vms.lookup(&s.gen);
+        if (!v) {
+            bump(CNT_IGNORED);
+            return 0;
+        }
         bpf_probe_read_user(&s.r, sizeof(s.r), (void *)args->arg);
+        u32 tab = v->tab;
+        struct tab_hdr *h = tab == NO_TAB ? 0 : tp_hdr.lookup(&tab);
+        if (h && h->gen == s.gen) {
+            __sync_fetch_and_add(&h->busy, 1);  // hva ops from now until the exit are underived
+            s.tab = tab;
+        }
+    }
     s.ts = bpf_ktime_get_ns();
-    ioc.update(&tid, &s);
+    if (ioc.update(&tid, &s) != 0 && s.tab != NO_TAB)
+        ioc_release(&s, 0);
     return 0;
+}
+
+static __always_inline void ms_account(u64 gen, u32 tgid, u32 change, s64 ret, u64 dur)
+{
+    struct op_key k = {};
+    u32 zk = 0;
+    k.vm = gen;
+    k.op = change;
+    k.owner = tgid;
+    struct ms_val *v = ms_aggs.lookup(&k);
+    if (!v) {
+        struct ms_val *zero = ms_zero.lookup(&zk);
+        if (zero) {
+            ms_aggs.insert(&k, zero);
+            v = ms_aggs.lookup(&k);
+        }
+    }
+    if (!v) {
+        bump(CNT_MAPFULL);
+        return;
+    }
+    __sync_fetch_and_add(&v->count, 1);
+    if (ret != 0)
+        __sync_fetch_and_add(&v->errors, 1);
+    __sync_fetch_and_add(&v->lat_sum, dur);
+    max_update(&v->lat_max, dur);
+    v->tgid = tgid;
+    hist_inc(v->lat, dur, 1);
 }
 
 TRACEPOINT_PROBE(syscalls, sys_exit_ioctl)
@@ -368,34 +911,255 @@ TRACEPOINT_PROBE(syscalls, sys_exit_ioctl)
     if (!s)
         return 0;
     u64 now = bpf_ktime_get_ns();
-    struct event ev = {};
-    ev.tgid = tgid;
-    ev.tid = tid;
+    s64 ret = args->ret;
     if (s->cmd == KVM_CREATE_VM_NR) {
-        if (args->ret >= 0) {
-            u32 one = 1;
-            vmm.update(&tgid, &one);
+        if (ret >= 0) {
+            vm_register(tgid, (u32)ret);
+            // rare: lets userspace name the VMM while it is alive
+            struct event ev = {};
+            ev_head(&ev, EV_VM_CREATE, now, id);
+            ev.vm_create.ret = (s32)ret;
+            emit(args, &ev, 0);
         }
-        ev.kind = EV_VM_CREATE;
-        ev.ts = now;
-        ev.vm_create.ret = (s32)args->ret;
-    } else {
-        u64 zero = 0, *c = ms_count.lookup_or_try_init(&tgid, &zero);
-        if (c)
-            __sync_fetch_and_add(c, 1);
-        ev.kind = EV_MEMSLOT;
-        ev.ts = s->ts;
-        ev.memslot.lat_ns = now - s->ts;
-        ev.memslot.gpa = s->r.guest_phys_addr;
-        ev.memslot.size = s->r.memory_size;
-        ev.memslot.hva = s->r.userspace_addr;
-        ev.memslot.slot = s->r.slot;
-        ev.memslot.flags = s->r.flags;
-        ev.memslot.change = MS_CHANGE_DERIVE;  // from the ioctl: derived in userspace
-        ev.memslot.ret = (s32)args->ret;
+        ioc.delete(&tid);
+        return 0;
     }
-    ioc.delete(&tid);
+    if (ret == -KT_ENOTTY || ret == -KT_EBADF) {  // the descriptor is no VM (any more)
+        bump(CNT_IGNORED);
+        ioc_release(s, 0);
+        ioc.delete(&tid);
+        return 0;
+    }
+    u64 gen = s->gen;
+    struct tp_vm *v = tp_vms.lookup(&gen);
+    if (!v) {
+        ioc_release(s, 0);
+        ioc.delete(&tid);
+        return 0;
+    }
+    // the change type, as kvm_set_memory_region decides it from the old and the new slot
+    struct slot_key sk = {};
+    sk.gen = gen;
+    sk.slot = s->r.slot;
+    struct slot_rec *old = tp_slots.lookup(&sk);
+    u32 partial = v->flags & VMF_PARTIAL;
+    u32 ch = NR_CHANGES;  // unknown
+    int noop = 0;
+    if (!old && partial) {
+        ch = NR_CHANGES;  // the slot may predate the trace: not derivable
+    } else if (s->r.memory_size == 0) {
+        if (old)
+            ch = CHANGE_DELETE;
+        else
+            noop = 1;
+    } else if (!old) {
+        ch = CHANGE_CREATE;
+    } else if (s->r.guest_phys_addr != old->gpa) {
+        ch = CHANGE_MOVE;
+    } else if (s->r.flags != old->flags) {
+        ch = CHANGE_FLAGS_ONLY;
+    } else {
+        noop = 1;
+    }
+    if (noop && ret == 0) {  // KVM changed nothing
+        ioc_release(s, 0);
+        ioc.delete(&tid);
+        return 0;
+    }
+    ms_account(gen, tgid, ch, ret, now - s->ts);
+#ifdef TP_RAW
+    struct event ev = {};
+    ev_head(&ev, EV_MEMSLOT, s->ts, id);
+    ev.memslot.lat_ns = now - s->ts;
+    ev.memslot.gpa = s->r.guest_phys_addr;
+    ev.memslot.size = s->r.memory_size;
+    ev.memslot.hva = s->r.userspace_addr;
+    ev.memslot.slot = s->r.slot;
+    ev.memslot.flags = s->r.flags;
+    ev.memslot.change = ch;  // classified here
+    ev.memslot.ret = (s32)ret;
+    ev.vm = gen;
     emit(args, &ev, 0);
+#endif
+    if (ret != 0) {  // a failed update changes nothing
+        ioc_release(s, 0);
+        ioc.delete(&tid);
+        return 0;
+    }
+    u64 vs = 0, ve = 0;
+    u32 job = JOB_NONE;
+    if (ch == CHANGE_DELETE && old) {
+        vs = old->hva;
+        ve = old->hva + old->size;
+        tp_slots.delete(&sk);
+        if (v->n > 0)
+            v->n--;
+        job = JOB_REMOVE;
+    } else if (ch == CHANGE_MOVE || ch == CHANGE_FLAGS_ONLY) {
+        if (old) {
+            old->gpa = s->r.guest_phys_addr;
+            old->flags = s->r.flags;
+        }
+    } else if (s->r.memory_size) {  // create (or a slot of a partial VM seen for the first time)
+        struct slot_rec r = {};
+        r.gpa = s->r.guest_phys_addr;
+        r.size = s->r.memory_size;
+        r.hva = s->r.userspace_addr;
+        r.flags = s->r.flags;
+        if (tp_slots.update(&sk, &r) != 0) {
+            bump(CNT_MAPFULL);
+            v->flags |= VMF_BROKEN;
+        }
+        if (ch == CHANGE_CREATE) {
+            v->n++;
+            if (v->n > v->nmax)
+                v->nmax = v->n;
+            vs = r.hva;
+            ve = r.hva + r.size;
+            job = JOB_INSERT;
+        }
+    }
+    if (job == JOB_NONE || s->tab == NO_TAB) {
+        ioc_release(s, 0);
+        ioc.delete(&tid);
+        return 0;
+    }
+    u32 tab = s->tab;
+    struct tab_hdr *h = tp_hdr.lookup(&tab);
+    struct tab_data *t = tp_tab.lookup(&tab);
+    if (!h || !t || h->gen != gen || h->broken) {
+        ioc_release(s, 0);
+        ioc.delete(&tid);
+        return 0;
+    }
+    u32 n = h->n;
+    if (h->busy != 1 || n > TAB_CAP || (job == JOB_INSERT && n >= TAB_CAP) || (job == JOB_REMOVE && n == 0)) {
+        // a concurrent update of the same VM (KVM serialises them; our copies would race),
+        // or a full table: the table is no longer trusted, its figures become underived
+        h->broken = 1;
+        ioc_release(s, 1);
+        ioc.delete(&tid);
+        return 0;
+    }
+    s->job = job;
+    s->n = n;
+    s->vs = vs;
+    s->ve = ve;
+    s->ps = tab_bound(t->start, n, vs, 0);
+    s->pe = tab_bound(t->end, n, ve, 0);
+    if (job == JOB_REMOVE) {
+        if (t->start[s->ps & TAB_MASK] != vs || t->end[s->pe & TAB_MASK] != ve || s->ps >= n || s->pe >= n) {
+            h->broken = 1;
+            ioc_release(s, 1);
+            ioc.delete(&tid);
+            return 0;
+        }
+        s->j = s->ps < s->pe ? s->ps : s->pe;
+        tp_jobs.call(args, 1);
+    } else {
+        s->j = n;
+        tp_jobs.call(args, 0);
+    }
+    // the tail call failed (programs not installed yet, or the chain limit)
+    h->broken = 1;
+    ioc_release(s, 1);
+    ioc.delete(&tid);
+    return 0;
+}
+
+// Tail-called: move SHIFT_CHUNK entries per program run, then call itself; the last run
+// writes the new values, the count, and releases the table (seq bumped, busy dropped).
+int tp_shift_right(void *ctx)
+{
+    u32 tid = (u32)bpf_get_current_pid_tgid();
+    struct ioc_state *s = ioc.lookup(&tid);
+    if (!s)
+        return 0;
+    u32 tab = s->tab;
+    struct tab_hdr *h = tp_hdr.lookup(&tab);
+    struct tab_data *t = tp_tab.lookup(&tab);
+    if (!h || !t)
+        return 0;
+    u32 j = s->j, ps = s->ps, pe = s->pe, lo = ps < pe ? ps : pe;
+    for (int i = 0; i < SHIFT_CHUNK; i++) {
+        if (j <= lo)
+            break;
+        // branch-free (one path for the verifier): an array moves where j is past its position
+        u64 ms = ((u64)ps - j) >> 63, me = ((u64)pe - j) >> 63;
+        asm volatile("" : "+r"(ms), "+r"(me));
+        u64 x = t->start[j & TAB_MASK], y = t->start[(j - 1) & TAB_MASK];
+        t->start[j & TAB_MASK] = x ^ ((x ^ y) & -ms);
+        x = t->end[j & TAB_MASK];
+        y = t->end[(j - 1) & TAB_MASK];
+        t->end[j & TAB_MASK] = x ^ ((x ^ y) & -me);
+        j--;
+    }
+    if (j > lo) {
+        s->j = j;
+        tp_jobs.call(ctx, 0);
+        h->broken = 1;  // chain limit reached (cannot happen below TAB_CAP entries)
+    } else {
+        t->start[ps & TAB_MASK] = s->vs;
+        t->end[pe & TAB_MASK] = s->ve;
+        h->n = s->n + 1;
+    }
+    ioc_release(s, 1);
+    ioc.delete(&tid);
+    return 0;
+}
+
+int tp_shift_left(void *ctx)
+{
+    u32 tid = (u32)bpf_get_current_pid_tgid();
+    struct ioc_state *s = ioc.lookup(&tid);
+    if (!s)
+        return 0;
+    u32 tab = s->tab;
+    struct tab_hdr *h = tp_hdr.lookup(&tab);
+    struct tab_data *t = tp_tab.lookup(&tab);
+    if (!h || !t)
+        return 0;
+    u32 j = s->j, ps = s->ps, pe = s->pe, last = s->n - 1;
+    for (int i = 0; i < SHIFT_CHUNK; i++) {
+        if (j >= last)
+            break;
+        u64 ms = ((u64)ps - j - 1) >> 63, me = ((u64)pe - j - 1) >> 63;  // j >= ps, j >= pe
+        asm volatile("" : "+r"(ms), "+r"(me));
+        u64 x = t->start[j & TAB_MASK], y = t->start[(j + 1) & TAB_MASK];
+        t->start[j & TAB_MASK] = x ^ ((x ^ y) & -ms);
+        x = t->end[j & TAB_MASK];
+        y = t->end[(j + 1) & TAB_MASK];
+        t->end[j & TAB_MASK] = x ^ ((x ^ y) & -me);
+        j++;
+    }
+    if (j < last) {
+        s->j = j;
+        tp_jobs.call(ctx, 1);
+        h->broken = 1;
+    } else {
+        h->n = last;
+    }
+    ioc_release(s, 1);
+    ioc.delete(&tid);
+    return 0;
+}
+
+// A VMM process ends: its VMs are gone, its tables free, its entry removed.
+TRACEPOINT_PROBE(sched, sched_process_exit)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tgid = id >> 32;
+    if ((u32)id != tgid)  // the thread group leader ends last in practice: prune once, then
+        return 0;
+    struct vmm_val *p = vmm.lookup(&tgid);
+    if (!p)
+        return 0;
+#pragma unroll
+    for (int i = 0; i < VM_PER_PROC; i++) {
+        if (i < p->n)
+            vm_gone(tgid, p->fd[i], p->gen[i]);
+    }
+    vmm.delete(&tgid);
     return 0;
 }
 #endif  // MS_TP

@@ -11,31 +11,17 @@ import time
 
 import click
 
-from . import modes_option, parse_modes
+from . import INTERVAL, TIMEOUT, modes_option, parse_modes
 
 # The child starts as this gate, so its pid is known (and traced) before the workload runs; the
 # gate execs the workload (same pid) once the tracer is attached and writes a line to stdin.
 GATE = "import os,sys; sys.stdin.buffer.readline(); os.execv(sys.argv[1], sys.argv[1:])"
-KVM_CHECK_EXTENSION = 0xAE03  # _IO(KVMIO, 0x03)
-KVM_CAP_NR_MEMSLOTS = 10
 
 
 def kernel_max_memslots() -> int:
-    """KVM_CAP_NR_MEMSLOTS of this kernel (memslots per address space)."""
-    import fcntl
+    from ..workload.kvm import kernel_max_memslots as cap
 
-    from ..errors import CapabilityMissing, PermissionProblem
-
-    try:
-        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
-    except FileNotFoundError as e:
-        raise CapabilityMissing("no /dev/kvm on this host", "load kvm (modprobe kvm_intel or kvm_amd) or run where KVM exists") from e
-    except PermissionError as e:
-        raise PermissionProblem("no permission to open /dev/kvm", "run as root or add the user to the kvm group") from e
-    try:
-        return int(fcntl.ioctl(fd, KVM_CHECK_EXTENSION, KVM_CAP_NR_MEMSLOTS))
-    finally:
-        os.close(fd)
+    return cap()
 
 
 def workload_cmd(slots: int, scenario: str, iterations: int, json_out: str, slot_size=None) -> list:
@@ -81,13 +67,17 @@ def run_one(directory, scenario, slots, iterations, interval, events, slot_size,
                                  stderr=subprocess.STDOUT, env=env)
         try:
             deadline = [None]
+            timed_out = []
 
             def stop():
                 if flag.is_set():
                     return True
-                if deadline[0] is not None and time.monotonic() > deadline[0]:
+                if child.poll() is not None:
                     return True
-                return child.poll() is not None
+                if deadline[0] is not None and time.monotonic() > deadline[0]:
+                    timed_out.append(True)
+                    return True
+                return False
 
             with TraceSession(pid=child.pid, interval=interval, events=events, modes=modes) as s:
                 meta = {k: v for k, v in session_meta(s, f"{scenario}/{slots}", child.pid, interval, events).items() if v is not None}
@@ -111,6 +101,9 @@ def run_one(directory, scenario, slots, iterations, interval, events, slot_size,
     entry["exit_code"] = child.returncode
     if flag.is_set():
         entry["status"] = "interrupted"
+    elif timed_out:  # stopped before the workload ended: what was traced is not the whole run
+        entry["status"] = "timeout"
+        entry["error"] = f"the workload was still running after --timeout {timeout:g} s; run stopped"
     elif child.returncode != 0:
         entry["status"] = "failed"
         entry["error"] = _tail(log_path) or f"workload exited with {child.returncode}"
@@ -135,12 +128,15 @@ Examples:
 @click.option("--slots", "slots_text", default="10,30,50,100,509", show_default=True, help="memslot counts, comma-separated")
 @click.option("--scenario", "scen_text", default="unmap,unmap-chunked,move-active,move-inactive,map", show_default=True,
               help="workload scenarios, comma-separated")
-@click.option("-o", "--output", "directory", required=True, type=click.Path(), help="bench directory to create")
-@click.option("--iterations", type=int, default=3, show_default=True, help="workload iterations per run")
-@click.option("--interval", type=float, default=0.5, show_default=True, help="tracer interval, seconds")
+@click.option("-o", "--output", "directory", required=True, type=click.Path(),
+              help="bench directory to create (its parent must exist)")
+@click.option("--iterations", type=click.IntRange(1, 1_000_000), default=3, show_default=True,
+              help="workload iterations per run")
+@click.option("--interval", type=INTERVAL, default=0.5, show_default=True, help="tracer interval, seconds (0.1 to 3600)")
 @click.option("--events", is_flag=True, help="record raw events too (exact percentiles and tests; more overhead)")
 @click.option("--slot-size", default=None, help="passed to the workload's --slot-size")
-@click.option("--timeout", type=float, default=900.0, show_default=True, help="seconds before a run is stopped")
+@click.option("--timeout", type=TIMEOUT, default=900.0, show_default=True,
+              help="seconds before a run is stopped (and marked timeout, not ok)")
 @modes_option
 def bench(slots_text, scen_text, directory, iterations, interval, events, slot_size, timeout, modes):
     """Run the workload at each memslot count x scenario under the tracer, record every run into
@@ -150,16 +146,26 @@ def bench(slots_text, scen_text, directory, iterations, interval, events, slot_s
     from ..analysis.recording import read_inputs
     from ..analysis.render import bench_renderables, print_renderables
     from ..errors import KvmtraceError, UsageError
+    from ..output import check_new_dir, make_dir
     from .record import StatusLine, stop_on_signals
 
     slots = parse_slots(slots_text)
     scenarios = parse_scenarios(scen_text)
-    if iterations < 1:
-        raise UsageError(f"--iterations must be >= 1, not {iterations}")
-    check_slots(slots, kernel_max_memslots())
+    mode_list = parse_modes(modes)
+    if slot_size is not None:
+        from ..workload import parse_size
+
+        from ..workload.kvm import PAGE_SIZE
+
+        slot_size = parse_size(slot_size, what="--slot-size")
+        if slot_size % PAGE_SIZE:
+            raise UsageError(f"--slot-size {slot_size} is not a multiple of the page size ({PAGE_SIZE})",
+                             "use a multiple of 4k, e.g. 4k, 64k, 2M")
     if os.path.exists(directory) and (not os.path.isdir(directory) or os.listdir(directory)):
         raise UsageError(f"{directory} already exists", "choose a new directory for the bench output")
-    os.makedirs(directory, exist_ok=True)
+    check_new_dir(directory, "-o")
+    check_slots(slots, kernel_max_memslots())
+    make_dir(directory, "-o")
     idx = new_index({"host": os.uname().nodename, "kernel": os.uname().release, "slots": slots,
                      "scenarios": scenarios, "iterations": iterations, "interval_s": interval, "raw_events": events})
     save_index(directory, {**idx, "runs": []})
@@ -177,7 +183,7 @@ def bench(slots_text, scen_text, directory, iterations, interval, events, slot_s
                 click.echo(f"[{n}/{total}] {scenario} with {nslots} memslots, {iterations} iterations", err=True)
                 try:
                     entry = run_one(directory, scenario, nslots, iterations, interval, events, slot_size, timeout, flag, status,
-                                    modes=parse_modes(modes))
+                                    modes=mode_list)
                 except KvmtraceError:
                     raise
                 if entry["status"] == "ok":

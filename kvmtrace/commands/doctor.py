@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 import platform
 import sys
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import click
 
-from ..errors import CapabilityMissing, PermissionProblem, UsageError
+from ..errors import CapabilityMissing, PermissionProblem
 
 SCHEMA_VERSION = 1
 EXIT_OK = 0
@@ -47,57 +47,6 @@ def _plan_rows(plan) -> List[dict]:
             "notes": list(p.notes),
         })
     return rows
-
-
-def _problems(g, hdr, devkvm, tfs_state: str, plan) -> List[Dict[str, str]]:
-    f = g.facts
-    out: List[Dict[str, str]] = []
-
-    def add(problem, fix):
-        if not any(x["problem"] == problem for x in out):
-            out.append({"problem": problem, "fix": fix})
-
-    if not devkvm.present:
-        add(f"KVM missing: {devkvm.detail}",
-            "enable virtualization in the firmware and load KVM: modprobe kvm_intel (or kvm_amd)")
-    elif not devkvm.accessible:
-        add(f"/dev/kvm: {devkvm.detail}", "run as root or add the user to the kvm group")
-    if g.bcc_version is None:
-        add(f"bcc unavailable: {g.bcc_error}", "apt-get install python3-bpfcc (then re-create the venv with "
-            "--system-site-packages, or run `make setup`)")
-    if hdr.kind == "none":
-        add("no kernel headers for bcc", f"apt-get install linux-headers-{platform.release()} "
-            "(or run `make setup`, which links the distribution's generic headers)")
-    if not g.btf.vmlinux:
-        add(f"no BTF: {g.btf.error}", "boot a kernel built with CONFIG_DEBUG_INFO_BTF=y; without it argument "
-            "positions and struct offsets are unknown")
-    elif g.kvm_module and g.kvm_module not in g.btf.modules:
-        add(f"no BTF for module {g.kvm_module}", "boot a kernel built with CONFIG_DEBUG_INFO_BTF_MODULES=y")
-    if g.tracefs is None:
-        add(f"tracefs: {tfs_state}", "mount -t tracefs nodev /sys/kernel/tracing (as root)")
-    if f.kprobes is not True:
-        add(f"kprobes unavailable: {f.kprobes_reason}",
-            "boot a kernel with CONFIG_KPROBES=y (every distribution kernel has it)"
-            + ("; lockdown=confidentiality also forbids them" if g.lockdown == "confidentiality" else "")
-            + "; meanwhile tracepoints give syscall-bounded latency and derived slots")
-    fe_ok = f.module_fentry if g.kvm_module else f.fentry
-    fe_reason = f.module_fentry_reason if g.kvm_module else f.fentry_reason
-    if fe_ok is not True:
-        where = f" on module {g.kvm_module}" if g.kvm_module else ""
-        fix = ("install bcc >= 0.31 (MODULE_KFUNC_PROBE) or rely on kprobes"
-               if "module" in fe_reason else
-               "a kernel that permits BPF trampolines (fentry) on KVM functions; kprobes or tracepoints are used instead")
-        if "EPERM" in fe_reason and g.lockdown and g.lockdown != "none":
-            fix += f" (lockdown={g.lockdown} is set here and may be the cause)"
-        add(f"fentry{where} unavailable: {fe_reason}", fix)
-    if f.ringbuf is False:
-        add(f"BPF ring buffer unavailable: {g.ringbuf_reason}", "raw events fall back to the perf buffer "
-            "(kernel 5.8+ has the ring buffer)")
-    for prob, fix in plan.remedies:
-        if prob.startswith("no BTF") and not g.btf.vmlinux:
-            continue
-        add(prob, fix)
-    return out
 
 
 def collect(modes=None, trial: bool = True, gathered=None) -> dict:
@@ -158,7 +107,7 @@ def collect(modes=None, trial: bool = True, gathered=None) -> dict:
         "modes": list(modes),
         "plan": _plan_rows(plan),
         "defines": {k: v for k, v in plan.defines},
-        "problems": _problems(g, hdr, devkvm, g.tracefs_state, plan),
+        "problems": [p.as_dict() for p in kernel.diagnose(g, hdr, devkvm, plan)],
         "ok": ok,
         "exit_code": EXIT_OK if ok else EXIT_NO_UNMAP,
     }
@@ -271,7 +220,8 @@ def doctor(as_json: bool, modes: Optional[str]):
     from ..tracer import host
 
     mode_tuple = _parse_modes(modes)
-    if not host.privileges().enough:
+    ok, _why = host.can_trace()
+    if not ok:
         raise PermissionProblem(
             "doctor needs root, or CAP_BPF and CAP_PERFMON (run: sudo kvmtrace doctor)", "", exit_code=2)
     report = collect(mode_tuple)

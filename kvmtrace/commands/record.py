@@ -47,17 +47,10 @@ def stop_on_signals(flag, rotate_on_hup: bool = False):
     if sig_state is None:
         sig_state = Signals(rotate_on_hup)
         sig_state.stop = flag
-    old = {}
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        try:
-            old[sig] = signal.signal(sig, sig_state.handler)
-        except (ValueError, OSError):
-            pass
-    try:
+    from ..signals import handling
+
+    with handling(sig_state.handler):
         yield sig_state
-    finally:
-        for sig, h in old.items():
-            signal.signal(sig, h)
 
 
 class StatusLine:

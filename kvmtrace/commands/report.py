@@ -11,32 +11,37 @@ Examples:
   kvmtrace report run1                               # tables on the terminal
   kvmtrace report run1 --json > report.json          # docs/report.schema.json
   kvmtrace report host-a host-b --csv out/ --html report.html
+  kvmtrace report fleet/                             # every recording below: per host, all hosts
 """,
 )
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
 @click.option("--csv", "csv_dir", type=click.Path(), default=None, help="write one CSV per table into this directory")
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON (schema: docs/report.schema.json)")
 @click.option("--html", "html_file", type=click.Path(), default=None, help="write a self-contained HTML page with plots")
-def report(paths, csv_dir, as_json, html_file):
+@click.option("--force", is_flag=True, help="replace existing --csv/--html files")
+def report(paths, csv_dir, as_json, html_file, force):
     """Summarise recordings: per VM and op count, rate, latency percentiles, slots visited and
     scanned; memslot updates by change type; hva ops by the memslot count at the operation;
     lost events. Each VM is named apart as name-or-comm[pid]#n (n-th VM of that process) with
     its largest and final memslot count; JSON and CSV also carry its stable id.
 
-    Several PATHs (e.g. one per host) merge into one report."""
+    Several PATHs (e.g. one per host) merge into one report; a directory holding recordings
+    (e.g. fleet/host=H/date=D/NAME, docs/recording-format.md) stands for all of them."""
     from ..analysis import export
     from ..analysis.recording import read_inputs
     from ..analysis.report import EVENT_COLUMNS, Report, build_report, to_json
 
+    export.check_csv_dir(csv_dir, Report.TABLES, force)  # before any work: never overwrite, never mkdir -p
+    export.check_file(html_file, "--html", force)
     recs = read_inputs(list(paths), event_columns=EVENT_COLUMNS)
     rep = build_report(recs)
     if csv_dir:
-        written = export.write_csv_tables({t: rep[t] for t in Report.TABLES}, csv_dir)
+        written = export.write_csv_tables({t: rep[t] for t in Report.TABLES}, csv_dir, force)
         click.echo(f"wrote {len(written)} CSV files to {csv_dir}", err=as_json)
     if html_file:
         from ..analysis.html import report_html
 
-        export.write_text(html_file, report_html(rep), "--html")
+        export.write_text(html_file, report_html(rep), "--html", force)
         click.echo(f"wrote {html_file}", err=as_json)
     if as_json:
         click.echo(export.dumps(to_json(rep)))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from . import modes_option, parse_modes
+from . import INTERVAL, Number, modes_option, parse_modes
 
 from ..consts import Op
 from ..errors import CapabilityMissing
@@ -13,13 +13,15 @@ SORTS = ("ops", "latency", "slots", "pid")
 
 
 @click.command(context_settings=dict(help_option_names=["-h", "--help"], max_content_width=100))
-@click.option("-i", "--interval", type=float, default=1.0, show_default=True, help="seconds between refreshes")
-@click.option("-d", "--duration", type=float, default=None, help="stop after this many seconds")
+@click.option("-i", "--interval", type=INTERVAL, default=1.0, show_default=True,
+              help="seconds between refreshes (0.1 to 3600)")
+@click.option("-d", "--duration", type=Number(0.1, 366 * 86400.0), default=None,
+              help="stop after this many seconds (at least 0.1)")
 @click.option("-1", "--once", is_flag=True, help="trace one interval, print a plain table, exit")
 @click.option("-l", "--log", is_flag=True, help="one line per interval (totals over the shown VMs)")
 @click.option("--csv", "csv_path", metavar="FILE", default=None, help="append per-VM rows of every interval to FILE")
 @click.option("-s", "--sort", type=click.Choice(SORTS), default="ops", show_default=True, help="row order")
-@click.option("-p", "--pid", "pids", type=int, multiple=True, help="only this VMM process (repeatable)")
+@click.option("-p", "--pid", "pids", type=click.IntRange(1), multiple=True, help="only this VMM process (repeatable)")
 @modes_option
 @click.option("--vm", "vms", multiple=True, help="only VMs whose name or command contains this (repeatable)")
 @click.option(
@@ -33,7 +35,8 @@ def top(interval, duration, once, log, csv_path, sort, pids, modes, vms, ops):
     from a log2 histogram; the provenance says how latency was measured), memslots visited per
     op (mean, max) and memslot updates/s by change type. Keys on a terminal: s cycle sort,
     v choose the VM of the histogram panel, p pause, q quit. When stdout is not a terminal a
-    plain table is printed every interval. Ctrl-C or q prints a summary since start.
+    plain table is printed every interval. Ctrl-C, q, SIGTERM or SIGHUP restore the terminal
+    and print a summary since start.
 
     \b
     Examples:
@@ -43,10 +46,13 @@ def top(interval, duration, once, log, csv_path, sort, pids, modes, vms, ops):
       kvmtrace top --pid 4242 --op unmap only one VMM process, only unmap
     """
     from ..dashboard.live import make_options, run_live
+    from ..dashboard.plain import CsvSink
 
     make_options(sort, pids, vms, ops, interval)  # usage errors before loading BPF
     if once and log:
         raise click.UsageError("--once and --log exclude each other")
+    if csv_path:
+        CsvSink.check(csv_path)
     try:
         from ..tracer.session import TraceSession
     except ImportError as e:

@@ -8,7 +8,8 @@ import sys
 import click
 
 from ..errors import UsageError
-from ..workload import DEFAULT_SCENARIO, DEFAULT_SLOTS, SCENARIOS, format_size, parse_size
+from . import DURATION
+from ..workload import DEFAULT_SCENARIO, DEFAULT_SLOTS, MAX_PAGES, SCENARIOS, format_size, parse_size
 
 
 class SizeParam(click.ParamType):
@@ -79,11 +80,11 @@ def render_report(gt: dict) -> list:
               help="what to drive (see below).")
 @click.option("--iterations", "-i", type=click.IntRange(min=1), default=None,
               help="iterations to run [default: 3 unless --duration].")
-@click.option("--duration", "-d", type=float, default=None,
+@click.option("--duration", "-d", type=DURATION, default=None,
               help="run iterations until SEC seconds have passed (at least one).", metavar="SEC")
 @click.option("--slot-size", type=SizeParam(), default=None,
               help="bytes per memslot, e.g. 4k, 64k, 2M [default: 128 MiB / slots, 4k..2M].")
-@click.option("--pages", type=click.IntRange(min=1), default=None,
+@click.option("--pages", type=click.IntRange(min=1, max=MAX_PAGES), default=None,
               help="4 KiB pages unmapped one by one per iteration (unmap, map, mixed) "
                    "[default: all slot memory; 2048 for mixed].")
 @click.option("--vcpu/--no-vcpu", default=True, show_default=True,
@@ -91,10 +92,12 @@ def render_report(gt: dict) -> list:
 @click.option("--wait-start", is_flag=True,
               help="after the VM exists and before any memslot is created, print 'READY <pid>' "
                    "and wait for a line on stdin (lets a tracer attach first).")
-@click.option("--json-out", type=click.Path(dir_okay=False, writable=True), default=None, metavar="FILE",
-              help="write the ground truth (pid, hva ops, memslot updates, slot ranges, timings) as JSON.")
+@click.option("--json-out", default=None, metavar="FILE",
+              help="write the ground truth (pid, hva ops, memslot updates, slot ranges, timings) as JSON "
+                   "(a new file in an existing directory).")
+@click.option("--force", is_flag=True, help="replace the --json-out file if it exists.")
 @click.option("--quiet", "-q", is_flag=True, help="print only the READY/DONE protocol lines.")
-def workload(slots, scenario, iterations, duration, slot_size, pages, vcpu, wait_start, json_out, quiet):
+def workload(slots, scenario, iterations, duration, slot_size, pages, vcpu, wait_start, json_out, force, quiet):
     """Create a real KVM VM with N memslots and drive a scenario from the host side.
 
     Modelled on the kernel's memslot_perf_test. Prints the memslot setup time, per-iteration
@@ -114,6 +117,9 @@ def workload(slots, scenario, iterations, duration, slot_size, pages, vcpu, wait
       churn          memslot create, dirty logging on/off, move there and back, delete
       mixed          all of the above, plus unmaps of memory no slot covers and ranges
                      spanning three adjacent slots (default)
+      multi-vm       3 VMs one after another, then 2 at once, in this one process, with
+                     ground truth per VM ('vms' in --json-out); one run: --slots and --pages
+                     size the first VM (default 50 pages, 64 KiB slots), no vCPU
 
     \b
     Protocol (for tracers spawning it): 'READY <pid>' once the VM exists (waits for a
@@ -127,15 +133,11 @@ def workload(slots, scenario, iterations, duration, slot_size, pages, vcpu, wait
       kvmtrace workload -s churn --duration 5 --quiet
       python -m kvmtrace.workload --wait-start -q --json-out truth.json
     """
-    import os
-
+    from ..output import check_new_file
     from ..workload import Workload
 
     if json_out:  # fail before creating a VM, not after the run
-        parent = os.path.dirname(os.path.abspath(json_out))
-        if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
-            raise UsageError(f"cannot write --json-out {json_out}: {parent} is not a writable directory",
-                             "choose a path in an existing, writable directory")
+        check_new_file(json_out, "--json-out", force)
 
     out = (lambda s: None) if quiet else click.echo
 
@@ -145,6 +147,8 @@ def workload(slots, scenario, iterations, duration, slot_size, pages, vcpu, wait
         if wait_start:
             sys.stdin.readline()
 
+    if scenario == "multi-vm":  # several VMs in this process: a Workload of its own
+        from ..workload.multivm import MultiVmWorkload as Workload  # noqa: F811
     wl = Workload(
         slots=slots,
         slot_size=slot_size,

@@ -4,5 +4,4 @@
 - ``view``: ``render(cum, delta, meta, plan, opts, width)`` -> rich renderable (pure)
 - ``plain``: --once table, --log lines, --csv rows (pure formatters + a CSV sink)
 - ``live``: ``run_live(session, ...)`` drives a TraceSession; ``terminal``: key input
-- ``synthetic``: a TraceSession look-alike with fixed figures, for tests and trying the view
 """

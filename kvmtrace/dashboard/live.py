@@ -11,6 +11,7 @@ Ctrl-C or ``q`` ends the run with a final summary (cumulative totals) and a rest
 from __future__ import annotations
 
 import _thread
+import math
 import platform
 import sys
 import threading
@@ -18,6 +19,7 @@ from dataclasses import replace
 from typing import Optional, Sequence, TextIO
 
 from ..errors import UsageError
+from ..signals import STOP_SIGNALS, handling, raise_interrupt
 from ..snapshot import Snapshot
 from .model import ALL_OPS, SORT_KEYS, ViewOptions, build_view, cycle_selected, shown_ops
 from .plain import CsvSink, LogFormatter, plain_table
@@ -42,7 +44,7 @@ def make_options(
     bad = [o for o in ops if o not in ALL_OPS]
     if bad:
         raise UsageError(f"unknown op {', '.join(bad)}", f"use one of: {', '.join(ALL_OPS)}")
-    if interval is not None and interval <= 0:
+    if interval is not None and not (math.isfinite(interval) and interval > 0):
         raise UsageError(f"interval must be positive, not {interval}", "give --interval in seconds, e.g. 1")
     return ViewOptions(
         sort=sort,
@@ -67,6 +69,14 @@ def _isatty(stream) -> bool:
         return stream.isatty()
     except (AttributeError, ValueError):
         return False
+
+
+def interrupt_on_signals(signals=STOP_SIGNALS):
+    """SIGINT, SIGTERM and SIGHUP raise KeyboardInterrupt in the main thread while the view
+    runs, so every way of stopping it restores the terminal and prints the summary. SIGINT is
+    installed explicitly: a shell starts background jobs of a script with SIGINT ignored, and
+    ``kill -INT`` must still stop ``top`` there. Old handlers come back on exit."""
+    return handling(raise_interrupt, signals)
 
 
 class _Screen:
@@ -148,12 +158,15 @@ def run_live(
     keys: Optional[bool] = None,
     out: Optional[TextIO] = None,
     stop=None,
+    signals: bool = True,
 ) -> Optional[Snapshot]:
     """Show ``session`` (a TraceSession, already entered) until ``duration`` elapses, ``stop()``
     is true, ``q`` or Ctrl-C; return the last cumulative snapshot (None if no interval completed).
 
     ``keys``: read keys (s/v/p/q) when stdin is a terminal (default: only in the live screen).
     ``out``: where to write (default sys.stdout); colour and cursor codes only on a terminal.
+    ``signals``: SIGINT/SIGTERM/SIGHUP end the view like Ctrl-C (``interrupt_on_signals``);
+    False when the caller handles signals itself (demo).
     """
     if once and log:
         raise UsageError("--once and --log exclude each other", "choose one of them")
@@ -169,9 +182,10 @@ def run_live(
 
     sink = CsvSink(csv_path) if csv_path else None
     try:
-        if once or log or not _isatty(out):
-            return _run_stream(session, duration, once, log, sink, plan, meta_of, opts, out, stop)
-        return _run_screen(session, duration, sink, plan, meta_of, opts, out, keys is not False, stop)
+        with interrupt_on_signals(STOP_SIGNALS if signals else ()):
+            if once or log or not _isatty(out):
+                return _run_stream(session, duration, once, log, sink, plan, meta_of, opts, out, stop)
+            return _run_screen(session, duration, sink, plan, meta_of, opts, out, keys is not False, stop)
     finally:
         if sink is not None:
             sink.close()
@@ -217,7 +231,7 @@ def _summary(out, last, plan, meta_of, opts, logf=None, console=None):
             console.print(render_summary(last, meta_of(last), plan, opts, console.width))
         else:
             _emit(out, plain_table(last, None, meta_of(last), plan, opts, summary=True))
-    except BrokenPipeError:
+    except OSError:  # a closed pipe, or the terminal hung up (SIGHUP): nothing left to print to
         pass
 
 

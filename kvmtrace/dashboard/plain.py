@@ -10,9 +10,10 @@ import datetime
 import os
 from typing import List, Mapping, Optional, Sequence
 
-from ..errors import DataFileError
+from ..errors import DataFileError, UsageError
+from ..output import CsvWriter, check_new_file, shown
 from ..snapshot import Snapshot
-from .fmt import plain_num
+from ..fmt import plain_num
 from .model import ALL_CHANGES, ALL_OPS, OTHER_CHANGE, View, ViewOptions, VmRow, build_view
 from .view import attach_summary, cost_text, cpu_percent, late_text
 
@@ -177,19 +178,10 @@ def csv_columns() -> List[str]:
     return cols
 
 
-def _csv_val(v) -> str:
-    if v is None:
-        return ""
-    if isinstance(v, bool):
-        return "1" if v else "0"
-    if isinstance(v, float):
-        return f"{v:.6g}"
-    return str(v)
-
-
-def csv_rows(cum: Snapshot, delta: Snapshot, plan, opts: ViewOptions) -> List[List[str]]:
-    """One row per shown VM for one interval. Op columns are always all of consts.Op (zero
-    when not traced or filtered out by --op), so files stay appendable across runs."""
+def csv_rows(cum: Snapshot, delta: Snapshot, plan, opts: ViewOptions) -> List[list]:
+    """One row of values per shown VM for one interval (cells are made by output.csv_cell:
+    text escaped for spreadsheets). Op columns are always all of consts.Op (zero when not
+    traced or filtered out by --op), so files stay appendable across runs."""
     view = build_view(cum, delta, plan, opts)
     e = delta.elapsed_s
     out = []
@@ -216,43 +208,72 @@ def csv_rows(cum: Snapshot, delta: Snapshot, plan, opts: ViewOptions) -> List[Li
             n = r.upd_counts.get(ch, 0)
             v += [n, (n / e) if e > 0 else None]
         v += [r.upd_errors, delta.lost_events, delta.map_full, delta.unattributed, round(delta.self_cpu_s, 6)]
-        out.append([_csv_val(x) for x in v])
+        out.append(v)
     return out
 
 
 class CsvSink:
     """Appends per-interval rows to a CSV file; writes the header only when the file is new
-    or empty, and refuses a file whose header is not kvmtrace top's."""
+    or empty, and refuses a file whose header is not kvmtrace top's (appending to an earlier
+    ``top --csv`` file is the one case where an existing output is written to)."""
 
     def __init__(self, path: str):
         self.path = path
-        cols = csv_columns()
+        existing = self.check(path)
         try:
-            existing = os.path.getsize(path) if os.path.exists(path) else 0
-            if existing:
-                with open(path, newline="") as f:
-                    first = next(csv.reader(f), [])
-                if first != cols:
-                    raise DataFileError(
-                        f"{path} is not a kvmtrace top CSV file (its header differs)",
-                        "give --csv a new file name, or remove the file",
-                    )
             self._f = open(path, "a", newline="")
         except OSError as e:
-            raise DataFileError(f"cannot write {path}: {e.strerror}", "check the path and its permissions") from None
-        self._w = csv.writer(self._f)
+            raise DataFileError(f"cannot write --csv {shown(path)}: {e.strerror}",
+                                "check the path and its permissions") from None
+        self._w = CsvWriter(self._f)
         if not existing:
-            self._w.writerow(cols)
+            self._w.header(csv_columns())
             self._f.flush()
+
+    @staticmethod
+    def check(path: str) -> int:
+        """Before tracing starts: ``path`` is a new file in an existing directory, or an
+        earlier ``top --csv`` file (returns its size). Raises DataFileError/UsageError."""
+        if not os.path.lexists(path) or (os.path.isfile(path) and os.path.getsize(path) == 0):
+            if os.path.lexists(path):
+                return 0
+            try:
+                check_new_file(path, "--csv")
+            except DataFileError:
+                raise
+            except UsageError as e:
+                raise DataFileError(e.message, e.remedy) from None
+            return 0
+        if not os.path.isfile(path):
+            raise DataFileError(f"--csv {shown(path)} is not a regular file", "give --csv a new file name")
+        try:
+            with open(path, newline="", encoding="utf-8", errors="strict") as f:
+                first = next(csv.reader(f), [])
+        except (OSError, UnicodeDecodeError, csv.Error, ValueError) as e:
+            raise DataFileError(f"--csv {shown(path)} is not a kvmtrace top CSV file ({getattr(e, 'strerror', None) or e})",
+                                "give --csv a new file name, or remove the file") from None
+        if first != csv_columns():
+            raise DataFileError(
+                f"{shown(path)} is not a kvmtrace top CSV file (its header differs)",
+                "give --csv a new file name, or remove the file",
+            )
+        return os.path.getsize(path)
 
     def write(self, cum: Snapshot, delta: Snapshot, plan, opts: ViewOptions) -> int:
         rows = csv_rows(cum, delta, plan, opts)
-        self._w.writerows(rows)
-        self._f.flush()
+        try:
+            self._w.rows(rows)
+            self._f.flush()
+        except OSError as e:  # full disk, removed medium: one line, not a traceback
+            raise DataFileError(f"cannot write --csv {shown(self.path)}: {e.strerror or e}",
+                                "free space or choose another --csv path; rows of earlier intervals are kept") from None
         return len(rows)
 
     def close(self):
-        self._f.close()
+        try:
+            self._f.close()
+        except OSError:
+            pass
 
     def __enter__(self):
         return self

@@ -12,7 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ..snapshot import Log2Hist, Snapshot
-from .fmt import fmt_count, fmt_duration, fmt_int, fmt_mean, fmt_ns, fmt_rate
+from ..fmt import fmt_count, fmt_duration, fmt_int, fmt_mean, fmt_ns, fmt_rate
 from .model import MIXED, View, ViewOptions, VmRow, build_view, panel_hists
 
 CHANGE_HEADERS = {"create": "create", "delete": "delete", "move": "move", "flags_only": "flags"}

@@ -75,10 +75,11 @@ class Parts:
     memslot: list = field(default_factory=list)
     vm_pids: Dict[str, int] = field(default_factory=dict)
     unattributed: int = 0
+    by_memslots: list = field(default_factory=list)  # MemslotBucketStats
+    vm_extra: Dict[str, dict] = field(default_factory=dict)  # vm_id -> VmInfo fields the decoder knows
     # exact modes: per VM what the kernel knows of it (VmInfo fields: ordinal, memslots,
-    # memslots_max, memslots_provenance, partial, alive), and the memslot-count buckets
+    # memslots_max, memslots_provenance, partial, alive)
     vm_info: Dict[str, dict] = field(default_factory=dict)
-    by_memslots: list = field(default_factory=list)
 
 
 @dataclass
@@ -92,6 +93,7 @@ class SnapshotParts:
     map_full: int
     unattributed: int
     by_memslots: tuple = ()
+    ignored_ioctls: int = 0
 
 
 class Stream:
@@ -266,9 +268,15 @@ class Decoding:
             elif kind == R.EV_SC_END:
                 st.on_sc_end(ev)
             elif kind == R.EV_MEMSLOT:
-                st.on_memslot(ev)
+                if self.tp.ms_tp:  # classified in the kernel, keyed by the VM's gen
+                    self.tp.on_memslot(ev)
+                else:
+                    st.on_memslot(ev)
             elif kind == R.EV_VM_CREATE:
-                st.on_vm_create(ev)
+                if self.tp.ms_tp:  # the VM is in the kernel's tables: only name its VMM
+                    st.remember(ev.tgid)
+                else:
+                    st.on_vm_create(ev)
             elif kind == R.EV_VM_LIFE:  # exact modes: kvm_arch_init_vm / kvm_arch_destroy_vm
                 self.exact.on_vm_life(ev)
 
@@ -303,6 +311,9 @@ class Decoding:
             mc = mirror_counts.get(vm)
             info = VmInfo(vm, pid, comm, name, vcpus if alive else None, mc,
                           "derived" if mc is not None else "none", partial.get(vm, True), alive)
+            extra = tp.vm_extra.get(vm)
+            if extra:
+                info = replace(info, **extra)
             if vm in ex.vm_info:
                 info = replace(info, **ex.vm_info[vm])
             vms.append(info)
@@ -311,7 +322,8 @@ class Decoding:
             vms=tuple(vms), hva=tuple(hva), memslot=tuple(memslot),
             lost_events=counters[R.CNT_LOST] + dropped + extra_lost,
             map_full=counters[R.CNT_MAPFULL], unattributed=tp.unattributed + ex.unattributed,
-            by_memslots=tuple(ex.by_memslots),
+            by_memslots=tuple(tp.by_memslots + ex.by_memslots),
+            ignored_ioctls=counters[R.CNT_IGNORED] if len(counters) > R.CNT_IGNORED else 0,
         )
 
 

@@ -73,7 +73,7 @@ class ExactDecoder:
         op = OPS.get(h.op, "unknown")
         vm = exact_vm_id(ev.vm, h.owner, h.ordinal)
         memslots = int(h.memslots)
-        if memslots < 0:
+        if memslots == R.NO_COUNT:  # not known in the kernel
             mc = st.mirror.count(vm)
             memslots = -1 if mc is None else mc
         p = self.plan.for_op(op)

@@ -1,20 +1,46 @@
-"""Decoder of tracepoint mode: hva ops seen by their kvm:* tracepoints, keyed in the kernel by
-the VMM's tgid; latency bounded by the enclosing syscall (measured in the kernel); slots
-visited derived here, event by event, from the mirrored memslot table (mirror.py); memslot
-updates seen by the ioctl tracepoints, change type derived from the mirror.
+"""Decoder of tracepoint mode. Everything is derived in the kernel (kvmtrace.c, "Tracepoint
+mode"): VMs are told apart by the descriptor KVM_CREATE_VM returned (a *gen* per VM lifetime),
+each VM's memslot table lives in BPF maps, kept current from the memslot ioctls, which gives the
+change type of every update and, per hva op, the slots it overlaps and the VM's memslot count at
+that moment; the kernel aggregates per (VM, op) and per (VM, op, memslot-count bucket).
+Userspace reads the maps once per interval; no hva record reaches it unless raw events are kept.
 
-Input: raw records (through decode_common.Decoding) and records.MapContents; output: the parts
-of a Snapshot. No bcc, no root: tests/test_decoders.py feeds it fakes.
+Input: records.MapContents (``tp``: records.TpMaps) and, with raw events, records; output: the
+parts of a Snapshot. No bcc, no root: tests/test_decoders.py feeds it fakes.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
-from typing import Callable, Dict, List, Optional, Tuple
+import os
+from typing import Callable, Dict, List, Optional, Set, Tuple
 
-from ..snapshot import HvaEvent, HvaStats, Log2Hist, MemslotStats
+from ..snapshot import HvaEvent, HvaStats, Log2Hist, MemslotBucketStats, MemslotEvent, MemslotStats
 from . import records as R
-from .decode_common import OPS, Agg, Parts, Stream
+from .decode_common import CHANGES, OPS, Parts, Stream
+
+U32 = 0xFFFFFFFF  # slots / memslots of an op the kernel could not derive
+
+
+def tp_cflags(plan, btf_path: str = "/sys/kernel/btf/vmlinux") -> List[str]:
+    """Extra -D flags of tracepoint mode: per-thread state in task-local storage where the kernel
+    has BTF (task storage for tracing programs is 5.11+, tracepoint mode needs 5.13+), else an
+    LRU hash keyed by thread id."""
+    if not any(p.kind == "hva" and p.attach == "tracepoint" for p in plan.ops):
+        return []
+    return ["-DTP_TASK_STORAGE"] if os.path.exists(btf_path) else []
+
+
+def seed_gen(tgid: int, fd: int) -> int:
+    """The gen userspace gives a VM found running at attach (its descriptor in /proc)."""
+    return R.SEED_GEN_BASE | (tgid << 24) | (fd & 0xFFFFFF)
+
+
+def vm_id(gen: int, tgid: int) -> str:
+    """Stable id of one VM lifetime: its VMM and the kernel's gen, or for a VM that predates
+    the trace its descriptor number."""
+    if gen >= R.SEED_GEN_BASE:
+        return f"vm:{tgid}:fd{gen & 0xFFFFFF}"
+    return f"vm:{tgid}:{gen}"
 
 
 class TracepointDecoder:
@@ -22,110 +48,131 @@ class TracepointDecoder:
                  owns_vm: Callable[[int], bool] = lambda pid: False) -> None:
         self.plan = plan
         self.stream = stream
-        self.pid = pid  # the session's --pid filter (None: every VMM)
-        self.owns_vm = owns_vm
+        self.pid = pid  # the session's --pid filter (None: every VMM); applied in the kernel
         self.ops = frozenset(p.op for p in plan.ops
                              if p.kind == "hva" and p.attach == "tracepoint")
+        # kernels before 5.17 scan every used memslot per callback: scanned = the VM's count
+        self.linear = bool(getattr(plan, "linear_scan", False))
         ms = plan.for_op("memslot_update")
         self.ms_tp = bool(ms and ms.attach == "tracepoint")
-        self.derived: Dict[Tuple[str, str], Agg] = defaultdict(Agg)
-        self._vm: Dict[int, str] = {}
+        # VMs seen (gen -> last row read), figures of VMs retired from the maps
+        self.vms: Dict[int, R.TpVmRow] = {}
+        self.retired_aggs: Dict[Tuple[int, int, int], R.TpAggRow] = {}
+        self.retired_ms: Dict[Tuple[int, int, int], R.MsRow] = {}
+        self._dead_before: Set[int] = set()
 
-    # ------------------------------------------------------------------ event stream
+    # ------------------------------------------------------------------ raw events (--events)
     def on_hva_fast(self, tgid: int, x: int, start: int, end: int) -> None:
-        """Hot path (no raw events kept): slots visited of one hva range, aggregated."""
-        vm = self._vm.get(tgid)
-        if vm is None:
-            vm = self._vm[tgid] = f"pid:{tgid}"
-        st = self.stream
-        with st.lock:
-            if vm not in st.mirror.created_in_trace:
-                return  # partial mirror: no derived figure (see on_hva)
-            key = (vm, OPS.get(x, "unknown"))
-            agg = self.derived.get(key)
-            if agg is None:
-                agg = self.derived[key]
-            agg.add(st.mirror.overlap(vm, start, end))
+        """Never called in tracepoint mode: without raw events no hva record is streamed."""
 
     def on_hva(self, ev) -> None:
-        """One hva record (caller holds the stream lock); the raw event waits for the end of
-        its syscall, which brings its latency."""
+        """One raw hva record (caller holds the stream lock): slots and the memslot count were
+        derived in the kernel (all ones = underived); the latency arrives with the syscall end."""
         st = self.stream
+        if not st.keep_events:
+            return
         h = ev.hva
         op = OPS.get(h.op, "unknown")
-        vm = f"pid:{ev.tgid}"
-        memslots = st.mirror.count(vm)
-        if st.mirror.partial(vm):
-            slots = -1  # memslots predate the trace: the mirror would undercount, so no figure
-        else:
-            slots = st.mirror.overlap(vm, h.start, h.end)
-            self.derived[(vm, op)].add(slots)
-        if st.keep_events:
-            e = HvaEvent(ev.ts, vm, ev.tgid, ev.tid, op, h.start, h.end, -1, slots, -1,
-                         -1 if memslots is None else memslots, "none",
-                         "derived" if slots >= 0 else "none")
-            st.pending[ev.tid].append(e)
-            if len(st.pending) > 4096:  # threads that never end a syscall (kernel threads)
-                for tid in list(st.pending)[:1024]:
-                    for x in st.pending.pop(tid):
-                        st.keep(x)
+        derived = h.slots != U32
+        e = HvaEvent(ev.ts, vm_id(ev.vm, ev.tgid) if ev.vm else "", ev.tgid, ev.tid, op, h.start, h.end, -1,
+                     int(h.slots) if derived else -1, -1, int(h.memslots) if h.memslots != U32 else -1, "none",
+                     "derived" if derived else "none")
+        st.pending[ev.tid].append(e)
+        if len(st.pending) > 4096:  # threads that never end a syscall (kernel threads)
+            for tid in list(st.pending)[:1024]:
+                for x in st.pending.pop(tid):
+                    st.keep(x)
+
+    def on_memslot(self, ev) -> None:
+        """One raw memslot update (caller holds the lock); its change type came from the kernel."""
+        st = self.stream
+        st.remember(ev.tgid)
+        m = ev.memslot
+        change = CHANGES.get(m.change, "unknown")
+        st.keep(MemslotEvent(ev.ts, vm_id(ev.vm, ev.tgid), ev.tgid, ev.tid, change, m.slot & 0xFFFF,
+                             m.slot >> 16, m.gpa, m.size, m.hva, m.flags, int(m.ret), m.lat_ns,
+                             "syscall", "derived" if change != "unknown" else "none"))
 
     # ------------------------------------------------------------------ maps
     def decode(self, maps: R.MapContents, known_vmms: bool = True) -> Parts:
-        """hva rows of the ops attached to tracepoints: ``aggs`` keys are (tgid, op, 0).
-        ``known_vmms``: also name every VMM known now (VMs without figures yet; not done when
-        exact ops name the VMs by their struct kvm)."""
-        st = self.stream
-        with st.lock:
-            derived = {k: (a.count, a.sum, a.max, tuple(a.hist)) for k, a in self.derived.items()}
-            known = dict(st.known_vmm)
+        """hva rows, memslot-bucket rows and VM facts of this reading (plus retired VMs)."""
         out = Parts()
-        rows = sorted((k, v) for k, v in maps.aggs.items() if OPS.get(k[1], "unknown") in self.ops)
-        if self.ops:
-            # VMM tgids: the kernel's own set (added at KVM_CREATE_VM, never lost like an event
-            # can be), those seen at start, and any other tgid with figures that owns a VM fd now
-            for p in maps.vmm or ():
-                known.setdefault(p, 1)
-            for (tgid, _op, _owner), _a in rows:
-                if tgid not in known and self.owns_vm(tgid):
-                    known[tgid] = 1
-                    with st.lock:
-                        st.known_vmm.setdefault(tgid, 1)
-        for (tgid, opn, _owner), a in rows:
+        tp = maps.tp
+        if tp is None:
+            return out
+        self.vms.update(tp.vms)
+        rows = dict(self.retired_aggs)
+        rows.update(tp.aggs)
+        for (gen, opn, tgid), r in sorted(rows.items()):
             op = OPS.get(opn, "unknown")
-            if self.pid is None and tgid not in known:
+            if op not in self.ops:
+                continue
+            a = r.agg
+            if gen == 0:  # no known VMM: kswapd, another process's madvise, ...
                 out.unattributed += a.count
                 continue
-            vm = f"pid:{tgid}"
-            slots = derived.get((vm, op), (0, 0, 0, None))
+            vm = vm_id(gen, tgid)
             out.vm_pids[vm] = tgid
             out.hva.append(HvaStats(
                 vm_id=vm, pid=tgid, op=op, count=a.count,
                 lat_hist=Log2Hist.from_counts(a.lat), lat_count=a.lat_count, lat_sum_ns=a.lat_sum,
-                lat_max_ns=a.lat_max, lat_provenance="syscall",
-                slots_hist=Log2Hist(slots[3]) if slots[3] else Log2Hist(),
-                slots_count=slots[0], slots_sum=slots[1], slots_max=slots[2],
-                slots_provenance="derived" if slots[0] else "none",
-                scanned_sum=None, range_hist=Log2Hist.from_counts(a.range),
+                lat_max_ns=a.lat_max, lat_provenance="syscall" if a.lat_count else "none",
+                slots_hist=Log2Hist.from_counts(a.slots), slots_count=a.slots_count,
+                slots_sum=a.slots_sum, slots_max=a.slots_max,
+                slots_provenance="derived" if a.slots_count else "none",
+                scanned_sum=a.scanned_sum if self.linear else None,
+                range_hist=Log2Hist.from_counts(a.range), underived=r.underived,
             ))
-        if known_vmms:
-            for p in known:
-                if self.pid is None or p == self.pid:
-                    out.vm_pids.setdefault(f"pid:{p}", p)
+            for i, b in enumerate(r.buckets):
+                if b.count:
+                    out.by_memslots.append(MemslotBucketStats(
+                        vm_id=vm, pid=tgid, op=op, bucket=i, count=b.count, memslots_max=b.nmax,
+                        lat_count=b.lat_count, lat_sum_ns=b.lat_sum, slots_count=b.count,
+                        slots_sum=b.slots_sum, scanned_sum=b.nsum if self.linear else None,
+                        lat_provenance="syscall" if b.lat_count else "none", slots_provenance="derived"))
+        for gen, v in self.vms.items():
+            if self.pid is not None and v.tgid != self.pid:
+                continue
+            vm = vm_id(gen, v.tgid)
+            out.vm_pids.setdefault(vm, v.tgid)
+            out.vm_extra[vm] = dict(
+                ordinal=v.ordinal, partial=v.partial,
+                memslots=None if v.partial else v.n, memslots_max=None if v.partial else v.nmax,
+                memslots_provenance="none" if v.partial else "derived",
+                **({"alive": False} if v.dead else {}))
         return out
 
     def memslot(self, maps: R.MapContents, ms_user: dict) -> List[MemslotStats]:
-        """Memslot ioctls counted in the kernel (``ms_count``) but absent from the stream's
-        figures: their change type was not observed (event lost, or a no-op request)."""
-        if not self.ms_tp or maps.ms_count is None:
+        """Memslot updates per (VM, change type), counted and classified in the kernel; an update
+        whose type cannot be known (a slot of a VM that predates the trace) is ``unknown``."""
+        tp = maps.tp
+        if tp is None or not self.ms_tp:
             return []
-        per_pid_total: Dict[int, int] = defaultdict(int)
-        for (_vm, _change), (cnt, _err, _tot, _mx, _h, pid, _prov) in ms_user.items():
-            per_pid_total[pid] += cnt
+        rows = dict(self.retired_ms)
+        rows.update(tp.ms)
         out = []
-        for pid, n in maps.ms_count.items():
-            missing = n - per_pid_total.get(pid, 0)
-            if missing > 0 and (self.pid is None or pid == self.pid):
-                out.append(MemslotStats(f"pid:{pid}", pid, "unknown", missing, 0,
-                                        Log2Hist(), 0, 0, "none", "none"))
+        for (gen, ch, tgid), m in sorted(rows.items()):
+            change = CHANGES.get(ch, "unknown")
+            out.append(MemslotStats(vm_id(gen, tgid), tgid, change, m.count, m.errors,
+                                    Log2Hist.from_counts(m.lat), m.lat_sum, m.lat_max, "syscall",
+                                    "derived" if change != "unknown" else "none"))
         return out
+
+    def retire(self, maps: R.MapContents) -> Tuple[List[tuple], List[tuple], List[int]]:
+        """VMs dead at this reading and the one before (no figure can change any more): their
+        rows move here, and the session deletes the returned keys (aggs, ms, gens) from the
+        maps, which keeps the kernel's tables bounded however many VMs come and go."""
+        tp = maps.tp
+        if tp is None:
+            return [], [], []
+        dead = {g for g, v in tp.vms.items() if v.dead}
+        gone = sorted(dead & self._dead_before)
+        self._dead_before = dead - set(gone)
+        gs = set(gone)
+        agg_keys = [k for k in tp.aggs if k[0] in gs]
+        ms_keys = [k for k in tp.ms if k[0] in gs]
+        for k in agg_keys:
+            self.retired_aggs[k] = tp.aggs[k]
+        for k in ms_keys:
+            self.retired_ms[k] = tp.ms[k]
+        return agg_keys, ms_keys, gone

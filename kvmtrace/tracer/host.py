@@ -1,6 +1,18 @@
-"""The host around the kernel: privileges, lockdown, /dev/kvm, bcc headers, and the VMs running
-now (VMM processes found through their ``anon_inode:kvm-vm`` / ``anon_inode:kvm-vcpu:N`` file
-descriptors). Pure /proc and /sys reading; no bcc."""
+"""The host around the kernel, the one place for /proc and privilege facts: privileges (the one
+check: ``privileges().enough`` / ``can_trace()``), /dev/kvm, bcc headers, and the VMs running now
+(VMM processes found through their ``anon_inode:kvm-vm`` / ``anon_inode:kvm-vcpu:N`` file
+descriptors, guest names from their command lines). Used by doctor, the tracer session and top.
+Pure /proc and /sys reading; no bcc.
+
+API (stable; the session and doctor use only these):
+    privileges() -> Privileges      euid, capabilities, .enough, .why_not
+    can_trace() -> (bool, why)      enough privilege to load tracing programs
+    vms(proc) -> ([HostVm], unreadable)   every VMM process now
+    vmm_pids(proc) -> {pid: n VMs}  the same, as a mapping
+    owns_vm(pid) -> bool            the process holds a KVM VM descriptor
+    proc_info(pid) -> ProcInfo      comm, guest name, vCPU count, alive
+    guest_name(argv) -> str         QEMU -name / --name / --id parsing
+"""
 
 from __future__ import annotations
 
@@ -11,8 +23,12 @@ import stat
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
-from . import kernel
 from ..snapshot import VmInfo
+
+# Linux capability numbers (include/uapi/linux/capability.h)
+CAP_SYS_ADMIN = 21
+CAP_PERFMON = 38
+CAP_BPF = 39
 
 
 @dataclass(frozen=True)
@@ -59,6 +75,32 @@ def _read(path: str) -> Optional[str]:
         return None
 
 
+def _fd_links(fddir: str) -> List[str]:
+    """Targets of the descriptors in ``fddir`` (PermissionError and vanished processes raise
+    OSError to the caller; single descriptors that vanish are skipped)."""
+    out = []
+    for fd in os.listdir(fddir):
+        try:
+            out.append(os.readlink(f"{fddir}/{fd}"))
+        except OSError:
+            continue
+    return out
+
+
+def _count_kvm_fds(links: List[str]) -> Tuple[int, int]:
+    """(VM descriptors, distinct vCPU descriptors) among descriptor targets."""
+    n_vm = 0
+    vcpus = set()
+    for link in links:
+        if link == "anon_inode:kvm-vm":
+            n_vm += 1
+        else:
+            m = _VCPU.match(link)
+            if m:
+                vcpus.add(int(m.group(1)))
+    return n_vm, len(vcpus)
+
+
 def vms(proc: str = "/proc") -> Tuple[List[HostVm], int]:
     """VMM processes with KVM VM descriptors, and the number of processes whose descriptors
     could not be read (needs root to see other users' processes)."""
@@ -69,33 +111,55 @@ def vms(proc: str = "/proc") -> Tuple[List[HostVm], int]:
     except OSError:
         return out, 0
     for pid in sorted(pids):
-        fddir = f"{proc}/{pid}/fd"
         try:
-            fds = os.listdir(fddir)
+            links = _fd_links(f"{proc}/{pid}/fd")
         except PermissionError:
             unreadable += 1
             continue
         except OSError:
             continue
-        n_vm = 0
-        vcpus = set()
-        for fd in fds:
-            try:
-                link = os.readlink(f"{fddir}/{fd}")
-            except OSError:
-                continue
-            if link == "anon_inode:kvm-vm":
-                n_vm += 1
-            else:
-                m = _VCPU.match(link)
-                if m:
-                    vcpus.add(int(m.group(1)))
-        if n_vm == 0 and not vcpus:
+        n_vm, n_vcpu = _count_kvm_fds(links)
+        if n_vm == 0 and not n_vcpu:
             continue
-        comm = (_read(f"{proc}/{pid}/comm") or "").strip()
-        cmdline = [a for a in (_read(f"{proc}/{pid}/cmdline") or "").split("\0") if a]
-        out.append(HostVm(pid=pid, comm=comm, name=guest_name(cmdline), vm_fds=n_vm, vcpus=len(vcpus)))
+        info = proc_info(pid, proc, links)
+        out.append(HostVm(pid=pid, comm=info.comm, name=info.name, vm_fds=n_vm, vcpus=n_vcpu))
     return out, unreadable
+
+
+def vmm_pids(proc: str = "/proc") -> Dict[int, int]:
+    """VMM processes running now: pid -> number of VMs (anon_inode:kvm-vm descriptors)."""
+    return {v.pid: v.vm_fds for v in vms(proc)[0] if v.vm_fds}
+
+
+def owns_vm(pid: int, proc: str = "/proc") -> bool:
+    """Whether process ``pid`` holds a KVM VM descriptor now."""
+    try:
+        return "anon_inode:kvm-vm" in _fd_links(f"{proc}/{pid}/fd")
+    except OSError:
+        return False
+
+
+@dataclass(frozen=True)
+class ProcInfo:
+    comm: str
+    name: str  # guest name (guest_name), "" when the command line has none
+    vcpus: Optional[int]  # vCPU descriptors; None when the descriptors are not readable
+    alive: bool
+
+
+def proc_info(pid: int, proc: str = "/proc", links: Optional[List[str]] = None) -> ProcInfo:
+    """What /proc says about process ``pid`` now (alive False when it is gone)."""
+    comm = _read(f"{proc}/{pid}/comm")
+    if comm is None:
+        return ProcInfo("", "", None, False)
+    cmdline = [a for a in (_read(f"{proc}/{pid}/cmdline") or "").split("\0") if a]
+    if links is None:
+        try:
+            links = _fd_links(f"{proc}/{pid}/fd")
+        except OSError:
+            links = None
+    vcpus = None if links is None else _count_kvm_fds(links)[1]
+    return ProcInfo(comm.strip(), guest_name(cmdline), vcpus, True)
 
 
 @dataclass(frozen=True)
@@ -143,6 +207,23 @@ def headers(release: Optional[str] = None) -> Headers:
     return Headers("none", "", f"{build} missing and no /sys/kernel/kheaders.tar.xz")
 
 
+def capabilities(status_path: str = "/proc/self/status") -> Dict[str, bool]:
+    """The effective capabilities kvmtrace cares about, from /proc/self/status."""
+    text = _read(status_path) or ""
+    eff = 0
+    for line in text.splitlines():
+        if line.startswith("CapEff:"):
+            try:
+                eff = int(line.split()[1], 16)
+            except (IndexError, ValueError):
+                eff = 0
+    return {
+        "CAP_SYS_ADMIN": bool(eff >> CAP_SYS_ADMIN & 1),
+        "CAP_PERFMON": bool(eff >> CAP_PERFMON & 1),
+        "CAP_BPF": bool(eff >> CAP_BPF & 1),
+    }
+
+
 @dataclass(frozen=True)
 class Privileges:
     euid: int
@@ -154,9 +235,20 @@ class Privileges:
 
     @property
     def enough(self) -> bool:
-        return self.root or (self.caps.get("CAP_BPF") and self.caps.get("CAP_PERFMON")) or bool(
-            self.caps.get("CAP_SYS_ADMIN"))
+        """Root, or CAP_BPF + CAP_PERFMON (tracing programs), or CAP_SYS_ADMIN."""
+        return bool(self.root or (self.caps.get("CAP_BPF") and self.caps.get("CAP_PERFMON"))
+                    or self.caps.get("CAP_SYS_ADMIN"))
+
+    @property
+    def why_not(self) -> str:
+        return "" if self.enough else "tracing needs root, or CAP_BPF and CAP_PERFMON"
 
 
 def privileges() -> Privileges:
-    return Privileges(euid=os.geteuid(), caps=kernel.capabilities())
+    return Privileges(euid=os.geteuid(), caps=capabilities())
+
+
+def can_trace() -> Tuple[bool, str]:
+    """(ok, why not): the one privilege check of kvmtrace (doctor, the tracer, the tests)."""
+    p = privileges()
+    return p.enough, p.why_not

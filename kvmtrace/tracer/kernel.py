@@ -20,9 +20,12 @@ import platform
 import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, Iterable, List, Optional, Tuple
 
 from .plan import FUNCS_OF_INTEREST, STRUCTS_OF_INTEREST, TRACEPOINTS_OF_INTEREST, KernelFacts
+
+if TYPE_CHECKING:
+    from ..errors import Problem
 
 BTF_DIR = "/sys/kernel/btf"
 TRACEFS = "/sys/kernel/tracing"
@@ -30,10 +33,6 @@ TRACEFS_OLD = "/sys/kernel/debug/tracing"
 SECURITYFS = "/sys/kernel/security"
 FENTRY_PROBE_FUNC = "kvm_mmu_notifier_invalidate_range_start"
 
-# Linux capability numbers (include/uapi/linux/capability.h)
-CAP_SYS_ADMIN = 21
-CAP_PERFMON = 38
-CAP_BPF = 39
 
 
 # --- small readers -------------------------------------------------------------------------
@@ -177,25 +176,11 @@ def lockdown() -> Tuple[Optional[str], str]:
     return None, f"unparsable {path}: {text.strip()}"
 
 
-def capabilities(status_path: str = "/proc/self/status") -> Dict[str, bool]:
-    text = _read(status_path) or ""
-    eff = 0
-    for line in text.splitlines():
-        if line.startswith("CapEff:"):
-            eff = int(line.split()[1], 16)
-    return {
-        "CAP_SYS_ADMIN": bool(eff >> CAP_SYS_ADMIN & 1),
-        "CAP_PERFMON": bool(eff >> CAP_PERFMON & 1),
-        "CAP_BPF": bool(eff >> CAP_BPF & 1),
-    }
-
-
 def can_bpf() -> bool:
-    """Root, or CAP_BPF + CAP_PERFMON (tracing programs), or CAP_SYS_ADMIN."""
-    if os.geteuid() == 0:
-        return True
-    caps = capabilities()
-    return (caps["CAP_BPF"] and caps["CAP_PERFMON"]) or caps["CAP_SYS_ADMIN"]
+    """Enough privilege for BPF tracing programs (host.privileges: the one check)."""
+    from .host import privileges
+
+    return privileges().enough
 
 
 # --- kprobes / fentry / ringbuf ------------------------------------------------------------
@@ -240,21 +225,45 @@ def _with_stderr_captured(fn):
     return res, text
 
 
-def _classify_bcc_error(exc: Exception, stderr: str) -> str:
+def _classify_bcc_error(exc: Exception, stderr: str) -> Tuple[str, str]:
+    """(code, reason) of a failed bcc load. bcc reports failures only as text (a bare
+    Exception and libbpf's stderr), so this is the one place that reads such text; everything
+    downstream decides by the code."""
     msg = str(exc)
     text = msg + "\n" + stderr
+    low = text.lower()
+    if "kernel headers" in low or "linux/kconfig.h" in low or (".h' file not found" in low):
+        return "headers", f"bcc found no kernel headers: {msg.strip().splitlines()[0][:160] if msg.strip() else 'compile failed'}"
     if "Need super-user privileges" in msg or "Operation not permitted" in text:
-        return "load refused (EPERM)"
+        return "eperm", "load refused (EPERM)"
     if "Permission denied" in text:
-        return "load refused (EACCES)"
+        return "eacces", "load refused (EACCES)"
     if "No such file or directory" in text or "ENOENT" in text:
-        return "load failed (ENOENT: the function's BTF was not found)"
+        return "enoent", "load failed (ENOENT: the function's BTF was not found)"
     if "Invalid argument" in text:
-        return "load failed (EINVAL)"
+        return "einval", "load failed (EINVAL)"
     if "compile" in text.lower() or "error:" in text:
         first = next((line for line in stderr.splitlines() if "error" in line.lower()), msg)
-        return f"bcc could not compile the probe: {first.strip()[:160]}"
-    return f"load failed: {msg.strip()[:160]}"
+        return "compile", f"bcc could not compile the probe: {first.strip()[:160]}"
+    return "failed", f"load failed: {msg.strip()[:160]}"
+
+
+def load_problem(exc: Exception, stderr: str = "") -> "Problem":
+    """A failed BPF compile/load (bcc's exception and captured stderr) as a typed Problem with
+    its fix: ``problem.error()`` is what the tracer raises. Codes: load.headers, load.eperm,
+    load.eacces, load.enoent, load.einval, load.compile, load.failed."""
+    from ..errors import PermissionProblem, Problem
+
+    code, reason = _classify_bcc_error(exc, stderr)
+    if code == "headers":
+        return Problem("load.headers", f"bcc could not compile the BPF program: {reason}",
+                       f"install kernel headers: apt-get install linux-headers-{platform.release()}, or `make setup` "
+                       "(links the distribution's generic headers when the exact ones do not exist)")
+    if code in ("eperm", "eacces"):
+        return Problem(f"load.{code}", f"the kernel refused the BPF program: {reason}",
+                       "run as root; check lockdown and kernel.unprivileged_bpf_disabled", PermissionProblem.exit_code)
+    return Problem(f"load.{code}", f"loading the BPF program failed: {reason}",
+                   "run `kvmtrace doctor` to see what this kernel supports")
 
 
 def bcc_version() -> Tuple[Optional[str], str]:
@@ -268,16 +277,23 @@ def bcc_version() -> Tuple[Optional[str], str]:
 def fentry_trial(func: str = FENTRY_PROBE_FUNC, module: str = "") -> Tuple[Optional[bool], str]:
     """A real trial: compile, load and attach an empty fentry program on ``func`` (in
     ``module`` when KVM is a module, via MODULE_KFUNC_PROBE), then detach. (ok, reason)."""
+    ok, reason, _code = fentry_trial_coded(func, module)
+    return ok, reason
+
+
+def fentry_trial_coded(func: str = FENTRY_PROBE_FUNC, module: str = "") -> Tuple[Optional[bool], str, str]:
+    """``fentry_trial`` with the code of the outcome: ok, not_tried, unsupported, eperm, eacces,
+    enoent, einval, compile, failed, module_btf (bcc cannot attach to module functions)."""
     ver, err = bcc_version()
     if ver is None:
-        return None, f"not tried: {err}"
+        return None, f"not tried: {err}", "not_tried"
     from bcc import BPF
 
     try:
         if not BPF.support_kfunc():
-            return False, "not supported (bcc/kernel lack BPF trampolines or vmlinux BTF)"
+            return False, "not supported (bcc/kernel lack BPF trampolines or vmlinux BTF)", "unsupported"
     except Exception as e:
-        return None, f"not tried: {e}"
+        return None, f"not tried: {e}", "not_tried"
     if module:
         text = f"MODULE_KFUNC_PROBE({module}, {func}) {{ return 0; }}"
     else:
@@ -290,13 +306,13 @@ def fentry_trial(func: str = FENTRY_PROBE_FUNC, module: str = "") -> Tuple[Optio
 
     res, stderr = _with_stderr_captured(load)
     if res is True:
-        return True, f"trial load of fentry on {func} succeeded"
-    reason = _classify_bcc_error(res, stderr)
+        return True, f"trial load of fentry on {func} succeeded", "ok"
+    code, reason = _classify_bcc_error(res, stderr)
     if module and ("MODULE_KFUNC_PROBE" in stderr or "implicit declaration" in stderr):
-        reason = "bcc lacks module BTF support (no MODULE_KFUNC_PROBE)"
-    elif module and "ENOENT" in reason:
-        reason = f"bcc lacks module BTF support (looked for {func} in vmlinux BTF only)"
-    return False, reason
+        code, reason = "module_btf", "bcc lacks module BTF support (no MODULE_KFUNC_PROBE)"
+    elif module and code == "enoent":
+        code, reason = "module_btf", f"bcc lacks module BTF support (looked for {func} in vmlinux BTF only)"
+    return False, reason, code
 
 
 _SYS_BPF = {"x86_64": 321, "aarch64": 280}
@@ -417,6 +433,9 @@ class GatheredFacts:
     bcc_error: str = ""
     ringbuf_reason: str = ""
     extra: Dict[str, str] = field(default_factory=dict)
+    # code of the fentry trial on the function KVM's notifier runs (fentry_trial_coded);
+    # "" when the facts did not come from a trial here (fixtures)
+    fentry_code: str = ""
 
 
 def gather(trial: bool = True, mount_tracefs: bool = True) -> GatheredFacts:
@@ -433,20 +452,20 @@ def gather(trial: bool = True, mount_tracefs: bool = True) -> GatheredFacts:
     bver, berr = bcc_version()
     is_root = os.geteuid() == 0
     if not trial:
-        fe, fe_reason = None, "trial load skipped"
+        fe, fe_reason, fe_code = None, "trial load skipped", "not_tried"
     elif kvm_sym is None:
-        fe, fe_reason = None, f"not tried: {FENTRY_PROBE_FUNC} not in kallsyms (KVM not loaded?)"
+        fe, fe_reason, fe_code = None, f"not tried: {FENTRY_PROBE_FUNC} not in kallsyms (KVM not loaded?)", "not_tried"
     elif not can_bpf():
-        fe, fe_reason = None, "not tried: needs root or CAP_BPF+CAP_PERFMON"
+        fe, fe_reason, fe_code = None, "not tried: needs root or CAP_BPF+CAP_PERFMON", "not_tried"
     elif not bf.vmlinux:
-        fe, fe_reason = False, "no vmlinux BTF (fentry needs CONFIG_DEBUG_INFO_BTF)"
+        fe, fe_reason, fe_code = False, "no vmlinux BTF (fentry needs CONFIG_DEBUG_INFO_BTF)", "no_btf"
     else:
-        fe, fe_reason = fentry_trial(FENTRY_PROBE_FUNC, kvm_module)
+        fe, fe_reason, fe_code = fentry_trial_coded(FENTRY_PROBE_FUNC, kvm_module)
     if kvm_module:
         # the trial ran on the module function: it speaks for module fentry only
         mfe, mfe_reason = fe, fe_reason
         if kvm_module not in bf.modules and fe is not True:
-            mfe, mfe_reason = False, f"no BTF for module {kvm_module} ({fe_reason})"
+            mfe, mfe_reason, fe_code = False, f"no BTF for module {kvm_module} ({fe_reason})", "module_btf"
         fe, fe_reason = None, f"not tried on vmlinux (KVM is the module {kvm_module})"
     else:
         mfe, mfe_reason = None, "KVM is built in"
@@ -485,8 +504,71 @@ def gather(trial: bool = True, mount_tracefs: bool = True) -> GatheredFacts:
     return GatheredFacts(
         facts=facts, btf=bf, config_source=cfg_src, tracefs=tfs, tracefs_state=tstate,
         lockdown=lock, lockdown_source=lock_src, kvm_module=kvm_module, kvm_loaded=kvm_loaded,
-        bcc_version=bver, bcc_error=berr, ringbuf_reason=rb_reason,
+        bcc_version=bver, bcc_error=berr, ringbuf_reason=rb_reason, fentry_code=fe_code,
     )
+
+
+# --- diagnosis ------------------------------------------------------------------------------
+
+
+def diagnose(g: GatheredFacts, headers, devkvm, plan) -> List["Problem"]:
+    """What is missing on this host and how to fix it, as typed Problems (doctor renders them;
+    codes are stable). ``headers``/``devkvm`` come from tracer/host.py, ``plan`` from
+    plan.resolve. Decisions use facts and codes only, never the text of a message."""
+    from ..errors import PermissionProblem, Problem
+
+    f = g.facts
+    out: List[Problem] = []
+
+    def add(code, problem, fix, exit_code=3):
+        if not any(x.message == problem for x in out):
+            out.append(Problem(code, problem, fix, exit_code))
+
+    if not devkvm.present:
+        add("kvm.missing", f"KVM missing: {devkvm.detail}",
+            "enable virtualization in the firmware and load KVM: modprobe kvm_intel (or kvm_amd)")
+    elif not devkvm.accessible:
+        add("kvm.access", f"/dev/kvm: {devkvm.detail}", "run as root or add the user to the kvm group",
+            PermissionProblem.exit_code)
+    if g.bcc_version is None:
+        add("bcc.missing", f"bcc unavailable: {g.bcc_error}", "apt-get install python3-bpfcc (then re-create the venv "
+            "with --system-site-packages, or run `make setup`)")
+    if headers.kind == "none":
+        add("headers.missing", "no kernel headers for bcc", f"apt-get install linux-headers-{f.release or platform.release()} "
+            "(or run `make setup`, which links the distribution's generic headers)")
+    if not g.btf.vmlinux:
+        add("btf.missing", f"no BTF: {g.btf.error}", "boot a kernel built with CONFIG_DEBUG_INFO_BTF=y; without it "
+            "argument positions and struct offsets are unknown")
+    elif g.kvm_module and g.kvm_module not in g.btf.modules:
+        add("btf.module_missing", f"no BTF for module {g.kvm_module}",
+            "boot a kernel built with CONFIG_DEBUG_INFO_BTF_MODULES=y")
+    if g.tracefs is None:
+        add("tracefs.missing", f"tracefs: {g.tracefs_state}", "mount -t tracefs nodev /sys/kernel/tracing (as root)")
+    if f.kprobes is not True:
+        add("kprobes.unavailable", f"kprobes unavailable: {f.kprobes_reason}",
+            "boot a kernel with CONFIG_KPROBES=y (every distribution kernel has it)"
+            + ("; lockdown=confidentiality also forbids them" if g.lockdown == "confidentiality" else "")
+            + "; meanwhile tracepoints give syscall-bounded latency and derived slots")
+    fe_ok = f.module_fentry if g.kvm_module else f.fentry
+    fe_reason = f.module_fentry_reason if g.kvm_module else f.fentry_reason
+    if fe_ok is not True:
+        where = f" on module {g.kvm_module}" if g.kvm_module else ""
+        code = g.fentry_code or "unavailable"
+        if code == "module_btf":
+            fix = "install bcc >= 0.31 (MODULE_KFUNC_PROBE) or rely on kprobes"
+        else:
+            fix = "a kernel that permits BPF trampolines (fentry) on KVM functions; kprobes or tracepoints are used instead"
+        if code == "eperm" and g.lockdown and g.lockdown != "none":
+            fix += f" (lockdown={g.lockdown} is set here and may be the cause)"
+        add(f"fentry.{code}", f"fentry{where} unavailable: {fe_reason}", fix)
+    if f.ringbuf is False:
+        add("ringbuf.unavailable", f"BPF ring buffer unavailable: {g.ringbuf_reason}", "raw events fall back to the "
+            "perf buffer (kernel 5.8+ has the ring buffer)")
+    for i, (prob, fix) in enumerate(plan.remedies):
+        if i == 0 and f.btf_funcs is None and not g.btf.vmlinux:
+            continue  # the plan's first problem is then "no BTF", reported above as btf.missing
+        add(f"plan.{i}", prob, fix)
+    return out
 
 
 # --- fixtures -------------------------------------------------------------------------------

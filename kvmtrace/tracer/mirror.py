@@ -59,21 +59,6 @@ class SlotTable:
         start_after = len(self._starts) - bisect_left(self._starts, end)  # slot start >= end
         return len(self._starts) - ended_before - start_after
 
-    def overlap_many(self, starts, ends):
-        """``overlap`` of many ranges at once (numpy arrays in, int64 array out)."""
-        import numpy as np
-
-        s = np.asarray(starts, dtype=np.uint64)
-        e = np.asarray(ends, dtype=np.uint64)
-        n = len(self._starts)
-        if not n:
-            return np.zeros(len(s), dtype=np.int64)
-        ended_before = np.searchsorted(np.asarray(self._ends, dtype=np.uint64), s, side="right")
-        start_after = n - np.searchsorted(np.asarray(self._starts, dtype=np.uint64), e, side="left")
-        out = (n - ended_before - start_after).astype(np.int64)
-        out[e <= s] = 0
-        return out
-
     def classify(self, as_id: int, slot: int, gpa: int, size: int, flags: int) -> Optional[Change]:
         """The change KVM makes for this request against the current table (None = no-op).
         Mirrors kvm_set_memory_region: size 0 deletes; a new id creates; a new guest address

@@ -62,10 +62,10 @@ class OpPlan:
 
     op: str  # "unmap", "age", "test_age", "change_pte", or "memslot_update"
     kind: str  # "hva" | "memslot"
-    attach: str  # consts.Attach value; "none" when the op cannot be traced here
+    attach: str  # "fentry", "kprobe", "tracepoint", or "none" when the op cannot be traced here
     target: str  # the callback/function or tracepoint(s) attached for entry/exit
-    latency: str  # consts.Provenance value
-    slots: str  # consts.Provenance value (for memslot: provenance of the change type)
+    latency: str  # provenance: "exact", "syscall", "derived" or "none"
+    slots: str  # provenance as for latency (for memslot: provenance of the change type)
     # hva: callback functions (entry+exit) and the per-slot handlers counted inside them
     callbacks: Tuple[str, ...] = ()
     handlers: Tuple[str, ...] = ()

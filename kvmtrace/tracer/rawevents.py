@@ -118,29 +118,16 @@ class RingReader:
 
 
 # ---------------------------------------------------------------------------- batch decoding
-def _bit_length(v: np.ndarray) -> np.ndarray:
-    """log2 bucket of each value (snapshot.log2_bucket): 0 for 0, else the bit length."""
-    from ..consts import LOG2_BUCKETS
+def _vm_ids(pid: np.ndarray, gen: np.ndarray) -> np.ndarray:
+    """decode_tp.vm_id of each (pid, gen), one str object per distinct VM."""
+    from .decode_tp import vm_id
 
-    v = v.astype(np.uint64)
-    out = np.zeros(len(v), dtype=np.int64)
-    x = v.copy()
-    while True:
-        nz = x > 0
-        if not nz.any():
-            break
-        out += nz
-        x >>= np.uint64(1)
-    return np.minimum(out, LOG2_BUCKETS - 1)
+    key = np.stack([pid.astype(np.uint64), gen.astype(np.uint64)], axis=1)
+    u, inv = np.unique(key, axis=0, return_inverse=True)
+    return np.array([vm_id(int(g), int(p)) for p, g in u.tolist()] + [""], dtype=object)[:-1][inv.reshape(-1)]
 
 
-def _strings(values, fmt) -> np.ndarray:
-    """An object array of ``fmt(value)`` per element, one str object per distinct value."""
-    u, inv = np.unique(values, return_inverse=True)
-    return np.array([fmt(x) for x in u.tolist()] + [""], dtype=object)[:-1][inv]
-
-
-_PEND = ("idx", "ts_ns", "pid", "tid", "op", "start", "end", "slots", "memslots")
+_PEND = ("idx", "ts_ns", "pid", "tid", "op", "start", "end", "slots", "memslots", "vm")
 
 
 def _cat(parts, name, dtype=np.int64):
@@ -178,7 +165,8 @@ def decode_batch(dec, b: np.ndarray) -> None:
                 # a few hva records between memslot updates: numpy's per-call cost would
                 # dominate, so these are decoded one by one from plain lists
                 if lists is None:
-                    lists = [b[c].tolist() for c in ("tgid", "hva_op", "hva_start", "hva_end", "ts", "tid")]
+                    lists = [b[c].tolist() for c in ("tgid", "hva_op", "hva_start", "hva_end", "ts", "tid",
+                                                     "hva_slots", "hva_memslots", "vm")]
                     tp_l = tp.tolist()
                 for i in range(lo, j):
                     if tp_l[i]:
@@ -196,9 +184,15 @@ def decode_batch(dec, b: np.ndarray) -> None:
             if j < n:
                 ev = R.Event.from_buffer_copy(raw[j, HDR:HDR + R.EVENT_SIZE].tobytes())
                 if ev.kind == R.EV_MEMSLOT:
-                    st.on_memslot(ev)
+                    if dec.tp.ms_tp:  # classified in the kernel (decode_tp)
+                        dec.tp.on_memslot(ev)
+                    else:
+                        st.on_memslot(ev)
                 elif ev.kind == R.EV_VM_CREATE:
-                    st.on_vm_create(ev)
+                    if dec.tp.ms_tp:
+                        st.remember(ev.tgid)
+                    else:
+                        st.on_vm_create(ev)
                 elif ev.kind == R.EV_VM_LIFE:  # exact modes: a VM created or destroyed
                     dec.exact.on_vm_life(ev)
             lo = j + 1
@@ -214,65 +208,31 @@ def decode_batch(dec, b: np.ndarray) -> None:
 SHORT_RUN = 48
 
 
+U32 = 0xFFFFFFFF  # slots / memslots of an op the kernel could not derive
+
+
 def _tp_one(dec, i, lists, rows, keep) -> None:
-    """One tracepoint hva record (``_tp_run`` for a run of one)."""
-    tgid, op, start, end = lists[0][i], lists[1][i], lists[2][i], lists[3][i]
-    st = dec.stream
-    vm = f"pid:{tgid}"
-    t = st.mirror.tables.get(vm)
-    slots = -1
-    if vm in st.mirror.created_in_trace:
-        slots = t.overlap(start, end)
-        dec.tp.derived[(vm, _OPS.get(op, "unknown"))].add(slots)
-    if keep:
-        for k, v in zip(_PEND, (i, lists[4][i], tgid, lists[5][i], op, start, end, slots,
-                                -1 if t is None else len(t))):
-            rows[k].append(v)
+    """One tracepoint hva record (``_tp_run`` for a run of one): its kernel-derived figures."""
+    if not keep:
+        return
+    tgid, op, start, end, ts, tid, sl, ms, vm = (c[i] for c in lists)
+    for k, v in zip(_PEND, (i, ts, tgid, tid, op, start, end, -1 if sl == U32 else sl,
+                            -1 if ms == U32 else ms, vm)):
+        rows[k].append(v)
 
 
 def _tp_run(dec, b, idx, keep):
-    """Tracepoint hva records (one run without memslot updates in between): slots visited
-    derived from the mirror per VM, aggregated; with raw events, rows waiting for latency."""
-    from ..consts import LOG2_BUCKETS
-
-    st = dec.stream
-    tg = b["tgid"][idx]
-    op = b["hva_op"][idx]
-    start, end = b["hva_start"][idx], b["hva_end"][idx]
-    slots = np.full(len(idx), -1, dtype=np.int64)
-    memslots = np.full(len(idx), -1, dtype=np.int64)
-    for tgid in np.unique(tg).tolist():
-        sel = tg == tgid
-        vm = f"pid:{tgid}"
-        t = st.mirror.tables.get(vm)
-        if t is not None:
-            memslots[sel] = len(t)
-        if vm not in st.mirror.created_in_trace:
-            continue  # partial mirror: no derived figure
-        ov = st.mirror.table(vm).overlap_many(start[sel], end[sel])
-        slots[sel] = ov
-        o_sel = op[sel]
-        for o in np.unique(o_sel).tolist():
-            v = ov[o_sel == o]
-            a = dec.tp.derived[(vm, OPS_NAME(o))]
-            a.count += len(v)
-            a.sum += int(v.sum())
-            a.max = max(a.max, int(v.max()))
-            h = np.bincount(_bit_length(v), minlength=LOG2_BUCKETS)
-            for i in np.flatnonzero(h).tolist():
-                a.hist[i] += int(h[i])
+    """Tracepoint hva records (raw events kept; without them none is streamed): slots visited
+    and the memslot count were derived in the kernel (all ones: underived); rows wait for the
+    latency of their syscall."""
     if not keep:
         return None
-    return {"idx": idx.astype(np.int64), "ts_ns": b["ts"][idx].astype(np.int64), "pid": tg.astype(np.int64),
-            "tid": b["tid"][idx].astype(np.int64), "op": op.astype(np.int64),
-            "start": start.astype(np.int64), "end": end.astype(np.int64), "slots": slots, "memslots": memslots}
-
-
-def OPS_NAME(o: int) -> str:
-    return _OPS.get(int(o), "unknown")
-
-
-_OPS = {int(o): o.label for o in Op}
+    sl, ms = b["hva_slots"][idx].astype(np.int64), b["hva_memslots"][idx].astype(np.int64)
+    return {"idx": idx.astype(np.int64), "ts_ns": b["ts"][idx].astype(np.int64), "pid": b["tgid"][idx].astype(np.int64),
+            "tid": b["tid"][idx].astype(np.int64), "op": b["hva_op"][idx].astype(np.int64),
+            "start": b["hva_start"][idx].astype(np.int64), "end": b["hva_end"][idx].astype(np.int64),
+            "slots": np.where(sl == U32, -1, sl), "memslots": np.where(ms == U32, -1, ms),
+            "vm": b["vm"][idx].astype(np.int64)}
 
 
 def _exact_run(dec, b, idx, exact_vm_id, OPS):
@@ -288,8 +248,8 @@ def _exact_run(dec, b, idx, exact_vm_id, OPS):
     ids = [exact_vm_id(int(k), int(o), int(n)) for k, o, n in u.tolist()]
     vm_id = np.array(ids + [""], dtype=object)[:-1][inv]
     mirror = np.array([-1 if st.mirror.count(i) is None else st.mirror.count(i) for i in ids], dtype=np.int64)
-    kernel = b["hva_memslots"][idx].astype(np.int64)  # the VM's memslot count at the event, -1 unknown
-    counts = np.where(kernel >= 0, kernel, mirror[inv])
+    kernel = b["hva_memslots"][idx].astype(np.int64)  # the VM's memslot count at the event
+    counts = np.where(kernel != R.NO_COUNT, kernel, mirror[inv])  # all ones: not known in the kernel
     names = np.array([OPS.get(i, "unknown") for i in range(int(op.max()) + 1)] + [""], dtype=object)[:-1]
     slots_ok = np.array([bool(dec.plan.for_op(OPS.get(i, "")) and dec.plan.for_op(OPS.get(i, "")).slots == "exact")
                          for i in range(int(op.max()) + 1)])[op]
@@ -353,7 +313,7 @@ def _pair_latency(dec, b, sc_idx, new_pending, OPS):
     names = np.array([OPS.get(i, "unknown") for i in range(int(M["op"].max()) + 1)] + [""], dtype=object)[:-1]
     m = len(L)
     dec.stream.keep_batch({
-        "ts_ns": M["ts_ns"], "vm_id": _strings(M["pid"], lambda t: f"pid:{t}"), "pid": M["pid"], "tid": M["tid"],
+        "ts_ns": M["ts_ns"], "vm_id": _vm_ids(M["pid"], M["vm"]), "pid": M["pid"], "tid": M["tid"],
         "op": names[M["op"]], "start": M["start"], "end": M["end"], "latency_ns": L,
         "slots": M["slots"], "scanned": np.full(m, -1, dtype=np.int64), "memslots": M["memslots"],
         "lat_provenance": np.where(L >= 0, "syscall", "none").astype(object),

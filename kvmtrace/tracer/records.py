@@ -17,14 +17,17 @@ import struct
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
-CNT_LOST, CNT_MAPFULL, CNT_NOLAT = 0, 1, 2
-COUNTERS = ("CNT_LOST", "CNT_MAPFULL", "CNT_NOLAT")  # index = value; NR_CNT = len
+CNT_LOST, CNT_MAPFULL, CNT_NOLAT, CNT_IGNORED = 0, 1, 2, 3
+# index = value; NR_CNT = len. CNT_IGNORED: memslot ioctls on descriptors that are no KVM VM
+# (tracepoint mode drops them in the kernel)
+COUNTERS = ("CNT_LOST", "CNT_MAPFULL", "CNT_NOLAT", "CNT_IGNORED")
 EV_HVA, EV_SC_END, EV_MEMSLOT, EV_VM_CREATE, EV_VM_LIFE = 1, 2, 3, 4, 5
+NO_COUNT = 0xFFFFFFFF  # an hva record's memslot count when it is not known
 
 # (name, C type); "_pad*" fields are padding, never read
 HEAD = (
     ("ts", "u64"),    # ns, bpf_ktime_get_ns (memslot: the update's start)
-    ("vm", "u64"),    # struct kvm * when an exact program sent it, 0 from tracepoints
+    ("vm", "u64"),    # struct kvm * when an exact program sent it; tracepoint mode: the VM's gen
     ("kind", "u32"),  # EV_*
     ("tgid", "u32"),
     ("tid", "u32"),
@@ -39,8 +42,9 @@ KINDS = {  # kind name: (EV_* value, body fields)
         ("op", "u32"),       # consts.Op
         ("slots", "u32"),    # exact: memslots visited
         ("scanned", "u32"),  # exact, linear-scan kernels: memslots scanned
-        ("ordinal", "u32"),  # exact: the VM's per-VMM ordinal (0 = older than the trace)
-        ("memslots", "s32"),  # exact: the VM's memslot count at the event, -1 = unknown
+        ("memslots", "u32"),  # the VM's memslot count at the op, all ones = unknown (tracepoint mode:
+                              # not derived; exact modes: not known for a VM older than the trace)
+        ("ordinal", "u32"),   # exact: the VM's per-VMM ordinal (0 = older than the trace)
     )),
     "sc_end": (EV_SC_END, (  # end of a system call in which hva ops ran (raw events kept)
         ("dur_ns", "u64"),
@@ -54,7 +58,7 @@ KINDS = {  # kind name: (EV_* value, body fields)
         ("hva", "u64"),
         ("slot", "u32"),     # as userspace passed it: address space << 16 | slot id
         ("flags", "u32"),
-        ("change", "u32"),   # exact: consts.Change, or MS_CHANGE_DERIVE (derive in userspace)
+        ("change", "u32"),   # consts.Change (NR_CHANGES: unknown), or MS_CHANGE_DERIVE (derive in userspace)
         ("ret", "s32"),      # 0 or -errno
     )),
     "vm_create": (EV_VM_CREATE, (
@@ -314,7 +318,7 @@ class MapContents:
     programs)."""
 
     aggs: Dict[Tuple[int, int, int], AggRow] = field(default_factory=dict)
-    counters: Tuple[int, ...] = (0,) * (CNT_NOLAT + 1)
+    counters: Tuple[int, ...] = (0,) * (CNT_IGNORED + 1)
     vmm: Optional[Tuple[int, ...]] = None
     ms_count: Optional[Dict[int, int]] = None
     ms_aggs: Optional[Dict[Tuple[int, int, int], MsRow]] = None
@@ -323,3 +327,79 @@ class MapContents:
     # (vm, op, owner, ordinal, bucket) -> BucketRow.
     vms: Optional[Dict[int, VmRow]] = None
     buckets: Optional[Dict[Tuple[int, int, int, int, int], BucketRow]] = None
+    tp: Optional["TpMaps"] = None  # tracepoint mode's VM and slot-table maps (TpMaps)
+
+
+# ---------------------------------------------------------------------------- tracepoint mode
+# (kvmtrace.c "Tracepoint mode: VM identity and per-VM slot tables")
+VMF_PARTIAL, VMF_DEAD, VMF_NOTAB, VMF_BROKEN = 1, 2, 4, 8
+NO_TAB = 0xFFFFFFFF
+MS_BUCKETS = 16
+VM_PER_PROC = 8  # live VMs per process the kernel keeps in notifier order
+SEED_GEN_BASE = 1 << 62  # gens of VMs that predate the trace: base | tgid << 24 | fd (the kernel counts from 1)
+
+
+@dataclass(frozen=True)
+class TpBucket:
+    """hva ops of one (VM, op) at one memslot-count log2 bucket (C ``struct tp_bkt``)."""
+
+    count: int = 0
+    lat_count: int = 0
+    lat_sum: int = 0
+    slots_sum: int = 0
+    nmax: int = 0
+    nsum: int = 0  # sum of the memslot counts at its ops
+
+
+@dataclass(frozen=True)
+class TpAggRow:
+    """One value of ``tp_aggs`` (C ``struct tp_agg``): the common aggregate, the ops whose
+    slots figure was not derived, and the per-memslot-bucket figures (index = bucket)."""
+
+    agg: AggRow = AggRow()
+    underived: int = 0
+    buckets: Tuple[TpBucket, ...] = ()
+
+    @classmethod
+    def from_map(cls, v) -> "TpAggRow":
+        return cls(AggRow.from_map(v.a), int(v.underived),
+                   tuple(TpBucket(int(b.count), int(b.lat_count), int(b.lat_sum), int(b.slots_sum), int(b.nmax),
+                                  int(b.nsum))
+                         for b in v.b))
+
+
+@dataclass(frozen=True)
+class TpVmRow:
+    """One value of ``tp_vms`` (C ``struct tp_vm``): one VM lifetime, keyed by its gen."""
+
+    tgid: int
+    fd: int
+    ordinal: int = 0
+    flags: int = 0
+    tab: int = NO_TAB
+    n: int = 0
+    nmax: int = 0
+
+    @classmethod
+    def from_map(cls, v) -> "TpVmRow":
+        return cls(int(v.tgid), int(v.fd), int(v.ordinal), int(v.flags), int(v.tab), int(v.n), int(v.nmax))
+
+    @property
+    def dead(self) -> bool:
+        return bool(self.flags & VMF_DEAD)
+
+    @property
+    def partial(self) -> bool:
+        return bool(self.flags & VMF_PARTIAL)
+
+
+@dataclass(frozen=True)
+class TpMaps:
+    """Tracepoint mode's maps, read once per interval: ``aggs`` (gen, op, tgid) -> TpAggRow
+    (gen 0: hva ops of no known VMM); ``vms`` gen -> TpVmRow; ``ms`` (gen, change, tgid) ->
+    MsRow; ``tabs`` table index -> (owner gen, entries, broken)."""
+
+    aggs: Dict[Tuple[int, int, int], TpAggRow] = field(default_factory=dict)
+    vms: Dict[int, TpVmRow] = field(default_factory=dict)
+    ms: Dict[Tuple[int, int, int], MsRow] = field(default_factory=dict)
+    tabs: Dict[int, Tuple[int, int, int]] = field(default_factory=dict)

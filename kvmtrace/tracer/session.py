@@ -147,26 +147,28 @@ def interrupt_on_signals():
 
 
 # ----------------------------------------------------------------------------- /proc
-def vmm_pids() -> Dict[int, int]:
-    """VMM processes running now: pid -> number of VMs (anon_inode:kvm-vm fds)."""
-    out = {}
+def vm_fds() -> Dict[int, List[int]]:
+    """VM descriptors (anon_inode:kvm-vm) of every process now: pid -> fds."""
+    out: Dict[int, List[int]] = {}
     for d in os.listdir("/proc"):
         if not d.isdigit():
             continue
         fd_dir = f"/proc/{d}/fd"
         try:
-            n = 0
             for fd in os.listdir(fd_dir):
                 try:
                     if os.readlink(f"{fd_dir}/{fd}") == "anon_inode:kvm-vm":
-                        n += 1
+                        out.setdefault(int(d), []).append(int(fd))
                 except OSError:
                     continue
-            if n:
-                out[int(d)] = n
         except OSError:
             continue
     return out
+
+
+def vmm_pids() -> Dict[int, int]:
+    """VMM processes running now: pid -> number of VMs (anon_inode:kvm-vm fds)."""
+    return {pid: len(fds) for pid, fds in vm_fds().items()}
 
 
 def _owns_vm(pid: int) -> bool:
@@ -312,6 +314,9 @@ class TraceSession:
             self.plan, self.facts, pid=self.pid, ringbuf=ringbuf, ringbuf_pages=self.ringbuf_pages,
             events=self.keep_events, fentry_module=fentry_module,
         )
+        from .decode_tp import tp_cflags
+
+        cflags += tp_cflags(self.plan)
         self.cflags = cflags
         # kvmtrace's own cost: BPF run-time statistics on from before the programs are
         # attached until the session closes
@@ -325,13 +330,11 @@ class TraceSession:
         except Exception as e:  # bcc raises bare Exception for every failure
             self.close()
             raise _load_error(e)
-        # VMs that exist already: their memslots predate the trace (mirror marks them partial)
+        # VMs that exist already: their memslots predate the trace (partial)
         known = vmm_pids()
         self.decoding.stream.known_vmm.update(known)
-        tbl = self._table("vmm")
-        if tbl is not None:
-            for p in known:
-                tbl[tbl.Key(p)] = tbl.Leaf(1)
+        if self._table("tp_vms") is not None:
+            self._tp_setup(BPF)
         if ringbuf and self.ring_reader != "bcc" and not rawevents.supported():
             import mmap
 
@@ -356,6 +359,35 @@ class TraceSession:
         self._stop.clear()
         self._thread = threading.Thread(target=self._consume_loop, name="kvmtrace-events", daemon=True)
         self._thread.start()
+
+    def _tp_setup(self, BPF) -> None:
+        """Tracepoint mode: install the table-shifting programs the memslot path tail-calls,
+        and register the VMs running now (from /proc/PID/fd) as predating the trace."""
+        jobs = self.bpf["tp_jobs"]
+        for i, fn in enumerate(("tp_shift_right", "tp_shift_left")):
+            jobs[ct.c_int(i)] = ct.c_int(self.bpf.load_func(fn, BPF.TRACEPOINT).fd)
+        from .decode_tp import seed_gen
+
+        vmm, vms, vmfd = self.bpf["vmm"], self.bpf["tp_vms"], self.bpf["tp_vmfd"]
+        for pid, fds in sorted(vm_fds().items()):
+            if self.pid is not None and pid != self.pid:
+                continue
+            if vmm.get(vmm.Key(pid)) is not None:  # created a VM since attach: the kernel knows it
+                continue
+            fds = sorted(fds)[:R.VM_PER_PROC]  # creation order unknown: lower fds taken as older
+            p = vmm.Leaf()
+            p.n = len(fds)
+            for i, fd in enumerate(fds):
+                gen = seed_gen(pid, fd)
+                p.gen[i], p.tab[i], p.fd[i] = gen, R.NO_TAB, fd
+                v = vms.Leaf()
+                v.tgid, v.fd, v.ordinal, v.tab = pid, fd, 0, R.NO_TAB
+                v.flags = R.VMF_PARTIAL | R.VMF_NOTAB
+                vms[vms.Key(gen)] = v
+                k = vmfd.Key()
+                k.tgid, k.fd = pid, fd
+                vmfd[k] = vmfd.Leaf(gen)
+            vmm[vmm.Key(pid)] = p
 
     def _table(self, name: str):
         """A map of the loaded object, or None when this build does not declare it."""
@@ -458,7 +490,7 @@ class TraceSession:
     def _read_counters(self) -> List[int]:
         tbl = self.bpf["counters"]
         out = []
-        for i in range(R.CNT_NOLAT + 1):
+        for i in range(R.CNT_IGNORED + 1):
             v = tbl[tbl.Key(i)]
             out.append(sum(int(x) for x in v))
         return out
@@ -471,7 +503,15 @@ class TraceSession:
         msc = self._table("ms_count")
         msa = self._table("ms_aggs") if self._table("ms_inflight") is not None else None
         vms, bkt = self._table("vms"), self._table("mbuckets")  # exact modes
+        tp = None
+        if self._table("tp_vms") is not None:
+            tp = R.TpMaps(
+                aggs={(int(k.vm), int(k.op), int(k.owner)): R.TpAggRow.from_map(v) for k, v in b["tp_aggs"].items()},
+                vms={int(k.value): R.TpVmRow.from_map(v) for k, v in b["tp_vms"].items()},
+                ms={(int(k.vm), int(k.op), int(k.owner)): R.MsRow.from_map(v) for k, v in b["ms_aggs"].items()},
+            )
         return R.MapContents(
+            tp=tp,
             aggs=aggs,
             counters=tuple(self._read_counters()),
             vmm=None if vmm is None else tuple(int(k.value) for k in vmm.keys()),
@@ -482,6 +522,26 @@ class TraceSession:
                 (int(k.vm), int(k.op), int(k.owner), int(k.ordinal), int(k.bucket)): R.BucketRow.from_map(v)
                 for k, v in bkt.items()},
         )
+
+    def _tp_retire(self, maps: R.MapContents) -> None:
+        """Remove VMs that are gone from the kernel's maps once their final figures are read
+        (the decoder keeps them): bounded tables however many VMs come and go."""
+        agg_keys, ms_keys, gens = self.decoding.tp.retire(maps)
+        if not gens:
+            return
+        b = self.bpf
+        for name, keys in (("tp_aggs", agg_keys), ("ms_aggs", ms_keys)):
+            t = b[name]
+            for vm, op, owner in keys:
+                k = t.Key()
+                k.vm, k.op, k.owner = vm, op, owner
+                t.pop(k, None)
+        vms, slots = b["tp_vms"], b["tp_slots"]
+        for g in gens:
+            vms.pop(vms.Key(g), None)
+        dead = set(gens)
+        for k in [k for k in slots.keys() if int(k.gen) in dead]:
+            slots.pop(k, None)
 
     def snapshot(self, drain_wait: float = -1) -> Snapshot:
         """Read every map once and build a cumulative snapshot. Its time (``mono_ns``) is the
@@ -498,12 +558,15 @@ class TraceSession:
         cpu = self._cpu() - self._rusage0
         cost = self._cost.read() if self._cost is not None else SelfCost()
         parts = self.decoding.decode(maps, extra_lost=self._perf_lost + self._consumer_errors)
+        if maps.tp is not None:
+            self._tp_retire(maps)
         self._seq += 1
         return Snapshot(
             seq=self._seq, wall_time=time.time(), mono_ns=mono,
             elapsed_s=(mono - self._t0) / 1e9, vms=parts.vms, hva=parts.hva,
-            memslot=parts.memslot, by_memslots=parts.by_memslots, lost_events=parts.lost_events,
+            memslot=parts.memslot, lost_events=parts.lost_events,
             map_full=parts.map_full, unattributed=parts.unattributed,
+            by_memslots=parts.by_memslots, ignored_ioctls=parts.ignored_ioctls,
             self_cpu_s=cpu, meta=tuple(sorted(self.meta.items())), cost=cost,
         )
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 from .core import (
     DEFAULT_SCENARIO,
     DEFAULT_SLOTS,
+    MAX_PAGES,
     SCENARIOS,
     Workload,
     WorkloadInterrupted,
@@ -28,6 +29,7 @@ __all__ = [
     "SCENARIOS",
     "DEFAULT_SCENARIO",
     "DEFAULT_SLOTS",
+    "MAX_PAGES",
     "default_slot_size",
     "parse_size",
     "format_size",

@@ -1,9 +1,9 @@
 """``python -m kvmtrace.workload [OPTIONS]`` = ``kvmtrace workload [OPTIONS]`` (for spawning the
-workload as a child process without relying on the console script)."""
+workload as a child process without relying on the console script). Imports only the workload
+command, not the CLI with its other commands."""
 
-import sys
-
-from ..cli import main
+from ..commands import run_click
+from ..commands.workload import workload
 
 if __name__ == "__main__":
-    main(["workload", *sys.argv[1:]])
+    run_click(workload, None, "python -m kvmtrace.workload")

@@ -41,6 +41,7 @@ from __future__ import annotations
 import bisect
 import gc
 import json
+import math
 import os
 import platform
 import signal
@@ -49,21 +50,11 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
-from ..consts import KVM_MEM_LOG_DIRTY_PAGES, Change, Op
+from ..consts import KVM_MEM_LOG_DIRTY_PAGES, SCENARIOS, Change, Op
 from ..errors import CapabilityMissing, KvmtraceError, PermissionProblem, UsageError
 from . import kvm as K
 from .sizes import format_size
 
-SCENARIOS = (
-    "unmap",
-    "unmap-chunked",
-    "map",
-    "move-active",
-    "move-inactive",
-    "age",
-    "churn",
-    "mixed",
-)
 DEFAULT_SCENARIO = "mixed"
 DEFAULT_SLOTS = 64
 DEFAULT_ITERATIONS = 3
@@ -73,6 +64,9 @@ MAX_DEFAULT_SLOT = 2 << 20
 GAP = 64 * 4096  # memory after the slots that no memslot covers
 MIXED_PAGES = 2048  # page-by-page unmaps per mixed iteration (default)
 MIXED_MAP_PAGES = 512
+# --pages bound: page-by-page unmaps per iteration (~2**32 madvise calls already take hours);
+# memory stays bounded by one pass over the slot memory whatever the count (RangePlan.passes)
+MAX_PAGES = 1 << 32
 SPAN_OPS = 8  # mixed: ranges spanning three adjacent slots
 OUTSIDE_OPS = 16  # mixed: single-page ranges overlapping no memslot (+1 over the whole gap)
 VCPU_CODE_GPA = 0x1000
@@ -115,12 +109,22 @@ class Slot:
 
 @dataclass
 class RangePlan:
-    """A precomputed list of madvise ranges and the ground truth they produce."""
+    """A precomputed list of madvise ranges and the ground truth they produce. The list is
+    applied ``repeat`` times, then its first ``tail`` ranges (page-by-page plans longer than the
+    slot memory wrap around it: the list holds one pass, never one entry per requested page)."""
 
     ranges: List[Tuple[int, int]]
     ops: int = 0
     outside: int = 0
     visited: int = 0
+    repeat: int = 1
+    tail: int = 0
+
+    def passes(self):
+        for _ in range(self.repeat):
+            yield self.ranges
+        if self.tail:
+            yield self.ranges[: self.tail]
 
 
 def _mem_available() -> Optional[int]:
@@ -173,13 +177,15 @@ class Workload:
     ):
         if scenario not in SCENARIOS:
             raise UsageError(f"unknown scenario {scenario!r}", "choose one of: " + ", ".join(SCENARIOS))
+        if scenario == "multi-vm" and type(self) is Workload:
+            raise UsageError("scenario multi-vm drives several VMs", "use kvmtrace.workload.multivm.MultiVmWorkload")
         if slots < 1:
             raise UsageError(f"--slots must be at least 1, got {slots}", "use e.g. --slots 64")
         if iterations is not None and duration is not None:
             raise UsageError("--iterations and --duration are exclusive", "give one of them")
         if iterations is not None and iterations < 1:
             raise UsageError(f"--iterations must be at least 1, got {iterations}", "use e.g. --iterations 3")
-        if duration is not None and duration <= 0:
+        if duration is not None and not (math.isfinite(duration) and duration > 0):
             raise UsageError(f"--duration must be positive, got {duration}", "use e.g. --duration 5")
         if slot_size is None:
             slot_size = default_slot_size(slots)
@@ -188,8 +194,8 @@ class Workload:
                 f"--slot-size {slot_size} is not a multiple of the page size ({K.PAGE_SIZE})",
                 "use a multiple of 4k, e.g. 4k, 64k, 2M",
             )
-        if pages is not None and pages < 1:
-            raise UsageError(f"--pages must be at least 1, got {pages}", "use e.g. --pages 5000")
+        if pages is not None and not 1 <= pages <= MAX_PAGES:
+            raise UsageError(f"--pages must be between 1 and {MAX_PAGES}, got {pages}", "use e.g. --pages 5000")
         self.nslots = slots
         self.slot_size = slot_size
         self.scenario = scenario
@@ -584,10 +590,17 @@ class Workload:
                 plan.outside += 1
         return plan
 
-    def _page_ranges(self, npages: int, first: int = 0) -> List[Tuple[int, int]]:
+    def _page_plan(self, npages: int, first: int = 0) -> RangePlan:
+        """``npages`` single-page unmaps from page ``first`` of the slot memory on, wrapping
+        around it; one pass is listed and accounted, repeats are multiplied."""
         P = K.PAGE_SIZE
         total = self.slot_pages
-        return [(self._mem + ((first + i) % total) * P, P) for i in range(npages)]
+        cycle = [(self._mem + ((first + i) % total) * P, P) for i in range(min(npages, total))]
+        full, tail = divmod(npages, len(cycle))
+        one = self._account(cycle)
+        rest = self._account(cycle[:tail])
+        return RangePlan(cycle, ops=full * one.ops + rest.ops, outside=full * one.outside + rest.outside,
+                         visited=full * one.visited + rest.visited, repeat=full, tail=tail)
 
     def _chunk_ranges(self, start: int, length: int) -> List[Tuple[int, int]]:
         return [(a, min(CHUNK, start + length - a)) for a in range(start, start + length, CHUNK)]
@@ -596,16 +609,14 @@ class Workload:
         P = K.PAGE_SIZE
         sc = self.scenario
         if sc in ("unmap", "mixed"):
-            self._plans["unmap"] = self._account(self._page_ranges(self.pages))
+            self._plans["unmap"] = self._page_plan(self.pages)
         if sc in ("unmap-chunked", "mixed"):
             self._plans["unmap-chunked"] = self._account(self._chunk_ranges(self._mem, self.slot_bytes))
         if sc in ("map", "mixed"):
             n = self.pages if sc == "map" else min(self.slot_pages, MIXED_MAP_PAGES)
             half = max(1, n // 2)
-            a = self._page_ranges(half, 0)
-            b = self._page_ranges(n - half, half)
-            self._plans["map-a"] = self._account(b)  # phase A: fault half A, unmap half B
-            self._plans["map-b"] = self._account(a)
+            self._plans["map-a"] = self._page_plan(n - half, half)  # phase A: fault half A, unmap half B
+            self._plans["map-b"] = self._page_plan(half, 0)
         if sc == "mixed":
             out = [(self.gap_hva + i * P, P) for i in range(min(OUTSIDE_OPS, GAP // P))]
             out.append((self.gap_hva, GAP))
@@ -674,10 +685,12 @@ class Workload:
         plan = self._plans[part]
         madv = K.madvise_raw
         adv = K.MADV_DONTNEED
-        for a, n in plan.ranges:
-            if madv(a, n, adv):
-                err = K.ctypes.get_errno()
-                raise KvmtraceError(f"madvise(MADV_DONTNEED, {a:#x}, {n}) failed: {os.strerror(err)}", "report this as a bug")
+        for ranges in plan.passes():
+            for a, n in ranges:
+                if madv(a, n, adv):
+                    err = K.ctypes.get_errno()
+                    raise KvmtraceError(f"madvise(MADV_DONTNEED, {a:#x}, {n}) failed: {os.strerror(err)}",
+                                        "report this as a bug")
         self._add_unmap(part, plan)
 
     def _add_unmap(self, part: str, plan: RangePlan) -> None:
@@ -755,7 +768,7 @@ class Workload:
         if first + npages <= total:
             K.memset(self._mem + first * P, 2, npages * P)
         else:
-            for i in range(npages):
+            for i in range(min(npages, total)):  # a second touch of a page faults nothing
                 K.memset(self._mem + ((first + i) % total) * P, 2, 1)
 
     def _body_move_active(self) -> None:

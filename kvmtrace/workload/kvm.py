@@ -54,20 +54,6 @@ MADV_NOHUGEPAGE = 15
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 
-# --- ioctl numbers ---------------------------------------------------------------------------
-
-_IOC_WRITE = 1
-_IOC_READ = 2
-
-
-def _ioc(direction: int, nr: int, size: int) -> int:
-    return (direction << 30) | (size << 16) | (consts.KVMIO << 8) | nr
-
-
-def _io(nr: int) -> int:
-    return _ioc(0, nr, 0)
-
-
 class KvmUserspaceMemoryRegion(ctypes.Structure):
     """struct kvm_userspace_memory_region (include/uapi/linux/kvm.h)."""
 
@@ -150,24 +136,24 @@ assert ctypes.sizeof(KvmUserspaceMemoryRegion) == 32
 assert ctypes.sizeof(KvmRegs) == 144
 assert ctypes.sizeof(KvmSregs) == 312
 
-KVM_GET_API_VERSION = _io(0x00)
-KVM_CREATE_VM = _io(0x01)
-KVM_CHECK_EXTENSION = _io(0x03)
-KVM_GET_VCPU_MMAP_SIZE = _io(0x04)
-KVM_CREATE_VCPU = _io(0x41)
-KVM_SET_USER_MEMORY_REGION = _ioc(_IOC_WRITE, 0x46, ctypes.sizeof(KvmUserspaceMemoryRegion))
-KVM_RUN = _io(0x80)
-KVM_GET_REGS = _ioc(_IOC_READ, 0x81, ctypes.sizeof(KvmRegs))
-KVM_SET_REGS = _ioc(_IOC_WRITE, 0x82, ctypes.sizeof(KvmRegs))
-KVM_GET_SREGS = _ioc(_IOC_READ, 0x83, ctypes.sizeof(KvmSregs))
-KVM_SET_SREGS = _ioc(_IOC_WRITE, 0x84, ctypes.sizeof(KvmSregs))
+KVM_GET_API_VERSION = consts.KVM_GET_API_VERSION
+KVM_CREATE_VM = consts.KVM_CREATE_VM
+KVM_CHECK_EXTENSION = consts.KVM_CHECK_EXTENSION
+KVM_GET_VCPU_MMAP_SIZE = consts.KVM_GET_VCPU_MMAP_SIZE
+KVM_CREATE_VCPU = consts.KVM_CREATE_VCPU
+KVM_SET_USER_MEMORY_REGION = consts.KVM_SET_USER_MEMORY_REGION
+KVM_RUN = consts.KVM_RUN
+KVM_GET_REGS = consts.KVM_GET_REGS
+KVM_SET_REGS = consts.KVM_SET_REGS
+KVM_GET_SREGS = consts.KVM_GET_SREGS
+KVM_SET_SREGS = consts.KVM_SET_SREGS
+KVM_API_VERSION = consts.KVM_API_VERSION
+KVM_CAP_NR_MEMSLOTS = consts.KVM_CAP_NR_MEMSLOTS
+KVM_CAP_USER_MEMORY = consts.KVM_CAP_USER_MEMORY
 
-assert KVM_CREATE_VM == consts.KVM_CREATE_VM
-assert KVM_SET_USER_MEMORY_REGION == consts.KVM_SET_USER_MEMORY_REGION
-
-KVM_API_VERSION = 12
-KVM_CAP_NR_MEMSLOTS = 10
-KVM_CAP_USER_MEMORY = 3
+for _req, _struct in ((KVM_SET_USER_MEMORY_REGION, KvmUserspaceMemoryRegion), (KVM_GET_REGS, KvmRegs),
+                      (KVM_SET_REGS, KvmRegs), (KVM_GET_SREGS, KvmSregs), (KVM_SET_SREGS, KvmSregs)):
+    assert consts.ioc_size(_req) == ctypes.sizeof(_struct), (hex(_req), _struct.__name__)
 
 KVM_EXIT_NAMES = {
     0: "unknown",
@@ -179,6 +165,29 @@ KVM_EXIT_NAMES = {
 }
 KVM_EXIT_IO = 2
 KVM_EXIT_HLT = 5
+
+
+def kernel_max_memslots(path: str = "/dev/kvm") -> int:
+    """KVM_CAP_NR_MEMSLOTS of this kernel (memslots per address space); one clear error when
+    /dev/kvm is missing or not accessible."""
+    from ..errors import CapabilityMissing, PermissionProblem
+
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise CapabilityMissing(f"no {path} on this host",
+                                "load kvm (modprobe kvm_intel or kvm_amd) or run where KVM exists") from None
+    except PermissionError:
+        raise PermissionProblem(f"no permission to open {path}",
+                                "run as root or add the user to the kvm group") from None
+    except OSError as e:
+        raise CapabilityMissing(f"cannot open {path}: {e.strerror}", "check that KVM works: ls -l /dev/kvm") from None
+    try:
+        return int(ioctl(fd, KVM_CHECK_EXTENSION, KVM_CAP_NR_MEMSLOTS))
+    except OSError as e:
+        raise CapabilityMissing(f"{path}: KVM_CHECK_EXTENSION failed: {e.strerror}", "check /dev/kvm") from None
+    finally:
+        os.close(fd)
 
 
 class OsCallError(OSError):
@@ -241,13 +250,6 @@ madvise_raw = _libc.madvise
 
 def memset(addr: int, value: int, size: int) -> None:
     _libc.memset(addr, value, size)
-
-
-def touch_pages(addr: int, size: int) -> None:
-    """Fault every page of [addr, addr+size) in by writing one byte per page."""
-    buf = (ctypes.c_char * size).from_address(addr)
-    for off in range(0, size, PAGE_SIZE):
-        buf[off] = b"\x01"
 
 
 PR_SET_THP_DISABLE = 41

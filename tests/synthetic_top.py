@@ -1,7 +1,7 @@
 """A synthetic tracer session with the TraceSession API (``snapshots``, ``plan``, ``meta``,
 ``interval``), for tests and for trying the view without root:
 
-    python -m kvmtrace.dashboard.synthetic [--interval S] [--duration S] [top options]
+    python -m tests.synthetic_top [--interval S] [--duration S] [top options]   (from the repository)
 
 Two VMs: ``guest-a`` (pid 4242) runs throughout; ``guest-b`` (pid 4343) appears at the third
 interval and exits after the fifth. Figures per interval are fixed, so expected output can be
@@ -14,8 +14,8 @@ import argparse
 import time
 from typing import Iterator, List, Optional
 
-from ..tracer.plan import OpPlan, ProbePlan
-from ..snapshot import HvaStats, Log2Hist, MemslotStats, Snapshot, VmInfo
+from kvmtrace.snapshot import HvaStats, Log2Hist, MemslotStats, Snapshot, VmInfo
+from kvmtrace.tracer.plan import OpPlan, ProbePlan
 
 
 def tracepoint_plan() -> ProbePlan:
@@ -131,7 +131,7 @@ class SyntheticSession:
 
 
 def main(argv=None):
-    from .live import run_live
+    from kvmtrace.dashboard.live import run_live
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--interval", type=float, default=1.0)

@@ -1,10 +1,24 @@
-"""Number formatting shared by the live view and the plain outputs. Pure functions."""
+"""The one number formatter of kvmtrace: the live view, the plain outputs, reports and
+comparisons all show durations, rates and counts through these pure functions. Unknown
+values (None, NaN, unparsable) are shown as "-"."""
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 DASH = "-"
+
+
+def _num(v) -> Optional[float]:
+    """v as a float, or None for missing, unparsable and NaN values."""
+    if v is None:
+        return None
+    try:
+        v = float(v)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(v) else v
 
 
 def fmt_rate(v: Optional[float]) -> str:
@@ -26,10 +40,22 @@ def fmt_rate(v: Optional[float]) -> str:
     return f"{v / 1e12:.0f}T"
 
 
-def fmt_ns(v: Optional[float]) -> str:
-    """Compact duration from nanoseconds: 870ns, 1.2µs, 12µs, 123µs, 1.5ms, 2.0s."""
+def fmt_ns(v, style: str = "compact") -> str:
+    """Duration from nanoseconds. ``compact`` (the live view's narrow columns): 870ns, 1.2µs,
+    12µs, 123µs, 1.5ms, 2.0s. ``report`` (report and compare tables): three significant digits
+    and a space: 870 ns, 1.21 µs, 509 ms, 2 s."""
+    v = _num(v)
     if v is None:
         return DASH
+    if style == "report":
+        for unit, div in (("s", 1e9), ("ms", 1e6), ("µs", 1e3)):
+            if abs(v) >= div:
+                return f"{v / div:.3g} {unit}"
+        return f"{v:.0f} ns"
+    if v < 0:
+        return "-" + fmt_ns(-v)
+    if math.isinf(v):
+        return "inf"
     for div, unit in ((1.0, "ns"), (1e3, "µs"), (1e6, "ms")):
         x = v / div
         if x < 1000:
@@ -38,6 +64,12 @@ def fmt_ns(v: Optional[float]) -> str:
             return f"{x:.1f}{unit}"
     x = v / 1e9
     return f"{x:.1f}s" if x < 10 else f"{x:.0f}s"
+
+
+def fmt_s(v, style: str = "compact") -> str:
+    """Duration from seconds (see fmt_ns)."""
+    v = _num(v)
+    return DASH if v is None else fmt_ns(v * 1e9, style)
 
 
 def fmt_mean(v: Optional[float]) -> str:
