@@ -58,23 +58,25 @@ def test_kprobe_programs_pass_the_verifier(facts):
     plan = resolve(facts, modes=("kprobe",))
     assert plan.for_op("unmap").attach == "kprobe"
     cflags = build_cflags(plan, facts, events=True)
-    names = _load_all(plan, cflags, ["kp_enter_UNMAP_", "kp_exit_UNMAP_", "kp_handler_", "kp_ms_outer_enter"])
-    assert len(names) >= 9
+    names = _load_all(plan, cflags, ["kp_enter_UNMAP_", "kp_exit_UNMAP_", "kp_handler_", "kp_ms_outer_enter",
+                                     "kp_vm_init", "kp_vm_destroy"])
+    assert len(names) >= 11
 
 
-def test_linear_scan_walk_passes_the_verifier(facts):
-    """The 5.10-style memslot walk (2 address spaces x up to 512 slots) with this kernel's
-    callbacks: what matters to the verifier is the loop, not the offsets."""
+def test_linear_scan_count_and_rmap_handlers_pass_the_verifier(facts):
+    """The 5.10 shape with this kernel's callbacks: the memslot count read from used_slots of 2
+    address spaces at every callback, and handlers counted per distinct memslot argument (what
+    matters to the verifier is the code, not the offsets)."""
     from kvmtrace.tracer.plan import resolve
 
     plan = resolve(facts, modes=("kprobe",))
-    walk = dict(OFF_KVM_MEMSLOTS=2504, NR_AS=2, OFF_MEMSLOTS_USED=1036, OFF_MEMSLOTS_ARRAY=1040,
-                SIZEOF_MEMSLOT=80, OFF_SLOT_UADDR=40, OFF_SLOT_NPAGES=16, OFF_SLOT_ID=74)
-    defines = tuple((k, v) for k, v in plan.defines if k != "LINEAR_SCAN") + (("LINEAR_SCAN", 1),) + tuple(walk.items())
-    plan = dataclasses.replace(plan, linear_scan=True, defines=defines)
-    cflags = build_cflags(plan, facts, pid=1234)
-    assert "-DLINEAR_SCAN=1" in cflags
-    _load_all(plan, cflags, ["kp_enter_UNMAP_"])
+    count = dict(OFF_KVM_MEMSLOTS=2504, NR_AS=2, OFF_MEMSLOTS_USED=1036)
+    defines = tuple((k, v) for k, v in plan.defines if k != "LINEAR_SCAN") + (("LINEAR_SCAN", 1),) + tuple(count.items())
+    ops = tuple(dataclasses.replace(p, handler_slot_arg=2) if p.kind == "hva" and p.handlers else p for p in plan.ops)
+    plan = dataclasses.replace(plan, linear_scan=True, defines=defines, ops=ops)
+    cflags = build_cflags(plan, facts, pid=1234, events=True)
+    assert "-DREAD_MEMSLOTS=1" in cflags and "-DH_UNMAP_SLOT_ARG=2" in cflags
+    _load_all(plan, cflags, ["kp_enter_UNMAP_", "kp_handler_", "kp_vm_init"])
 
 
 def test_perf_buffer_variant_compiles_and_loads(facts):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import struct
-import time
 
 import pytest
 
@@ -140,13 +139,12 @@ VMLINUX = "/sys/kernel/btf/vmlinux"
 
 
 @pytest.mark.skipif(not os.access(VMLINUX, os.R_OK), reason="no vmlinux BTF on this host")
-def test_live_vmlinux_fast_and_sane():
-    t0 = time.monotonic()
+def test_live_vmlinux_sane():
+    # (no time limit here: on a loaded shared host a wall-clock bound fails for reasons that are
+    # not the parser's; speed belongs in a benchmark)
     b = B.load_vmlinux()
     params = b.func_params("do_sys_open") or b.func_params("do_sys_openat2")
     lay = b.struct("mmu_notifier_range")
-    elapsed = time.monotonic() - t0
-    assert elapsed < 1.0, elapsed
     assert params and params[0] == "dfd"
     assert lay is not None and lay.offset("end") == lay.offset("start") + 8
     if b.func_params("kvm_set_memslot") is not None:  # KVM built in (this host)

@@ -28,9 +28,31 @@ def test_fentry_612_counts_slots_with_handlers_even_without_change_pte():
     plan = resolve(facts)
     assert plan.for_op("unmap").attach == "fentry" and not plan.for_op("change_pte").available
     d = defs(build_cflags(plan, facts, fentry_module="kvm"))
-    assert d["HANDLERS_PER_SLOT"] == "1" and d["H_UNMAP_FN"] == "kvm_unmap_gfn_range"
+    assert d["H_UNMAP_FN"] == "kvm_unmap_gfn_range" and "H_UNMAP_SLOT_ARG" not in d  # one call per slot
     assert "MODE_FENTRY" in d and d["FENTRY_MODULE"] == "kvm"
     assert "HVA_EXACT_CHANGE_PTE" not in d
+    assert (d["VM_INIT_FN"], d["VM_DESTROY_FN"]) == ("kvm_arch_init_vm", "kvm_arch_destroy_vm") and "VM_LIFE" in d
+    assert d["READ_MEMSLOTS"] == "0"  # interval tree: the count is kept from observed updates
+
+
+def test_kprobe_510_counts_slots_per_memslot_argument_and_reads_the_count():
+    facts = load("5.10-btf-builtin")
+    structs = dict(facts.btf_structs)
+    structs["kvm"] = dict(structs["kvm"], mmu_notifier=4096)  # not in this hand-made fixture
+    facts = dataclasses.replace(facts, btf_structs=structs)
+    plan = resolve(facts, modes=("kprobe",))
+    d = defs(build_cflags(plan, facts))
+    assert (d["H_UNMAP_FN"], d["H_UNMAP_SLOT_ARG"]) == ("kvm_unmap_rmapp", "2")
+    assert (d["H_AGE_FN"], d["H_AGE_SLOT_ARG"]) == ("kvm_age_rmapp", "2")
+    assert d["READ_MEMSLOTS"] == "1" and d["LINEAR_SCAN"] == "1" and d["NR_AS"] == "2"
+    assert d["SET_MEMSLOT_CHANGE_ARG"] == "5" and "MS_DERIVE" not in d
+    assert not any(k.startswith("OFF_SLOT") for k in d)  # no per-slot walk
+
+
+def test_tracepoint_only_plan_has_no_vm_lifetime_probes():
+    facts = load("6.18-builtin-host")
+    d = defs(build_cflags(resolve(facts), facts))
+    assert "VM_LIFE" not in d and d["READ_MEMSLOTS"] == "0"
 
 
 def test_kprobe_61_positions_from_btf():

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from kvmtrace.tracer.kernel import facts_from_json
-from kvmtrace.tracer.plan import resolve
+from kvmtrace.tracer.plan import resolve, set_memslot_change_arg
 
 FIX = Path(__file__).parent / "fixtures" / "kernels"
 
@@ -100,37 +100,83 @@ def test_5_15_linear_scan_with_gfn_handlers():
     assert p.linear_scan is True and "used_slots" in p.linear_scan_reason
     op = p.for_op("unmap")
     assert (op.attach, op.slots, op.scanned, op.slots_method) == ("kprobe", "exact", "exact", "handler")
+    assert op.handler_slot_arg is None  # gfn handlers: one call per slot
     d = dict(p.defines)
     assert d["SET_MEMSLOT_CHANGE_ARG"] == 5 and d["LINEAR_SCAN"] == 1
-    assert {"OFF_KVM_MEMSLOTS", "NR_AS", "OFF_MEMSLOTS_USED", "OFF_MEMSLOTS_ARRAY", "SIZEOF_MEMSLOT",
-            "OFF_SLOT_UADDR", "OFF_SLOT_NPAGES", "OFF_SLOT_ID"} <= set(d)
+    # the memslot count (= slots scanned) is read from used_slots: no per-slot walk, no slot layout
+    assert {"OFF_KVM_MEMSLOTS", "NR_AS", "OFF_MEMSLOTS_USED"} <= set(d)
+    assert not any(k.startswith("OFF_SLOT") or k in ("SIZEOF_MEMSLOT", "OFF_MEMSLOTS_ARRAY") for k in d)
+    assert "__kvm_handle_hva_range, virt/kvm/kvm_main.c" in p.linear_scan_reason
 
 
-def test_5_10_full_btf_walks_memslots():
+def test_5_10_full_btf_counts_slots_from_rmap_handlers():
     p = resolve(facts("5.10-btf-builtin"))
-    op = p.for_op("unmap")
-    assert (op.attach, op.slots, op.scanned, op.slots_method) == ("fentry", "exact", "exact", "walk")
-    assert op.handlers == ("kvm_unmap_hva_range",)
-    assert "__kvm_handle_hva_range" not in skipped(op)  # no generic walker before 5.13
+    for name, h in (("unmap", "kvm_unmap_rmapp"), ("age", "kvm_age_rmapp"), ("test_age", "kvm_test_age_rmapp"),
+                    ("change_pte", "kvm_set_pte_rmapp")):
+        op = p.for_op(name)
+        assert (op.attach, op.slots, op.scanned, op.slots_method) == ("fentry", "exact", "exact", "handler"), name
+        assert op.handlers == (h,) and op.handler_slot_arg == 2  # (kvm, rmap_head, slot, ...)
+    assert "__kvm_handle_hva_range" not in skipped(p.for_op("unmap"))  # no generic walker before 5.13
     assert p.for_op("memslot_update").change_arg == 5
     d = dict(p.defines)
-    assert (d["OFF_KVM_MEMSLOTS"], d["NR_AS"], d["SIZEOF_MEMSLOT"], d["OFF_SLOT_ID"]) == (48, 2, 88, 84)
+    assert (d["OFF_KVM_MEMSLOTS"], d["NR_AS"]) == (48, 2)
+    assert "kvm_handle_hva_range, arch/x86/kvm/mmu/mmu.c" in p.linear_scan_reason
+    assert p.vm_lifetime == ("kvm_arch_init_vm", "kvm_arch_destroy_vm")
 
 
-def test_5_10_debian_no_module_btf_degrades_explicitly():
+def test_5_10_without_rmap_handlers_has_no_slots_figure():
+    f = facts("5.10-btf-builtin")
+    syms = {k: v for k, v in f.kallsyms.items() if not k.endswith("_rmapp")}
+    op = resolve(dataclasses.replace(f, kallsyms=syms)).for_op("unmap")
+    assert (op.attach, op.slots, op.scanned, op.handlers) == ("fentry", "none", "exact", ())
+    assert any("slots visited unavailable" in n for n in op.notes)
+
+
+def test_5_10_debian_no_module_btf():
     p = resolve(facts("5.10-debian-module"))
     assert p.linear_scan is True and "version only" in p.linear_scan_reason
     op = p.for_op("unmap")
-    assert (op.attach, op.latency, op.slots, op.scanned) == ("kprobe", "exact", "none", "none")
-    assert any("slots visited unavailable" in n for n in op.notes)
+    # slots visited from the rmap handlers (memslot argument position by the 5.x prototype)
+    assert (op.attach, op.latency, op.slots, op.scanned) == ("kprobe", "exact", "exact", "none")
+    assert op.handlers == ("kvm_unmap_rmapp",) and op.handler_slot_arg == 2
+    assert any("not verified by BTF" in n for n in op.notes)
     assert any("argument positions" in n and "not verified" in n for n in op.notes)
+    # kvm_set_memslot's `change` by version: argument 5 on 5.7-5.12
     mem = p.for_op("memslot_update")
-    assert (mem.attach, mem.slots, mem.change_arg) == ("kprobe", "derived", None)
-    assert any("position of `change` unknown" in n for n in mem.notes)
+    assert (mem.attach, mem.slots, mem.change_arg, mem.change_func) == ("kprobe", "exact", 5, "kvm_set_memslot")
+    assert any("by kernel version 5.10" in n for n in mem.notes)
     d = dict(p.defines)
-    assert "SET_MEMSLOT_CHANGE_ARG" not in d and "OFF_SLOT_UADDR" not in d  # never guessed
+    assert d["SET_MEMSLOT_CHANGE_ARG"] == 5
+    assert "OFF_KVM_MEMSLOTS" not in d  # never guessed: this fixture has no layout for struct kvm
     assert any("slots scanned" in pr for pr in p.problems)
     assert all(fix for _, fix in p.remedies)
+
+
+@pytest.mark.parametrize("release,pos", [("5.7.0", 5), ("5.12.19", 5), ("5.13.0", None), ("5.15.0-91-generic", None),
+                                         ("5.16.20", None), ("5.17.0", 3), ("6.1.0-57-amd64", 3), ("5.6.0", None)])
+def test_change_arg_by_version_only_where_the_version_decides(release, pos):
+    f = facts("5.10-debian-module", release=release)
+    got, how = set_memslot_change_arg(f)
+    assert got == pos, how
+    if pos is None:
+        assert "unknown" in how
+        mem = resolve(f).for_op("memslot_update")
+        assert (mem.slots, mem.change_arg) == ("derived", None)
+
+
+def test_change_arg_btf_wins_over_version():
+    f = facts("5.10-debian-module", btf_funcs={"kvm_set_memslot": ("kvm", "mem", "new", "as_id", "change")})
+    assert set_memslot_change_arg(f) == (4, "BTF parameter name")
+
+
+def test_vm_lifetime_probed_in_exact_modes_only():
+    assert resolve(facts("6.1-debian-module")).vm_lifetime == ("kvm_arch_init_vm", "kvm_arch_destroy_vm")
+    tp = resolve(facts("6.18-builtin-host"))
+    assert tp.vm_lifetime == () and "no exact-mode probe" in tp.vm_lifetime_reason
+    f = facts("6.1-debian-module")
+    syms = {k: v for k, v in f.kallsyms.items() if k != "kvm_arch_destroy_vm"}
+    p = resolve(dataclasses.replace(f, kallsyms=syms))
+    assert p.vm_lifetime == () and "merges the two" in p.vm_lifetime_reason
 
 
 def test_no_btf_at_all_is_unknown_not_absent():
@@ -141,9 +187,9 @@ def test_no_btf_at_all_is_unknown_not_absent():
     sk = skipped(op)
     assert any("no BTF" in r for r in sk.values())
     assert "by kernel version only" in p.linear_scan_reason
-    assert dict(p.defines) == {"LINEAR_SCAN": 0}
+    assert dict(p.defines) == {"LINEAR_SCAN": 0, "SET_MEMSLOT_CHANGE_ARG": 3}  # 5.17+: by version
     mem = p.for_op("memslot_update")
-    assert mem.slots == "derived" and mem.change_arg is None
+    assert mem.slots == "exact" and mem.change_arg == 3
     assert any(pr.startswith("no BTF") for pr in p.problems)
 
 

@@ -174,11 +174,33 @@ def test_exact_records_batch_as_one_by_one():
     recs = [rec("memslot", tgid=42, vm=kvm, lat_ns=5, gpa=0, size=4 * MB, hva=0x1000_0000, slot=0,
                 change=int(Change.CREATE))]
     recs += [rec("hva", tgid=42, tid=43, ts=10 + i, vm=kvm, op=int(Op.UNMAP), start=0x1000_0000, end=0x1000_1000,
-                  lat_ns=700 + i, slots=1, scanned=0, owner=42) for i in range(70)]
+                  lat_ns=700 + i, slots=1, scanned=0, owner=42, memslots=R.NO_COUNT) for i in range(70)]
     one, batch = Decoding(plan("kprobe", "kprobe"), keep_events=True), Decoding(plan("kprobe", "kprobe"), keep_events=True)
     feed(one, *recs)
     batch.on_batch(_batch(*recs))
     key = lambda e: (type(e).__name__, e.ts_ns)  # noqa: E731
     a, c = sorted(one.take_events(), key=key), sorted(batch.take_events(), key=key)
     hv = [e for e in c if hasattr(e, "op")]
+    # the kernel did not know the count (-1): the mirrored table's
     assert a == c and len(hv) == 70 and hv[-1].latency_ns == 769 and hv[-1].memslots == 1
+
+
+def test_exact_vm_lifetimes_batch_as_one_by_one():
+    from kvmtrace.consts import Change
+
+    kvm = 0xFFFF_8881_0000_1000
+    recs = [rec("vm_life", tgid=42, vm=kvm, owner=42, ordinal=2, memslots=0),
+            rec("memslot", tgid=42, vm=kvm, lat_ns=5, gpa=0, size=4 * MB, hva=0x1000_0000, slot=0,
+                change=int(Change.CREATE))]
+    recs += [rec("hva", tgid=42, tid=43, ts=10 + i, vm=kvm, op=int(Op.UNMAP), start=0x1000_0000, end=0x1000_1000,
+                 lat_ns=700, slots=1, scanned=509, owner=42, ordinal=2, memslots=509) for i in range(70)]
+    recs.append(rec("vm_life", tgid=42, vm=kvm, owner=42, ordinal=2, memslots=509, memslots_max=509, destroyed=1))
+    one, batch = Decoding(plan("kprobe", "kprobe"), keep_events=True), Decoding(plan("kprobe", "kprobe"), keep_events=True)
+    feed(one, *recs)
+    batch.on_batch(_batch(*recs))
+    key = lambda e: (type(e).__name__, e.ts_ns)  # noqa: E731
+    a, c = sorted(one.take_events(), key=key), sorted(batch.take_events(), key=key)
+    assert a == c and {e.vm_id for e in c} == {f"kvm:{kvm:#x}:42#2"}
+    assert {e.memslots for e in c if hasattr(e, "op")} == {509}
+    assert one.exact.seen == batch.exact.seen == {f"kvm:{kvm:#x}:42#2": {
+        "ordinal": 2, "alive": False, "memslots_max": 509, "memslots": 509, "memslots_provenance": "exact"}}

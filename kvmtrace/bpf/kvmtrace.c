@@ -10,9 +10,13 @@
 //                    (raw_syscalls), slots derived in userspace from the mirrored memslot table
 //   HVA_EXACT_<OP>   hva op via entry/exit of its kvm_mmu_notifier_* callback (kprobe or fentry),
 //                    slots visited = per-slot handler calls inside the callback on the same thread
+//                    (per distinct memslot argument for per-rmap handlers: H_<OP>_SLOT_ARG)
 //   MS_TP            memslot updates via syscalls:sys_{enter,exit}_ioctl
 //   MS_EXACT         memslot updates via kvm_set_memslot (change type) inside the outer
 //                    region-setting function (whole-update latency)
+//   VM_LIFE          exact modes: VM creation/destruction (VM_INIT_FN, VM_DESTROY_FN), so each VM
+//                    lifetime is its own key (struct kvm *, VMM tgid, per-VMM ordinal)
+//   READ_MEMSLOTS    linear-scan kernels: the memslot count (= slots scanned) read at each callback
 //   MODE_FENTRY      exact programs are fentry/fexit (BTF trampolines) instead of kprobes
 //   PID_FILTER       only this tgid (VMM process)
 //   EVENTS           stream raw hva events (memslot/VM events are always streamed: userspace
@@ -30,8 +34,11 @@
 #ifndef MAX_VMMS
 #define MAX_VMMS 1024
 #endif
-#ifndef MAX_SCAN
-#define MAX_SCAN 512
+#ifndef MAX_VMS
+#define MAX_VMS 8192  // live VMs (entries leave at VM destruction)
+#endif
+#ifndef MAX_BUCKETS
+#define MAX_BUCKETS 16384  // (vm, op, memslot-count bucket) triples
 #endif
 #ifndef PAGE_SIZE_B
 #define PAGE_SIZE_B 4096
@@ -66,6 +73,9 @@ struct op_key {
     u32 op;        // hva op, or memslot change type (ms_* maps)
     u32 owner;     // exact modes: the VM's VMM tgid, so a struct kvm address reused by a
                    // later VM of another process is another key; 0 in tracepoint mode
+    u32 ordinal;   // exact modes: the n-th VM its VMM created while traced (0 = older than the
+                   // trace): with vm and owner, one VM's lifetime; 0 in tracepoint mode
+    u32 bucket;    // by-memslot-count maps: log2 bucket of the VM's memslot count; else 0
 };
 
 struct ms_val {    // per (vm, change): memslot updates
@@ -152,24 +162,29 @@ static __always_inline u32 log2_bucket(u64 v)
     return (u32)(r + v);
 }
 
-static __always_inline struct agg_val *agg_get(u64 vm, u32 op, u32 owner)
+static __always_inline struct agg_val *agg_get_key(struct op_key *k)
 {
-    struct op_key k = {};
     u32 zk = 0;
-    k.vm = vm;
-    k.op = op;
-    k.owner = owner;
-    struct agg_val *v = aggs.lookup(&k);
+    struct agg_val *v = aggs.lookup(k);
     if (v)
         return v;
     struct agg_val *zero = agg_zero.lookup(&zk);
     if (!zero)
         return 0;
-    aggs.insert(&k, zero);
-    v = aggs.lookup(&k);
+    aggs.insert(k, zero);
+    v = aggs.lookup(k);
     if (!v)
         bump(CNT_MAPFULL);
     return v;
+}
+
+static __always_inline struct agg_val *agg_get(u64 vm, u32 op, u32 owner)
+{
+    struct op_key k = {};
+    k.vm = vm;
+    k.op = op;
+    k.owner = owner;
+    return agg_get_key(&k);
 }
 
 static __always_inline void hist_inc(u64 *hist, u64 value, u64 n)
@@ -1188,51 +1203,90 @@ struct cb_state {  // one callback in flight on this thread
     u64 vm;        // struct kvm *
     u64 start;
     u64 end;
+    u64 last_slot; // per-slot handlers with a slot argument: the slot of the last call
     u32 op;
-    u32 slots;     // per-slot handler calls seen inside it
-    u32 scanned;   // linear-scan kernels: memslots the lookup examines
-    u32 matched;   // linear-scan kernels without per-slot handlers: overlaps computed from the table
-    u32 owner;     // the VM's VMM tgid (vm_owner), else the current one
-    u32 pad;
+    u32 slots;     // memslots the callback's per-slot handlers visited
+    u32 scanned;   // linear-scan kernels: memslots the lookup examines (the memslot count)
+    s32 memslots;  // the VM's memslot count at entry, -1 = unknown
+    u32 owner;     // the VM's VMM tgid (vm_state), else the current one
+    u32 ordinal;   // the VM's per-VMM ordinal (vm_state), 0 = older than the trace
 };
 // LRU: a callback whose exit probe was missed (kretprobe instances exhausted) ages out
 BPF_TABLE("lru_hash", u32, struct cb_state, cb_inflight, MAX_THREADS);
-BPF_HASH(vm_owner, u64, u32, MAX_VMMS);
 
-#if LINEAR_SCAN
-// Kernels before 5.17 look memslots up by scanning every slot of every address space: the
-// number scanned is the used_slots of each kvm_memslots; the overlaps are computed here from
-// the same array (userspace_addr, npages), read at callback entry.
-static __always_inline void scan_slots(struct cb_state *s)
+// One VM's lifetime, from its creation (kvm_arch_init_vm) to its destruction
+// (kvm_arch_destroy_vm); a VM older than the trace gets an entry (ordinal 0) when first seen.
+struct vm_state {
+    u32 tgid;      // VMM process
+    u32 ordinal;   // n-th VM this VMM created while traced (1-based), 0 = older than the trace
+    s32 memslots;  // current memslot count, -1 = unknown (see vm_memslots)
+    u32 memslots_max;
+};
+BPF_HASH(vms, u64, struct vm_state, MAX_VMS);
+BPF_TABLE("lru_hash", u32, u32, vm_seq, MAX_VMMS);  // tgid -> VMs created while traced
+
+// Per (VM lifetime, op, log2 bucket of the VM's memslot count at the event): aggregated here so
+// the memslot-count breakdown needs no raw events.
+struct bucket_val {
+    u64 count;
+    u64 memslots_max;
+    u64 lat_sum;
+    u64 slots_sum;
+    u64 scanned_sum;
+};
+BPF_HASH(mbuckets, struct op_key, struct bucket_val, MAX_BUCKETS);
+
+#if READ_MEMSLOTS
+// Kernels before 5.17 keep each address space's memslots in a sorted array, and the hva lookup
+// examines every used entry of every address space (plan.py: LINEAR_SCAN_LOOPS cites the loop
+// per version). So slots scanned = the memslot count = the sum of used_slots, read here once
+// per callback: 2 reads per address space, whatever the count.
+static __always_inline s32 read_memslots(u64 kvm)
 {
-    u32 scanned = 0, matched = 0;
+    u64 ptr[NR_AS] = {};
+    s32 total = 0;
+    bpf_probe_read_kernel(&ptr, sizeof(ptr), (void *)(kvm + OFF_KVM_MEMSLOTS));
 #pragma unroll
     for (int as = 0; as < NR_AS; as++) {
-        u64 slots = 0;
         int used = 0;
-        bpf_probe_read_kernel(&slots, sizeof(slots), (void *)(s->vm + OFF_KVM_MEMSLOTS + as * 8));
-        if (!slots)
+        if (!ptr[as])
             continue;
-        bpf_probe_read_kernel(&used, sizeof(used), (void *)(slots + OFF_MEMSLOTS_USED));
-        if (used <= 0)
-            continue;
-        scanned += used;
-        for (int i = 0; i < MAX_SCAN; i++) {
-            if (i >= used)
-                break;
-            u64 base = slots + OFF_MEMSLOTS_ARRAY + (u64)i * SIZEOF_MEMSLOT;
-            u64 uaddr = 0, npages = 0;
-            bpf_probe_read_kernel(&uaddr, sizeof(uaddr), (void *)(base + OFF_SLOT_UADDR));
-            bpf_probe_read_kernel(&npages, sizeof(npages), (void *)(base + OFF_SLOT_NPAGES));
-            u64 send = uaddr + npages * PAGE_SIZE_B;
-            if (uaddr < s->end && s->start < send)
-                matched++;
-        }
+        bpf_probe_read_kernel(&used, sizeof(used), (void *)(ptr[as] + OFF_MEMSLOTS_USED));
+        if (used > 0)
+            total += used;
     }
-    s->scanned = scanned;
-    s->matched = matched;
+    return total;
 }
 #endif
+
+// Memslot count kept in vm_state from the updates kvmtrace observes: exact for a VM created
+// while traced when the change type is read in the kernel; unknown otherwise (never guessed).
+#if READ_MEMSLOTS || (defined(MS_EXACT) && !defined(MS_DERIVE))
+#define MEMSLOTS_AT_CREATE 0
+#else
+#define MEMSLOTS_AT_CREATE -1
+#endif
+
+static __always_inline struct vm_state *vm_get(u64 kvm, u32 tgid)
+{
+    struct vm_state *v = vms.lookup(&kvm);
+    if (v)
+        return v;
+    // older than the trace: the current task is its VMM when it updates memslots (the usual
+    // first sighting); a callback run by another task (kswapd) is a best guess
+    struct vm_state n = {};
+    n.tgid = tgid;
+    n.memslots = -1;
+    vms.insert(&kvm, &n);
+    return vms.lookup(&kvm);
+}
+
+static __always_inline void vm_memslots(struct vm_state *v, s32 count)
+{
+    v->memslots = count;
+    if (count > 0 && (u32)count > v->memslots_max)
+        v->memslots_max = count;
+}
 
 static __always_inline int cb_enter(u32 op, u64 mn, u64 start, u64 end)
 {
@@ -1245,17 +1299,22 @@ static __always_inline int cb_enter(u32 op, u64 mn, u64 start, u64 end)
     s.op = op;
     s.start = start;
     s.end = end;
-#if LINEAR_SCAN
-    scan_slots(&s);
+    s.memslots = -1;
+    struct vm_state *v = vm_get(s.vm, tgid);
+    if (v) {
+        s.owner = v->tgid;
+        s.ordinal = v->ordinal;
+#if READ_MEMSLOTS
+        s32 n = read_memslots(s.vm);
+        s.scanned = n;
+        s.memslots = n;
+        vm_memslots(v, n);
+#else
+        s.memslots = v->memslots;
 #endif
-    // The VMM sets the owner at every memslot update (ms_outer_enter), before any callback of
-    // a new VM matters; a VM first seen in a callback gets the current task as a best guess.
-    u32 *owner = vm_owner.lookup(&s.vm);
-    if (owner) {
-        s.owner = *owner;
     } else {
         s.owner = tgid;
-        vm_owner.update(&s.vm, &tgid);
+        bump(CNT_MAPFULL);
     }
     s.ts = bpf_ktime_get_ns();
     // reuse the thread's entry: a lookup and a copy instead of an LRU update per callback
@@ -1268,6 +1327,33 @@ static __always_inline int cb_enter(u32 op, u64 mn, u64 start, u64 end)
     return 0;
 }
 
+static __always_inline void bucket_add(struct cb_state *s, u64 dur, u32 slots)
+{
+    if (s->memslots < 0)
+        return;  // count unknown (VM older than the trace on an interval-tree kernel)
+    struct op_key k = {};
+    k.vm = s->vm;
+    k.op = s->op;
+    k.owner = s->owner;
+    k.ordinal = s->ordinal;
+    k.bucket = log2_bucket(s->memslots);
+    struct bucket_val *b = mbuckets.lookup(&k);
+    if (!b) {
+        struct bucket_val z = {};
+        mbuckets.insert(&k, &z);
+        b = mbuckets.lookup(&k);
+        if (!b) {
+            bump(CNT_MAPFULL);
+            return;
+        }
+    }
+    __sync_fetch_and_add(&b->count, 1);
+    __sync_fetch_and_add(&b->lat_sum, dur);
+    __sync_fetch_and_add(&b->slots_sum, slots);
+    __sync_fetch_and_add(&b->scanned_sum, s->scanned);
+    max_update(&b->memslots_max, s->memslots);
+}
+
 static __always_inline int cb_exit(void *ctx)
 {
     u64 now = bpf_ktime_get_ns();
@@ -1278,13 +1364,13 @@ static __always_inline int cb_exit(void *ctx)
         return 0;
     u64 dur = now - s->ts;
     u32 op = s->op;
-    u64 vm = s->vm;
-#if HANDLERS_PER_SLOT
     u32 slots = s->slots;
-#else
-    u32 slots = s->matched;
-#endif
-    struct agg_val *a = agg_get(vm, op, s->owner);
+    struct op_key k = {};
+    k.vm = s->vm;
+    k.op = op;
+    k.owner = s->owner;
+    k.ordinal = s->ordinal;
+    struct agg_val *a = agg_get_key(&k);
     if (a) {
         __sync_fetch_and_add(&a->s.count, 1);
         hist_inc(a->range, s->end - s->start, 1);
@@ -1296,10 +1382,11 @@ static __always_inline int cb_exit(void *ctx)
         max_update(&a->s.lat_max, dur);
         __sync_fetch_and_add(&a->s.slots_sum, slots);
         max_update(&a->s.slots_max, slots);
-#if LINEAR_SCAN
+#if READ_MEMSLOTS
         __sync_fetch_and_add(&a->s.scanned_sum, s->scanned);
 #endif
     }
+    bucket_add(s, dur, slots);
 #ifdef EVENTS
     struct event ev = {};
     ev_head(&ev, EV_HVA, s->ts, id);
@@ -1310,21 +1397,82 @@ static __always_inline int cb_exit(void *ctx)
     ev.hva.slots = slots;
     ev.hva.scanned = s->scanned;
     ev.hva.owner = s->owner;
-    ev.vm = vm;
+    ev.hva.ordinal = s->ordinal;
+    ev.hva.memslots = s->memslots;
+    ev.vm = s->vm;
     emit(ctx, &ev, RB_NO_WAKEUP);
 #endif
     s->ts = 0;  // done; the entry is reused by the thread's next callback
     return 0;
 }
 
-static __always_inline int handler_hit(void)
+// A per-slot handler called inside a callback on this thread. slot == 0: the handler runs once
+// per overlapping memslot (5.13+ gfn handlers), so every call is one slot visited. slot != 0:
+// the handler runs once per rmap (gfn, level) of each overlapping memslot, slot by slot, with the
+// memslot as argument (5.10's arch rmap handlers), so each change of slot is one slot visited.
+static __always_inline int handler_hit(u64 slot)
 {
     u32 tid = (u32)bpf_get_current_pid_tgid();
     struct cb_state *s = cb_inflight.lookup(&tid);
-    if (s && s->ts)
-        s->slots++;
+    if (!s || !s->ts)
+        return 0;
+    if (slot) {
+        if (slot == s->last_slot)
+            return 0;
+        s->last_slot = slot;
+    }
+    s->slots++;
     return 0;
 }
+
+// ---- VM lifetimes ----
+#ifdef VM_LIFE
+static __always_inline int vm_created(void *ctx, u64 kvm)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tgid = id >> 32;
+    if (filtered_out(tgid))
+        return 0;
+    u32 zero = 0, *seq = vm_seq.lookup_or_try_init(&tgid, &zero);
+    struct vm_state v = {};
+    v.tgid = tgid;
+    if (seq) {
+        // not atomic (fetch-and-add returns nothing before 5.12): two threads of one VMM
+        // creating VMs at the same instant could share an ordinal
+        v.ordinal = *seq + 1;
+        *seq = v.ordinal;
+    }
+    v.memslots = MEMSLOTS_AT_CREATE;
+    vms.update(&kvm, &v);
+    struct event ev = {};
+    ev_head(&ev, EV_VM_LIFE, bpf_ktime_get_ns(), id);
+    ev.vm = kvm;
+    ev.vm_life.owner = tgid;
+    ev.vm_life.ordinal = v.ordinal;
+    ev.vm_life.memslots = v.memslots;
+    emit(ctx, &ev, 0);
+    return 0;
+}
+
+static __always_inline int vm_destroyed(void *ctx, u64 kvm)
+{
+    struct vm_state *v = vms.lookup(&kvm);
+    if (!v)
+        return 0;  // not traced (other VMM under --pid) or never seen
+    u64 id = bpf_get_current_pid_tgid();
+    struct event ev = {};
+    ev_head(&ev, EV_VM_LIFE, bpf_ktime_get_ns(), id);
+    ev.vm = kvm;
+    ev.vm_life.owner = v->tgid;
+    ev.vm_life.ordinal = v->ordinal;
+    ev.vm_life.memslots = v->memslots;
+    ev.vm_life.memslots_max = v->memslots_max;
+    ev.vm_life.destroyed = 1;
+    vms.delete(&kvm);  // the address may be reused by the next VM: its own entry then
+    emit(ctx, &ev, 0);
+    return 0;
+}
+#endif
 
 // Argument positions (CB_*_ARG_*) come from BTF parameter names; a callback without an end
 // argument (test_young, change_pte take one address) covers one page.
@@ -1340,17 +1488,38 @@ static __always_inline int handler_hit(void)
     FENTRY(FN) { u64 st = 0, en = 0; CB_ARGS_##OPN(ctx, &st, &en);               \
                  return cb_enter(OPV, ARG(ctx, 0), st, en); }
 #define CB_EXIT(OPN, FN) FEXIT(FN) { return cb_exit(ctx); }
-#define HANDLER_PROG(FN) FENTRY(FN) { return handler_hit(); }
+#define HANDLER_PROG(FN, OPN) FENTRY(FN) { return handler_hit(H_SLOT_##OPN(ctx)); }
 #else
 #define CB_ENTER(OPN, FN, OPV)                                                   \
     int KP_CB_PROG(enter, OPN, FN)(struct pt_regs *ctx) { u64 st = 0, en = 0;         \
         CB_ARGS_##OPN(ctx, &st, &en); return cb_enter(OPV, ARG(ctx, 0), st, en); }
 #define CB_EXIT(OPN, FN) int KP_CB_PROG(exit, OPN, FN)(struct pt_regs *ctx) { return cb_exit(ctx); }
-#define HANDLER_PROG(FN) int KP_HANDLER_PROG(FN)(struct pt_regs *ctx) { return handler_hit(); }
+#define HANDLER_PROG(FN, OPN) int KP_HANDLER_PROG(FN)(struct pt_regs *ctx) { return handler_hit(H_SLOT_##OPN(ctx)); }
 #endif
 #define CB_ENTER_(OPN, FN, OPV) CB_ENTER(OPN, FN, OPV)
 #define CB_EXIT_(OPN, FN) CB_EXIT(OPN, FN)
-#define HANDLER_PROG_(FN) HANDLER_PROG(FN)
+#define HANDLER_PROG_(FN, OPN) HANDLER_PROG(FN, OPN)
+// the memslot argument of handlers called per rmap rather than per slot (H_<OP>_SLOT_ARG)
+#ifdef H_UNMAP_SLOT_ARG
+#define H_SLOT_UNMAP(ctx) ARG(ctx, H_UNMAP_SLOT_ARG)
+#else
+#define H_SLOT_UNMAP(ctx) 0
+#endif
+#ifdef H_AGE_SLOT_ARG
+#define H_SLOT_AGE(ctx) ARG(ctx, H_AGE_SLOT_ARG)
+#else
+#define H_SLOT_AGE(ctx) 0
+#endif
+#ifdef H_TEST_AGE_SLOT_ARG
+#define H_SLOT_TEST_AGE(ctx) ARG(ctx, H_TEST_AGE_SLOT_ARG)
+#else
+#define H_SLOT_TEST_AGE(ctx) 0
+#endif
+#ifdef H_CHANGE_PTE_SLOT_ARG
+#define H_SLOT_CHANGE_PTE(ctx) ARG(ctx, H_CHANGE_PTE_SLOT_ARG)
+#else
+#define H_SLOT_CHANGE_PTE(ctx) 0
+#endif
 
 // unmap: invalidate_range_start(mn, const struct mmu_notifier_range *range)
 #define CB_ARGS_UNMAP(ctx, startp, endp)                                        \
@@ -1377,7 +1546,7 @@ static __always_inline int handler_hit(void)
 CB_ENTER_(UNMAP, CB_UNMAP_FN, OP_UNMAP)
 CB_EXIT_(UNMAP, CB_UNMAP_FN)
 #ifdef H_UNMAP_FN
-HANDLER_PROG_(H_UNMAP_FN)
+HANDLER_PROG_(H_UNMAP_FN, UNMAP)
 #endif
 #endif
 #ifdef HVA_EXACT_AGE
@@ -1388,21 +1557,21 @@ CB_ENTER_(AGE2, CB_AGE2_FN, OP_AGE)
 CB_EXIT_(AGE2, CB_AGE2_FN)
 #endif
 #ifdef H_AGE_FN
-HANDLER_PROG_(H_AGE_FN)
+HANDLER_PROG_(H_AGE_FN, AGE)
 #endif
 #endif
 #ifdef HVA_EXACT_TEST_AGE
 CB_ENTER_(TEST_AGE, CB_TEST_AGE_FN, OP_TEST_AGE)
 CB_EXIT_(TEST_AGE, CB_TEST_AGE_FN)
 #ifdef H_TEST_AGE_FN
-HANDLER_PROG_(H_TEST_AGE_FN)
+HANDLER_PROG_(H_TEST_AGE_FN, TEST_AGE)
 #endif
 #endif
 #ifdef HVA_EXACT_CHANGE_PTE
 CB_ENTER_(CHANGE_PTE, CB_CHANGE_PTE_FN, OP_CHANGE_PTE)
 CB_EXIT_(CHANGE_PTE, CB_CHANGE_PTE_FN)
 #ifdef H_CHANGE_PTE_FN
-HANDLER_PROG_(H_CHANGE_PTE_FN)
+HANDLER_PROG_(H_CHANGE_PTE_FN, CHANGE_PTE)
 #endif
 #endif
 
@@ -1440,8 +1609,31 @@ static __always_inline int ms_outer_enter(u64 kvm, u64 mem)
     bpf_probe_read_kernel(&s.r, sizeof(s.r), (void *)mem);
     s.ts = bpf_ktime_get_ns();
     ms_inflight.update(&tid, &s);
-    vm_owner.update(&kvm, &tgid);
+    struct vm_state *v = vm_get(kvm, tgid);
+    if (v && v->ordinal == 0)
+        v->tgid = tgid;  // a VM older than the trace: memslot updates come from its VMM
     return 0;
+}
+
+// The VM's memslot count after an update: read from the kernel on linear-scan kernels, else
+// kept from the change types (create +1, delete -1) when it is known.
+static __always_inline void ms_count_update(u64 kvm, u32 ch, s64 ret)
+{
+    struct vm_state *v = vms.lookup(&kvm);
+    if (!v)
+        return;
+#if READ_MEMSLOTS
+    vm_memslots(v, read_memslots(kvm));
+#else
+    if (ret != 0 || v->memslots < 0)
+        return;
+    if (ch == CHANGE_CREATE)
+        vm_memslots(v, v->memslots + 1);
+    else if (ch == CHANGE_DELETE && v->memslots > 0)
+        vm_memslots(v, v->memslots - 1);
+    else if (ch == NR_CHANGES)
+        v->memslots = -1;  // an update of unknown type: the count is unknown from now on
+#endif
 }
 
 static __always_inline int ms_set_enter(s64 change)
@@ -1473,11 +1665,15 @@ static __always_inline int ms_outer_exit(void *ctx, s64 ret)
         return 0;
     }
     u32 ch = s->change < 0 ? NR_CHANGES : map_change(s->change);
+    ms_count_update(s->kvm, ch, ret);
     struct op_key k = {};
     u32 zk = 0;
     k.vm = s->kvm;
     k.op = ch;
     k.owner = id >> 32;  // memslot updates always come from the VMM itself
+    struct vm_state *vs = vms.lookup(&k.vm);
+    if (vs && vs->tgid == k.owner)
+        k.ordinal = vs->ordinal;
     struct ms_val *v = ms_aggs.lookup(&k);
     if (!v) {
         struct ms_val *zero = ms_zero.lookup(&zk);
@@ -1535,4 +1731,22 @@ MS_OUTER_EXIT_(MS_OUTER_FN)
 MS_SET_PROG_(MS_SET_FN)
 #endif
 #endif  // MS_EXACT
+
+#ifdef VM_LIFE
+// kvm_arch_init_vm(kvm, type) and kvm_arch_destroy_vm(kvm): arch hooks every kernel has (global
+// functions of arch/x86/kvm/x86.c), called once per VM from kvm_create_vm / kvm_destroy_vm, which
+// are static and may be inlined.
+// One program per macro expansion (see above).
+#ifdef MODE_FENTRY
+#define VM_INIT_PROG(FN) FENTRY(FN) { return vm_created(ctx, ARG(ctx, 0)); }
+#define VM_DESTROY_PROG(FN) FENTRY(FN) { return vm_destroyed(ctx, ARG(ctx, 0)); }
+#else
+#define VM_INIT_PROG(FN) int KP_VM_INIT(struct pt_regs *ctx) { return vm_created(ctx, ARG(ctx, 0)); }
+#define VM_DESTROY_PROG(FN) int KP_VM_DESTROY(struct pt_regs *ctx) { return vm_destroyed(ctx, ARG(ctx, 0)); }
+#endif
+#define VM_INIT_PROG_(FN) VM_INIT_PROG(FN)
+#define VM_DESTROY_PROG_(FN) VM_DESTROY_PROG(FN)
+VM_INIT_PROG_(VM_INIT_FN)
+VM_DESTROY_PROG_(VM_DESTROY_FN)
+#endif  // VM_LIFE
 #endif  // EXACT

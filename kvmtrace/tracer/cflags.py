@@ -93,8 +93,10 @@ def build_cflags(
         flags.append(f"-DCB_{name}_FN={cbs[0]}")
         if op == Op.AGE and len(cbs) > 1:
             flags.append(f"-DCB_AGE2_FN={cbs[1]}")
-        if p.handlers and p.slots_method == "handler":  # per-slot handlers counted (5.13+)
+        if p.handlers and p.slots_method == "handler":  # per-slot (5.13+) or per-rmap handlers
             flags.append(f"-DH_{name}_FN={_ident(p.handlers[0])}")
+            if p.handler_slot_arg is not None:  # count changes of the memslot argument
+                flags.append(f"-DH_{name}_SLOT_ARG={int(p.handler_slot_arg)}")
         fn = cbs[0]
         if op == Op.UNMAP:
             pos = arg_pos(facts, fn, "range")
@@ -147,10 +149,12 @@ def build_cflags(
                 flags.append(f"-DFENTRY_MODULE={_ident(fentry_module)}")
     linear = 1 if plan.linear_scan else 0
     defines.setdefault("LINEAR_SCAN", linear)
-    # slots visited come from per-slot handler calls (5.13+), else from the memslot walk
-    exact_hva = [p for p in plan.ops if p.kind == "hva" and p.attach in ("kprobe", "fentry")]
-    hps = 1 if exact_hva and all(p.slots_method == "handler" for p in exact_hva) else 0
-    defines.setdefault("HANDLERS_PER_SLOT", hps)
+    # linear-scan kernels: the memslot count (= slots scanned) is read at every callback
+    count = linear and all(k in defines for k in ("OFF_KVM_MEMSLOTS", "NR_AS", "OFF_MEMSLOTS_USED"))
+    defines["READ_MEMSLOTS"] = 1 if count else 0
+    if exact_modes and plan.vm_lifetime:
+        init, destroy = (_ident(f) for f in plan.vm_lifetime)
+        flags += ["-DVM_LIFE", f"-DVM_INIT_FN={init}", f"-DVM_DESTROY_FN={destroy}"]
     for k, v in sorted(defines.items()):
         _ident(k)
         flags.append(f"-D{k}={int(v)}")

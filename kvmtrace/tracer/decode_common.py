@@ -32,10 +32,11 @@ _HVA = R.BODY_STRUCT["hva"]
 ProcInfo = Callable[[int], Tuple[str, str, Optional[int], bool]]
 
 
-def exact_vm_id(kvm: int, pid: int) -> str:
-    """VM id in exact modes: the struct kvm address and its VMM, since an address freed by one
-    VM can be reused by the next."""
-    return f"kvm:{kvm:#x}:{pid}"
+def exact_vm_id(kvm: int, pid: int, ordinal: int = 0) -> str:
+    """VM id in exact modes: the struct kvm address, its VMM and the VMM's ordinal of the VM
+    (n-th VM it created while traced), since an address freed by one VM can be reused by the
+    next; a VM older than the trace (ordinal 0) is ``kvm:ADDR:PID``."""
+    return f"kvm:{kvm:#x}:{pid}" + (f"#{ordinal}" if ordinal else "")
 
 
 def no_proc(pid: int) -> Tuple[str, str, Optional[int], bool]:
@@ -76,6 +77,9 @@ class Parts:
     unattributed: int = 0
     by_memslots: list = field(default_factory=list)  # MemslotBucketStats
     vm_extra: Dict[str, dict] = field(default_factory=dict)  # vm_id -> VmInfo fields the decoder knows
+    # exact modes: per VM what the kernel knows of it (VmInfo fields: ordinal, memslots,
+    # memslots_max, memslots_provenance, partial, alive)
+    vm_info: Dict[str, dict] = field(default_factory=dict)
 
 
 @dataclass
@@ -111,6 +115,8 @@ class Stream:
         self.events_dropped = 0
         self.known_vmm: Dict[int, int] = {}
         self.proc_cache: Dict[int, Tuple[str, str]] = {}
+        # exact modes: (struct kvm *, VMM tgid) -> ordinal of the live VM (from VM lifetime events)
+        self.exact_ordinal: Dict[Tuple[int, int], int] = {}
 
     def keep(self, e) -> None:
         if not self.keep_events:
@@ -175,7 +181,7 @@ class Stream:
         m = ev.memslot
         slot_field, flags, ret = m.slot, m.flags, m.ret
         ok = ret == 0
-        vm = exact_vm_id(ev.vm, ev.tgid) if ev.vm else f"pid:{ev.tgid}"
+        vm = exact_vm_id(ev.vm, ev.tgid, self.exact_ordinal.get((ev.vm, ev.tgid), 0)) if ev.vm else f"pid:{ev.tgid}"
         if ev.vm and m.change != MS_CHANGE_DERIVE:
             # exact: change type measured by the kernel, aggregated in the kernel
             change = CHANGES.get(m.change, "unknown")
@@ -271,6 +277,8 @@ class Decoding:
                     st.remember(ev.tgid)
                 else:
                     st.on_vm_create(ev)
+            elif kind == R.EV_VM_LIFE:  # exact modes: kvm_arch_init_vm / kvm_arch_destroy_vm
+                self.exact.on_vm_life(ev)
 
     def decode(self, maps: R.MapContents, extra_lost: int = 0) -> SnapshotParts:
         """The Snapshot parts of one reading of the maps. ``extra_lost``: records the session
@@ -304,7 +312,11 @@ class Decoding:
             info = VmInfo(vm, pid, comm, name, vcpus if alive else None, mc,
                           "derived" if mc is not None else "none", partial.get(vm, True), alive)
             extra = tp.vm_extra.get(vm)
-            vms.append(replace(info, **extra) if extra else info)
+            if extra:
+                info = replace(info, **extra)
+            if vm in ex.vm_info:
+                info = replace(info, **ex.vm_info[vm])
+            vms.append(info)
         counters = maps.counters
         return SnapshotParts(
             vms=tuple(vms), hva=tuple(hva), memslot=tuple(memslot),

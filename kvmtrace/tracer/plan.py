@@ -79,9 +79,12 @@ class OpPlan:
     # memslot: the function whose `change` argument is read (kvm_set_memslot); "" when none
     change_func: str = ""
     # hva: how slots visited are counted: "handler" (per-slot handler calls nested in the
-    # callback, 5.13+), "walk" (BPF walks the memslot array at callback entry, before 5.13),
-    # "mirror" (tracepoint mode), "" (not available)
+    # callback: once per call on 5.13+, once per distinct `slot` argument for the per-rmap
+    # handlers before 5.13, see handler_slot_arg), "mirror" (tracepoint mode), "" (not available)
     slots_method: str = ""
+    # position of the handlers' memslot argument when they run once per rmap rather than once
+    # per slot (5.10's arch rmap handlers); None: every handler call is one slot
+    handler_slot_arg: Optional[int] = None
     # parameter names (from BTF) of every function attached, for argument positions by name
     params: Tuple[Tuple[str, Tuple[str, ...]], ...] = ()
 
@@ -99,6 +102,10 @@ class ProbePlan:
     problems: Tuple[str, ...] = ()
     linear_scan_reason: str = ""  # how linear_scan was decided (BTF feature, or version)
     remedies: Tuple[Tuple[str, str], ...] = ()  # (problem, fix) for every entry of problems
+    # exact modes: (creation, destruction) functions probed so that each VM's lifetime is its
+    # own identity (a struct kvm address reused by a later VM is another VM); () when not
+    vm_lifetime: Tuple[str, ...] = ()
+    vm_lifetime_reason: str = ""
 
     def define(self, name: str) -> Optional[int]:
         for k, v in self.defines:
@@ -134,11 +141,17 @@ class HvaSpec:
     # (5.13+, "KVM: Move x86's MMU notifier memslot walkers to generic code")
     gfn_handlers: Tuple[str, ...]
     # before 5.13 the callbacks call one arch function per operation, which walks the memslots
-    # itself: slots visited are computed by walking kvm->memslots in BPF
+    # itself (x86: kvm_handle_hva_range in arch/x86/kvm/mmu/mmu.c)
     hva_handlers: Tuple[str, ...]
     # trace events at the top of the callback (generic since 5.13; x86 had none before)
     tracepoints: Tuple[str, ...]
     gone: str = ""  # when the op disappeared from the kernel
+    # before 5.13 (x86): the handler kvm_handle_hva_range calls for every rmap (gfn, level) of
+    # each memslot overlapping the range, slot after slot, with that memslot as its `slot`
+    # argument: (kvm, rmap_head, slot, gfn, level, data). Counting the changes of `slot` over
+    # these calls gives the slots visited exactly, at a cost that follows the kernel's own work
+    # (pages unmapped) and not the memslot count.
+    rmap_handlers: Tuple[str, ...] = ()
 
 
 HVA_SPECS: Tuple[HvaSpec, ...] = (
@@ -148,6 +161,7 @@ HVA_SPECS: Tuple[HvaSpec, ...] = (
         ("kvm_unmap_gfn_range",),
         ("kvm_unmap_hva_range",),
         ("kvm:kvm_unmap_hva_range",),
+        rmap_handlers=("kvm_unmap_rmapp",),
     ),
     HvaSpec(
         "age",
@@ -155,6 +169,7 @@ HVA_SPECS: Tuple[HvaSpec, ...] = (
         ("kvm_age_gfn",),
         ("kvm_age_hva",),
         ("kvm:kvm_age_hva",),
+        rmap_handlers=("kvm_age_rmapp",),
     ),
     HvaSpec(
         "test_age",
@@ -162,6 +177,7 @@ HVA_SPECS: Tuple[HvaSpec, ...] = (
         ("kvm_test_age_gfn",),
         ("kvm_test_age_hva",),
         ("kvm:kvm_test_age_hva",),
+        rmap_handlers=("kvm_test_age_rmapp",),
     ),
     HvaSpec(
         "change_pte",
@@ -170,6 +186,7 @@ HVA_SPECS: Tuple[HvaSpec, ...] = (
         ("kvm_set_spte_hva",),
         ("kvm:kvm_set_spte_hva",),
         gone="the change_pte notifier, kvm_set_spte_gfn and the kvm_set_spte_hva event were removed in 6.10",
+        rmap_handlers=("kvm_set_pte_rmapp",),
     ),
 )
 
@@ -177,10 +194,42 @@ HVA_SPECS: Tuple[HvaSpec, ...] = (
 # never a symbol to probe, so its callers are probed instead.
 HVA_WALKERS = ("__kvm_handle_hva_range", "kvm_handle_hva_range")
 
-# kvm_set_memslot: (kvm, mem, old, new, as_id, change) on 5.7-5.16, (kvm, old, new, change) on
-# 5.17+ (memslot rework). The position of `change` is taken from BTF by name, never assumed.
+# kvm_set_memslot's `change` argument (the memslot update's change type). Its position is
+# taken from BTF by parameter name where the kernel has BTF for KVM; otherwise by version, for
+# the ranges where the version alone decides it:
+#   5.7-5.12  kvm_set_memslot(kvm, mem, old, new, as_id, change): change is argument 5. The
+#             function appeared in 5.7 with Sean Christopherson's memslot series ("KVM: Move
+#             memslot deletion to helper function" / "KVM: Dynamically size memslot array").
+#   5.13-5.16 ambiguous: "KVM: Ensure local memslot copies operate on up-to-date arch-specific
+#             data" (Fixes: b10a038e84d1 "KVM: mmu: Add slots_arch_lock for memslot arch fields",
+#             5.13; Cc: stable) removed `old`, giving (kvm, mem, new, as_id, change) with change
+#             at 4, in 5.16 and in the stable trees it was backported to: only BTF can tell.
+#   5.17+     kvm_set_memslot(kvm, old, new, change): change is argument 3 (the "KVM: Scalable
+#             memslots implementation" series reworked memslot updates around old/new slots).
 SET_MEMSLOT = "kvm_set_memslot"
 SET_MEMSLOT_CHANGE_PARAM = "change"
+SET_MEMSLOT_CHANGE_BY_VERSION = (((5, 7), (5, 12), 5), ((5, 17), (99, 99), 3))
+
+# The memslot count on linear-scan kernels (before 5.17), and why it is the number of slots every
+# hva lookup scans. Each address space's memslots are a sorted array of used_slots entries
+# (struct kvm_memslots: used_slots, memslots[]), and the lookup for an hva range visits them all:
+#   to 5.12 (x86) kvm_handle_hva_range() in arch/x86/kvm/mmu/mmu.c (Debian 11: 5.10): for each address space i <
+#             KVM_ADDRESS_SPACE_NUM, kvm_for_each_memslot(memslot, __kvm_memslots(kvm, i)), which
+#             (include/linux/kvm_host.h) runs memslot over slots->memslots[0 .. used_slots).
+#   5.13-5.16 __kvm_handle_hva_range() in virt/kvm/kvm_main.c: the same two loops, now generic.
+#   5.17+     an interval tree on hva (kvm_for_each_memslot_in_hva_range): no linear scan.
+# So slots scanned per callback = the sum of used_slots over the address spaces (NR_AS = the
+# element count of kvm.memslots), read once per callback: 2 reads per address space.
+LINEAR_SCAN_LOOPS = {
+    (0, 0): "kvm_handle_hva_range, arch/x86/kvm/mmu/mmu.c: every used slot of each address space",
+    (5, 13): "__kvm_handle_hva_range, virt/kvm/kvm_main.c: every used slot of each address space",
+}
+
+# VM lifetimes (exact modes): kvm_arch_init_vm(kvm, type) is called once per VM by the static
+# kvm_create_vm(), kvm_arch_destroy_vm(kvm) once by the static kvm_destroy_vm() (also on
+# kvm_create_vm's error path after arch init); both are global arch functions (arch/x86/kvm/x86.c)
+# on every kernel kvmtrace supports, while kvm_create_vm/kvm_destroy_vm may be inlined.
+VM_LIFETIME = ("kvm_arch_init_vm", "kvm_arch_destroy_vm")
 # Enclosing functions timed for whole-update latency, best first. All take (kvm, mem).
 #   __kvm_set_memory_region: exported, up to 6.13.
 #   kvm_set_memory_region: 6.14+ the old __kvm_set_memory_region became this static function
@@ -193,10 +242,11 @@ IOCTL_TRACEPOINTS = ("syscalls:sys_enter_ioctl", "syscalls:sys_exit_ioctl")
 # Functions and structs whose BTF the resolver (and the BPF code) needs; kernel.py gathers these.
 FUNCS_OF_INTEREST: Tuple[str, ...] = tuple(
     dict.fromkeys(
-        [f for s in HVA_SPECS for f in s.callbacks + s.gfn_handlers + s.hva_handlers]
+        [f for s in HVA_SPECS for f in s.callbacks + s.gfn_handlers + s.hva_handlers + s.rmap_handlers]
         + list(HVA_WALKERS)
         + [SET_MEMSLOT]
         + list(REGION_FUNCS)
+        + list(VM_LIFETIME)
     )
 )
 STRUCTS_OF_INTEREST: Dict[str, Tuple[str, ...]] = {
@@ -230,6 +280,10 @@ HISTORY: Dict[str, str] = {
     "__kvm_set_memory_region": "became the static kvm_set_memory_region in 6.14",
     "kvm_vm_ioctl_set_memory_region": "static, usually inlined into kvm_vm_ioctl",
     "kvm_set_memslot": "5.7+; static, may be inlined",
+    "kvm_unmap_rmapp": "x86 rmap handler before 5.13 (static, called through a pointer)",
+    "kvm_age_rmapp": "x86 rmap handler before 5.13",
+    "kvm_test_age_rmapp": "x86 rmap handler before 5.13",
+    "kvm_set_pte_rmapp": "x86 rmap handler before 5.13",
     "kvm:kvm_set_spte_hva": "removed with change_pte in 6.10",
     "kvm:kvm_unmap_hva_range": "generic trace event since 5.13; x86 had none before",
     "kvm:kvm_age_hva": "generic trace event since 5.13; x86 had none before",
@@ -373,31 +427,53 @@ def _defines(facts: KernelFacts, linear: Optional[bool]) -> Tuple[List[Tuple[str
     put("OFF_RANGE_START", _offset(facts, "mmu_notifier_range", "start"), "mmu_notifier_range.start")
     put("OFF_RANGE_END", _offset(facts, "mmu_notifier_range", "end"), "mmu_notifier_range.end")
     put("OFF_KVM_MMU_NOTIFIER", _offset(facts, "kvm", "mmu_notifier"), "kvm.mmu_notifier")
-    params = (facts.btf_funcs or {}).get(SET_MEMSLOT)
-    if params is not None and SET_MEMSLOT_CHANGE_PARAM in params:
-        out.append(("SET_MEMSLOT_CHANGE_ARG", params.index(SET_MEMSLOT_CHANGE_PARAM)))
+    pos, _how = set_memslot_change_arg(facts)
+    if pos is not None:
+        out.append(("SET_MEMSLOT_CHANGE_ARG", pos))
     else:
         missing.append(f"SET_MEMSLOT_CHANGE_ARG ({SET_MEMSLOT} `change` parameter)")
     if linear is not None:
         out.append(("LINEAR_SCAN", 1 if linear else 0))
     if linear:
         arrays = facts.btf_arrays or {}
-        sizes = facts.btf_sizes or {}
         put("OFF_KVM_MEMSLOTS", _offset(facts, "kvm", "memslots"), "kvm.memslots")
         put("NR_AS", arrays.get("kvm", {}).get("memslots"), "element count of kvm.memslots")
         put("OFF_MEMSLOTS_USED", _offset(facts, "kvm_memslots", "used_slots"), "kvm_memslots.used_slots")
-        put("OFF_MEMSLOTS_ARRAY", _offset(facts, "kvm_memslots", "memslots"), "kvm_memslots.memslots")
-        put("SIZEOF_MEMSLOT", sizes.get("kvm_memory_slot"), "sizeof(struct kvm_memory_slot)")
-        put("OFF_SLOT_UADDR", _offset(facts, "kvm_memory_slot", "userspace_addr"), "kvm_memory_slot.userspace_addr")
-        put("OFF_SLOT_NPAGES", _offset(facts, "kvm_memory_slot", "npages"), "kvm_memory_slot.npages")
-        put("OFF_SLOT_ID", _offset(facts, "kvm_memory_slot", "id"), "kvm_memory_slot.id")
     return out, missing
 
 
-_WALK_DEFINES = (
-    "OFF_KVM_MEMSLOTS", "NR_AS", "OFF_MEMSLOTS_USED", "OFF_MEMSLOTS_ARRAY", "SIZEOF_MEMSLOT",
-    "OFF_SLOT_UADDR", "OFF_SLOT_NPAGES", "OFF_SLOT_ID",
-)
+# what the BPF code needs to read the memslot count on linear-scan kernels (LINEAR_SCAN_LOOPS)
+_COUNT_DEFINES = ("OFF_KVM_MEMSLOTS", "NR_AS", "OFF_MEMSLOTS_USED")
+
+
+def set_memslot_change_arg(facts: KernelFacts) -> Tuple[Optional[int], str]:
+    """Position of kvm_set_memslot's `change` argument and how it was decided: by BTF parameter
+    name when BTF describes the function, else by version where the version decides it
+    (SET_MEMSLOT_CHANGE_BY_VERSION); (None, why) otherwise."""
+    params = (facts.btf_funcs or {}).get(SET_MEMSLOT)
+    if params is not None:
+        if SET_MEMSLOT_CHANGE_PARAM in params:
+            return params.index(SET_MEMSLOT_CHANGE_PARAM), "BTF parameter name"
+        return None, f"BTF prototype of {SET_MEMSLOT} has no `{SET_MEMSLOT_CHANGE_PARAM}` parameter"
+    v = parse_release(facts.release)
+    if v is not None:
+        for lo, hi, pos in SET_MEMSLOT_CHANGE_BY_VERSION:
+            if lo <= v <= hi:
+                return pos, (f"kernel version {v[0]}.{v[1]} (no BTF for {SET_MEMSLOT}; argument {pos} on "
+                             f"{lo[0]}.{lo[1]}-{'' if hi[0] == 99 else f'{hi[0]}.{hi[1]}'})")
+    return None, (f"no BTF prototype of {SET_MEMSLOT} and kernel {facts.release}: position of `change` "
+                  "unknown ((kvm, mem, old, new, as_id, change) on 5.7-5.12, (kvm, mem, new, as_id, change) "
+                  "on some 5.13-5.16 trees, (kvm, old, new, change) on 5.17+)")
+
+
+RMAP_SLOT_ARG = 2  # (kvm, rmap_head, slot, gfn, level, data): every x86 rmap handler of 5.x
+
+
+def _arg_pos(ctx: "_Ctx", fn: str, name: str, default: int) -> int:
+    params = ctx.params(fn)
+    if params is not None and name in params:
+        return params.index(name)
+    return default
 
 
 def _resolve_hva(spec: HvaSpec, ctx: _Ctx, linear: Optional[bool], defs: Dict[str, int]) -> OpPlan:
@@ -408,13 +484,13 @@ def _resolve_hva(spec: HvaSpec, ctx: _Ctx, linear: Optional[bool], defs: Dict[st
     for c in spec.callbacks:
         if not ctx.sym(c) and callbacks:
             notes.append(ctx.why_missing(c) + "; its calls are not seen")
-    walk_ok = all(k in defs for k in _WALK_DEFINES)
+    count_ok = all(k in defs for k in _COUNT_DEFINES)
     range_ok = spec.op != "unmap" or ("OFF_RANGE_START" in defs and "OFF_RANGE_END" in defs)
 
     # per-slot handlers: gfn handlers (5.13+) are called per overlapping memslot; before 5.13 an
     # arch hva function walks the memslots itself.
     gfn = tuple(h for h in spec.gfn_handlers if ctx.sym(h))
-    hva = tuple(h for h in spec.hva_handlers if ctx.sym(h))
+    rmap = tuple(h for h in spec.rmap_handlers if ctx.sym(h))
     walker_present = [w for w in HVA_WALKERS if ctx.sym(w)]
 
     if callbacks:
@@ -428,24 +504,26 @@ def _resolve_hva(spec: HvaSpec, ctx: _Ctx, linear: Optional[bool], defs: Dict[st
                 skipped.append(Skipped(f"{mode} {'+'.join(callbacks)}", why))
                 continue
             slots, method, scanned = "none", "", "none"
+            slot_arg: Optional[int] = None
             if gfn and ctx.mode_refusal(mode, gfn) is None:
                 handlers, slots, method = gfn, "exact", "handler"
-            elif hva and ctx.mode_refusal(mode, hva) is None:
-                handlers = hva
-                if walk_ok:
-                    slots, method = "exact", "walk"
-                else:
-                    notes.append("slots visited unavailable: the memslot walk needs BTF offsets of "
-                                 "kvm/kvm_memslots/kvm_memory_slot")
+            elif rmap and ctx.mode_refusal(mode, rmap) is None:
+                # before 5.13: per-rmap handlers with the memslot as argument
+                handlers, slots, method = rmap, "exact", "handler"
+                slot_arg = _arg_pos(ctx, rmap[0], "slot", RMAP_SLOT_ARG)
+                if ctx.params(rmap[0]) is None:
+                    notes.append(f"{rmap[0]}: memslot taken from argument {slot_arg}, the position of "
+                                 "(kvm, rmap_head, slot, gfn, level, data) on 5.x, not verified by BTF")
             else:
-                cands = gfn or hva or spec.gfn_handlers
+                cands = gfn or rmap or spec.gfn_handlers + spec.rmap_handlers
                 notes.append("slots visited unavailable: " + (
                     ctx.mode_refusal(mode, cands) or "no per-slot handler symbol"))
             if linear:
-                if walk_ok:
+                if count_ok:
                     scanned = "exact"
                 else:
-                    notes.append("slots scanned unavailable: no BTF offsets for the memslot array")
+                    notes.append("slots scanned unavailable: no BTF offsets for kvm.memslots / "
+                                 "kvm_memslots.used_slots")
             if not range_ok:
                 notes.append("no BTF offsets for mmu_notifier_range.start/end: range sizes not recorded")
             params = tuple((fn, ctx.params(fn)) for fn in callbacks + handlers if ctx.params(fn) is not None)
@@ -457,6 +535,7 @@ def _resolve_hva(spec: HvaSpec, ctx: _Ctx, linear: Optional[bool], defs: Dict[st
                 op=spec.op, kind="hva", attach=mode, target="+".join(callbacks), latency="exact",
                 slots=slots, callbacks=callbacks, handlers=handlers, scanned=scanned,
                 slots_method=method, skipped=tuple(skipped), notes=tuple(notes), params=params,
+                handler_slot_arg=slot_arg,
             )
     else:
         reason = "; ".join(ctx.why_missing(c) for c in spec.callbacks)
@@ -491,10 +570,7 @@ def _resolve_memslot(ctx: _Ctx) -> OpPlan:
             break
         skipped.append(Skipped(fn, ctx.why_missing(fn)))
     have_set = ctx.sym(SET_MEMSLOT)
-    set_params = ctx.params(SET_MEMSLOT)
-    change_arg = None
-    if set_params is not None and SET_MEMSLOT_CHANGE_PARAM in set_params:
-        change_arg = set_params.index(SET_MEMSLOT_CHANGE_PARAM)
+    change_arg, change_how = set_memslot_change_arg(f)
     if not have_set:
         skipped.append(Skipped(SET_MEMSLOT, ctx.why_missing(SET_MEMSLOT)))
 
@@ -508,10 +584,9 @@ def _resolve_memslot(ctx: _Ctx) -> OpPlan:
                 continue
             change = "exact" if (have_set and change_arg is not None) else "derived"
             if have_set and change_arg is None:
-                notes.append(
-                    f"no BTF prototype of {SET_MEMSLOT}: position of `change` unknown "
-                    "((kvm, mem, old, new, as_id, change) on 5.7-5.16, (kvm, old, new, change) on 5.17+); "
-                    "change type derived from a mirrored slot table instead")
+                notes.append(f"{change_how}; change type derived from a mirrored slot table instead")
+            elif have_set and ctx.params(SET_MEMSLOT) is None:
+                notes.append(f"`change` is argument {change_arg} of {SET_MEMSLOT}, by {change_how}")
             elif not have_set:
                 notes.append("change type derived from a mirrored slot table (no kvm_set_memslot symbol)")
             if timed == SET_MEMSLOT:
@@ -585,14 +660,35 @@ def resolve(facts: KernelFacts, modes=MODES) -> ProbePlan:
             and not any(t in facts.tracepoints for t in spec.tracepoints)
         if not op.available and not gone:
             problems.append(f"{op.op}: cannot be traced here ({op.skipped[-1].reason if op.skipped else 'no path'})")
-    if linear and any(p.attach in ("fentry", "kprobe") for p in ops) and not all(k in d for k in _WALK_DEFINES):
+    if linear and any(p.attach in ("fentry", "kprobe") for p in ops) and not all(k in d for k in _COUNT_DEFINES):
         problems.append("linear-scan kernel without BTF offsets for the memslot array: slots scanned "
-                        "(and, before 5.13, slots visited) not available; missing " + ", ".join(
-                            m for m in missing if m.split(" ", 1)[0] in _WALK_DEFINES))
+                        "and the memslot count not available; missing " + ", ".join(
+                            m for m in missing if m.split(" ", 1)[0] in _COUNT_DEFINES))
+    exact = [p for p in ops if p.attach in ("fentry", "kprobe")]
+    life: Tuple[str, ...] = ()
+    life_reason = "no exact-mode probe in the plan"
+    if exact:
+        mode = exact[0].attach
+        why = ctx.mode_refusal(mode, VM_LIFETIME)
+        if why is None:
+            life = VM_LIFETIME
+            life_reason = f"{mode} {'+'.join(VM_LIFETIME)}: each VM's creation and destruction observed"
+        else:
+            life_reason = (f"{why}: VMs told apart by struct kvm address and VMM only (an address reused "
+                           "by a later VM of the same process merges the two)")
     if facts.layout_source:
         linear_reason += f"; KVM struct layouts from {facts.layout_source}"
     remedies = tuple((p, _fix_for(p, facts)) for p in problems)
+    if linear and facts.release:
+        v = parse_release(facts.release)
+        loop = None
+        for since, text in sorted(LINEAR_SCAN_LOOPS.items()):
+            if v is not None and v >= since:
+                loop = text
+        if loop:
+            linear_reason += f"; the lookup loop: {loop}"
     return ProbePlan(
         ops=tuple(ops), linear_scan=linear, defines=tuple(defs), problems=tuple(problems),
-        linear_scan_reason=linear_reason, remedies=remedies,
+        linear_scan_reason=linear_reason, remedies=remedies, vm_lifetime=life,
+        vm_lifetime_reason=life_reason,
     )

@@ -193,6 +193,8 @@ def decode_batch(dec, b: np.ndarray) -> None:
                         st.remember(ev.tgid)
                     else:
                         st.on_vm_create(ev)
+                elif ev.kind == R.EV_VM_LIFE:  # exact modes: a VM created or destroyed
+                    dec.exact.on_vm_life(ev)
             lo = j + 1
         if keep and rows["idx"]:
             p = {k: np.array(v, dtype=np.int64) for k, v in rows.items() if k not in ("start", "end")}
@@ -239,12 +241,15 @@ def _exact_run(dec, b, idx, exact_vm_id, OPS):
     op = b["hva_op"][idx]
     owner = b["hva_owner"][idx].astype(np.int64)
     vm = b["vm"][idx]
-    key = np.stack([vm, owner.astype(np.uint64)], axis=1)
+    # one VM lifetime: struct kvm *, VMM and the VMM's ordinal of the VM
+    key = np.stack([vm, owner.astype(np.uint64), b["hva_ordinal"][idx].astype(np.uint64)], axis=1)
     u, inv = np.unique(key, axis=0, return_inverse=True)
     inv = inv.reshape(-1)
-    ids = [exact_vm_id(int(k), int(o)) for k, o in u.tolist()]
+    ids = [exact_vm_id(int(k), int(o), int(n)) for k, o, n in u.tolist()]
     vm_id = np.array(ids + [""], dtype=object)[:-1][inv]
-    counts = np.array([-1 if st.mirror.count(i) is None else st.mirror.count(i) for i in ids], dtype=np.int64)
+    mirror = np.array([-1 if st.mirror.count(i) is None else st.mirror.count(i) for i in ids], dtype=np.int64)
+    kernel = b["hva_memslots"][idx].astype(np.int64)  # the VM's memslot count at the event
+    counts = np.where(kernel != R.NO_COUNT, kernel, mirror[inv])  # all ones: not known in the kernel
     names = np.array([OPS.get(i, "unknown") for i in range(int(op.max()) + 1)] + [""], dtype=object)[:-1]
     slots_ok = np.array([bool(dec.plan.for_op(OPS.get(i, "")) and dec.plan.for_op(OPS.get(i, "")).slots == "exact")
                          for i in range(int(op.max()) + 1)])[op]
@@ -257,7 +262,7 @@ def _exact_run(dec, b, idx, exact_vm_id, OPS):
         "latency_ns": b["hva_lat_ns"][idx].astype(np.int64),
         "slots": np.where(slots_ok, b["hva_slots"][idx].astype(np.int64), -1),
         "scanned": np.where(scan_ok, b["hva_scanned"][idx].astype(np.int64), -1),
-        "memslots": counts[inv], "lat_provenance": np.full(m, "exact", dtype=object),
+        "memslots": counts, "lat_provenance": np.full(m, "exact", dtype=object),
         "slots_provenance": np.where(slots_ok, "exact", "none").astype(object),
     })
 

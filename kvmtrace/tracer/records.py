@@ -21,7 +21,8 @@ CNT_LOST, CNT_MAPFULL, CNT_NOLAT, CNT_IGNORED = 0, 1, 2, 3
 # index = value; NR_CNT = len. CNT_IGNORED: memslot ioctls on descriptors that are no KVM VM
 # (tracepoint mode drops them in the kernel)
 COUNTERS = ("CNT_LOST", "CNT_MAPFULL", "CNT_NOLAT", "CNT_IGNORED")
-EV_HVA, EV_SC_END, EV_MEMSLOT, EV_VM_CREATE = 1, 2, 3, 4
+EV_HVA, EV_SC_END, EV_MEMSLOT, EV_VM_CREATE, EV_VM_LIFE = 1, 2, 3, 4, 5
+NO_COUNT = 0xFFFFFFFF  # an hva record's memslot count when it is not known
 
 # (name, C type); "_pad*" fields are padding, never read
 HEAD = (
@@ -41,8 +42,9 @@ KINDS = {  # kind name: (EV_* value, body fields)
         ("op", "u32"),       # consts.Op
         ("slots", "u32"),    # exact: memslots visited
         ("scanned", "u32"),  # exact, linear-scan kernels: memslots scanned
-        ("memslots", "u32"),  # tracepoint mode: the VM's memslot count at the op (slots and
-        ("_pad1", "u32"),     # memslots all ones: not derived)
+        ("memslots", "u32"),  # the VM's memslot count at the op, all ones = unknown (tracepoint mode:
+                              # not derived; exact modes: not known for a VM older than the trace)
+        ("ordinal", "u32"),   # exact: the VM's per-VMM ordinal (0 = older than the trace)
     )),
     "sc_end": (EV_SC_END, (  # end of a system call in which hva ops ran (raw events kept)
         ("dur_ns", "u64"),
@@ -61,6 +63,14 @@ KINDS = {  # kind name: (EV_* value, body fields)
     )),
     "vm_create": (EV_VM_CREATE, (
         ("ret", "s32"),      # the new VM's fd, or -errno
+        ("_pad1", "u32"),
+    )),
+    "vm_life": (EV_VM_LIFE, (  # exact modes: a VM created (kvm_arch_init_vm) or destroyed
+        ("owner", "u32"),    # its VMM tgid
+        ("ordinal", "u32"),  # n-th VM that VMM created while traced (0 = older than the trace)
+        ("memslots", "s32"),  # its memslot count (creation: 0, or -1 when not kept), -1 = unknown
+        ("memslots_max", "u32"),
+        ("destroyed", "u32"),  # 0: created, 1: destroyed
         ("_pad1", "u32"),
     )),
 }
@@ -162,6 +172,7 @@ PROG_CB = "kp_{role}_{op}_{fn}"   # entry/exit of an hva callback; op: consts.Op
 PROG_HANDLER = "kp_handler_{fn}"  # per-slot handler counted inside a callback
 PROG_MS = {"MS_OUTER_ENTER": "kp_ms_outer_enter", "MS_OUTER_EXIT": "kp_ms_outer_exit",
            "MS_SET_ENTER": "kp_ms_set_enter"}
+PROG_VM = {"VM_INIT": "kp_vm_init", "VM_DESTROY": "kp_vm_destroy"}  # VM lifetimes (exact modes)
 
 
 def _c_paste(template: str, **params) -> str:
@@ -173,7 +184,7 @@ def _c_paste(template: str, **params) -> str:
 def c_prog_macros() -> List[str]:
     return [f"#define KP_CB_PROG(role, OPN, FN) {_c_paste(PROG_CB, role='role', op='OPN', fn='FN')}",
             f"#define KP_HANDLER_PROG(FN) {_c_paste(PROG_HANDLER, fn='FN')}"] + [
-            f"#define KP_{k} {v}" for k, v in PROG_MS.items()]
+            f"#define KP_{k} {v}" for k, v in list(PROG_MS.items()) + list(PROG_VM.items())]
 
 
 def kprobe_programs(plan) -> List[Tuple[str, str, str]]:
@@ -200,6 +211,9 @@ def kprobe_programs(plan) -> List[Tuple[str, str, str]]:
             out.append(("kretprobe", outer, PROG_MS["MS_OUTER_EXIT"]))
             if p.handlers and p.change_arg is not None:  # else: change type derived
                 out.append(("kprobe", p.handlers[0], PROG_MS["MS_SET_ENTER"]))
+    if getattr(plan, "vm_lifetime", ()) and any(p.attach == "kprobe" for p in plan.ops):
+        init, destroy = plan.vm_lifetime
+        out += [("kprobe", init, PROG_VM["VM_INIT"]), ("kprobe", destroy, PROG_VM["VM_DESTROY"])]
     return out
 
 
@@ -262,6 +276,36 @@ class MsRow:
 
 
 @dataclass(frozen=True)
+class VmRow:
+    """One value of the ``vms`` map (C ``struct vm_state``, exact modes): a live VM."""
+
+    tgid: int = 0
+    ordinal: int = 0  # n-th VM its VMM created while traced; 0 = older than the trace
+    memslots: int = -1  # current memslot count, -1 = unknown
+    memslots_max: int = 0
+
+    @classmethod
+    def from_map(cls, v) -> "VmRow":
+        return cls(int(v.tgid), int(v.ordinal), int(v.memslots), int(v.memslots_max))
+
+
+@dataclass(frozen=True)
+class BucketRow:
+    """One value of the ``mbuckets`` map (C ``struct bucket_val``, exact modes): hva ops of one
+    (VM, op, log2 bucket of the VM's memslot count at the event)."""
+
+    count: int = 0
+    memslots_max: int = 0
+    lat_sum: int = 0
+    slots_sum: int = 0
+    scanned_sum: int = 0
+
+    @classmethod
+    def from_map(cls, v) -> "BucketRow":
+        return cls(int(v.count), int(v.memslots_max), int(v.lat_sum), int(v.slots_sum), int(v.scanned_sum))
+
+
+@dataclass(frozen=True)
 class MapContents:
     """Every map the decoders need, read once per interval. A map this build does not declare
     (or that the plan does not use) is None.
@@ -278,6 +322,11 @@ class MapContents:
     vmm: Optional[Tuple[int, ...]] = None
     ms_count: Optional[Dict[int, int]] = None
     ms_aggs: Optional[Dict[Tuple[int, int, int], MsRow]] = None
+    # exact modes. Keys of aggs / ms_aggs carry a 4th element there, the VM's ordinal (C
+    # op_key.ordinal; absent = 0). ``vms``: struct kvm * -> VmRow of live VMs; ``buckets``:
+    # (vm, op, owner, ordinal, bucket) -> BucketRow.
+    vms: Optional[Dict[int, VmRow]] = None
+    buckets: Optional[Dict[Tuple[int, int, int, int, int], BucketRow]] = None
     tp: Optional["TpMaps"] = None  # tracepoint mode's VM and slot-table maps (TpMaps)
 
 

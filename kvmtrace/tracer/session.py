@@ -498,10 +498,11 @@ class TraceSession:
     def read_maps(self) -> R.MapContents:
         """Every map the decoders need, read once, as plain values."""
         b = self.bpf
-        aggs = {(int(k.vm), int(k.op), int(k.owner)): R.AggRow.from_map(v) for k, v in b["aggs"].items()}
+        aggs = {_key(k): R.AggRow.from_map(v) for k, v in b["aggs"].items()}
         vmm = self._table("vmm")
         msc = self._table("ms_count")
         msa = self._table("ms_aggs") if self._table("ms_inflight") is not None else None
+        vms, bkt = self._table("vms"), self._table("mbuckets")  # exact modes
         tp = None
         if self._table("tp_vms") is not None:
             tp = R.TpMaps(
@@ -515,8 +516,11 @@ class TraceSession:
             counters=tuple(self._read_counters()),
             vmm=None if vmm is None else tuple(int(k.value) for k in vmm.keys()),
             ms_count=None if msc is None else {int(k.value): int(v.value) for k, v in msc.items()},
-            ms_aggs=None if msa is None else {(int(k.vm), int(k.op), int(k.owner)): R.MsRow.from_map(v)
-                                              for k, v in msa.items()},
+            ms_aggs=None if msa is None else {_key(k): R.MsRow.from_map(v) for k, v in msa.items()},
+            vms=None if vms is None else {int(k.value): R.VmRow.from_map(v) for k, v in vms.items()},
+            buckets=None if bkt is None else {
+                (int(k.vm), int(k.op), int(k.owner), int(k.ordinal), int(k.bucket)): R.BucketRow.from_map(v)
+                for k, v in bkt.items()},
         )
 
     def _tp_retire(self, maps: R.MapContents) -> None:
@@ -600,3 +604,10 @@ class TraceSession:
             while nxt <= now:
                 nxt += self.interval
 
+
+def _key(k) -> tuple:
+    """An op_key as (vm, op, owner[, ordinal]): the ordinal (exact modes) only when set, so a
+    tracepoint-mode key stays (tgid, op, 0)."""
+    ordinal = int(getattr(k, "ordinal", 0))
+    base = (int(k.vm), int(k.op), int(k.owner))
+    return base + (ordinal,) if ordinal else base

@@ -60,6 +60,10 @@ CHECKS = [
                  "record_memslot_updates", "cleanup_after_exit")
 ] + [
     "cleanup_after_sigkill",
+    "exact_vm_lifetimes",
+    "exact_memslot_buckets",
+    "exact_multi_vm",
+    "exact_report_by_memslots",
     "harness_wrong_expectation",
 ]
 
@@ -361,11 +365,9 @@ def _check_plan(d, want_mode, label):
             errs.append("%s: attach %s, expected %s (target %s)" % (op, e.get("attach"), want_mode, e.get("target")))
         if e.get("latency") != "exact":
             errs.append("%s: latency %s, expected exact" % (op, e.get("latency")))
+        # exact change type everywhere: on a kvm module without BTF (5.10) kvm_set_memslot's
+        # `change` position comes from the kernel version (argument 5 on 5.7-5.12)
         want_slots = "exact"
-        if op == "memslot_update" and os.path.exists("/sys/module/kvm/initstate") and not os.path.exists("/sys/kernel/btf/kvm"):
-            # no BTF for the kvm module (before 5.11): kvm_set_memslot's `change` position is
-            # unknown, so the change type is derived from the mirrored slot table (latency exact)
-            want_slots = "derived"
         if e.get("slots") != want_slots:
             errs.append("%s: slots %s, expected %s" % (op, e.get("slots"), want_slots))
     if LINEAR_SCAN and "unmap" in plan and plan["unmap"].get("scanned", "exact") in ("none", None):
@@ -713,6 +715,200 @@ def check_cleanup_after_sigkill():
 MODE_CHECKS = {"record_unmap_count": _unmap_count, "record_slots_visited": _slots_visited,
                "record_slots_scanned": _slots_scanned, "record_memslot_updates": _memslot_updates,
                "cleanup_after_exit": _cleanup_after_exit}
+
+
+# --- exact modes in process: VM lifetimes, memslot counts at event time -------------------------
+
+
+# One child process runs Workload after Workload (one VM each, one after another) and prints the
+# ground truths: the only process of the VMs, so its unmaps are exactly the workloads' own (the
+# tracer's threads, allocating in this process, would add notifier calls of their own).
+_CHILD = """
+import json, sys
+from kvmtrace.workload import Workload
+out = []
+for slots, pages in json.loads(sys.argv[1]):
+    wl = Workload(slots=slots, slot_size=256 << 10, scenario="unmap", iterations=1, pages=pages, vcpu=False)
+    with wl:
+        wl.run()
+    out.append(wl.ground_truth())
+print(json.dumps(out))
+"""
+
+
+def _traced_workloads(specs):
+    """Workloads [(slots, pages), ...] run one after another by one child process under a
+    TraceSession with kvmtrace's default plan (the exact mode this kernel allows); returns
+    (ground truths, the child's pid, the final cumulative snapshot, the plan)."""
+    from kvmtrace.tracer.session import TraceSession
+
+    with TraceSession(interval=1.0) as s:
+        if not s.plan.vm_lifetime:
+            raise Fail("plan has no VM lifetime probes: %s" % s.plan.vm_lifetime_reason)
+        p = run([sys.executable, "-c", _CHILD, json.dumps(specs)], timeout=900)
+        if p.returncode != 0:
+            raise Fail("workload child exited %d: %s" % (p.returncode, tail(p.stderr or p.stdout)))
+        gts = json.loads(p.stdout.strip().splitlines()[-1])
+        time.sleep(0.5)
+        return gts, gts[0]["pid"], s.snapshot(), s.plan
+
+
+def check_exact_vm_lifetimes():
+    """Three VMs created one after another by this process (a freed struct kvm is often reused by
+    the next): three VMs with ordinals 1, 2, 3, each with exactly its own unmaps and creates."""
+    if EXPECTED_DEFAULT_MODE not in ("kprobe", "fentry"):
+        raise Skip("no exact mode expected here")
+    gts, pid, snap, plan = _traced_workloads([(4, 16)] * 3)
+    vms = sorted((v for v in snap.vms if v.pid == pid), key=lambda v: v.ordinal)
+    unmaps = {h.vm_id: h.count for h in snap.hva if h.op == "unmap" and h.pid == pid}
+    creates = {m.vm_id: m.count for m in snap.memslot if m.change == "create" and m.pid == pid}
+    got = [{"vm": v.vm_id, "ordinal": v.ordinal, "label": v.label, "alive": v.alive, "memslots_max": v.memslots_max,
+            "unmaps": unmaps.get(v.vm_id, 0), "creates": creates.get(v.vm_id, 0)} for v in vms]
+    want = [{"unmaps": g["hva_ops"]["unmap"], "creates": g["memslot_updates"].get("create", 0)} for g in gts]
+    addrs = [v.vm_id.split(":")[1] for v in vms]
+    details = {"vms": got, "truth": want, "plan": plan.vm_lifetime_reason,
+               "address_reused": len(set(addrs)) < len(addrs)}
+    if [v["ordinal"] for v in got] != [1, 2, 3]:
+        raise Fail("expected 3 VMs with ordinals 1, 2, 3, got %s" % [(v["vm"], v["ordinal"]) for v in got], details)
+    errs = ["VM #%d: %d unmaps / %d creates traced, truth %d / %d" % (v["ordinal"], v["unmaps"], v["creates"], w["unmaps"], w["creates"])
+            for v, w in zip(got, want) if (v["unmaps"], v["creates"]) != (w["unmaps"], w["creates"])]
+    errs += ["VM #%d still alive after its destruction" % v["ordinal"] for v in got if v["alive"]]
+    errs += ["VM #%d: memslots_max %r, expected 4" % (v["ordinal"], v["memslots_max"]) for v in got if v["memslots_max"] != 4]
+    if errs:
+        raise Fail("; ".join(errs), details)
+    return "pass", "3 VMs of one process kept apart (%s), exact counts each (address reused: %s)" % (
+        ", ".join(v["label"] for v in got), details["address_reused"]), details
+
+
+def check_exact_memslot_buckets():
+    """Unmaps at N memslots (509 on 5.10, the kernel's limit there) land in the memslot-count
+    bucket of N, aggregated in the kernel; on linear-scan kernels every one scanned N slots."""
+    if EXPECTED_DEFAULT_MODE not in ("kprobe", "fentry"):
+        raise Skip("no exact mode expected here")
+    n = 509
+    (gt,), pid, snap, plan = _traced_workloads([(n, 64)])
+    rows = [b for b in snap.by_memslots if b.pid == pid and b.op == "unmap"]
+    total = sum(b.count for b in rows)
+    want_b = n.bit_length()  # snapshot.log2_bucket(509) = 9: [256, 512)
+    top = [b for b in rows if b.bucket == want_b]
+    vm = [v for v in snap.vms if v.pid == pid]
+    details = {"buckets": [(b.bucket, b.count, b.memslots_max, b.scanned_sum) for b in rows],
+               "truth_unmaps": gt["hva_ops"]["unmap"], "vm_memslots_max": [v.memslots_max for v in vm]}
+    errs = []
+    if total != gt["hva_ops"]["unmap"]:
+        errs.append("buckets hold %d unmaps, ground truth %d" % (total, gt["hva_ops"]["unmap"]))
+    if len(top) != 1 or top[0].memslots_max != n or top[0].count < 64:
+        errs.append("no bucket %d with memslots_max %d and the 64 page unmaps" % (want_b, n))
+    elif LINEAR_SCAN and top[0].scanned_sum != n * top[0].count:
+        errs.append("scanned %r at %d memslots for %d unmaps, expected %d each" % (top[0].scanned_sum, n, top[0].count, n))
+    elif not LINEAR_SCAN and top[0].scanned_sum is not None:
+        errs.append("slots scanned %r on an interval-tree kernel" % top[0].scanned_sum)
+    if [v.memslots_max for v in vm] != [n]:
+        errs.append("VM memslots_max %r, expected [%d]" % ([v.memslots_max for v in vm], n))
+    if errs:
+        raise Fail("; ".join(errs), details)
+    return "pass", "%d unmaps at %d memslots in bucket %d%s" % (top[0].count, n, want_b, (
+        ", scanned %d each" % n) if LINEAR_SCAN else ""), details
+
+
+def check_exact_multi_vm():
+    """The workload's multi-vm scenario (3 VMs one after another, then 2 alive at once, in one
+    process) under the default exact plan: every VM its own row, by its ordinal, with exactly its
+    ground truth's unmaps (every madvise while it is alive: one notifier per VM), slots visited,
+    memslot updates by change type and memslot counts."""
+    if EXPECTED_DEFAULT_MODE not in ("kprobe", "fentry"):
+        raise Skip("no exact mode expected here")
+    from kvmtrace.tracer.session import TraceSession
+    from kvmtrace.workload import SCENARIOS
+
+    if "multi-vm" not in SCENARIOS:
+        raise Skip("the workload has no multi-vm scenario in this tree")
+    out = os.path.join(RESULTS, "gt-multi-vm-exact.json")
+    with TraceSession(interval=1.0) as s:
+        p = run(KVMTRACE + ["workload", "--scenario", "multi-vm", "--quiet", "--json-out", out], timeout=900)
+        if p.returncode != 0:
+            raise Fail("multi-vm workload exited %d: %s" % (p.returncode, tail(p.stderr or p.stdout)))
+        time.sleep(0.5)
+        snap = s.snapshot()
+    with open(out) as f:
+        gt = json.load(f)
+    pid = gt["pid"]
+    vms = {v.ordinal: v for v in snap.vms if v.pid == pid}
+    hva = {h.vm_id: h for h in snap.hva if h.pid == pid and h.op == "unmap"}
+    upd = {}
+    for m in snap.memslot:
+        if m.pid == pid:
+            upd.setdefault(m.vm_id, {})[m.change] = m.count
+    errs, got = [], []
+    for want in gt["vms"]:
+        v = vms.get(want["ordinal"])
+        if v is None:
+            errs.append("VM #%d: no row" % want["ordinal"])
+            continue
+        h = hva.get(v.vm_id)
+        row = {"ordinal": v.ordinal, "vm": v.vm_id, "unmaps": h.count if h else 0,
+               "visited": h.slots_sum if h else 0, "updates": {k: c for k, c in upd.get(v.vm_id, {}).items() if c},
+               "memslots_max": v.memslots_max}
+        got.append(row)
+        w_upd = {k: c for k, c in want["memslot_updates"].items() if c}
+        if (row["unmaps"], row["visited"], row["updates"], row["memslots_max"]) != (
+                want["hva_ops"]["unmap"], want["hva_slots_visited"]["unmap"], w_upd, want["memslots_max"]):
+            errs.append("VM #%d: traced unmaps %d, visited %d, updates %s, memslots_max %r; truth %d, %d, %s, %r" % (
+                want["ordinal"], row["unmaps"], row["visited"], row["updates"], row["memslots_max"],
+                want["hva_ops"]["unmap"], want["hva_slots_visited"]["unmap"], w_upd, want["memslots_max"]))
+    extra = sorted(set(vms) - {w["ordinal"] for w in gt["vms"]})
+    if extra:
+        errs.append("VMs traced that the workload did not create: ordinals %s" % extra)
+    details = {"traced": got, "truth": gt["vms"]}
+    if errs:
+        raise Fail("; ".join(errs), details)
+    return "pass", "%d VMs of one process (%d at once), each exact: %s" % (
+        len(got), sum(1 for w in gt["vms"] if w.get("concurrent")), ", ".join(
+            "#%d %d unmaps" % (r["ordinal"], r["unmaps"]) for r in got)), details
+
+
+def check_exact_report_by_memslots():
+    """`kvmtrace record` (default plan, no --events) around one VM with 509 memslots unmapping 64
+    pages, then `report --json`: the memslot-count table has the unmaps at 509 memslots (from
+    the kernel's buckets), scanned 509 per unmap on linear-scan kernels."""
+    if EXPECTED_DEFAULT_MODE not in ("kprobe", "fentry"):
+        raise Skip("no exact mode expected here")
+    out = os.path.join(RESULTS, "rec-by-memslots")
+    log = open(os.path.join(RESULTS, "record-by-memslots.log"), "w")
+    before_kp, before_ids = kprobe_events(), bpf_prog_ids()
+    proc = subprocess.Popen(KVMTRACE + ["record", "-o", out, "--interval", "1"], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        if not _wait_attached(proc, before_kp, before_ids):
+            raise Fail("`kvmtrace record` exited before attaching: %s" % tail(open(log.name).read()))
+        p = run(KVMTRACE + ["workload", "--slots", "509", "--slot-size", "256K", "--scenario", "unmap", "--pages", "64",
+                            "--iterations", "1", "--quiet", "--json-out", os.path.join(RESULTS, "gt-by-memslots.json")])
+        if p.returncode != 0:
+            raise Fail("workload exited %d: %s" % (p.returncode, tail(p.stderr or p.stdout)))
+        time.sleep(2.5)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+    with open(os.path.join(RESULTS, "gt-by-memslots.json")) as f:
+        gt = json.load(f)
+    rep = json.loads(run(KVMTRACE + ["report", out, "--json"], check=True).stdout)
+    rows = [r for r in rep.get("by_memslots", []) if r.get("op") == "unmap"]
+    details = {"by_memslots": rows, "truth_unmaps": gt["hva_ops"]["unmap"]}
+    top = [r for r in rows if r.get("memslots_max") == 509]
+    errs = []
+    if sum(r.get("count", 0) for r in rows) != gt["hva_ops"]["unmap"]:
+        errs.append("by_memslots holds %d unmaps, ground truth %d" % (sum(r.get("count", 0) for r in rows), gt["hva_ops"]["unmap"]))
+    if len(top) != 1 or top[0].get("count", 0) < 64:
+        errs.append("no memslot-count row with max 509 holding the 64 page unmaps")
+    elif LINEAR_SCAN and (top[0].get("slots_scanned") or {}).get("mean") != 509:
+        errs.append("slots scanned at 509 memslots: %r, expected 509" % (top[0].get("slots_scanned"),))
+    if errs:
+        raise Fail("; ".join(errs), details)
+    return "pass", "report: %d unmaps at %s memslots (max 509)%s" % (
+        top[0]["count"], top[0].get("memslots_bucket"), ", scanned 509" if LINEAR_SCAN else ""), details
 
 
 def get_check(name):
