@@ -9,13 +9,13 @@ import dataclasses
 
 import pytest
 
-from kvmtrace.tracer import session as S
+from kvmtrace.tracer import host, session as S
 from kvmtrace.tracer.cflags import build_cflags, source
 from kvmtrace.tracer.records import kprobe_programs
 
 pytestmark = pytest.mark.root
 
-ok, why = S.have_capabilities()
+ok, why = host.can_trace()
 if not ok:
     pytest.skip(why, allow_module_level=True)
 try:

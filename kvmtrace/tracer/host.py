@@ -21,7 +21,7 @@ import platform
 import re
 import stat
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 from ..snapshot import VmInfo
 
@@ -131,6 +131,29 @@ def vmm_pids(proc: str = "/proc") -> Dict[int, int]:
     return {v.pid: v.vm_fds for v in vms(proc)[0] if v.vm_fds}
 
 
+def vm_fds(proc: str = "/proc") -> Dict[int, List[int]]:
+    """KVM VM descriptors (anon_inode:kvm-vm) of every readable process now: pid -> fd numbers
+    (the tracer seeds the VMs that predate a trace from them)."""
+    out: Dict[int, List[int]] = {}
+    try:
+        pids = [d for d in os.listdir(proc) if d.isdigit()]
+    except OSError:
+        return out
+    for d in pids:
+        fddir = f"{proc}/{d}/fd"
+        try:
+            names = os.listdir(fddir)
+        except OSError:
+            continue
+        for fd in names:
+            try:
+                if os.readlink(f"{fddir}/{fd}") == "anon_inode:kvm-vm":
+                    out.setdefault(int(d), []).append(int(fd))
+            except (OSError, ValueError):
+                continue
+    return out
+
+
 def owns_vm(pid: int, proc: str = "/proc") -> bool:
     """Whether process ``pid`` holds a KVM VM descriptor now."""
     try:
@@ -139,8 +162,7 @@ def owns_vm(pid: int, proc: str = "/proc") -> bool:
         return False
 
 
-@dataclass(frozen=True)
-class ProcInfo:
+class ProcInfo(NamedTuple):  # a tuple too: ``comm, name, vcpus, alive = proc_info(pid)``
     comm: str
     name: str  # guest name (guest_name), "" when the command line has none
     vcpus: Optional[int]  # vCPU descriptors; None when the descriptors are not readable

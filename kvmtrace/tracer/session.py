@@ -21,19 +21,17 @@ from __future__ import annotations
 import ctypes as ct
 from dataclasses import replace
 import os
-import signal
 import socket
 import threading
 import time
-from contextlib import contextmanager
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 from .. import __version__
 from ..errors import CapabilityMissing, KvmtraceError, PermissionProblem
-from . import rawevents
+from . import host, kernel, rawevents
 from . import records as R
 from .cflags import build_cflags, source
-from .decode_common import Decoding, exact_vm_id  # noqa: F401  (exact_vm_id: public name)
+from .decode_common import Decoding
 from .plan import KernelFacts, ProbePlan
 from .selfcost import CostMeter, process_cpu_s
 from ..snapshot import SelfCost, Snapshot
@@ -42,21 +40,6 @@ from ..snapshot import SelfCost, Snapshot
 # ----------------------------------------------------------------------------- preflight
 def _name(n) -> str:
     return n.decode() if isinstance(n, bytes) else str(n)
-
-
-def have_capabilities() -> Tuple[bool, str]:
-    """(ok, why not): root, or CAP_BPF + CAP_PERFMON (+ CAP_SYS_ADMIN for bcc's kprobes)."""
-    if os.geteuid() == 0:
-        return True, ""
-    try:
-        with open("/proc/self/status") as f:
-            eff = next(int(l.split()[1], 16) for l in f if l.startswith("CapEff:"))
-    except (OSError, StopIteration, ValueError):
-        eff = 0
-    cap_sys_admin, cap_perfmon, cap_bpf = 21, 38, 39
-    if eff & (1 << cap_sys_admin) or (eff & (1 << cap_perfmon) and eff & (1 << cap_bpf)):
-        return True, ""
-    return False, "tracing needs root, or CAP_BPF and CAP_PERFMON"
 
 
 def ensure_tracefs() -> str:
@@ -86,34 +69,14 @@ def import_bcc():
 
 
 def bcc_version() -> str:
-    try:
-        import bcc
-
-        return getattr(bcc, "__version__", "unknown")
-    except ImportError:
-        return "not installed"
-
-
-def _load_error(e: Exception) -> KvmtraceError:
-    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    low = str(e).lower()
-    if "kernel headers" in low or "linux/kconfig.h" in low or "no such file" in low and ".h" in low:
-        return CapabilityMissing(
-            f"bcc could not compile the BPF program: {msg}",
-            "install kernel headers: apt-get install linux-headers-$(uname -r), or `make setup` "
-            "(links the distribution's generic headers when the exact ones do not exist)",
-        )
-    if "operation not permitted" in low or "permission" in low:
-        return PermissionProblem(f"the kernel refused the BPF program: {msg}",
-                                 "run as root; check lockdown and kernel.unprivileged_bpf_disabled")
-    return CapabilityMissing(f"loading the BPF program failed: {msg}",
-                             "run `kvmtrace doctor` to see what this kernel supports")
+    """bcc's version for metadata ("not installed" when it does not import)."""
+    return kernel.bcc_version()[0] or "not installed"
 
 
 def tracing_unavailable() -> str:
     """Why this host cannot trace (root, /dev/kvm, bcc, tracefs), or "" when it can. Used by
     tests and commands to skip or explain through the product's own checks."""
-    ok, why = have_capabilities()
+    ok, why = host.can_trace()
     if not ok:
         return why
     if not os.path.exists("/dev/kvm"):
@@ -124,102 +87,6 @@ def tracing_unavailable() -> str:
     except KvmtraceError as e:
         return str(e)
     return ""
-
-
-@contextmanager
-def interrupt_on_signals():
-    """SIGTERM and SIGHUP raise KeyboardInterrupt, so every exit path detaches and flushes."""
-
-    def handler(signum, frame):
-        raise KeyboardInterrupt
-
-    old = {}
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        try:
-            old[sig] = signal.signal(sig, handler)
-        except (ValueError, OSError):  # not the main thread
-            pass
-    try:
-        yield
-    finally:
-        for sig, h in old.items():
-            signal.signal(sig, h)
-
-
-# ----------------------------------------------------------------------------- /proc
-def vm_fds() -> Dict[int, List[int]]:
-    """VM descriptors (anon_inode:kvm-vm) of every process now: pid -> fds."""
-    out: Dict[int, List[int]] = {}
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        fd_dir = f"/proc/{d}/fd"
-        try:
-            for fd in os.listdir(fd_dir):
-                try:
-                    if os.readlink(f"{fd_dir}/{fd}") == "anon_inode:kvm-vm":
-                        out.setdefault(int(d), []).append(int(fd))
-                except OSError:
-                    continue
-        except OSError:
-            continue
-    return out
-
-
-def vmm_pids() -> Dict[int, int]:
-    """VMM processes running now: pid -> number of VMs (anon_inode:kvm-vm fds)."""
-    return {pid: len(fds) for pid, fds in vm_fds().items()}
-
-
-def _owns_vm(pid: int) -> bool:
-    try:
-        for fd in os.listdir(f"/proc/{pid}/fd"):
-            try:
-                if os.readlink(f"/proc/{pid}/fd/{fd}") == "anon_inode:kvm-vm":
-                    return True
-            except OSError:
-                continue
-    except OSError:
-        pass
-    return False
-
-
-def proc_info(pid: int) -> Tuple[str, str, Optional[int], bool]:
-    """(comm, guest name, vCPU count, alive) of a process, from /proc."""
-    try:
-        with open(f"/proc/{pid}/comm") as f:
-            comm = f.read().strip()
-    except OSError:
-        return "", "", None, False
-    name = ""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            argv = f.read().split(b"\0")
-        for i, a in enumerate(argv[:-1]):
-            if a == b"-name":
-                v = argv[i + 1].decode(errors="replace")
-                # QEMU: -name NAME or -name guest=NAME,debug-threads=on
-                for part in v.split(","):
-                    if part.startswith("guest="):
-                        v = part[6:]
-                        break
-                else:
-                    v = v.split(",")[0]
-                name = v
-                break
-    except OSError:
-        pass
-    vcpus = 0
-    try:
-        for fd in os.listdir(f"/proc/{pid}/fd"):
-            try:
-                if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("anon_inode:kvm-vcpu"):
-                    vcpus += 1
-            except OSError:
-                continue
-    except OSError:
-        pass
-    return comm, name, vcpus, True
 
 
 class TraceSession:
@@ -286,7 +153,7 @@ class TraceSession:
         return resolve(self.facts, **kwargs)
 
     def open(self) -> None:
-        ok, why = have_capabilities()
+        ok, why = host.can_trace()
         if not ok:
             raise PermissionProblem(why, "run as root: sudo kvmtrace ...")
         if self.pid is not None and not os.path.exists(f"/proc/{self.pid}"):
@@ -304,7 +171,7 @@ class TraceSession:
                 "run `kvmtrace doctor` for what is missing and how to fix it",
             )
         self.decoding = Decoding(self.plan, keep_events=self.keep_events, max_events=self.max_events,
-                                 pid=self.pid, proc_info=proc_info, owns_vm=_owns_vm)
+                                 pid=self.pid, proc_info=host.proc_info, owns_vm=host.owns_vm)
         ringbuf = True if self.facts is None or self.facts.ringbuf is None else bool(self.facts.ringbuf)
         fentry_module = None
         if any(p.attach == "fentry" for p in self.plan.ops) and self.facts is not None:
@@ -329,9 +196,9 @@ class TraceSession:
             raise
         except Exception as e:  # bcc raises bare Exception for every failure
             self.close()
-            raise _load_error(e)
+            raise kernel.load_problem(e).error()
         # VMs that exist already: their memslots predate the trace (partial)
-        known = vmm_pids()
+        known = host.vmm_pids()
         self.decoding.stream.known_vmm.update(known)
         if self._table("tp_vms") is not None:
             self._tp_setup(BPF)
@@ -369,7 +236,7 @@ class TraceSession:
         from .decode_tp import seed_gen
 
         vmm, vms, vmfd = self.bpf["vmm"], self.bpf["tp_vms"], self.bpf["tp_vmfd"]
-        for pid, fds in sorted(vm_fds().items()):
+        for pid, fds in sorted(host.vm_fds().items()):
             if self.pid is not None and pid != self.pid:
                 continue
             if vmm.get(vmm.Key(pid)) is not None:  # created a VM since attach: the kernel knows it
