@@ -229,7 +229,7 @@ static __always_inline void max_update(u64 *slot, u64 v)
 #ifndef MAX_TP_AGG
 #define MAX_TP_AGG 2048  // (vm, op) aggregates
 #endif
-#define VM_PER_PROC 8  // live VMs per process in notifier order (attribution); a power of two
+#define VM_PER_PROC 8  // live VMs per process in notifier order (attribution)
 #ifndef TABS_PER_PROC
 #define TABS_PER_PROC 4  // slot tables one process may hold: one process cannot take them all
 #endif
@@ -476,13 +476,16 @@ static __always_inline void vm_register(u32 tgid, u32 fd)
         n = p->n;
     }
     if (n < VM_PER_PROC) {
-        // masked index: the verifiers of 6.1 and 6.12 lose the bound of n across the compare
-        // ("R4 unbounded memory access"); VM_PER_PROC is a power of two, so the mask keeps n
-        u32 ix = n & (VM_PER_PROC - 1);
-        asm volatile("" : "+r"(ix));
-        p->gen[ix] = gen;
-        p->tab[ix] = v.tab;
-        p->fd[ix] = fd;
+        // stores at constant offsets: the verifiers of 6.1 and 6.12 refused p->gen[n] ("R4
+        // unbounded memory access": the bound of n is lost on its way through the stack)
+#pragma unroll
+        for (int i = 0; i < VM_PER_PROC; i++) {
+            if (i == n) {
+                p->gen[i] = gen;
+                p->tab[i] = v.tab;
+                p->fd[i] = fd;
+            }
+        }
         p->n = n + 1;
     }
 }

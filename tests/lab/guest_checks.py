@@ -559,7 +559,14 @@ def _run_session(mode):
         report = json.loads(p.stdout)
     except ValueError:
         report_err = "`kvmtrace report %s --json` (exit %d) printed no JSON: %s" % (os.path.basename(out), p.returncode, tail(p.stderr or p.stdout))
+    slot_tables = ""
+    try:
+        with open(os.path.join(out, "kvmtrace-recording.json")) as f:
+            slot_tables = (json.load(f).get("session") or {}).get("tp.slot_tables") or ""
+    except (OSError, ValueError, AttributeError):
+        pass
     return {"mode": mode, "gt": gts, "report": report, "report_err": report_err, "record_rc": rec_rc,
+            "slot_tables": slot_tables,
             "record_log": tail(open(log.name).read(), 5), "attach_s": attach_s,
             "leftover_kprobes": leftover_kp, "leftover_bpf": leftover_ids}
 
@@ -604,6 +611,19 @@ def _slots_visited(s):
     = unmap ops - outside ops (the mean is checked through that total)."""
     rep = _report(s)
     out, errs = {}, []
+    if s["mode"] == "tracepoint" and s.get("slot_tables", "").startswith("unavailable"):
+        # the kernel refused the slot-table programs: every op must be counted underived, none guessed
+        for tag in ("small", "large"):
+            gt = s["gt"][tag]
+            rows = _rows(rep, "hva_ops", gt["pid"], op="unmap")
+            n = sum(r.get("count", 0) for r in rows)
+            under = sum(r.get("underived") or 0 for r in rows)
+            derived = [(r.get("slots_visited") or {}).get("mean") for r in rows if (r.get("slots_visited") or {}).get("mean") is not None]
+            if under != n or derived:
+                raise Fail("tracepoint mode without slot tables: %d of %d unmaps underived, derived means %r "
+                           "(every op must be underived)" % (under, n, derived))
+        raise Skip("tracepoint mode on %d.%d: slots visited not derived, every op counted underived (%s)"
+                   % (KVER + (s["slot_tables"],)))
     for tag in ("small", "large"):
         gt = s["gt"][tag]
         rows = _rows(rep, "hva_ops", gt["pid"], op="unmap")
