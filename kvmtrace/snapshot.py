@@ -243,79 +243,24 @@ class Snapshot:
         (a max cannot be differenced); VM info is the current one."""
         if prev is None:
             return replace(self, is_delta=True)
-        ph = {h.key: h for h in prev.hva}
-        pm = {m.key: m for m in prev.memslot}
-        hva = []
-        for h in self.hva:
-            p = ph.get(h.key)
-            if p is None:
-                hva.append(h)
-                continue
-            hva.append(
-                replace(
-                    h,
-                    count=h.count - p.count,
-                    lat_hist=h.lat_hist - p.lat_hist,
-                    lat_count=h.lat_count - p.lat_count,
-                    lat_sum_ns=h.lat_sum_ns - p.lat_sum_ns,
-                    slots_hist=h.slots_hist - p.slots_hist,
-                    slots_count=h.slots_count - p.slots_count,
-                    slots_sum=h.slots_sum - p.slots_sum,
-                    scanned_sum=None if h.scanned_sum is None else h.scanned_sum - (p.scanned_sum or 0),
-                    range_hist=h.range_hist - p.range_hist,
-                    underived=h.underived - p.underived,
-                )
-            )
-        mem = []
-        for m in self.memslot:
-            p = pm.get(m.key)
-            if p is None:
-                mem.append(m)
-                continue
-            mem.append(
-                replace(
-                    m,
-                    count=m.count - p.count,
-                    errors=m.errors - p.errors,
-                    lat_hist=m.lat_hist - p.lat_hist,
-                    lat_sum_ns=m.lat_sum_ns - p.lat_sum_ns,
-                )
-            )
-        pb = {b.key: b for b in prev.by_memslots}
-        buckets = []
-        for b in self.by_memslots:
-            p = pb.get(b.key)
-            if p is None:
-                buckets.append(b)
-                continue
-            buckets.append(
-                replace(
-                    b,
-                    count=b.count - p.count,
-                    lat_count=b.lat_count - p.lat_count,
-                    lat_sum_ns=b.lat_sum_ns - p.lat_sum_ns,
-                    slots_count=b.slots_count - p.slots_count,
-                    slots_sum=b.slots_sum - p.slots_sum,
-                    scanned_sum=None if b.scanned_sum is None else b.scanned_sum - (p.scanned_sum or 0),
-                )
-            )
+        hva = _minus(self.hva, prev.hva, _HVA_SUMS)
+        mem = _minus(self.memslot, prev.memslot, _MEMSLOT_SUMS)
+        buckets = _minus(self.by_memslots, prev.by_memslots, _BUCKET_SUMS)
         c, pc = self.cost, prev.cost
+        before = {name: (ns, cnt) for name, ns, cnt in pc.per_prog}
         cost = replace(
             c,
             bpf_run_ns=c.bpf_run_ns - pc.bpf_run_ns,
             bpf_run_cnt=c.bpf_run_cnt - pc.bpf_run_cnt,
             user_cpu_s=c.user_cpu_s - pc.user_cpu_s,
-            per_prog=tuple(
-                (n, ns - dict((q[0], q[1]) for q in pc.per_prog).get(n, 0),
-                 cnt - dict((q[0], q[2]) for q in pc.per_prog).get(n, 0))
-                for n, ns, cnt in c.per_prog
-            ),
+            per_prog=tuple((name, ns - before.get(name, (0, 0))[0], cnt - before.get(name, (0, 0))[1])
+                           for name, ns, cnt in c.per_prog),
         )
         return replace(
             self,
-            hva=tuple(hva),
-            memslot=tuple(mem),
-            by_memslots=tuple(buckets),
+            hva=hva,
+            memslot=mem,
+            by_memslots=buckets,
             cost=cost,
             ignored_ioctls=self.ignored_ioctls - prev.ignored_ioctls,
             elapsed_s=max(0.0, (self.mono_ns - prev.mono_ns) / 1e9),
@@ -347,6 +292,31 @@ def cost_summary(cum: "Snapshot") -> dict:
         "elapsed_s": t,
         "per_prog": {n: [ns, cnt] for n, ns, cnt in c.per_prog} if on else {},
     }
+
+
+# The summed fields of each row type: what ``Snapshot.delta`` differences (maxima stay cumulative)
+_HVA_SUMS = ("count", "lat_hist", "lat_count", "lat_sum_ns", "slots_hist", "slots_count", "slots_sum",
+             "scanned_sum", "range_hist", "underived")
+_MEMSLOT_SUMS = ("count", "errors", "lat_hist", "lat_sum_ns")
+_BUCKET_SUMS = ("count", "lat_count", "lat_sum_ns", "slots_count", "slots_sum", "scanned_sum")
+
+
+def _minus(cur, prev, fields) -> tuple:
+    """Each row of ``cur`` less the row of ``prev`` with the same key, in ``fields``; a row new in
+    ``cur`` stays as it is. A field that is None (not measured) stays None."""
+    before = {r.key: r for r in prev}
+    out = []
+    for r in cur:
+        p = before.get(r.key)
+        if p is None:
+            out.append(r)
+            continue
+        diff = {}
+        for f in fields:
+            a, b = getattr(r, f), getattr(p, f)
+            diff[f] = None if a is None else a - (0 if b is None else b)
+        out.append(replace(r, **diff))
+    return tuple(out)
 
 
 def mean(total: int, n: int) -> Optional[float]:
