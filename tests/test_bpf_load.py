@@ -86,3 +86,18 @@ def test_perf_buffer_variant_compiles_and_loads(facts):
     cflags = build_cflags(plan, facts, ringbuf=False, events=True)
     assert "-DUSE_RINGBUF" not in cflags
     _load_all(plan, cflags, ["kp_enter_UNMAP_"])
+
+
+def test_thread_state_in_task_storage_and_in_the_hash_both_load(facts):
+    """5.11+ with BTF keeps the callback state in task-local storage; older kernels (5.10) in
+    the thread-keyed LRU hash: both variants pass the verifier."""
+    from kvmtrace.tracer.plan import resolve
+
+    plan = resolve(facts, modes=("kprobe",))
+    cflags = build_cflags(plan, facts)
+    assert "-DCB_TASK_STORAGE" in cflags  # this host: 6.x with BTF
+    _load_all(plan, cflags, ["kp_enter_UNMAP_", "kp_exit_UNMAP_", "kp_handler_"])
+    old = dataclasses.replace(facts, release="5.10.0-35-amd64")
+    cflags = build_cflags(plan, old)
+    assert "-DCB_TASK_STORAGE" not in cflags
+    _load_all(plan, cflags, ["kp_enter_UNMAP_", "kp_exit_UNMAP_", "kp_handler_"])

@@ -79,3 +79,22 @@ def test_names_that_are_not_identifiers_are_refused():
         build_cflags(dataclasses.replace(plan, ops=ops), facts)
     with pytest.raises(KvmtraceError):
         build_cflags(plan, facts, ringbuf_pages=1000)
+
+
+def test_callback_state_in_task_storage_from_5_11_with_btf(tmp_path):
+    from kvmtrace.tracer.cflags import exact_task_storage
+
+    btf = tmp_path / "vmlinux"
+    btf.write_bytes(b"")
+    facts = load("6.1-debian-module")
+    assert exact_task_storage(facts, str(btf))
+    assert exact_task_storage(dataclasses.replace(facts, release="5.11.0"), str(btf))
+    assert not exact_task_storage(dataclasses.replace(facts, release="5.10.0-35-amd64"), str(btf))
+    assert not exact_task_storage(facts, str(tmp_path / "absent"))  # no BTF: no bpf_get_current_task_btf
+    assert not exact_task_storage(dataclasses.replace(facts, release="weird"), str(btf))
+    assert not exact_task_storage(None, str(btf))
+
+
+def test_tracepoint_only_plan_keeps_no_callback_state():
+    facts = load("6.18-builtin-host")
+    assert "-DCB_TASK_STORAGE" not in build_cflags(resolve(facts), facts)

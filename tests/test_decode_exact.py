@@ -84,3 +84,40 @@ def test_raw_hva_events_carry_the_ordinal_and_memslot_count_at_the_event():
              owner=4242, ordinal=3, memslots=509, vm=KVM))
     (hv,) = dec.take_events()
     assert (hv.vm_id, hv.pid, hv.slots, hv.scanned, hv.memslots) == (f"kvm:{KVM:#x}:4242#3", 4242, 1, 509, 509)
+
+
+def _fake_ex_agg(count, buckets):
+    """A bcc value of the exact-mode ``aggs`` map (C struct ex_agg) as attributes: the (VM, op)
+    aggregate ``a`` and 16 memslot-count buckets ``b`` (index = bucket)."""
+    from types import SimpleNamespace as NS
+
+    from kvmtrace.consts import LOG2_BUCKETS
+
+    zeros = [0] * LOG2_BUCKETS
+    s = NS(count=count, lat_count=0, lat_sum=0, lat_max=0, slots_count=0, slots_sum=count, slots_max=1,
+           scanned_sum=0, tgid=0)
+    b = [NS(count=0, memslots_max=0, lat_sum=0, slots_sum=0, scanned_sum=0) for _ in range(R.MS_BUCKETS)]
+    for i, (n, mx, lat, slots, scanned) in buckets.items():
+        b[i] = NS(count=n, memslots_max=mx, lat_sum=lat, slots_sum=slots, scanned_sum=scanned)
+    return NS(a=NS(s=s, lat=zeros, slots=zeros, range=zeros), b=b)
+
+
+def test_buckets_folded_into_the_vm_op_value_decode_to_the_same_rows():
+    """The kernel keeps the memslot-count buckets inside each (VM, op) value (one hash lookup per
+    operation); unfolded, they give exactly the rows of a separate bucket table."""
+    v = _fake_ex_agg(6, {4: (1, 8, 100, 1, 8), 9: (5, 509, 900, 5, 5 * 509)})
+    agg, bk = R.split_exact_agg(v)
+    assert agg.count == 6 and sorted(bk) == [4, 9]  # empty buckets are not rows
+    folded = R.MapContents(aggs={(KVM, int(Op.UNMAP), 4242, 1): agg},
+                           buckets=R.exact_bucket_rows((KVM, int(Op.UNMAP), 4242, 1), bk))
+    separate = R.MapContents(
+        aggs={(KVM, int(Op.UNMAP), 4242, 1): agg},
+        buckets={(KVM, int(Op.UNMAP), 4242, 1, 4): R.BucketRow(1, 8, 100, 1, 8),
+                 (KVM, int(Op.UNMAP), 4242, 1, 9): R.BucketRow(5, 509, 900, 5, 5 * 509)})
+    assert folded == separate
+    rows = Decoding(exact_plan(linear=True)).decode(folded).by_memslots
+    assert sorted((b.bucket, b.count, b.memslots_max, b.scanned_sum, b.lat_sum_ns) for b in rows) == [
+        (4, 1, 8, 8, 100), (9, 5, 509, 5 * 509, 900)]
+    # a VM older than the trace: its key has no ordinal, its bucket rows ordinal 0
+    assert list(R.exact_bucket_rows((KVM, int(Op.UNMAP), 4242), bk)) == [
+        (KVM, int(Op.UNMAP), 4242, 0, 4), (KVM, int(Op.UNMAP), 4242, 0, 9)]

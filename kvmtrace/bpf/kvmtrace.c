@@ -26,7 +26,7 @@
 #include <uapi/linux/ptrace.h>
 
 #ifndef MAX_AGG
-#define MAX_AGG 4096  // (vm, op) pairs; 1.6 KB each, preallocated
+#define MAX_AGG 4096  // (vm, op) pairs; 1.6 KB each (2.2 KB in exact modes), preallocated
 #endif
 #ifndef MAX_THREADS
 #define MAX_THREADS 16384
@@ -36,9 +36,6 @@
 #endif
 #ifndef MAX_VMS
 #define MAX_VMS 8192  // live VMs (entries leave at VM destruction)
-#endif
-#ifndef MAX_BUCKETS
-#define MAX_BUCKETS 16384  // (vm, op, memslot-count bucket) triples
 #endif
 #ifndef PAGE_SIZE_B
 #define PAGE_SIZE_B 4096
@@ -95,9 +92,35 @@ struct kt_region {  // uapi struct kvm_userspace_memory_region (and the head of 
     u64 userspace_addr;
 };
 
+#ifndef MS_BUCKETS
+#define MS_BUCKETS 16  // log2 buckets of a memslot count (32764 -> bucket 15)
+#endif
+
+#if defined(HVA_EXACT_UNMAP) || defined(HVA_EXACT_AGE) || defined(HVA_EXACT_TEST_AGE) || \
+    defined(HVA_EXACT_CHANGE_PTE)
+// Exact modes: hva ops of one (VM lifetime, op) at one log2 bucket of the VM's memslot count at
+// the event, kept inside the (VM, op) value (index = bucket), so that an operation costs one
+// hash lookup for both tables.
+struct bucket_val {
+    u64 count;
+    u64 memslots_max;
+    u64 lat_sum;
+    u64 slots_sum;
+    u64 scanned_sum;
+};
+struct ex_agg {
+    struct agg_val a;
+    struct bucket_val b[MS_BUCKETS];
+};
+#define EXACT_HVA 1
+#define AGG_T struct ex_agg  // 2.2 KB: MAX_AGG entries preallocated (9.2 MB at 4096)
+#else
+#define AGG_T struct agg_val
+#endif
+
 BPF_PERCPU_ARRAY(counters, u64, NR_CNT);
-BPF_HASH(aggs, struct op_key, struct agg_val, MAX_AGG);
-BPF_PERCPU_ARRAY(agg_zero, struct agg_val, 1);  // never written: the initial value of new entries
+BPF_HASH(aggs, struct op_key, AGG_T, MAX_AGG);
+BPF_PERCPU_ARRAY(agg_zero, AGG_T, 1);  // never written: the initial value of new entries
 BPF_HASH(ms_aggs, struct op_key, struct ms_val, MAX_AGG);
 BPF_PERCPU_ARRAY(ms_zero, struct ms_val, 1);
 
@@ -162,13 +185,13 @@ static __always_inline u32 log2_bucket(u64 v)
     return (u32)(r + v);
 }
 
-static __always_inline struct agg_val *agg_get_key(struct op_key *k)
+static __always_inline AGG_T *agg_get_key(struct op_key *k)
 {
     u32 zk = 0;
-    struct agg_val *v = aggs.lookup(k);
+    AGG_T *v = aggs.lookup(k);
     if (v)
         return v;
-    struct agg_val *zero = agg_zero.lookup(&zk);
+    AGG_T *zero = agg_zero.lookup(&zk);
     if (!zero)
         return 0;
     aggs.insert(k, zero);
@@ -178,7 +201,7 @@ static __always_inline struct agg_val *agg_get_key(struct op_key *k)
     return v;
 }
 
-static __always_inline struct agg_val *agg_get(u64 vm, u32 op, u32 owner)
+static __always_inline AGG_T *agg_get(u64 vm, u32 op, u32 owner)
 {
     struct op_key k = {};
     k.vm = vm;
@@ -1218,8 +1241,25 @@ struct cb_state {  // one callback in flight on this thread
     u32 owner;     // the VM's VMM tgid (vm_state), else the current one
     u32 ordinal;   // the VM's per-VMM ordinal (vm_state), 0 = older than the trace
 };
+#ifdef CB_TASK_STORAGE
+// 5.11+ with BTF: the thread's state in task-local storage, created at its first callback and
+// freed with the task (bounded by the tasks alive)
+BPF_TASK_STORAGE(cb_task, struct cb_state);
+#else
 // LRU: a callback whose exit probe was missed (kretprobe instances exhausted) ages out
 BPF_TABLE("lru_hash", u32, struct cb_state, cb_inflight, MAX_THREADS);
+#endif
+
+// The state of the callback in flight on this thread, or NULL.
+static __always_inline struct cb_state *cb_get(void)
+{
+#ifdef CB_TASK_STORAGE
+    return cb_task.task_storage_get((struct task_struct *)bpf_get_current_task_btf(), 0, 0);
+#else
+    u32 tid = (u32)bpf_get_current_pid_tgid();
+    return cb_inflight.lookup(&tid);
+#endif
+}
 
 // One VM's lifetime, from its creation (kvm_arch_init_vm) to its destruction
 // (kvm_arch_destroy_vm); a VM older than the trace gets an entry (ordinal 0) when first seen.
@@ -1232,16 +1272,6 @@ struct vm_state {
 BPF_HASH(vms, u64, struct vm_state, MAX_VMS);
 BPF_TABLE("lru_hash", u32, u32, vm_seq, MAX_VMMS);  // tgid -> VMs created while traced
 
-// Per (VM lifetime, op, log2 bucket of the VM's memslot count at the event): aggregated here so
-// the memslot-count breakdown needs no raw events.
-struct bucket_val {
-    u64 count;
-    u64 memslots_max;
-    u64 lat_sum;
-    u64 slots_sum;
-    u64 scanned_sum;
-};
-BPF_HASH(mbuckets, struct op_key, struct bucket_val, MAX_BUCKETS);
 
 #if READ_MEMSLOTS
 // Kernels before 5.17 keep each address space's memslots in a sorted array, and the hva lookup
@@ -1298,7 +1328,7 @@ static __always_inline void vm_memslots(struct vm_state *v, s32 count)
 static __always_inline int cb_enter(u32 op, u64 mn, u64 start, u64 end)
 {
     u64 id = bpf_get_current_pid_tgid();
-    u32 tgid = id >> 32, tid = (u32)id;
+    u32 tgid = id >> 32;
     if (filtered_out(tgid))
         return 0;
     struct cb_state s = {};
@@ -1324,36 +1354,33 @@ static __always_inline int cb_enter(u32 op, u64 mn, u64 start, u64 end)
         bump(CNT_MAPFULL);
     }
     s.ts = bpf_ktime_get_ns();
+#ifdef CB_TASK_STORAGE
+    struct cb_state *cur = cb_task.task_storage_get((struct task_struct *)bpf_get_current_task_btf(), 0,
+                                                    BPF_LOCAL_STORAGE_GET_F_CREATE);
+    if (cur)
+        *cur = s;
+    else
+        bump(CNT_MAPFULL);  // no memory for the task's storage: the callback is not counted
+#else
     // reuse the thread's entry: a lookup and a copy instead of an LRU update per callback
+    u32 tid = (u32)id;
     struct cb_state *cur = cb_inflight.lookup(&tid);
     if (cur) {
         *cur = s;
         return 0;
     }
     cb_inflight.update(&tid, &s);
+#endif
     return 0;
 }
 
-static __always_inline void bucket_add(struct cb_state *s, u64 dur, u32 slots)
+#ifdef EXACT_HVA
+// The operation's memslot-count bucket, inside its (VM, op) value.
+static __always_inline void bucket_add(struct ex_agg *x, struct cb_state *s, u64 dur, u32 slots)
 {
     if (s->memslots < 0)
         return;  // count unknown (VM older than the trace on an interval-tree kernel)
-    struct op_key k = {};
-    k.vm = s->vm;
-    k.op = s->op;
-    k.owner = s->owner;
-    k.ordinal = s->ordinal;
-    k.bucket = log2_bucket(s->memslots);
-    struct bucket_val *b = mbuckets.lookup(&k);
-    if (!b) {
-        struct bucket_val z = {};
-        mbuckets.insert(&k, &z);
-        b = mbuckets.lookup(&k);
-        if (!b) {
-            bump(CNT_MAPFULL);
-            return;
-        }
-    }
+    struct bucket_val *b = &x->b[log2_bucket(s->memslots) & (MS_BUCKETS - 1)];
     __sync_fetch_and_add(&b->count, 1);
     __sync_fetch_and_add(&b->lat_sum, dur);
     __sync_fetch_and_add(&b->slots_sum, slots);
@@ -1364,9 +1391,7 @@ static __always_inline void bucket_add(struct cb_state *s, u64 dur, u32 slots)
 static __always_inline int cb_exit(void *ctx)
 {
     u64 now = bpf_ktime_get_ns();
-    u64 id = bpf_get_current_pid_tgid();
-    u32 tid = (u32)id;
-    struct cb_state *s = cb_inflight.lookup(&tid);
+    struct cb_state *s = cb_get();
     if (!s || !s->ts)
         return 0;
     u64 dur = now - s->ts;
@@ -1377,8 +1402,9 @@ static __always_inline int cb_exit(void *ctx)
     k.op = op;
     k.owner = s->owner;
     k.ordinal = s->ordinal;
-    struct agg_val *a = agg_get_key(&k);
-    if (a) {
+    struct ex_agg *x = agg_get_key(&k);
+    if (x) {
+        struct agg_val *a = &x->a;
         __sync_fetch_and_add(&a->s.count, 1);
         hist_inc(a->range, s->end - s->start, 1);
         hist_inc(a->lat, dur, 1);
@@ -1392,11 +1418,11 @@ static __always_inline int cb_exit(void *ctx)
 #if READ_MEMSLOTS
         __sync_fetch_and_add(&a->s.scanned_sum, s->scanned);
 #endif
+        bucket_add(x, s, dur, slots);
     }
-    bucket_add(s, dur, slots);
 #ifdef EVENTS
     struct event ev = {};
-    ev_head(&ev, EV_HVA, s->ts, id);
+    ev_head(&ev, EV_HVA, s->ts, bpf_get_current_pid_tgid());
     ev.hva.op = op;
     ev.hva.start = s->start;
     ev.hva.end = s->end;
@@ -1412,6 +1438,7 @@ static __always_inline int cb_exit(void *ctx)
     s->ts = 0;  // done; the entry is reused by the thread's next callback
     return 0;
 }
+#endif  // EXACT_HVA
 
 // A per-slot handler called inside a callback on this thread. slot == 0: the handler runs once
 // per overlapping memslot (5.13+ gfn handlers), so every call is one slot visited. slot != 0:
@@ -1419,8 +1446,7 @@ static __always_inline int cb_exit(void *ctx)
 // memslot as argument (5.10's arch rmap handlers), so each change of slot is one slot visited.
 static __always_inline int handler_hit(u64 slot)
 {
-    u32 tid = (u32)bpf_get_current_pid_tgid();
-    struct cb_state *s = cb_inflight.lookup(&tid);
+    struct cb_state *s = cb_get();
     if (!s || !s->ts)
         return 0;
     if (slot) {
@@ -1532,9 +1558,25 @@ static __always_inline int vm_destroyed(void *ctx, u64 kvm)
 #define CB_ARGS_UNMAP(ctx, startp, endp)                                        \
     do {                                                                         \
         u64 r = ARG(ctx, CB_UNMAP_RANGE_ARG);                                    \
-        bpf_probe_read_kernel(startp, 8, (void *)(r + OFF_RANGE_START));         \
-        bpf_probe_read_kernel(endp, 8, (void *)(r + OFF_RANGE_END));             \
+        RANGE_READ(r, startp, endp);                                             \
     } while (0)
+// struct mmu_notifier_range has had start and end adjacent (unsigned long start, end) since it
+// was introduced (4.19): one read for both where the offsets say so
+#if OFF_RANGE_END == OFF_RANGE_START + 8
+#define RANGE_READ(r, startp, endp)                                             \
+    do {                                                                         \
+        u64 se[2] = {};                                                          \
+        bpf_probe_read_kernel(se, sizeof(se), (void *)((r) + OFF_RANGE_START));  \
+        *(startp) = se[0];                                                       \
+        *(endp) = se[1];                                                         \
+    } while (0)
+#else
+#define RANGE_READ(r, startp, endp)                                             \
+    do {                                                                         \
+        bpf_probe_read_kernel(startp, 8, (void *)((r) + OFF_RANGE_START));       \
+        bpf_probe_read_kernel(endp, 8, (void *)((r) + OFF_RANGE_END));           \
+    } while (0)
+#endif
 // age: clear_flush_young / clear_young (mn, mm, start, end)
 #define CB_ARGS_AGE(ctx, startp, endp)                                          \
     do { *(startp) = ARG(ctx, CB_AGE_START_ARG); *(endp) = ARG(ctx, CB_AGE_END_ARG); } while (0)

@@ -7,12 +7,13 @@ a C identifier pattern here.
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..consts import Op, c_defines
 from ..errors import KvmtraceError
-from .plan import KernelFacts, ProbePlan
+from .plan import KernelFacts, ProbePlan, parse_release
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -30,6 +31,21 @@ _DEFAULT_ARGS = {
 # (0..3) since it was introduced in 3.8 (commit 7b6195a91d, "KVM: set_memory_region: Identify
 # the requested change explicitly"). BTF enum values override these when the plan carries them.
 _KMR_DEFAULT = {"KMR_CREATE": 0, "KMR_DELETE": 1, "KMR_MOVE": 2, "KMR_FLAGS_ONLY": 3}
+
+
+# Task-local storage (BPF_MAP_TYPE_TASK_STORAGE) is usable from tracing programs, kprobes
+# included, since 5.11 (commit a10787e6d58c, "bpf: Enable task local storage for tracing
+# programs"); its helpers need the kernel's BTF (bpf_get_current_task_btf).
+TASK_STORAGE_SINCE = (5, 11)
+VMLINUX_BTF = "/sys/kernel/btf/vmlinux"
+
+
+def exact_task_storage(facts: Optional[KernelFacts], btf_path: str = VMLINUX_BTF) -> bool:
+    """Exact modes keep each thread's callback state in task-local storage (a pointer chase,
+    freed with the task) rather than an LRU hash keyed by thread id: 5.11+ with BTF. The
+    release decides only because no BPF feature probe tells it without a trial load."""
+    v = parse_release(facts.release) if facts is not None else None
+    return v is not None and v >= TASK_STORAGE_SINCE and os.path.exists(btf_path)
 
 
 def _ident(name: str) -> str:
@@ -136,6 +152,8 @@ def build_cflags(
                 flags.append("-DMS_DERIVE")
             params = _params(facts, outer)
             flags.append(f"-DMS_OUTER_NARGS={len(params) if params is not None else 2}")
+    if any(f.startswith("-DHVA_EXACT_") for f in flags) and exact_task_storage(facts):
+        flags.append("-DCB_TASK_STORAGE")
     if len(exact_modes) > 1:
         raise KvmtraceError(f"one run uses one exact attach mode, plan mixes {sorted(exact_modes)}")
     if exact_modes:

@@ -4,7 +4,7 @@ kernel and keyed by one VM lifetime: the ``struct kvm *``, its VMM's tgid and th
 of the VM (n-th VM it created while traced, from kvm_arch_init_vm; 0 = older than the trace).
 Memslot updates are timed around the region-setting function with the change type read by the
 kernel (``ms_aggs``); hva ops are also aggregated per log2 bucket of the VM's memslot count at
-the event (``mbuckets``), and the kernel keeps each live VM's memslot count (``vms``).
+the event (inside each (VM, op) value of ``aggs``), and the kernel keeps each live VM's memslot count (``vms``).
 
 Input: raw records (through decode_common.Decoding) and records.MapContents; output: the parts
 of a Snapshot. No bcc, no root: tests/test_decoders.py feeds it fakes.

@@ -291,8 +291,9 @@ class VmRow:
 
 @dataclass(frozen=True)
 class BucketRow:
-    """One value of the ``mbuckets`` map (C ``struct bucket_val``, exact modes): hva ops of one
-    (VM, op, log2 bucket of the VM's memslot count at the event)."""
+    """One memslot-count bucket of an exact-mode ``aggs`` value (C ``struct bucket_val`` inside
+    ``struct ex_agg``): hva ops of one (VM, op, log2 bucket of the VM's memslot count at the
+    event)."""
 
     count: int = 0
     memslots_max: int = 0
@@ -303,6 +304,19 @@ class BucketRow:
     @classmethod
     def from_map(cls, v) -> "BucketRow":
         return cls(int(v.count), int(v.memslots_max), int(v.lat_sum), int(v.slots_sum), int(v.scanned_sum))
+
+
+def split_exact_agg(v) -> Tuple[AggRow, Dict[int, BucketRow]]:
+    """One value of ``aggs`` in a build with exact hva programs (C ``struct ex_agg``: the
+    memslot-count buckets live inside the (VM, op) value, one hash lookup per operation for
+    both): the (VM, op) aggregate and bucket -> BucketRow of the buckets that saw operations."""
+    return AggRow.from_map(v.a), {i: BucketRow.from_map(b) for i, b in enumerate(v.b) if int(b.count)}
+
+
+def exact_bucket_rows(key: tuple, buckets: Dict[int, BucketRow]) -> Dict[Tuple[int, int, int, int, int], BucketRow]:
+    """``MapContents.buckets`` entries of one (vm, op, owner[, ordinal]) aggs key."""
+    vm, op, owner, ordinal = (tuple(key) + (0,))[:4]
+    return {(vm, op, owner, ordinal, b): row for b, row in buckets.items()}
 
 
 @dataclass(frozen=True)

@@ -378,11 +378,18 @@ class TraceSession:
     def read_maps(self) -> R.MapContents:
         """Every map the decoders need, read once, as plain values."""
         b = self.bpf
-        aggs = {_key(k): R.AggRow.from_map(v) for k, v in b["aggs"].items()}
+        aggs, buckets = {}, {}
+        for k, v in b["aggs"].items():
+            key = _key(k)
+            if hasattr(v, "b"):  # exact hva programs: memslot-count buckets inside the value
+                aggs[key], bk = R.split_exact_agg(v)
+                buckets.update(R.exact_bucket_rows(key, bk))
+            else:
+                aggs[key] = R.AggRow.from_map(v)
         vmm = self._table("vmm")
         msc = self._table("ms_count")
         msa = self._table("ms_aggs") if self._table("ms_inflight") is not None else None
-        vms, bkt = self._table("vms"), self._table("mbuckets")  # exact modes
+        vms = self._table("vms")  # exact modes
         tp = None
         if self._table("tp_vms") is not None:
             tp = R.TpMaps(
@@ -398,9 +405,7 @@ class TraceSession:
             ms_count=None if msc is None else {int(k.value): int(v.value) for k, v in msc.items()},
             ms_aggs=None if msa is None else {_key(k): R.MsRow.from_map(v) for k, v in msa.items()},
             vms=None if vms is None else {int(k.value): R.VmRow.from_map(v) for k, v in vms.items()},
-            buckets=None if bkt is None else {
-                (int(k.vm), int(k.op), int(k.owner), int(k.ordinal), int(k.bucket)): R.BucketRow.from_map(v)
-                for k, v in bkt.items()},
+            buckets=None if vms is None else buckets,
         )
 
     def _tp_retire(self, maps: R.MapContents) -> None:
