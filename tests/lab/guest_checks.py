@@ -64,6 +64,8 @@ CHECKS = [
     "exact_memslot_buckets",
     "exact_multi_vm",
     "exact_report_by_memslots",
+    "exact_self_cost",
+    "exact_top_self_cost",
     "harness_wrong_expectation",
 ]
 
@@ -929,6 +931,146 @@ def check_exact_report_by_memslots():
         raise Fail("; ".join(errs), details)
     return "pass", "report: %d unmaps at %s memslots (max 509)%s" % (
         top[0]["count"], top[0].get("memslots_bucket"), ", scanned 509" if LINEAR_SCAN else ""), details
+
+
+def _find_key(obj, key):
+    """The first value of `key` anywhere in nested JSON, else None."""
+    if isinstance(obj, dict):
+        if key in obj:
+            return obj[key]
+        obj = list(obj.values())
+    if isinstance(obj, list):
+        for v in obj:
+            got = _find_key(v, key)
+            if got is not None:
+                return got
+    return None
+
+
+def _cb_programs(per_prog, role):
+    """Run figures [(name, ns, cnt)] of kvmtrace's unmap-callback programs of `role` (entry or
+    exit): kprobe names kp_enter_UNMAP_<fn> / kp_exit_UNMAP_<fn>, fentry kfunc__... / kretfunc__..."""
+    out = []
+    for name, v in (per_prog or {}).items():
+        if "invalidate_range_start" not in name:
+            continue
+        entry = name.startswith("kp_enter_") or name.startswith("kfunc")
+        exit_ = name.startswith("kp_exit_") or name.startswith("kretfunc")
+        if (role == "entry" and entry) or (role == "exit" and exit_):
+            out.append((name, int(v[0]), int(v[1])))
+    return out
+
+
+STATS_STATES = ("enabled", "sampled")  # always on, or duty-cycled (a subset of the runs)
+
+
+def check_exact_self_cost():
+    """kvmtrace's own cost in the exact mode, against the workload's ground truth: `record`
+    (default plan) around one VM unmapping page by page; the recording's metadata has BPF run
+    statistics enabled (or sampled), the unmap callback's entry and exit programs ran once per
+    callback (= the unmaps kvmtrace counted, >= the ground truth's unmaps) when statistics were
+    on the whole time, in-kernel ns per event > 0, user-space CPU > 0; `report --json` carries
+    the cost and `report` prints its cost line."""
+    if EXPECTED_DEFAULT_MODE not in ("kprobe", "fentry"):
+        raise Skip("no exact mode expected here")
+    out = os.path.join(RESULTS, "rec-self-cost")
+    log = open(os.path.join(RESULTS, "record-self-cost.log"), "w")
+    before_kp, before_ids = kprobe_events(), bpf_prog_ids()
+    proc = subprocess.Popen(KVMTRACE + ["record", "-o", out, "--interval", "1"], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        if not _wait_attached(proc, before_kp, before_ids):
+            raise Fail("`kvmtrace record` exited before attaching: %s" % tail(open(log.name).read()))
+        gt = workload(SLOTS_SMALL, "unmap", tag="self-cost")
+        time.sleep(2.5)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+    meta = {}
+    for name in sorted(os.listdir(out)) if os.path.isdir(out) else []:
+        if name.endswith(".json"):
+            try:
+                with open(os.path.join(out, name)) as f:
+                    meta = json.load(f)
+            except ValueError:
+                continue
+            if _find_key(meta, "self_cost") is not None:
+                break
+    cost = _find_key(meta, "self_cost")
+    if not isinstance(cost, dict):
+        raise Fail("the recording's metadata has no self_cost (files: %s)" % sorted(os.listdir(out)))
+    rep = json.loads(run(KVMTRACE + ["report", out, "--json"], check=True).stdout)
+    text = run(KVMTRACE + ["report", out], check=True).stdout
+    src = (rep.get("sources") or [{}])[0]
+    truth = gt["hva_ops"]["unmap"]
+    counted = sum(r.get("count", 0) for r in rep.get("hva_ops", []) if r.get("op") == "unmap")
+    entry, exit_ = _cb_programs(cost.get("per_prog"), "entry"), _cb_programs(cost.get("per_prog"), "exit")
+    state = str(cost.get("bpf_stats"))
+    details = {"bpf_stats": state, "truth_unmaps": truth, "counted_unmaps": counted, "entry": entry, "exit": exit_,
+               "bpf_ns_per_event": cost.get("bpf_ns_per_event"), "bpf_run_cnt": cost.get("bpf_run_cnt"),
+               "user_cpu_s": cost.get("user_cpu_s"), "report": {k: src.get(k) for k in (
+                   "bpf_stats", "bpf_ns_per_event", "bpf_cpu_share", "user_cpu_share")},
+               "cost_line": [ln for ln in text.splitlines() if "own cost" in ln]}
+    errs = []
+    if not state.startswith(STATS_STATES):
+        errs.append("BPF statistics %r on a 5.8+ kernel as root (expected enabled or sampled)" % state)
+    else:
+        if len(entry) != 1 or len(exit_) != 1:
+            errs.append("per-program figures lack the unmap callback's entry/exit program: %s"
+                        % sorted((cost.get("per_prog") or {}).keys()))
+        else:
+            runs_in, runs_out = entry[0][2], exit_[0][2]
+            if state.startswith("enabled"):  # on the whole time: every callback ran each program once
+                if not (runs_in == runs_out == counted and runs_in >= truth):
+                    errs.append("entry/exit runs %d/%d, kvmtrace counted %d unmaps, ground truth %d: expected "
+                                "runs = counted >= truth" % (runs_in, runs_out, counted, truth))
+            elif not (0 < runs_in <= counted):
+                errs.append("sampled statistics: entry runs %d, expected 1..%d (the unmaps counted)" % (runs_in, counted))
+            if not entry[0][1] > 0:
+                errs.append("entry program run time %r ns" % entry[0][1])
+        if not (cost.get("bpf_ns_per_event") or 0) > 0:
+            errs.append("bpf_ns_per_event %r, expected > 0" % cost.get("bpf_ns_per_event"))
+        if not str(src.get("bpf_stats")).startswith(STATS_STATES) or not (src.get("bpf_ns_per_event") or 0) > 0:
+            errs.append("report --json sources: %r" % details["report"])
+    if not (cost.get("user_cpu_s") or 0) > 0:
+        errs.append("user_cpu_s %r, expected > 0" % cost.get("user_cpu_s"))
+    if not details["cost_line"] or ("ns/event" not in details["cost_line"][0] and "in-kernel cost" not in details["cost_line"][0]):
+        errs.append("`kvmtrace report` printed no cost line with ns/event: %s" % tail(text, 4))
+    if errs:
+        raise Fail("; ".join(errs), details)
+    return "pass", "%s: unmap entry ran %d times, %d unmaps counted, ground truth %d; %.0f ns/event; report: %s" % (
+        state, entry[0][2], counted, truth, cost["bpf_ns_per_event"], details["cost_line"][0].strip()), details
+
+
+def check_exact_top_self_cost():
+    """`kvmtrace top --log` (default plan) around one VM unmapping page by page: the interval
+    lines carry kvmtrace's in-kernel cost (ns per event > 0 in an interval with events)."""
+    if EXPECTED_DEFAULT_MODE not in ("kprobe", "fentry"):
+        raise Skip("no exact mode expected here")
+    log = open(os.path.join(RESULTS, "top-self-cost.log"), "w")
+    before_kp, before_ids = kprobe_events(), bpf_prog_ids()
+    proc = subprocess.Popen(KVMTRACE + ["top", "--log", "--interval", "1"], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        if not _wait_attached(proc, before_kp, before_ids):
+            raise Fail("`kvmtrace top --log` exited before attaching: %s" % tail(open(log.name).read()))
+        gt = workload(SLOTS_SMALL, "unmap", tag="top-self-cost")
+        time.sleep(2.5)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+    text = open(log.name).read()
+    per = [int(m.group(1)) for m in re.finditer(r"(\d+) ns/event", text)]
+    details = {"truth_unmaps": gt["hva_ops"]["unmap"], "ns_per_event": per, "tail": tail(text, 6)}
+    if not any(n > 0 for n in per):
+        raise Fail("no `top --log` line shows kvmtrace's in-kernel ns/event > 0", details)
+    return "pass", "top --log: in-kernel cost in %d lines, up to %d ns/event" % (len(per), max(per)), details
 
 
 def get_check(name):
