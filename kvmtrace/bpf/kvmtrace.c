@@ -1240,6 +1240,7 @@ struct cb_state {  // one callback in flight on this thread
     s32 memslots;  // the VM's memslot count at entry, -1 = unknown
     u32 owner;     // the VM's VMM tgid (vm_state), else the current one
     u32 ordinal;   // the VM's per-VMM ordinal (vm_state), 0 = older than the trace
+    u64 epoch;     // vm_epoch + 1 when owner, ordinal and memslots were read from vm_state; 0 = not
 };
 #ifdef CB_TASK_STORAGE
 // 5.11+ with BTF: the thread's state in task-local storage, created at its first callback and
@@ -1270,6 +1271,10 @@ struct vm_state {
     u32 memslots_max;
 };
 BPF_HASH(vms, u64, struct vm_state, MAX_VMS);
+// Bumped at every change of any vm_state (VM created or destroyed, memslot count or owner
+// changed): a thread whose previous callback was on the same VM at the same epoch reuses what it
+// read from vm_state then (one array read, inlined by the JIT, instead of a hash lookup).
+BPF_ARRAY(vm_epoch, u64, 1);
 BPF_TABLE("lru_hash", u32, u32, vm_seq, MAX_VMMS);  // tgid -> VMs created while traced
 
 
@@ -1304,6 +1309,14 @@ static __always_inline s32 read_memslots(u64 kvm)
 #define MEMSLOTS_AT_CREATE -1
 #endif
 
+static __always_inline void vm_changed(void)
+{
+    u32 k = 0;
+    u64 *e = vm_epoch.lookup(&k);
+    if (e)
+        __sync_fetch_and_add(e, 1);
+}
+
 static __always_inline struct vm_state *vm_get(u64 kvm, u32 tgid)
 {
     struct vm_state *v = vms.lookup(&kvm);
@@ -1315,14 +1328,35 @@ static __always_inline struct vm_state *vm_get(u64 kvm, u32 tgid)
     n.tgid = tgid;
     n.memslots = -1;
     vms.insert(&kvm, &n);
+    vm_changed();
     return vms.lookup(&kvm);
 }
 
 static __always_inline void vm_memslots(struct vm_state *v, s32 count)
 {
+    if (v->memslots == count)
+        return;
     v->memslots = count;
+    vm_changed();
     if (count > 0 && (u32)count > v->memslots_max)
         v->memslots_max = count;
+}
+
+// The thread's state, created at its first callback (reused by the next ones).
+static __always_inline struct cb_state *cb_new(u64 id)
+{
+#ifdef CB_TASK_STORAGE
+    return cb_task.task_storage_get((struct task_struct *)bpf_get_current_task_btf(), 0,
+                                    BPF_LOCAL_STORAGE_GET_F_CREATE);
+#else
+    u32 tid = (u32)id;
+    struct cb_state *cur = cb_inflight.lookup(&tid);
+    if (cur)
+        return cur;
+    struct cb_state z = {};
+    cb_inflight.update(&tid, &z);
+    return cb_inflight.lookup(&tid);
+#endif
 }
 
 static __always_inline int cb_enter(u32 op, u64 mn, u64 start, u64 end)
@@ -1331,46 +1365,52 @@ static __always_inline int cb_enter(u32 op, u64 mn, u64 start, u64 end)
     u32 tgid = id >> 32;
     if (filtered_out(tgid))
         return 0;
-    struct cb_state s = {};
-    s.vm = mn - OFF_KVM_MMU_NOTIFIER;
-    s.op = op;
-    s.start = start;
-    s.end = end;
-    s.memslots = -1;
-    struct vm_state *v = vm_get(s.vm, tgid);
-    if (v) {
-        s.owner = v->tgid;
-        s.ordinal = v->ordinal;
-#if READ_MEMSLOTS
-        s32 n = read_memslots(s.vm);
-        s.scanned = n;
-        s.memslots = n;
-        vm_memslots(v, n);
-#else
-        s.memslots = v->memslots;
-#endif
-    } else {
-        s.owner = tgid;
-        bump(CNT_MAPFULL);
-    }
-    s.ts = bpf_ktime_get_ns();
-#ifdef CB_TASK_STORAGE
-    struct cb_state *cur = cb_task.task_storage_get((struct task_struct *)bpf_get_current_task_btf(), 0,
-                                                    BPF_LOCAL_STORAGE_GET_F_CREATE);
-    if (cur)
-        *cur = s;
-    else
-        bump(CNT_MAPFULL);  // no memory for the task's storage: the callback is not counted
-#else
-    // reuse the thread's entry: a lookup and a copy instead of an LRU update per callback
-    u32 tid = (u32)id;
-    struct cb_state *cur = cb_inflight.lookup(&tid);
-    if (cur) {
-        *cur = s;
+    struct cb_state *s = cb_new(id);
+    if (!s) {
+        bump(CNT_MAPFULL);  // no room for the thread's state: the callback is not counted
         return 0;
     }
-    cb_inflight.update(&tid, &s);
+    u64 vm = mn - OFF_KVM_MMU_NOTIFIER;
+    u32 zk = 0;
+    u64 *ep = vm_epoch.lookup(&zk);
+    u64 epoch = ep ? *ep + 1 : 0;
+#if READ_MEMSLOTS
+    s32 n = read_memslots(vm);
+    int same = epoch && s->epoch == epoch && s->vm == vm && s->memslots == n;
+#else
+    int same = epoch && s->epoch == epoch && s->vm == vm;
 #endif
+    if (!same) {  // another VM than this thread's previous callback, or a VM changed since
+        s->vm = vm;
+        s->memslots = -1;
+        s->epoch = 0;
+        struct vm_state *v = vm_get(vm, tgid);
+        if (v) {
+            s->owner = v->tgid;
+            s->ordinal = v->ordinal;
+#if READ_MEMSLOTS
+            s->memslots = n;
+            vm_memslots(v, n);
+#else
+            s->memslots = v->memslots;
+#endif
+            // the epoch read BEFORE vm_state (a seqlock's read side): a change written
+            // meanwhile, this callback's own included, bumps it and the next callback rereads
+            s->epoch = epoch;
+        } else {
+            s->owner = tgid;
+            bump(CNT_MAPFULL);
+        }
+    }
+#if READ_MEMSLOTS
+    s->scanned = n;
+#endif
+    s->op = op;
+    s->start = start;
+    s->end = end;
+    s->last_slot = 0;
+    s->slots = 0;
+    s->ts = bpf_ktime_get_ns();  // last: handlers and the exit count only while ts != 0
     return 0;
 }
 
@@ -1477,6 +1517,7 @@ static __always_inline int vm_created(void *ctx, u64 kvm)
     }
     v.memslots = MEMSLOTS_AT_CREATE;
     vms.update(&kvm, &v);
+    vm_changed();
     struct event ev = {};
     ev_head(&ev, EV_VM_LIFE, bpf_ktime_get_ns(), id);
     ev.vm = kvm;
@@ -1502,6 +1543,7 @@ static __always_inline int vm_destroyed(void *ctx, u64 kvm)
     ev.vm_life.memslots_max = v->memslots_max;
     ev.vm_life.destroyed = 1;
     vms.delete(&kvm);  // the address may be reused by the next VM: its own entry then
+    vm_changed();
     emit(ctx, &ev, 0);
     return 0;
 }
@@ -1659,8 +1701,10 @@ static __always_inline int ms_outer_enter(u64 kvm, u64 mem)
     s.ts = bpf_ktime_get_ns();
     ms_inflight.update(&tid, &s);
     struct vm_state *v = vm_get(kvm, tgid);
-    if (v && v->ordinal == 0)
+    if (v && v->ordinal == 0 && v->tgid != tgid) {
         v->tgid = tgid;  // a VM older than the trace: memslot updates come from its VMM
+        vm_changed();
+    }
     return 0;
 }
 
