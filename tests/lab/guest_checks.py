@@ -896,24 +896,14 @@ def check_exact_report_by_memslots():
     if EXPECTED_DEFAULT_MODE not in ("kprobe", "fentry"):
         raise Skip("no exact mode expected here")
     out = os.path.join(RESULTS, "rec-by-memslots")
-    log = open(os.path.join(RESULTS, "record-by-memslots.log"), "w")
-    before_kp, before_ids = kprobe_events(), bpf_prog_ids()
-    proc = subprocess.Popen(KVMTRACE + ["record", "-o", out, "--interval", "1"], stdout=log, stderr=subprocess.STDOUT)
-    try:
-        if not _wait_attached(proc, before_kp, before_ids):
-            raise Fail("`kvmtrace record` exited before attaching: %s" % tail(open(log.name).read()))
+
+    def work():
         p = run(KVMTRACE + ["workload", "--slots", "509", "--slot-size", "256K", "--scenario", "unmap", "--pages", "64",
                             "--iterations", "1", "--quiet", "--json-out", os.path.join(RESULTS, "gt-by-memslots.json")])
         if p.returncode != 0:
             raise Fail("workload exited %d: %s" % (p.returncode, tail(p.stderr or p.stdout)))
-        time.sleep(2.5)
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        log.close()
+
+    _while_attached(["record", "-o", out, "--interval", "1"], "record-by-memslots.log", work)
     with open(os.path.join(RESULTS, "gt-by-memslots.json")) as f:
         gt = json.load(f)
     rep = json.loads(run(KVMTRACE + ["report", out, "--json"], check=True).stdout)
@@ -947,6 +937,27 @@ def _find_key(obj, key):
     return None
 
 
+def _while_attached(args, logname, work):
+    """Run `kvmtrace ARGS` (record or top), wait until it has attached, call work(), let one more
+    interval pass, stop it with SIGINT; -> (work's result, path of its output log)."""
+    log = open(os.path.join(RESULTS, logname), "w")
+    before_kp, before_ids = kprobe_events(), bpf_prog_ids()
+    proc = subprocess.Popen(KVMTRACE + args, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        if not _wait_attached(proc, before_kp, before_ids):
+            raise Fail("`kvmtrace %s` exited before attaching: %s" % (args[0], tail(open(log.name).read())))
+        got = work()
+        time.sleep(2.5)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+    return got, log.name
+
+
 def _cb_programs(per_prog, role):
     """Run figures [(name, ns, cnt)] of kvmtrace's unmap-callback programs of `role` (entry or
     exit): kprobe names kp_enter_UNMAP_<fn> / kp_exit_UNMAP_<fn>, fentry kfunc__... / kretfunc__..."""
@@ -974,21 +985,8 @@ def check_exact_self_cost():
     if EXPECTED_DEFAULT_MODE not in ("kprobe", "fentry"):
         raise Skip("no exact mode expected here")
     out = os.path.join(RESULTS, "rec-self-cost")
-    log = open(os.path.join(RESULTS, "record-self-cost.log"), "w")
-    before_kp, before_ids = kprobe_events(), bpf_prog_ids()
-    proc = subprocess.Popen(KVMTRACE + ["record", "-o", out, "--interval", "1"], stdout=log, stderr=subprocess.STDOUT)
-    try:
-        if not _wait_attached(proc, before_kp, before_ids):
-            raise Fail("`kvmtrace record` exited before attaching: %s" % tail(open(log.name).read()))
-        gt = workload(SLOTS_SMALL, "unmap", tag="self-cost")
-        time.sleep(2.5)
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        log.close()
+    gt, _log = _while_attached(["record", "-o", out, "--interval", "1"], "record-self-cost.log",
+                               lambda: workload(SLOTS_SMALL, "unmap", tag="self-cost"))
     meta = {}
     for name in sorted(os.listdir(out)) if os.path.isdir(out) else []:
         if name.endswith(".json"):
@@ -1051,22 +1049,9 @@ def check_exact_top_self_cost():
     event > 0 in an interval with events)."""
     if EXPECTED_DEFAULT_MODE not in ("kprobe", "fentry"):
         raise Skip("no exact mode expected here")
-    log = open(os.path.join(RESULTS, "top-self-cost.log"), "w")
-    before_kp, before_ids = kprobe_events(), bpf_prog_ids()
-    proc = subprocess.Popen(KVMTRACE + ["top", "--interval", "1"], stdout=log, stderr=subprocess.STDOUT)
-    try:
-        if not _wait_attached(proc, before_kp, before_ids):
-            raise Fail("`kvmtrace top` exited before attaching: %s" % tail(open(log.name).read()))
-        gt = workload(SLOTS_SMALL, "unmap", tag="top-self-cost")
-        time.sleep(2.5)
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        log.close()
-    text = open(log.name).read()
+    gt, log = _while_attached(["top", "--interval", "1"], "top-self-cost.log",
+                              lambda: workload(SLOTS_SMALL, "unmap", tag="top-self-cost"))
+    text = open(log).read()
     per = [int(m.group(1).replace(",", "")) for m in re.finditer(r"([\d,]+) ns/event", text)]
     details = {"truth_unmaps": gt["hva_ops"]["unmap"], "ns_per_event": per, "tail": tail(text, 6)}
     if not any(n > 0 for n in per):
