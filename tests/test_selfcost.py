@@ -128,18 +128,62 @@ def test_sampled_statistics_are_on_in_windows_and_the_time_on_is_counted(tmp_pat
 
 
 def test_sampling_stops_when_another_process_holds_the_statistics_on(tmp_path):
-    """If the sysctl still reads 1 after kvmtrace closed its fd, another process keeps the
-    statistics on: runs keep counting, so the meter counts the time as on from then (full)."""
-    held = tmp_path / "sysctl"
-    held.write_text("1\n")
+    """Another process's BPF_ENABLE_STATS fd keeps the statistics on while kvmtrace's is closed
+    (the sysctl does not show it): kvmtrace's run counts move in the gap. Seen before the next
+    window: the gap counts as on, and the meter holds them on itself (full)."""
+    ctl = tmp_path / "sysctl"
+    ctl.write_text("0\n")
     bpf, clk = FakeBpf(), Clock()
-    m = C.CostMeter(sys=bpf, sysctl=str(held), cpu=Clock(), clock=clk, period=1000.0).start()
+    m = C.CostMeter(sys=bpf, sysctl=str(ctl), cpu=Clock(), clock=clk, period=1000.0).start()
+    try:
+        m.watch({"p": 3})
+        bpf.stats[3] = [1000, 10]
+        clk.t += 0.1
+        assert m.toggle() and m.fd is None  # window closed after 0.1 s
+        bpf.stats[3] = [1000 + os.cpu_count() * 100, 10 + os.cpu_count()]  # runs in flight at the close
+        clk.t += 0.9
+        assert m.toggle() and m.fd == 77 and m.state.startswith("sampled")
+        clk.t += 0.1
+        assert m.toggle() and m.fd is None
+        bpf.stats[3] = [900_000, 5000]  # moved while kvmtrace's fd was closed
+        clk.t += 0.9
+        assert not m.toggle()
+        assert m.state.startswith("enabled (held on by another process") and m.fd == 77
+        clk.t += 5.0
+        assert m.read().stats_s == pytest.approx(0.1 + 0.1 + 0.9 + 5.0)  # the gap counts as on
+    finally:
+        m.close()
+
+
+def test_programs_watched_during_a_gap_are_not_taken_for_another_holder(tmp_path):
+    """The session loads its programs after the meter starts: programs given to watch() in a gap
+    already have runs (from earlier windows); that is the gap's baseline, not movement."""
+    ctl = tmp_path / "sysctl"
+    ctl.write_text("0\n")
+    bpf, clk = FakeBpf(), Clock()
+    m = C.CostMeter(sys=bpf, sysctl=str(ctl), cpu=Clock(), clock=clk, period=1000.0).start()
     try:
         clk.t += 0.1
-        assert not m.toggle()
-        assert m.state.startswith("enabled (held on by another process")
-        clk.t += 5.0
-        assert m.read().stats_s == pytest.approx(5.1)
+        assert m.toggle() and m.fd is None
+        bpf.stats[3] = [500_000, 4000]
+        m.watch({"p": 3})
+        clk.t += 0.9
+        assert m.toggle() and m.state.startswith("sampled")
+    finally:
+        m.close()
+
+
+def test_sysctl_switched_on_while_sampling_stops_the_sampling(tmp_path):
+    ctl = tmp_path / "sysctl"
+    ctl.write_text("0\n")
+    bpf, clk = FakeBpf(), Clock()
+    m = C.CostMeter(sys=bpf, sysctl=str(ctl), cpu=Clock(), clock=clk, period=1000.0).start()
+    try:
+        clk.t += 0.1
+        assert m.toggle()
+        ctl.write_text("1\n")
+        clk.t += 0.9
+        assert not m.toggle() and m.state.startswith("enabled (held on by another process")
     finally:
         m.close()
 

@@ -13,9 +13,11 @@ emulation). So by default (``mode="sampled"``) they are on for ``duty`` of every
 (100 ms of every second): ns per run is measured over the runs inside those windows, and the
 share of a CPU is run time over the time the statistics were on (``SelfCost.stats_s``), both
 labelled sampled. ``mode="full"`` keeps them on the whole time (every run counted), ``"off"``
-never switches them on. If another process holds them on meanwhile (the sysctl still reads 1
-while kvmtrace's fd is closed), sampling would undercount the time they were on, so the meter
-keeps them on from then (full).
+never switches them on. Another process may hold them on meanwhile (its own
+BPF_ENABLE_STATS fd, which the sysctl does not show, or the sysctl): then kvmtrace's programs'
+run counts move while its fd is closed. That is checked before each window opens; when they
+moved, the whole gap counts as on (a bound: the share of a CPU of that one gap may be low), and
+the meter keeps them on from then (full), saying so.
 
 In user space: kvmtrace's process CPU time (user + system, every thread).
 
@@ -129,14 +131,19 @@ class CostMeter:
         self.cpu0 = 0.0
         self.on_s = 0.0  # seconds the statistics were on, closed windows
         self.on_since: Optional[float] = None  # start of the open window
+        self.off_since: Optional[float] = None  # kvmtrace's fd closed at (sampled mode)
+        self.off_runs = 0  # the programs' run count then
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
     def watch(self, progs: Dict[str, int]) -> None:
         """Measure these programs from now on; user CPU time counts from now too."""
-        self.progs = dict(progs)
-        self.cpu0 = self.cpu()
+        with self._lock:
+            self.progs = dict(progs)
+            self.cpu0 = self.cpu()
+            if self.fd is None and self.off_since is not None:
+                self.off_runs = self._runs()  # the baseline of the gap under way
 
     def start(self) -> "CostMeter":
         self.cpu0 = self.cpu()
@@ -169,10 +176,11 @@ class CostMeter:
     def _run(self) -> None:
         while True:
             on = self.fd is not None
-            if self._stop.wait(self.period * (self.duty if on else 1 - self.duty)):
+            if self._stop.wait(self.period * (self.duty if on else 1 - self.duty)) or not self.toggle():
                 return
-            if not self.toggle():
-                return
+
+    def _runs(self) -> int:
+        return sum(self._stats(fd)[1] for fd in self.progs.values())
 
     def toggle(self) -> bool:
         """Close the open window or open the next one; False when sampling stopped (closed,
@@ -182,18 +190,21 @@ class CostMeter:
                 return False
             now = self.clock()
             if self.fd is not None:
+                self._switch_off(now)
+                self.off_since, self.off_runs = now, self._runs()
+                return True
+            # Were they off? kvmtrace's programs' run counts must not have moved (but for runs
+            # in flight at the close, one per CPU), and the sysctl must read 0.
+            moved = self._runs() - self.off_runs > (os.cpu_count() or 1)
+            if moved or self._sysctl_on():
+                # another process held them on: its time counts as on (from the close: a bound)
+                self.on_since = self.off_since if self.off_since is not None else now
+                self.state = "enabled (held on by another process too; sampling stopped)"
                 try:
-                    self.sys.close(self.fd)
+                    self.fd = enable_stats(self.sys)  # hold them on: it may let go at any time
                 except OSError:
                     pass
-                self.fd = None
-                self.on_s += now - (self.on_since if self.on_since is not None else now)
-                self.on_since = None
-                if self._sysctl_on():  # somebody else keeps them on: count from now, full
-                    self.on_since = now
-                    self.state = "enabled (held on by another process; sampling stopped)"
-                    return False
-                return True
+                return False
             try:
                 self.fd = enable_stats(self.sys)
                 self.on_since = now
@@ -201,6 +212,18 @@ class CostMeter:
                 self.state = "unavailable: " + _why(e)
                 return False
             return True
+
+    def _switch_off(self, now: float) -> None:
+        """Close kvmtrace's statistics fd (if open) and close the open window at ``now``."""
+        if self.fd is not None:
+            try:
+                self.sys.close(self.fd)
+            except OSError:
+                pass
+            self.fd = None
+        if self.on_since is not None:
+            self.on_s += now - self.on_since
+            self.on_since = None
 
     def _sysctl_on(self) -> bool:
         try:
@@ -233,15 +256,7 @@ class CostMeter:
     def close(self) -> None:
         self._stop.set()
         with self._lock:
-            if self.fd is not None:
-                try:
-                    self.sys.close(self.fd)
-                except OSError:
-                    pass
-                self.fd = None
-            if self.on_since is not None:
-                self.on_s += self.clock() - self.on_since
-                self.on_since = None
+            self._switch_off(self.clock())
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=2)
             self._thread = None
