@@ -975,9 +975,15 @@ def _cb_programs(per_prog, role):
 STATS_STATES = ("enabled", "sampled")  # always on, or duty-cycled (a subset of the runs)
 
 
+def full_self_cost(sub):
+    """`--self-cost full` when `kvmtrace SUB` has it (statistics on the whole time, so run counts
+    are exact; the default samples them), else no argument."""
+    return ["--self-cost", "full"] if "--self-cost" in kvmtrace_help(sub) else []
+
+
 def check_exact_self_cost():
     """kvmtrace's own cost in the exact mode, against the workload's ground truth: `record`
-    (default plan) around one VM unmapping page by page; the recording's metadata has BPF run
+    (default plan, `--self-cost full` where it exists) around one VM unmapping page by page; the recording's metadata has BPF run
     statistics enabled (or sampled), the unmap callback's entry and exit programs ran once per
     callback (= the unmaps kvmtrace counted, >= the ground truth's unmaps) when statistics were
     on the whole time, in-kernel ns per event > 0, user-space CPU > 0; `report --json` carries
@@ -985,7 +991,7 @@ def check_exact_self_cost():
     if EXPECTED_DEFAULT_MODE not in ("kprobe", "fentry"):
         raise Skip("no exact mode expected here")
     out = os.path.join(RESULTS, "rec-self-cost")
-    gt, _log = _while_attached(["record", "-o", out, "--interval", "1"], "record-self-cost.log",
+    gt, _log = _while_attached(["record", "-o", out, "--interval", "1"] + full_self_cost("record"), "record-self-cost.log",
                                lambda: workload(SLOTS_SMALL, "unmap", tag="self-cost"))
     meta = {}
     for name in sorted(os.listdir(out)) if os.path.isdir(out) else []:
@@ -1044,12 +1050,13 @@ def check_exact_self_cost():
 
 
 def check_exact_top_self_cost():
-    """`kvmtrace top` (default plan; stdout not a terminal, so a plain table per interval) around
+    """`kvmtrace top` (default plan, `--self-cost full` where it exists, so that every interval
+    is measured; stdout not a terminal, so a plain table per interval) around
     one VM unmapping page by page: the interval headers carry kvmtrace's in-kernel cost (ns per
     event > 0 in an interval with events)."""
     if EXPECTED_DEFAULT_MODE not in ("kprobe", "fentry"):
         raise Skip("no exact mode expected here")
-    gt, log = _while_attached(["top", "--interval", "1"], "top-self-cost.log",
+    gt, log = _while_attached(["top", "--interval", "1"] + full_self_cost("top"), "top-self-cost.log",
                               lambda: workload(SLOTS_SMALL, "unmap", tag="top-self-cost"))
     text = open(log).read()
     per = [int(m.group(1).replace(",", "")) for m in re.finditer(r"([\d,]+) ns/event", text)]
