@@ -76,7 +76,8 @@ mkfs.ext4 -q -F -L kvmtrace-work -d "$T" "$WORK/work.img" "$((mb + 256))M" >/dev
 # --- boot
 APPEND="console=ttyS0 root=/dev/vda rw quiet printk.time=1 panic=-1 softlockup_panic=1 init=/usr/local/sbin/kvmtrace-lab-init"
 t0=$(date +%s)
-qemu-system-x86_64 -accel tcg -cpu max -smp 1 -m 2G -snapshot -nographic -no-reboot -nic none \
+# shellcheck disable=SC2086  # KVMTRACE_LAB_QEMU_ARGS: extra arguments, split on spaces
+qemu-system-x86_64 -accel tcg -cpu max -smp 1 -m 2G -snapshot -nographic -no-reboot -nic none ${KVMTRACE_LAB_QEMU_ARGS:-} \
   -kernel "$IMG/vmlinuz" -initrd "$IMG/initrd.img" \
   -drive file="$IMG/rootfs.img",if=virtio,format=raw \
   -drive file="$WORK/work.img",if=virtio,format=raw,snapshot=off \
