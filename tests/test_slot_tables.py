@@ -5,16 +5,15 @@ every op of its VMs counted underived, never guessed."""
 from __future__ import annotations
 
 import ctypes as ct
-import json
 import os
 import re
-import subprocess
-import sys
 import time
 
 import pytest
 
 from kvmtrace.tracer import session as S
+
+from .test_tracer_e2e import run_workload
 
 pytestmark = pytest.mark.root
 
@@ -44,14 +43,6 @@ def verifier_processed(bpf, name):
     m = re.search(r"processed (\d+) insns", log)
     assert m, f"{name}: no verifier statistics (fd {fd}): {log[-300:]!r}"
     return int(m.group(1))
-
-
-def run_workload(tmp_path, *args):
-    out = tmp_path / "truth.json"
-    p = subprocess.run([sys.executable, "-m", "kvmtrace.workload", "--quiet", "--json-out", str(out), *args],
-                       capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr
-    return json.loads(out.read_text())
 
 
 def test_the_verifier_walks_the_shift_programs_far_below_its_limit():
