@@ -217,7 +217,7 @@ static __always_inline void max_update(u64 *slot, u64 v)
 #define TAB_MASK (TAB_CAP - 1)
 #define TAB_STEPS 16   // binary search steps: log2(TAB_CAP) + 1
 #define SHIFT_CHUNK 1024  // entries moved per tail-called program (33 calls cover TAB_CAP)
-#define SHIFT_BLOCK 16    // entries moved branch-free between two tests of the end (SHIFT_CHUNK / 64)
+#define SHIFT_BLOCK 16    // entries moved branch-free between two tests of the end (64 blocks a program)
 #ifndef MAX_TABS
 #define MAX_TABS 16    // slot tables (512 KiB each): VMs created while traced, alive at once
 #endif
