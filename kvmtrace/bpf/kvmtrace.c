@@ -228,8 +228,11 @@ static __always_inline void max_update(u64 *slot, u64 v)
 #define MAX_SLOTREC 131072  // slot records over all VMs (allocated on use)
 #endif
 #ifndef MAX_TP_AGG
-#define MAX_TP_AGG 2048  // (vm, op) aggregates
+#define MAX_TP_AGG 2048  // (vm, op) aggregates in the hash (VMs without an aggregate slot)
 #endif
+#ifndef MAX_TP_LIVE
+#define MAX_TP_LIVE 256  // aggregate slots (power of two): VMs created while traced, alive or
+#endif                   // not yet read after death, whose aggregates are array entries
 #define VM_PER_PROC 8  // live VMs per process in notifier order (attribution)
 #ifndef TABS_PER_PROC
 #define TABS_PER_PROC 4  // slot tables one process may hold: one process cannot take them all
@@ -253,6 +256,7 @@ struct vmm_val {   // one VMM process: its live VMs in creation order (notifier 
     u64 gen[VM_PER_PROC];
     u32 tab[VM_PER_PROC];
     u32 fd[VM_PER_PROC];
+    u32 agg[VM_PER_PROC];  // its aggregate slot in tp_avals + 1; 0: none (aggregates in tp_aggs)
 };
 struct vmfd_key {
     u32 tgid;
@@ -266,7 +270,7 @@ struct tp_vm {     // one VM lifetime, keyed by gen; userspace removes it once r
     u32 tab;
     u32 n;         // memslots now (exact unless VMF_PARTIAL)
     u32 nmax;
-    u32 pad;
+    u32 agg;       // aggregate slot in tp_avals + 1 (0: none, its aggregates are in tp_aggs)
 };
 struct tab_hdr {
     u64 gen;       // owning VM, 0 = free
@@ -300,10 +304,16 @@ struct tp_bkt {    // hva ops at one memslot-count bucket (derived ops only)
     u64 nmax;      // largest memslot count seen in the bucket
     u64 nsum;      // sum of the memslot counts (= slots scanned on linear-scan kernels)
 };
-struct tp_agg {    // per (vm gen, op, tgid): the common aggregate plus tracepoint-mode figures
+// Per (vm gen, op, tgid): the common aggregate plus tracepoint-mode figures. Every op is counted
+// exactly once, in its memslot-count bucket or, when its slots were not derived, in `und`; the
+// sums that follow from those (count, slots_count/sum, lat_count/sum, scanned_sum) are left 0
+// in `a` and summed by userspace (records.TpAggRow.from_map): fewer atomic adds per event. `a`
+// keeps the histograms and the maxima.
+struct tp_agg {
     struct agg_val a;
-    u64 underived; // ops whose slots figure could not be derived
+    u64 owner;     // tp_avals: the gen owning the slot (0 = free); tp_aggs: 0
     struct tp_bkt b[MS_BUCKETS];
+    struct tp_bkt und;  // ops whose slots figure could not be derived (nmax, nsum, slots_sum: 0)
 };
 
 BPF_HASH(vmm, u32, struct vmm_val, MAX_VMMS);  // known VMM processes
@@ -315,6 +325,34 @@ BPF_ARRAY(tp_tab, struct tab_data, MAX_TABS);
 BPF_F_TABLE("hash", struct slot_key, struct slot_rec, tp_slots, MAX_SLOTREC, BPF_F_NO_PREALLOC);
 BPF_HASH(tp_aggs, struct op_key, struct tp_agg, MAX_TP_AGG);
 BPF_PERCPU_ARRAY(tp_agg_zero, struct tp_agg, 1);
+// The aggregates of a VM created while traced: entries [slot * NR_OPS + op] of an array, found
+// from its process's VM list without a hash lookup (at the op and at the syscall exit). The
+// slot of a VM is gen mod MAX_TP_LIVE when that is free; userspace frees it (zeroes its values,
+// the first last) after reading the dead VM's final figures. Every use checks `owner`, so a
+// slot two VMs took at the same instant (check-then-set) only sends the other's ops to the hash.
+BPF_ARRAY(tp_avals, struct tp_agg, MAX_TP_LIVE * NR_OPS);
+
+// tp_avals slot + 1 for the new VM `gen`, or 0 when its slot is taken (then: the hash). Its
+// values are zeroed here too (userspace zeroed them when it freed the slot, but the last system
+// call of a VM read and freed meanwhile may have added its latency after that).
+static __always_inline u32 tp_aslot_take(u64 gen)
+{
+    u32 slot = (u32)gen & (MAX_TP_LIVE - 1), zk = 0;
+    u32 i0 = slot * NR_OPS;
+    struct tp_agg *a = tp_avals.lookup(&i0);
+    struct tp_agg *zero = tp_agg_zero.lookup(&zk);
+    if (!a || a->owner || !zero)
+        return 0;
+#pragma unroll
+    for (int op = NR_OPS - 1; op >= 0; op--) {  // the first entry (the free mark) last
+        u32 i = i0 + op;
+        tp_avals.update(&i, zero);
+        struct tp_agg *x = tp_avals.lookup(&i);
+        if (x)
+            x->owner = gen;
+    }
+    return slot + 1;
+}
 
 // agg_get's twin for tracepoint mode's map (bcc rewrites map calls only in plain code, not in a
 // macro or through a map pointer, so the two cannot share one body)
@@ -375,6 +413,7 @@ static __always_inline void vmm_drop(struct vmm_val *p, u64 gen)
             p->gen[i] = p->gen[i + 1];
             p->tab[i] = p->tab[i + 1];
             p->fd[i] = p->fd[i + 1];
+            p->agg[i] = p->agg[i + 1];
         }
     }
     if (found && p->n > 0)
@@ -471,6 +510,8 @@ static __always_inline void vm_register(u32 tgid, u32 fd)
     vp->tab = v.tab;
     if (v.tab == NO_TAB)
         vp->flags |= VMF_NOTAB;
+    u32 aslot = tp_aslot_take(gen);
+    vp->agg = aslot;
     if (tp_vmfd.update(&k, &gen) != 0)
         bump(CNT_MAPFULL);
     u32 n = p->n;
@@ -488,6 +529,7 @@ static __always_inline void vm_register(u32 tgid, u32 fd)
                 p->gen[i] = gen;
                 p->tab[i] = v.tab;
                 p->fd[i] = fd;
+                p->agg[i] = aslot;
             }
         }
         p->n = n + 1;
@@ -526,8 +568,9 @@ static __always_inline u32 tab_bound(u64 *a, u32 n, u64 v, int upper)
 
 struct sc_ent {    // hva ops of one (vm, op, memslot bucket) inside the current system call
     u64 gen;
-    u32 op;
-    u16 bucket;
+    u32 aidx;      // its aggregate's tp_avals index + 1; 0: in tp_aggs
+    u8 op;
+    u8 bucket;     // NO_BUCKET: slots not derived
     u16 n;
 };
 struct sc_state {  // one system call of a VMM thread
@@ -588,7 +631,7 @@ static __always_inline int on_hva_tp(void *ctx, u32 op, u64 start, u64 end)
     if (n == 0) {  // not a known VMM process (kswapd, another process's madvise, ...)
         struct tp_agg *u = tp_agg_get(0, op, 0);
         if (u)
-            __sync_fetch_and_add(&u->a.s.count, 1);
+            __sync_fetch_and_add(&u->und.count, 1);
         return 0;
     }
     // Attribution: one notifier per VM, called newest VM first, each with the same range;
@@ -608,6 +651,7 @@ static __always_inline int on_hva_tp(void *ctx, u32 op, u64 start, u64 end)
     u32 idx = (n - 1 - rep % n) & (VM_PER_PROC - 1);
     u64 gen = p->gen[idx];
     u32 tab = p->tab[idx];
+    u32 aslot = p->agg[idx];
     // Derivation: the VM's slot table, unless a memslot update is in flight or finished meanwhile
     u32 slots = 0, nslots = 0, ok = 0;
     struct tab_hdr *h = tab == NO_TAB ? 0 : tp_hdr.lookup(&tab);
@@ -628,25 +672,33 @@ static __always_inline int on_hva_tp(void *ctx, u32 op, u64 start, u64 end)
         }
     }
     u32 bucket = ok ? (log2_bucket(nslots) & (MS_BUCKETS - 1)) : NO_BUCKET;
-    struct tp_agg *a = tp_agg_get(gen, op, tgid);
-    if (a) {
-        __sync_fetch_and_add(&a->a.s.count, 1);
+    // the aggregate: the VM's array slot (no hash lookup), else the hash
+    u32 aidx = 0;
+    struct tp_agg *a = 0;
+    if (aslot) {
+        u32 i = (aslot - 1) * NR_OPS + op;
+        a = tp_avals.lookup(&i);
+        if (a && a->owner == gen)
+            aidx = i + 1;
+        else
+            a = 0;
+    }
+    if (!a)
+        a = tp_agg_get(gen, op, tgid);
+    if (a) {  // four atomic adds per derived op: the sums follow from the buckets (struct tp_agg)
         hist_inc(a->a.range, end - start, 1);
         if (ok) {
-            hist_inc(a->a.slots, slots, 1);
-            __sync_fetch_and_add(&a->a.s.slots_count, 1);
-            __sync_fetch_and_add(&a->a.s.slots_sum, slots);
-            max_update(&a->a.s.slots_max, slots);
             struct tp_bkt *b = &a->b[bucket & (MS_BUCKETS - 1)];
+            hist_inc(a->a.slots, slots, 1);
             __sync_fetch_and_add(&b->count, 1);
             __sync_fetch_and_add(&b->slots_sum, slots);
+            max_update(&a->a.s.slots_max, slots);
             max_update(&b->nmax, nslots);
 #if LINEAR_SCAN  // kernels before 5.17 scan every used slot of every address space per callback
-            __sync_fetch_and_add(&a->a.s.scanned_sum, nslots);
             __sync_fetch_and_add(&b->nsum, nslots);
 #endif
         } else {
-            __sync_fetch_and_add(&a->underived, 1);
+            __sync_fetch_and_add(&a->und.count, 1);
         }
     }
     if (s && s->ts) {  // latency: the enclosing system call's, added at its exit
@@ -661,6 +713,7 @@ static __always_inline int on_hva_tp(void *ctx, u32 op, u64 start, u64 end)
         u32 ne = s->nent;
         if (!done && ne < SC_ENTS) {
             s->e[ne & (SC_ENTS - 1)].gen = gen;
+            s->e[ne & (SC_ENTS - 1)].aidx = aidx;
             s->e[ne & (SC_ENTS - 1)].op = op;
             s->e[ne & (SC_ENTS - 1)].bucket = bucket;
             s->e[ne & (SC_ENTS - 1)].n = 1;
@@ -754,18 +807,27 @@ static __always_inline void sc_lat(u32 tgid, struct sc_ent *e, u64 dur)
     u32 n = e->n;
     if (!n)
         return;
-    struct tp_agg *a = tp_agg_get(e->gen, e->op, tgid);
+    struct tp_agg *a;
+    if (e->aidx) {
+        u32 i = e->aidx - 1;
+        a = tp_avals.lookup(&i);
+        if (a && a->owner != e->gen) {  // the VM was read after its death and its slot freed
+            u32 ci = CNT_NOLAT;
+            u64 *c = counters.lookup(&ci);
+            if (c)
+                *c += n;
+            return;
+        }
+    } else {
+        a = tp_agg_get(e->gen, e->op, tgid);
+    }
     if (!a)
         return;
+    struct tp_bkt *b = e->bucket != NO_BUCKET ? &a->b[e->bucket & (MS_BUCKETS - 1)] : &a->und;
     hist_inc(a->a.lat, dur, n);
-    __sync_fetch_and_add(&a->a.s.lat_count, n);
-    __sync_fetch_and_add(&a->a.s.lat_sum, dur * n);
+    __sync_fetch_and_add(&b->lat_count, n);
+    __sync_fetch_and_add(&b->lat_sum, dur * n);
     max_update(&a->a.s.lat_max, dur);
-    if (e->bucket != NO_BUCKET) {
-        struct tp_bkt *b = &a->b[e->bucket & (MS_BUCKETS - 1)];
-        __sync_fetch_and_add(&b->lat_count, n);
-        __sync_fetch_and_add(&b->lat_sum, dur * n);
-    }
 }
 
 RAW_TRACEPOINT_PROBE(sys_exit)
