@@ -317,6 +317,29 @@ struct tp_agg {
 };
 
 BPF_HASH(vmm, u32, struct vmm_val, MAX_VMMS);  // known VMM processes
+// One byte per tgid mod VMM_MARKS, set for every known VMM process and never cleared: the
+// syscall programs, which run for every task on the host, leave at once for almost every task
+// that is no VMM (an array read instead of a hash lookup and a task-storage lookup); a marked
+// tgid (a VMM, or one sharing its index) is then checked exactly.
+#ifndef VMM_MARKS
+#define VMM_MARKS 65536  // power of two
+#endif
+BPF_ARRAY(vmm_mark, u8, VMM_MARKS);
+
+static __always_inline int vmm_marked(u32 tgid)
+{
+    u32 i = tgid & (VMM_MARKS - 1);
+    u8 *m = vmm_mark.lookup(&i);
+    return m && *m;
+}
+
+static __always_inline void vmm_set_mark(u32 tgid)
+{
+    u32 i = tgid & (VMM_MARKS - 1);
+    u8 *m = vmm_mark.lookup(&i);
+    if (m)
+        *m = 1;
+}
 BPF_HASH(tp_vmfd, struct vmfd_key, u64, MAX_TP_VMS);
 BPF_HASH(tp_vms, u64, struct tp_vm, MAX_TP_VMS);
 BPF_ARRAY(tp_gen, u64, 1);
@@ -465,6 +488,7 @@ static __always_inline void vm_register(u32 tgid, u32 fd)
             return;
         }
     }
+    vmm_set_mark(tgid);
     u32 zk = 0;
     u64 *g = tp_gen.lookup(&zk);
     if (!g)
@@ -762,8 +786,10 @@ RAW_TRACEPOINT_PROBE(sys_enter)
 {
     u64 id = bpf_get_current_pid_tgid();
     u32 tgid = id >> 32, tid = (u32)id;
-    // a VMM thread reuses its state (zeroed at every syscall exit); any other task costs the
-    // lookup of its tgid
+    if (!vmm_marked(tgid))  // almost every task that is no VMM: one byte read
+        return 0;
+    // a VMM thread reuses its state (zeroed at every syscall exit); any other marked task costs
+    // the lookup of its tgid
     struct sc_state *cur = 0;
 #ifdef TP_TASK_STORAGE
     cur = sc_get(tid);  // cheap, and NULL for every task that never ran a VMM syscall
@@ -834,6 +860,8 @@ RAW_TRACEPOINT_PROBE(sys_exit)
 {
     u64 id = bpf_get_current_pid_tgid();
     u32 tgid = id >> 32, tid = (u32)id;
+    if (!vmm_marked(tgid))
+        return 0;
     struct sc_state *s = sc_get(tid);
     if (!s || !s->ts)
         return 0;
