@@ -179,14 +179,38 @@ class SelfCost:
 
     ``bpf_stats``: "enabled" when BPF run-time statistics are on (BPF_ENABLE_STATS, 5.8+, or
     kernel.bpf_stats_enabled), else why not ("unavailable: ..."); then the run figures are 0.
-    ``bpf_run_ns`` / ``bpf_run_cnt``: summed over kvmtrace's own programs (bpf_prog_info).
-    ``user_cpu_s``: kvmtrace's own process CPU time (user + system)."""
+    "sampled: ..." when they are on for a part of the time only (the default: they cost two
+    clock reads per program run); "off ..." when switched off by the user.
+    ``bpf_run_ns`` / ``bpf_run_cnt``: summed over kvmtrace's own programs (bpf_prog_info), over
+    the time the statistics were on.
+    ``user_cpu_s``: kvmtrace's own process CPU time (user + system).
+    ``stats_s``: seconds the statistics were on (0: not recorded, i.e. the whole elapsed time):
+    the in-kernel share of a CPU is ``bpf_run_ns`` over it."""
 
     bpf_stats: str = "unavailable"
     bpf_run_ns: int = 0
     bpf_run_cnt: int = 0
     user_cpu_s: float = 0.0
     per_prog: Tuple[Tuple[str, int, int], ...] = ()  # (program name, run_ns, run_cnt)
+    stats_s: float = 0.0
+
+    @property
+    def measured(self) -> bool:
+        """The run figures are measured (statistics on the whole time, or sampled)."""
+        return self.bpf_stats.startswith("enabled") or self.bpf_stats.startswith("sampled")
+
+    @property
+    def sampled(self) -> bool:
+        return self.bpf_stats.startswith("sampled")
+
+    def ns_per_run(self) -> Optional[float]:
+        return self.bpf_run_ns / self.bpf_run_cnt if self.measured and self.bpf_run_cnt else None
+
+    def cpu_share(self, elapsed_s: float) -> Optional[float]:
+        """In-kernel run time as a fraction of one CPU, over the time the statistics were on
+        (``elapsed_s`` when that was not recorded); None when not measured or no time."""
+        t = self.stats_s if self.stats_s > 0 or self.sampled else elapsed_s  # sampled, no window: None
+        return self.bpf_run_ns / 1e9 / t if self.measured and t > 0 else None
 
 
 @dataclass(frozen=True)
@@ -253,6 +277,7 @@ class Snapshot:
             bpf_run_ns=c.bpf_run_ns - pc.bpf_run_ns,
             bpf_run_cnt=c.bpf_run_cnt - pc.bpf_run_cnt,
             user_cpu_s=c.user_cpu_s - pc.user_cpu_s,
+            stats_s=max(0.0, c.stats_s - pc.stats_s),
             per_prog=tuple((name, ns - before.get(name, (0, 0))[0], cnt - before.get(name, (0, 0))[1])
                            for name, ns, cnt in c.per_prog),
         )
@@ -280,13 +305,14 @@ def cost_summary(cum: "Snapshot") -> dict:
     and reports: BPF run time and runs (null when BPF statistics were unavailable), ns per
     program run, and in-kernel and user-space CPU as a fraction of one CPU."""
     c, t = cum.cost, cum.elapsed_s
-    on = c.bpf_stats.startswith("enabled")
+    on = c.measured
     return {
         "bpf_stats": c.bpf_stats,
         "bpf_run_ns": c.bpf_run_ns if on else None,
         "bpf_run_cnt": c.bpf_run_cnt if on else None,
-        "bpf_ns_per_event": (c.bpf_run_ns / c.bpf_run_cnt) if on and c.bpf_run_cnt else None,
-        "bpf_cpu_share": (c.bpf_run_ns / 1e9 / t) if on and t > 0 else None,
+        "bpf_stats_s": (c.stats_s or t) if on else None,
+        "bpf_ns_per_event": c.ns_per_run(),
+        "bpf_cpu_share": c.cpu_share(t),
         "user_cpu_s": cum.self_cpu_s,
         "user_cpu_share": (cum.self_cpu_s / t) if t > 0 else None,
         "elapsed_s": t,

@@ -27,7 +27,7 @@ class CountingSession:
     max_snaps = 400
     instances = []
 
-    def __init__(self, pid=None, interval=1.0, events=False, modes=None):
+    def __init__(self, pid=None, interval=1.0, events=False, modes=None, self_cost="sampled"):
         self.pid, self.interval, self.events = pid, interval, events
         self.plan = None
         self.meta = {"host": "fakehost", "kernel": "6.18-fake"}

@@ -18,7 +18,7 @@ class FakeSession:
     instances = []
     until_stop = False  # like the real session: keep yielding until stop() (bench) instead of 3 snapshots
 
-    def __init__(self, pid=None, interval=1.0, events=False, modes=None):
+    def __init__(self, pid=None, interval=1.0, events=False, modes=None, self_cost="sampled"):
         self.pid, self.interval, self.events = pid, interval, events
         self.plan = None
         self.meta = {"host": "fakehost", "kernel": "6.18-fake", "bcc": "0"}

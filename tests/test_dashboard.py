@@ -454,7 +454,7 @@ def test_command_once_with_a_fake_session(monkeypatch):
     made = {}
 
     class FakeSession(SyntheticSession):
-        def __init__(self, pid=None, interval=1.0, modes=None):
+        def __init__(self, pid=None, interval=1.0, modes=None, self_cost="sampled"):
             super().__init__(interval=interval, sleep=False)
             made.update(pid=pid, interval=interval)
 

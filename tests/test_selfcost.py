@@ -60,7 +60,7 @@ class Clock:
 
 def test_run_figures_per_program_summed_and_stats_fd_closed():
     bpf, cpu = FakeBpf(), Clock()
-    m = C.CostMeter(sys=bpf, cpu=cpu).start()
+    m = C.CostMeter(sys=bpf, cpu=cpu, mode="full").start()
     assert m.state == "enabled"
     m.watch({"tp_unmap": 3, "tp_sys_enter": 4})
     bpf.stats[3] = [500 * 40, 500]
@@ -100,6 +100,115 @@ def test_statistics_already_on_by_sysctl_are_used(tmp_path):
     bpf.stats[3] = [400, 4]
     c = m.read()
     assert c.bpf_stats == "enabled (kernel.bpf_stats_enabled)" and (c.bpf_run_ns, c.bpf_run_cnt) == (400, 4)
+
+
+def test_sampled_statistics_are_on_in_windows_and_the_time_on_is_counted(tmp_path):
+    """Default mode: the statistics fd is open for a window, closed for the rest of the period;
+    stats_s is the time they were on, and the share of a CPU is run time over it."""
+    off = tmp_path / "sysctl"
+    off.write_text("0\n")
+    bpf, clk = FakeBpf(), Clock()
+    m = C.CostMeter(sys=bpf, sysctl=str(off), cpu=Clock(), clock=clk, period=1000.0, duty=0.1).start()
+    try:
+        assert m.state == "sampled: on 100000 ms of every 1000 s (10% of the time)"
+        m.watch({"p": 3})
+        bpf.stats[3] = [2_000_000, 10_000]  # runs inside the windows only
+        clk.t += 0.1
+        assert m.toggle() and bpf.closed == [77] and m.fd is None
+        clk.t += 0.9
+        assert m.toggle() and m.fd == 77 and bpf.calls.count(C.BPF_ENABLE_STATS) == 2
+        clk.t += 0.1
+        c = m.read()
+        assert c.sampled and c.measured and c.stats_s == pytest.approx(0.2)
+        assert c.ns_per_run() == pytest.approx(200.0)
+        assert c.cpu_share(elapsed_s=1.1) == pytest.approx(0.002 / 0.2)  # over the 0.2 s on, not 1.1 s
+    finally:
+        m.close()
+    assert bpf.closed == [77, 77] and m.read().stats_s == pytest.approx(0.2)
+
+
+def test_sampling_stops_when_another_process_holds_the_statistics_on(tmp_path):
+    """Another process's BPF_ENABLE_STATS fd keeps the statistics on while kvmtrace's is closed
+    (the sysctl does not show it): kvmtrace's run counts move in the gap. Seen before the next
+    window: the gap counts as on, and the meter holds them on itself (full)."""
+    ctl = tmp_path / "sysctl"
+    ctl.write_text("0\n")
+    bpf, clk = FakeBpf(), Clock()
+    m = C.CostMeter(sys=bpf, sysctl=str(ctl), cpu=Clock(), clock=clk, period=1000.0).start()
+    try:
+        m.watch({"p": 3})
+        bpf.stats[3] = [1000, 10]
+        clk.t += 0.1
+        assert m.toggle() and m.fd is None  # window closed after 0.1 s
+        bpf.stats[3] = [1000 + os.cpu_count() * 100, 10 + os.cpu_count()]  # runs in flight at the close
+        clk.t += 0.9
+        assert m.toggle() and m.fd == 77 and m.state.startswith("sampled")
+        clk.t += 0.1
+        assert m.toggle() and m.fd is None
+        bpf.stats[3] = [900_000, 5000]  # moved while kvmtrace's fd was closed
+        clk.t += 0.9
+        assert not m.toggle()
+        assert m.state.startswith("enabled (held on by another process") and m.fd == 77
+        clk.t += 5.0
+        assert m.read().stats_s == pytest.approx(0.1 + 0.1 + 0.9 + 5.0)  # the gap counts as on
+    finally:
+        m.close()
+
+
+def test_programs_watched_during_a_gap_are_not_taken_for_another_holder(tmp_path):
+    """The session loads its programs after the meter starts: programs given to watch() in a gap
+    already have runs (from earlier windows); that is the gap's baseline, not movement."""
+    ctl = tmp_path / "sysctl"
+    ctl.write_text("0\n")
+    bpf, clk = FakeBpf(), Clock()
+    m = C.CostMeter(sys=bpf, sysctl=str(ctl), cpu=Clock(), clock=clk, period=1000.0).start()
+    try:
+        clk.t += 0.1
+        assert m.toggle() and m.fd is None
+        bpf.stats[3] = [500_000, 4000]
+        m.watch({"p": 3})
+        clk.t += 0.9
+        assert m.toggle() and m.state.startswith("sampled")
+    finally:
+        m.close()
+
+
+def test_sysctl_switched_on_while_sampling_stops_the_sampling(tmp_path):
+    ctl = tmp_path / "sysctl"
+    ctl.write_text("0\n")
+    bpf, clk = FakeBpf(), Clock()
+    m = C.CostMeter(sys=bpf, sysctl=str(ctl), cpu=Clock(), clock=clk, period=1000.0).start()
+    try:
+        clk.t += 0.1
+        assert m.toggle()
+        ctl.write_text("1\n")
+        clk.t += 0.9
+        assert not m.toggle() and m.state.startswith("enabled (held on by another process")
+    finally:
+        m.close()
+
+
+def test_self_cost_off_never_enables_the_statistics():
+    bpf = FakeBpf()
+    m = C.CostMeter(sys=bpf, cpu=Clock(), mode="off").start()
+    m.watch({"p": 3})
+    c = m.read()
+    assert c.bpf_stats == "off (--self-cost off)" and not c.measured and c.cpu_share(1.0) is None
+    assert bpf.calls == []
+    m.close()
+
+
+def test_sampled_interval_without_a_window_has_no_share_rather_than_zero():
+    from kvmtrace.dashboard.view import cost_text
+
+    state = "sampled: on 100 ms of every 1 s (10% of the time)"
+    a = Snapshot(seq=1, wall_time=0, mono_ns=0, elapsed_s=1, cost=SelfCost(state, 100, 10, 0.5, (), 0.1))
+    b = Snapshot(seq=2, wall_time=0, mono_ns=5 * 10**8, elapsed_s=1.5, cost=SelfCost(state, 100, 10, 0.6, (), 0.1))
+    d = b.delta(a)
+    assert d.cost.stats_s == 0 and d.cost.cpu_share(d.elapsed_s) is None
+    assert cost_text(d) == "in kernel - ns/event, - CPU (sampled)"
+    c = Snapshot(seq=3, wall_time=0, mono_ns=15 * 10**8, elapsed_s=2.5, cost=SelfCost(state, 5100, 60, 0.7, (), 0.2))
+    assert cost_text(c.delta(b)) == "in kernel 100 ns/event, 0.01% CPU (sampled)"  # 5 us over 0.1 s on
 
 
 def test_cost_delta_is_per_interval():
@@ -146,7 +255,7 @@ def test_unmap_program_run_count_equals_an_independent_count(tmp_path):
     prog = "raw_tracepoint__kvm_unmap_hva_range"  # kvmtrace attaches raw tracepoints
     out = tmp_path / "truth.json"
     try:
-        with TraceSession(interval=0.5) as s:
+        with TraceSession(interval=0.5, self_cost="full") as s:  # every run counted
             def quiet():
                 """(independent count, run count, unmaps in kvmtrace's maps) once two readings agree
                 (other VMs on the host may unmap at any time)."""
@@ -175,6 +284,40 @@ def test_unmap_program_run_count_equals_an_independent_count(tmp_path):
     indep, runs, in_maps = (y - x for x, y in zip(a, b))
     assert runs == indep == in_maps >= truth["hva_ops"]["unmap"] >= 3000
     assert snap.map_full == 0 and snap.cost.bpf_run_ns > 0 and snap.cost.user_cpu_s > 0
+
+
+@pytest.mark.root
+def test_sampled_statistics_count_only_the_runs_inside_their_windows(tmp_path):
+    """The default (sampled) mode on the real kernel: the statistics were on for about a tenth
+    of the time, the unmap program's counted runs are fewer than the unmaps kvmtrace counted in
+    its maps (every one), and ns per run is measured from the runs inside the windows."""
+    why = _root_why()
+    if why:
+        pytest.skip(f"needs root, bcc, tracefs and /dev/kvm: {why}")
+    from kvmtrace.tracer.session import TraceSession
+
+    out = tmp_path / "truth.json"
+    prog = "tracepoint__kvm__kvm_unmap_hva_range"
+    with TraceSession(interval=0.5) as s:
+        s0 = s.snapshot()
+        p = subprocess.run([sys.executable, "-m", "kvmtrace.workload", "--quiet", "--json-out", str(out),
+                            "--slots", "8", "--scenario", "unmap", "--pages", "3000", "--iterations", "30"],
+                           capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr
+        time.sleep(1.0)
+        d = s.snapshot().delta(s0)
+        in_maps = unmaps_in_maps(s)
+    c = d.cost
+    if not c.measured:
+        pytest.skip(f"BPF statistics: {c.bpf_stats}")
+    if not c.sampled:
+        pytest.skip(f"not sampled here: {c.bpf_stats}")
+    truth = json.loads(out.read_text())["hva_ops"]["unmap"]
+    runs = dict((n, k) for n, _ns, k in c.per_prog)[prog]
+    assert in_maps >= truth >= 90000
+    assert 0 < runs < truth  # only the runs inside the windows
+    assert 0.02 * d.elapsed_s < c.stats_s < 0.3 * d.elapsed_s  # ~10 % of the time
+    assert c.ns_per_run() > 0 and c.cpu_share(d.elapsed_s) > 0
 
 
 # ------------------------------------------------------------------------ recording and report

@@ -96,8 +96,11 @@ def _cost_line(r):
     from rich.text import Text
 
     pct = lambda v: "-" if v != v else f"{100 * v:.3g}%"  # noqa: E731  (NaN: not measured)
-    if str(r["bpf_stats"]).startswith("enabled"):
+    state = str(r["bpf_stats"])
+    if state.startswith("enabled") or state.startswith("sampled"):
         bpf = f"in kernel {fmt_num(r['bpf_ns_per_event'])} ns/event, {pct(r['bpf_cpu_share'])} of a CPU"
+        if state.startswith("sampled"):
+            bpf += f" ({state})"
     else:
         bpf = f"in-kernel cost {r['bpf_stats']}"
     late = f"; {r['late_intervals']} late intervals (kvmtrace fell behind)" if r["late_intervals"] else ""

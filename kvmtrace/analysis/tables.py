@@ -63,6 +63,7 @@ SCHEMAS: Dict[str, pa.Schema] = {
             # kvmtrace's own cost in the interval (Snapshot.cost); null: BPF statistics unavailable
             ("bpf_run_ns", I64),
             ("bpf_run_cnt", I64),
+            ("bpf_stats_s", F64),  # seconds BPF statistics were on (sampled: part of the interval)
             ("late_s", F64),  # the snapshot came this much later than its interval asked
         ]
     ),
@@ -178,7 +179,7 @@ def columns(table: str) -> List[str]:
 # recording stands for (unknown / not measured). Readers fill them in (``upgrade``), so older
 # recordings keep reading; tables added later (by_memslots) are simply absent from them.
 ADDED_COLUMNS: Dict[str, Dict[str, object]] = {
-    "intervals": {"bpf_run_ns": None, "bpf_run_cnt": None, "late_s": 0.0},
+    "intervals": {"bpf_run_ns": None, "bpf_run_cnt": None, "bpf_stats_s": None, "late_s": 0.0},
     "vms": {"ordinal": 0, "memslots_max": -1},
     "hva": {"ordinal": 0, "memslots_max": -1, "scanned_max": None, "underived": 0},
     "memslot": {"ordinal": 0, "memslots_max": -1},
@@ -344,8 +345,10 @@ def snapshot_rows(
             "memslot_updates": mem_total,
             "hva_events": int(n_hva_events),
             "memslot_events": int(n_memslot_events),
-            "bpf_run_ns": int(delta.cost.bpf_run_ns) if delta.cost.bpf_stats.startswith("enabled") else None,
-            "bpf_run_cnt": int(delta.cost.bpf_run_cnt) if delta.cost.bpf_stats.startswith("enabled") else None,
+            "bpf_run_ns": int(delta.cost.bpf_run_ns) if delta.cost.measured else None,
+            "bpf_run_cnt": int(delta.cost.bpf_run_cnt) if delta.cost.measured else None,
+            # seconds the statistics were on in the interval (sampled: a part of elapsed_s)
+            "bpf_stats_s": float(delta.cost.stats_s or delta.elapsed_s) if delta.cost.measured else None,
             "late_s": float(delta.late_s),
         }
     )

@@ -26,6 +26,11 @@ def parse_modes(text: Optional[str]) -> Optional[Tuple[str, ...]]:
 
 
 modes_option = click.option("--modes", default=None, metavar="LIST", help=MODES_HELP)
+self_cost_option = click.option(
+    "--self-cost", type=click.Choice(["sampled", "full", "off"]), default="sampled", show_default=True,
+    help="how kvmtrace measures its own in-kernel cost: BPF run-time statistics on 100 ms of every "
+         "second (sampled), all the time (full: every run counted, but they add two clock reads to "
+         "every BPF program run on the host), or not at all (off)")
 
 
 class Number(click.ParamType):

@@ -6,7 +6,7 @@ import threading
 
 import click
 
-from . import modes_option, parse_modes
+from . import modes_option, parse_modes, self_cost_option
 from ..exporter.collector import DEFAULT_GRACE_S, DEFAULT_MAX_VMS, DEFAULT_PORT
 
 
@@ -34,7 +34,8 @@ deploy/prometheus/ (docs/exporter.md describes every metric).
               metavar="SECONDS", help="keep an exited VM's series this long, then drop them")
 @click.option("--pid", type=int, default=None, help="trace only this VMM process")
 @modes_option
-def exporter(listen, interval, max_vms, vm_grace, pid, modes):
+@self_cost_option
+def exporter(listen, interval, max_vms, vm_grace, pid, modes, self_cost):
     """Serve Prometheus metrics of KVM hva operations and memslot updates, per VM.
 
     \b
@@ -67,7 +68,7 @@ def exporter(listen, interval, max_vms, vm_grace, pid, modes):
         limit, why = memslots_limit()
         flag = threading.Event()
         with stop_on_signals(flag):
-            with TraceSession(pid=pid, interval=interval, modes=parse_modes(modes)) as s:
+            with TraceSession(pid=pid, interval=interval, modes=parse_modes(modes), self_cost=self_cost) as s:
                 ex.plan_ops = tuple(plan_rows(s.plan))
                 ex.memslots_limit, ex.memslots_limit_why = limit, why
                 ex.build = {"bcc": bcc_version(), "kernel": s.meta.get("kernel", "")}

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 
 import click
 
-from . import modes_option, parse_modes
+from . import modes_option, parse_modes, self_cost_option
 
 INTERVAL_RANGE = (0.01, 3600.0)  # seconds per interval
 ROTATE_MIN = 1.0
@@ -234,6 +234,7 @@ and everything after it is recorded. SIGINT/SIGTERM stop cleanly; with
 @click.option("--label", default="", help="name of this recording in reports (e.g. the kernel or host)")
 @click.option("--pid", type=int, default=None, help="trace only this VMM process")
 @modes_option
+@self_cost_option
 @click.option("--format", "fmt", type=click.Choice(["parquet", "csv"]), default="parquet", show_default=True)
 @click.option("--rotate", "rotate_text", default=None, metavar="DURATION",
               help="continuous recording: close a complete recording every DURATION (e.g. 15m, 1h) and start the "
@@ -242,7 +243,7 @@ and everything after it is recorded. SIGINT/SIGTERM stop cleanly; with
               help="with --rotate: keep the newest N recordings, delete older ones")
 @click.option("--share-group", default=None, metavar="GROUP",
               help="make the recording readable by GROUP (0750/0640); default private to you (0700/0600)")
-def record(path, duration, interval, events, label, pid, modes, fmt, rotate_text, keep, share_group):
+def record(path, duration, interval, events, label, pid, modes, self_cost, fmt, rotate_text, keep, share_group):
     """Record per-interval aggregates (and raw events) to Parquet or CSV.
 
     PATH becomes a directory; every interval is committed (fsync), so a crash loses at most the
@@ -262,7 +263,7 @@ def record(path, duration, interval, events, label, pid, modes, fmt, rotate_text
     sigs = Signals(rotate_on_hup=rotate is not None)
     status = StatusLine()
     with stop_on_signals(sigs):
-        with TraceSession(pid=pid, interval=interval, events=events, modes=modes_t) as s:
+        with TraceSession(pid=pid, interval=interval, events=events, modes=modes_t, self_cost=self_cost) as s:
             meta = session_meta(s, label, pid, interval, events)
             meta = {k: v for k, v in meta.items() if v is not None}
             if rotate is None:

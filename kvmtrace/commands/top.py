@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from . import INTERVAL, Number, modes_option, parse_modes
+from . import INTERVAL, Number, modes_option, parse_modes, self_cost_option
 
 from ..consts import Op
 from ..errors import CapabilityMissing
@@ -23,11 +23,12 @@ SORTS = ("ops", "latency", "slots", "pid")
 @click.option("-s", "--sort", type=click.Choice(SORTS), default="ops", show_default=True, help="row order")
 @click.option("-p", "--pid", "pids", type=click.IntRange(1), multiple=True, help="only this VMM process (repeatable)")
 @modes_option
+@self_cost_option
 @click.option("--vm", "vms", multiple=True, help="only VMs whose name or command contains this (repeatable)")
 @click.option(
     "--op", "ops", type=click.Choice([o.label for o in Op]), multiple=True, help="only these hva ops (repeatable)"
 )
-def top(interval, duration, once, log, csv_path, sort, pids, modes, vms, ops):
+def top(interval, duration, once, log, csv_path, sort, pids, modes, self_cost, vms, ops):
     """Live per-VM view of KVM hva operations (MMU-notifier callbacks) and memslot updates.
 
     \b
@@ -61,7 +62,7 @@ def top(interval, duration, once, log, csv_path, sort, pids, modes, vms, ops):
             "reinstall kvmtrace (make setup) and check `kvmtrace doctor`",
         ) from None
     session_pid = pids[0] if len(pids) == 1 else None
-    with TraceSession(pid=session_pid, interval=interval, modes=parse_modes(modes)) as session:
+    with TraceSession(pid=session_pid, interval=interval, modes=parse_modes(modes), self_cost=self_cost) as session:
         run_live(
             session,
             duration=duration,

@@ -59,11 +59,12 @@ def cost_text(delta: Snapshot) -> str:
     c = delta.cost
     if c.bpf_stats == "unavailable":
         return ""
-    if not c.bpf_stats.startswith("enabled"):
+    if not c.measured:
         return f"in-kernel cost {c.bpf_stats}"
-    per = f"{c.bpf_run_ns / c.bpf_run_cnt:.0f} ns/event" if c.bpf_run_cnt else "- ns/event"
-    share = f"{100.0 * c.bpf_run_ns / (delta.elapsed_s * 1e9):.2f}% CPU" if delta.elapsed_s > 0 else "-"
-    return f"in kernel {per}, {share}"
+    ns, share = c.ns_per_run(), c.cpu_share(delta.elapsed_s)
+    per = f"{ns:.0f} ns/event" if ns is not None else "- ns/event"
+    pct = f"{100.0 * share:.2f}% CPU" if share is not None else "- CPU"
+    return f"in kernel {per}, {pct}" + (" (sampled)" if c.sampled else "")
 
 
 def late_text(delta: Snapshot) -> str:

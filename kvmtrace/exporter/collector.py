@@ -193,10 +193,12 @@ class Exporter:
         yield one(Counter, "kvmtrace_tracer_cpu_seconds",
                   "CPU time (user + system) of the kvmtrace process since the tracer attached (getrusage)", s.self_cpu_s)
         c = s.cost
-        enabled = c.bpf_stats == "enabled"
+        enabled = c.measured
         yield one(Gauge, "kvmtrace_bpf_stats_enabled",
-                  "1 when the kernel's BPF run-time statistics measure kvmtrace's in-kernel cost, else 0", 1 if enabled else 0)
-        info = Info("kvmtrace_bpf_stats", "state of BPF run-time statistics: enabled, or why they are unavailable",
+                  "1 when the kernel's BPF run-time statistics measure kvmtrace's in-kernel cost (all the time, "
+                  "or sampled: see kvmtrace_bpf_stats_seconds), else 0", 1 if enabled else 0)
+        info = Info("kvmtrace_bpf_stats", "state of BPF run-time statistics: enabled, sampled: <windows>, "
+                    "or why they are unavailable",
                     labels=["state"])
         info.add_metric([], {"state": c.bpf_stats})
         yield info
@@ -211,6 +213,10 @@ class Exporter:
                 runs.add_metric([name], cnt)
             yield run_s
             yield runs
+            yield one(Counter, "kvmtrace_bpf_stats_seconds",
+                      "seconds BPF run-time statistics were on (sampled by default: the run figures count "
+                      "runs in that time only; in-kernel share of a CPU = rate(run_seconds) / rate(this))",
+                      c.stats_s if c.stats_s > 0 else s.elapsed_s)
         vms = Gauge("kvmtrace_exporter_vms", "VMs the exporter gives series (exported) or leaves out now (refused: --max-vms)",
                     labels=["state"])
         vms.add_metric(["exported"], v.vms_exported)

@@ -101,11 +101,14 @@ class TraceSession:
         max_events: int = 2_000_000,
         ringbuf_pages: int = 4096,
         ring_reader: str = "auto",
+        self_cost: str = "sampled",
     ) -> None:
         if pid is not None and (not isinstance(pid, int) or pid <= 0):
             raise KvmtraceError(f"--pid must be a positive process id, not {pid!r}", exit_code=2)
         if interval <= 0:
             raise KvmtraceError(f"--interval must be positive, not {interval}", exit_code=2)
+        if self_cost not in ("sampled", "full", "off"):
+            raise KvmtraceError(f"--self-cost must be sampled, full or off, not {self_cost!r}", exit_code=2)
         self.pid = pid
         self.interval = float(interval)
         self.keep_events = events
@@ -117,6 +120,7 @@ class TraceSession:
         # "mmap": batches read through the ring buffer's pages (rawevents.py); "bcc": bcc's
         # per-record callback; "auto": mmap where supported
         self.ring_reader = ring_reader
+        self.self_cost = self_cost  # CostMeter mode: sampled, full or off (BPF run-time statistics)
         self._reader = None
         self.bpf = None
         self.meta: Dict[str, str] = {}
@@ -186,9 +190,9 @@ class TraceSession:
 
         cflags += tp_cflags(self.plan)
         self.cflags = cflags
-        # kvmtrace's own cost: BPF run-time statistics on from before the programs are
-        # attached until the session closes
-        self._cost = CostMeter().start()
+        # kvmtrace's own cost: BPF run-time statistics from before the programs are attached
+        # until the session closes (sampled by default: they cost two clock reads per run)
+        self._cost = CostMeter(mode=self.self_cost).start()
         try:
             self.bpf = BPF(text=source().encode(), cflags=cflags)
             self._attach_kprobes()
