@@ -297,7 +297,7 @@ def test_sampled_statistics_count_only_the_runs_inside_their_windows(tmp_path):
     from kvmtrace.tracer.session import TraceSession
 
     out = tmp_path / "truth.json"
-    prog = "tracepoint__kvm__kvm_unmap_hva_range"
+    prog = "raw_tracepoint__kvm_unmap_hva_range"  # kvmtrace attaches raw tracepoints
     with TraceSession(interval=0.5) as s:
         s0 = s.snapshot()
         p = subprocess.run([sys.executable, "-m", "kvmtrace.workload", "--quiet", "--json-out", str(out),
