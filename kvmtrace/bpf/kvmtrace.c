@@ -218,6 +218,7 @@ static __always_inline void max_update(u64 *slot, u64 v)
 #define TAB_MASK (TAB_CAP - 1)
 #define TAB_STEPS 16   // binary search steps: log2(TAB_CAP) + 1
 #define SHIFT_CHUNK 1024  // entries moved per tail-called program (33 calls cover TAB_CAP)
+#define SHIFT_BLOCK 16    // entries moved branch-free between two tests of the end (64 blocks a program)
 #ifndef MAX_TABS
 #define MAX_TABS 16    // slot tables (512 KiB each): VMs created while traced, alive at once
 #endif
@@ -1178,8 +1179,23 @@ TRACEPOINT_PROBE(syscalls, sys_exit_ioctl)
     return 0;
 }
 
-// Tail-called: move SHIFT_CHUNK entries per program run, then call itself; the last run
+// Tail-called: move up to SHIFT_CHUNK entries per program run, then call itself; the last run
 // writes the new values, the count, and releases the table (seq bumped, busy dropped).
+//
+// Shape for the verifier: it walks a bounded loop once per iteration (the counter is a known,
+// precise value, so no iteration's state prunes another's) and every conditional jump inside
+// multiplies the paths it follows. The move is therefore branch-free in blocks of SHIFT_BLOCK
+// entries (the comparisons are sign bits of differences of values clang cannot see are 32-bit,
+// so it cannot turn them back into compares, which BPF has only as jumps); a step past the end
+// moves nothing and leaves j in place, and the only jump is one test per block. With the
+// comparisons as jumps (clang did that) 6.12 stopped at its 1,000,000-instruction limit after
+// ~205 of the 1,024 steps (E2BIG) and 6.18 needed 538,652.
+static __always_inline u64 shift_opaque(u64 v)
+{
+    asm volatile("" : "+r"(v));
+    return v;
+}
+
 int tp_shift_right(void *ctx)
 {
     u32 tid = (u32)bpf_get_current_pid_tgid();
@@ -1191,27 +1207,33 @@ int tp_shift_right(void *ctx)
     struct tab_data *t = tp_tab.lookup(&tab);
     if (!h || !t)
         return 0;
-    u32 j = s->j, ps = s->ps, pe = s->pe, lo = ps < pe ? ps : pe;
-    for (int i = 0; i < SHIFT_CHUNK; i++) {
+    u32 ps32 = s->ps, pe32 = s->pe;
+    u64 j = shift_opaque(s->j), ps = shift_opaque(ps32), pe = shift_opaque(pe32);
+    u64 d = ps - pe, neg = shift_opaque(d >> 63);
+    u64 lo = pe + (d & -neg);  // min(ps, pe) without a jump: the verifier walks the loop once, not twice
+    for (int b = 0; b < SHIFT_CHUNK / SHIFT_BLOCK; b++) {
         if (j <= lo)
             break;
-        // branch-free (one path for the verifier): an array moves where j is past its position
-        u64 ms = ((u64)ps - j) >> 63, me = ((u64)pe - j) >> 63;
-        asm volatile("" : "+r"(ms), "+r"(me));
-        u64 x = t->start[j & TAB_MASK], y = t->start[(j - 1) & TAB_MASK];
-        t->start[j & TAB_MASK] = x ^ ((x ^ y) & -ms);
-        x = t->end[j & TAB_MASK];
-        y = t->end[(j - 1) & TAB_MASK];
-        t->end[j & TAB_MASK] = x ^ ((x ^ y) & -me);
-        j--;
+#pragma unroll
+        for (int i = 0; i < SHIFT_BLOCK; i++) {
+            // entry j takes entry j-1 in an array whose new value goes below j; j moves while > lo
+            u64 live = (lo - j) >> 63, ms = (ps - j) >> 63, me = (pe - j) >> 63;
+            asm volatile("" : "+r"(live), "+r"(ms), "+r"(me));
+            u64 x = t->start[j & TAB_MASK], y = t->start[(j - 1) & TAB_MASK];
+            t->start[j & TAB_MASK] = x ^ ((x ^ y) & -ms);
+            x = t->end[j & TAB_MASK];
+            y = t->end[(j - 1) & TAB_MASK];
+            t->end[j & TAB_MASK] = x ^ ((x ^ y) & -me);
+            j -= live;
+        }
     }
     if (j > lo) {
-        s->j = j;
+        s->j = (u32)j;
         tp_jobs.call(ctx, 0);
         h->broken = 1;  // chain limit reached (cannot happen below TAB_CAP entries)
     } else {
-        t->start[ps & TAB_MASK] = s->vs;
-        t->end[pe & TAB_MASK] = s->ve;
+        t->start[ps32 & TAB_MASK] = s->vs;
+        t->end[pe32 & TAB_MASK] = s->ve;
         h->n = s->n + 1;
     }
     ioc_release(s, 1);
@@ -1230,25 +1252,32 @@ int tp_shift_left(void *ctx)
     struct tab_data *t = tp_tab.lookup(&tab);
     if (!h || !t)
         return 0;
-    u32 j = s->j, ps = s->ps, pe = s->pe, last = s->n - 1;
-    for (int i = 0; i < SHIFT_CHUNK; i++) {
+    u32 last32 = s->n - 1;  // n >= 1: the exit program checked
+    u64 j = shift_opaque(s->j), ps = shift_opaque(s->ps), pe = shift_opaque(s->pe);
+    u64 last = shift_opaque(last32);
+    for (int b = 0; b < SHIFT_CHUNK / SHIFT_BLOCK; b++) {
         if (j >= last)
             break;
-        u64 ms = ((u64)ps - j - 1) >> 63, me = ((u64)pe - j - 1) >> 63;  // j >= ps, j >= pe
-        asm volatile("" : "+r"(ms), "+r"(me));
-        u64 x = t->start[j & TAB_MASK], y = t->start[(j + 1) & TAB_MASK];
-        t->start[j & TAB_MASK] = x ^ ((x ^ y) & -ms);
-        x = t->end[j & TAB_MASK];
-        y = t->end[(j + 1) & TAB_MASK];
-        t->end[j & TAB_MASK] = x ^ ((x ^ y) & -me);
-        j++;
+#pragma unroll
+        for (int i = 0; i < SHIFT_BLOCK; i++) {
+            // entry j takes entry j+1 in an array whose removed value was at or below j
+            u64 live = (j - last) >> 63;
+            u64 ms = live & (((j - ps) >> 63) ^ 1), me = live & (((j - pe) >> 63) ^ 1);
+            asm volatile("" : "+r"(live), "+r"(ms), "+r"(me));
+            u64 x = t->start[j & TAB_MASK], y = t->start[(j + 1) & TAB_MASK];
+            t->start[j & TAB_MASK] = x ^ ((x ^ y) & -ms);
+            x = t->end[j & TAB_MASK];
+            y = t->end[(j + 1) & TAB_MASK];
+            t->end[j & TAB_MASK] = x ^ ((x ^ y) & -me);
+            j += live;
+        }
     }
     if (j < last) {
-        s->j = j;
+        s->j = (u32)j;
         tp_jobs.call(ctx, 1);
         h->broken = 1;
     } else {
-        h->n = last;
+        h->n = last32;
     }
     ioc_release(s, 1);
     ioc.delete(&tid);

@@ -238,7 +238,8 @@ class TraceSession:
         jobs = self.bpf["tp_jobs"]
         try:
             fds = [self.bpf.load_func(fn, BPF.TRACEPOINT).fd for fn in ("tp_shift_right", "tp_shift_left")]
-        except Exception as e:  # bcc raises bare Exception; seen: 6.12's verifier, E2BIG
+        except Exception as e:  # bcc raises bare Exception; seen before the programs' branch-free
+            # blocks: 6.12's verifier at its 1 M processed-instruction limit (E2BIG)
             # Without them a memslot update cannot keep its VM's slot table sorted: the kernel
             # marks the table broken and every op of that VM counts as underived (never
             # guessed). Counts, latency and change types are unaffected.
