@@ -112,6 +112,45 @@ def test_tracepoint_vm_older_than_the_trace_is_partial_and_underived():
     assert p.by_memslots == ()
 
 
+def _c_tp_agg(buckets=(), und=(0, 0, 0), slots_max=0, lat_max=0, lat=(), slots=(), rng=()):
+    """A C ``struct tp_agg`` as bcc gives it (attributes): ``buckets`` maps a bucket index to
+    (count, lat_count, lat_sum, slots_sum, nmax, nsum); ``und``: (count, lat_count, lat_sum)."""
+    from types import SimpleNamespace as NS
+
+    def bkt(count=0, lat_count=0, lat_sum=0, slots_sum=0, nmax=0, nsum=0):
+        return NS(count=count, lat_count=lat_count, lat_sum=lat_sum, slots_sum=slots_sum, nmax=nmax, nsum=nsum)
+
+    b = [bkt(*dict(buckets)[i]) if i in dict(buckets) else bkt() for i in range(R.MS_BUCKETS)]
+    full = lambda h: list(h) + [0] * (64 - len(h))  # noqa: E731
+    s = NS(count=0, lat_count=0, lat_sum=0, lat_max=lat_max, slots_count=0, slots_sum=0, slots_max=slots_max,
+           scanned_sum=0, tgid=0)  # the kernel leaves the sums 0: they follow from the buckets
+    return NS(a=NS(s=s, lat=full(lat), slots=full(slots), range=full(rng)), owner=7, b=b,
+              und=bkt(und[0], und[1], und[2]))
+
+
+def test_tracepoint_sums_come_from_the_buckets_the_kernel_counts_each_op_in():
+    """The kernel counts each op once, in its memslot-count bucket or as underived, and adds no
+    separate totals (fewer atomic adds per event): the row read gives the same figures the
+    totals would have."""
+    v = _c_tp_agg(buckets=((3, (5, 4, 4000, 5, 6, 30)), (7, (2, 2, 900, 3, 64, 128))), und=(4, 3, 1500),
+                  slots_max=2, lat_max=2000, lat=(0, 0, 9), slots=(0, 6, 1), rng=(0, 0, 0, 11))
+    r = R.TpAggRow.from_map(v)
+    a = r.agg
+    assert (a.count, a.slots_count, a.slots_sum, r.underived) == (11, 7, 8, 4)
+    assert (a.lat_count, a.lat_sum, a.lat_max, a.slots_max, a.scanned_sum) == (9, 6400, 2000, 2, 158)
+    assert a.lat[:3] == (0, 0, 9) and a.range[3] == 11 and len(r.buckets) == R.MS_BUCKETS
+    assert (r.buckets[7].count, r.buckets[7].nmax, r.buckets[7].nsum) == (2, 64, 128)
+    # decoded as before: per VM row, bucket rows for the derived ops only
+    p = Decoding(plan(linear=True)).decode(tp_maps({(1, 0, 100): r}, {1: R.TpVmRow(tgid=100, fd=4, ordinal=1)}))
+    (h,) = p.hva
+    assert (h.count, h.underived, h.slots_count, h.lat_count, h.scanned_sum) == (11, 4, 7, 9, 158)
+    assert sorted((b.bucket, b.count, b.lat_count) for b in p.by_memslots) == [(3, 5, 4), (7, 2, 2)]
+
+
+def test_aggregate_slot_entries_per_vm_match_the_op_count():
+    assert R.NR_OPS == len(Op)  # the C NR_OPS (consts.c_defines) and the readers' stride agree
+
+
 def test_tracepoint_ops_of_no_known_vmm_are_unattributed():
     p = Decoding(plan()).decode(tp_maps({(0, 0, 0): tp_row(9, underived=9),
                                          (1, 0, 100): tp_row(4)}, {1: R.TpVmRow(tgid=100, fd=4, ordinal=1)}))

@@ -252,7 +252,7 @@ def test_unmap_program_run_count_equals_an_independent_count(tmp_path):
     counter = BPF(text=b"BPF_ARRAY(c, u64, 1); TRACEPOINT_PROBE(kvm, kvm_unmap_hva_range) "
                        b"{ int k = 0; u64 *v = c.lookup(&k); if (v) __sync_fetch_and_add(v, 1); return 0; }")
     tbl = counter["c"]
-    prog = "tracepoint__kvm__kvm_unmap_hva_range"
+    prog = "raw_tracepoint__kvm_unmap_hva_range"  # kvmtrace attaches raw tracepoints
     out = tmp_path / "truth.json"
     try:
         with TraceSession(interval=0.5, self_cost="full") as s:  # every run counted
@@ -297,7 +297,7 @@ def test_sampled_statistics_count_only_the_runs_inside_their_windows(tmp_path):
     from kvmtrace.tracer.session import TraceSession
 
     out = tmp_path / "truth.json"
-    prog = "tracepoint__kvm__kvm_unmap_hva_range"
+    prog = "raw_tracepoint__kvm_unmap_hva_range"  # kvmtrace attaches raw tracepoints
     with TraceSession(interval=0.5) as s:
         s0 = s.snapshot()
         p = subprocess.run([sys.executable, "-m", "kvmtrace.workload", "--quiet", "--json-out", str(out),

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from kvmtrace.tracer import session as S
+from kvmtrace.tracer import records as R, session as S
 
 pytestmark = pytest.mark.root
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,6 +72,8 @@ def test_unmap_count_and_derived_slots_equal_ground_truth(session, tmp_path):
     assert h.lat_count > 0 and h.lat_hist.total == h.lat_count
     vm = vm_of(snap, truth["pid"])
     assert vm.partial is False and vm.ordinal == 1 and vm.memslots == vm.memslots_max == 64
+    # its aggregates were an array slot (no hash lookup per event)
+    assert [v.agg > 0 for v in session.read_maps().tp.vms.values() if v.tgid == truth["pid"]] == [True]
     # aggregated in the kernel by the VM's memslot count at each op: all at 64 (bucket 7)
     (b,) = [b for b in snap.by_memslots if b.vm_id == vm.vm_id and b.op == "unmap"]
     assert (b.bucket, b.count, b.memslots_max, b.slots_sum) == (7, h.count, 64, h.slots_sum)
@@ -297,6 +299,10 @@ def test_tables_stay_bounded_after_many_short_lived_vmms(session, tmp_path):
     session.snapshot()
     assert len(session.bpf["tp_vms"]) < 64  # the 1,030 dead VMs left the kernel's table
     assert len(session.bpf["vmm"]) < 64
+    # and their aggregate slots are free again (the first entry of a slot holds its owner)
+    t = session.bpf["tp_avals"]
+    owned = [i for i in range(0, len(t), R.NR_OPS) if int(t[t.Key(i)].owner)]
+    assert len(owned) < 64
 
 
 SHUFFLED = r"""
@@ -383,6 +389,35 @@ sys.stdout.write(json.dumps({"pid": os.getpid()}) + "\n")
 sys.stdout.flush()
 os._exit(0)
 """
+
+
+def test_a_vm_whose_aggregate_slot_is_taken_gets_the_same_figures_from_the_hash(session, tmp_path):
+    """Every VM created while traced has its aggregates in an array slot (no hash lookup per
+    event); when its slot is taken (here: all of them, by fake owners) they go to the hash,
+    with the same exact figures."""
+    t = session.bpf["tp_avals"]
+    fake = 1 << 61
+    taken = []
+    try:
+        for i in range(0, len(t), R.NR_OPS):
+            if not int(t[t.Key(i)].owner):
+                v = t.Leaf()
+                v.owner = fake + i
+                t[t.Key(i)] = v
+                taken.append(i)
+        truth = run_workload(tmp_path, "--slots", "8", "--scenario", "unmap", "--pages", "300", "--iterations", "1")
+        snap = settle(session, truth["pid"])
+        maps = session.read_maps()
+    finally:
+        for i in taken:
+            t[t.Key(i)] = t.Leaf()
+    (gen,) = [g for g, v in maps.tp.vms.items() if v.tgid == truth["pid"]]
+    assert maps.tp.vms[gen].agg == 0  # no slot: its rows are the hash's
+    h = hva(snap, truth["pid"])
+    assert (h.count, h.lat_count, h.slots_sum, h.underived) == (
+        truth["hva_ops"]["unmap"], truth["hva_ops"]["unmap"], truth["hva_slots_visited"]["unmap"], 0)
+    (b,) = [b for b in snap.by_memslots if b.pid == truth["pid"] and b.op == "unmap"]
+    assert (b.bucket, b.count, b.lat_count) == (4, h.count, h.count)
 
 
 def test_one_process_cannot_take_every_slot_table(session):

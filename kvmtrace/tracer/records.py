@@ -350,6 +350,7 @@ VMF_PARTIAL, VMF_DEAD, VMF_NOTAB, VMF_BROKEN = 1, 2, 4, 8
 NO_TAB = 0xFFFFFFFF
 MS_BUCKETS = 16
 VM_PER_PROC = 8  # live VMs per process the kernel keeps in notifier order
+NR_OPS = 4  # C NR_OPS (len(consts.Op), checked by tests/test_records.py): entries per VM slot in tp_avals
 SEED_GEN_BASE = 1 << 62  # gens of VMs that predate the trace: base | tgid << 24 | fd (the kernel counts from 1)
 
 
@@ -376,10 +377,21 @@ class TpAggRow:
 
     @classmethod
     def from_map(cls, v) -> "TpAggRow":
-        return cls(AggRow.from_map(v.a), int(v.underived),
-                   tuple(TpBucket(int(b.count), int(b.lat_count), int(b.lat_sum), int(b.slots_sum), int(b.nmax),
-                                  int(b.nsum))
-                         for b in v.b))
+        """The kernel counts each op once, in its memslot-count bucket or in ``und`` (slots not
+        derived), and leaves the sums that follow from those to this reader: count, slots and
+        latency counts and sums, scanned_sum (fewer atomic adds per event)."""
+        bs = tuple(TpBucket(int(b.count), int(b.lat_count), int(b.lat_sum), int(b.slots_sum), int(b.nmax),
+                            int(b.nsum))
+                   for b in v.b)
+        u = v.und
+        und, und_lc, und_ls = int(u.count), int(u.lat_count), int(u.lat_sum)
+        a = AggRow.from_map(v.a)
+        derived = sum(b.count for b in bs)
+        agg = AggRow(count=derived + und, lat_count=sum(b.lat_count for b in bs) + und_lc,
+                     lat_sum=sum(b.lat_sum for b in bs) + und_ls, lat_max=a.lat_max, slots_count=derived,
+                     slots_sum=sum(b.slots_sum for b in bs), slots_max=a.slots_max,
+                     scanned_sum=sum(b.nsum for b in bs), lat=a.lat, slots=a.slots, range=a.range)
+        return cls(agg, und, bs)
 
 
 @dataclass(frozen=True)
@@ -393,10 +405,12 @@ class TpVmRow:
     tab: int = NO_TAB
     n: int = 0
     nmax: int = 0
+    agg: int = 0  # its aggregate slot in ``tp_avals`` + 1 (0: its aggregates are in ``tp_aggs``)
 
     @classmethod
     def from_map(cls, v) -> "TpVmRow":
-        return cls(int(v.tgid), int(v.fd), int(v.ordinal), int(v.flags), int(v.tab), int(v.n), int(v.nmax))
+        return cls(int(v.tgid), int(v.fd), int(v.ordinal), int(v.flags), int(v.tab), int(v.n), int(v.nmax),
+                   int(v.agg))
 
     @property
     def dead(self) -> bool:

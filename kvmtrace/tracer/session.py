@@ -271,6 +271,8 @@ class TraceSession:
                 k.tgid, k.fd = pid, fd
                 vmfd[k] = vmfd.Leaf(gen)
             vmm[vmm.Key(pid)] = p
+            marks = self.bpf["vmm_mark"]  # the syscall programs' first check (kvmtrace.c)
+            marks[marks.Key(pid % len(marks))] = marks.Leaf(1)
 
     def _table(self, name: str):
         """A map of the loaded object, or None when this build does not declare it."""
@@ -397,9 +399,12 @@ class TraceSession:
         vms = self._table("vms")  # exact modes
         tp = None
         if self._table("tp_vms") is not None:
+            tvms = {int(k.value): R.TpVmRow.from_map(v) for k, v in b["tp_vms"].items()}
+            taggs = {(int(k.vm), int(k.op), int(k.owner)): R.TpAggRow.from_map(v) for k, v in b["tp_aggs"].items()}
+            taggs.update(self._tp_slot_aggs(tvms))
             tp = R.TpMaps(
-                aggs={(int(k.vm), int(k.op), int(k.owner)): R.TpAggRow.from_map(v) for k, v in b["tp_aggs"].items()},
-                vms={int(k.value): R.TpVmRow.from_map(v) for k, v in b["tp_vms"].items()},
+                aggs=taggs,
+                vms=tvms,
                 ms={(int(k.vm), int(k.op), int(k.owner)): R.MsRow.from_map(v) for k, v in b["ms_aggs"].items()},
             )
         return R.MapContents(
@@ -412,6 +417,40 @@ class TraceSession:
             vms=None if vms is None else {int(k.value): R.VmRow.from_map(v) for k, v in vms.items()},
             buckets=None if vms is None else buckets,
         )
+
+    def _tp_slot_aggs(self, vms: Dict[int, R.TpVmRow]) -> Dict[Tuple[int, int, int], R.TpAggRow]:
+        """Tracepoint mode: the aggregates of VMs that have an array slot (tp_avals), keyed as
+        tp_aggs' are; a slot another VM owns (taken at the same instant) is not this VM's."""
+        t = self._table("tp_avals")
+        out: Dict[Tuple[int, int, int], R.TpAggRow] = {}
+        if t is None:
+            return out
+        for gen, v in vms.items():
+            if not v.agg:
+                continue
+            for op in range(R.NR_OPS):
+                x = t[t.Key((v.agg - 1) * R.NR_OPS + op)]
+                if int(x.owner) == gen:
+                    row = R.TpAggRow.from_map(x)
+                    if row.agg.count:
+                        out[(gen, op, v.tgid)] = row
+        return out
+
+    def _tp_free_slots(self, vms: Dict[int, R.TpVmRow], gens: List[int]) -> None:
+        """Free the array slots of VMs retired from the maps: zeroed, the first entry (the
+        kernel's free mark) last."""
+        t = self._table("tp_avals")
+        if t is None:
+            return
+        for g in gens:
+            v = vms.get(g)
+            if v is None or not v.agg:
+                continue
+            i0 = (v.agg - 1) * R.NR_OPS
+            if int(t[t.Key(i0)].owner) != g:
+                continue
+            for i in range(i0 + R.NR_OPS - 1, i0 - 1, -1):
+                t[t.Key(i)] = t.Leaf()
 
     def _tp_retire(self, maps: R.MapContents) -> None:
         """Remove VMs that are gone from the kernel's maps once their final figures are read
@@ -426,6 +465,7 @@ class TraceSession:
                 k = t.Key()
                 k.vm, k.op, k.owner = vm, op, owner
                 t.pop(k, None)
+        self._tp_free_slots(maps.tp.vms, gens)
         vms, slots = b["tp_vms"], b["tp_slots"]
         for g in gens:
             vms.pop(vms.Key(g), None)
