@@ -102,6 +102,16 @@ def test_statistics_already_on_by_sysctl_are_used(tmp_path):
     assert c.bpf_stats == "enabled (kernel.bpf_stats_enabled)" and (c.bpf_run_ns, c.bpf_run_cnt) == (400, 4)
 
 
+def sampled_meter(tmp_path):
+    """A sampled CostMeter on a fake bpf() and a fake clock, the sysctl reading 0; the period is
+    long enough that its thread never toggles during a test (tests call toggle() themselves)."""
+    ctl = tmp_path / "sysctl"
+    ctl.write_text("0\n")
+    bpf, clk = FakeBpf(), Clock()
+    m = C.CostMeter(sys=bpf, sysctl=str(ctl), cpu=Clock(), clock=clk, period=1000.0).start()
+    return ctl, bpf, clk, m
+
+
 def test_sampled_statistics_are_on_in_windows_and_the_time_on_is_counted(tmp_path):
     """Default mode: the statistics fd is open for a window, closed for the rest of the period;
     stats_s is the time they were on, and the share of a CPU is run time over it."""
@@ -131,10 +141,7 @@ def test_sampling_stops_when_another_process_holds_the_statistics_on(tmp_path):
     """Another process's BPF_ENABLE_STATS fd keeps the statistics on while kvmtrace's is closed
     (the sysctl does not show it): kvmtrace's run counts move in the gap. Seen before the next
     window: the gap counts as on, and the meter holds them on itself (full)."""
-    ctl = tmp_path / "sysctl"
-    ctl.write_text("0\n")
-    bpf, clk = FakeBpf(), Clock()
-    m = C.CostMeter(sys=bpf, sysctl=str(ctl), cpu=Clock(), clock=clk, period=1000.0).start()
+    ctl, bpf, clk, m = sampled_meter(tmp_path)
     try:
         m.watch({"p": 3})
         bpf.stats[3] = [1000, 10]
@@ -158,10 +165,7 @@ def test_sampling_stops_when_another_process_holds_the_statistics_on(tmp_path):
 def test_programs_watched_during_a_gap_are_not_taken_for_another_holder(tmp_path):
     """The session loads its programs after the meter starts: programs given to watch() in a gap
     already have runs (from earlier windows); that is the gap's baseline, not movement."""
-    ctl = tmp_path / "sysctl"
-    ctl.write_text("0\n")
-    bpf, clk = FakeBpf(), Clock()
-    m = C.CostMeter(sys=bpf, sysctl=str(ctl), cpu=Clock(), clock=clk, period=1000.0).start()
+    ctl, bpf, clk, m = sampled_meter(tmp_path)
     try:
         clk.t += 0.1
         assert m.toggle() and m.fd is None
@@ -174,10 +178,7 @@ def test_programs_watched_during_a_gap_are_not_taken_for_another_holder(tmp_path
 
 
 def test_sysctl_switched_on_while_sampling_stops_the_sampling(tmp_path):
-    ctl = tmp_path / "sysctl"
-    ctl.write_text("0\n")
-    bpf, clk = FakeBpf(), Clock()
-    m = C.CostMeter(sys=bpf, sysctl=str(ctl), cpu=Clock(), clock=clk, period=1000.0).start()
+    ctl, bpf, clk, m = sampled_meter(tmp_path)
     try:
         clk.t += 0.1
         assert m.toggle()
