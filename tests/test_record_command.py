@@ -305,3 +305,33 @@ def test_sigterm_with_default_action_waits_for_the_close_then_terminates(tmp_pat
     assert r.returncode == -signal.SIGTERM and "survived" not in r.stdout, r.stderr
     rec = read_recording(str(p))
     assert rec.meta["status"] == "complete" and len(rec["hva_events"]) == 400 and rec.warnings == []
+
+
+LATE_SIGINT = """
+import os, signal, sys, time
+import click
+from kvmtrace.commands import run_click
+
+@click.command()
+def done():
+    click.echo("work saved")
+
+real_exit = sys.exit
+
+def exiting(code=0):
+    os.kill(os.getpid(), signal.SIGINT)  # the second Ctrl-C arrives while the process exits
+    time.sleep(0.2)
+    print("exit", code, flush=True)
+    real_exit(code)
+
+sys.exit = exiting
+run_click(done, None, "t")
+"""
+
+
+def test_a_late_sigint_after_the_command_does_not_kill_the_exit():
+    """CI once saw `record` die by SIGINT (-2) after a complete recording: the second Ctrl-C came
+    after the stop handler was put back. A program run ignores SIGINT once the command is over."""
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    r = subprocess.run([sys.executable, "-c", LATE_SIGINT], capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 0 and r.stdout.splitlines() == ["work saved", "exit 0"], (r.returncode, r.stdout, r.stderr)

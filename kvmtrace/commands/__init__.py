@@ -70,6 +70,18 @@ DURATION = Number(0.0, 366 * 86400.0, lo_open=True)  # seconds, at most a year
 TIMEOUT = Number(0.0, 366 * 86400.0, lo_open=True)
 
 
+def ignore_late_interrupts() -> None:
+    """The command is over and everything it wrote is saved: a late Ctrl-C (say, the second of
+    two) while the interpreter shuts down has nothing left to stop and must not turn a clean
+    exit into death by SIGINT. SIGTERM keeps its action. Only for a program run (``argv`` None),
+    never for a command called in-process."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def run_click(command: click.Command, argv: Optional[Sequence[str]], prog_name: str) -> None:
     """Run a click command as a program: every KvmtraceError becomes one message with its remedy
     and an exit status, never a traceback (``kvmtrace`` and ``python -m kvmtrace.workload``)."""
@@ -96,4 +108,7 @@ def run_click(command: click.Command, argv: Optional[Sequence[str]], prog_name: 
         sys.exit(130)
     except BrokenPipeError:
         sys.exit(0)
+    finally:
+        if argv is None:
+            ignore_late_interrupts()
     sys.exit(0)

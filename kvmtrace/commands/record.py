@@ -274,8 +274,9 @@ def record(path, duration, interval, events, label, pid, modes, self_cost, fmt, 
                 summary = rotation.record_rotating(
                     s, path, fmt, meta, events, share_group, duration, sigs, status, rotate, keep,
                     run_recording=run_recording, attached=attached_line)
-    click.echo(summary)
-    click.echo(f"next: kvmtrace report {printable(path)}")
+        # still under the stop handler: a second Ctrl-C while the summary prints stops nothing
+        click.echo(summary)
+        click.echo(f"next: kvmtrace report {printable(path)}")
 
 
 def _rotation_dir(path) -> bool:
