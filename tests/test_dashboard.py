@@ -292,16 +292,16 @@ def test_log_lines_exact():
     t = datetime.datetime.fromtimestamp(1002.0).strftime("%H:%M:%S")
     assert lines == [
         "    time      vms  unmap/s    age/s test_age/s   p50_ns   p99_ns slots_mean slots_max create/s delete/s"
-        "   move/s flags_only/s     lost map_full unattr/s     cpu%",
+        "   move/s flags_only/s     lost map_full unattr/s     cpu% bpf_ns/ev bpf_cpu%",
         f"{t:>8}        2    200.0      3.0        0.0     1024     4055        2.0         2      0.0      1.0"
-        "      0.0          0.0        1        0      5.0      2.0",
+        "      0.0          0.0        1        0      5.0      2.0         -        -",  # fakes: no cost measured
     ]
     # the next interval: no header again (not a terminal); the summary line is labelled total
     assert len(logf.lines_for(CUR, CUR.delta(PREV), PLAN, ViewOptions())) == 1
     total = logf.lines_for(CUR, None, PLAN, ViewOptions(), summary=True)
     # since start: 400 unmaps / 3 s = 133.3/s, 6 ages / 3 s = 2.0/s, CPU 0.05 s / 3 s = 1.7 %
     assert total[0].split() == ["total", "2", "133.3", "2.0", "0.0", "1024", "4055", "2.0", "2",
-                                "0.0", "0.7", "0.0", "0.0", "3", "0", "5.0", "1.7"]  # fmt: skip
+                                "0.0", "0.7", "0.0", "0.0", "3", "0", "5.0", "1.7", "-", "-"]  # fmt: skip
 
 
 def test_csv_rows_header_once_and_append(tmp_path):

@@ -5,6 +5,7 @@ operations kvmtrace counted in its maps, and the workload's ground truth bounds 
 from __future__ import annotations
 
 import ctypes as ct
+import dataclasses
 import errno
 import os
 import json
@@ -210,6 +211,23 @@ def test_sampled_interval_without_a_window_has_no_share_rather_than_zero():
     assert cost_text(d) == "in kernel - ns/event, - CPU (sampled)"
     c = Snapshot(seq=3, wall_time=0, mono_ns=15 * 10**8, elapsed_s=2.5, cost=SelfCost(state, 5100, 60, 0.7, (), 0.2))
     assert cost_text(c.delta(b)) == "in kernel 100 ns/event, 0.01% CPU (sampled)"  # 5 us over 0.1 s on
+
+
+def test_log_lines_carry_the_in_kernel_cost_and_say_sampled_once():
+    from kvmtrace.dashboard.model import ViewOptions
+    from kvmtrace.dashboard.plain import SAMPLED_NOTE, LogFormatter
+
+    state = "sampled: on 100 ms of every 1 s (10% of the time)"
+    a = Snapshot(seq=1, wall_time=0, mono_ns=0, elapsed_s=1, cost=SelfCost(state, 100, 10, 0.5, (), 0.1))
+    b = Snapshot(seq=2, wall_time=1, mono_ns=5 * 10**8, elapsed_s=1.5, cost=SelfCost(state, 100, 10, 0.6, (), 0.1))
+    c = Snapshot(seq=3, wall_time=2, mono_ns=15 * 10**8, elapsed_s=2.5, cost=SelfCost(state, 5100, 60, 0.7, (), 0.2))
+    logf = LogFormatter(("unmap",))
+    first = logf.lines_for(b, b.delta(a), None, ViewOptions())
+    assert first[1] == SAMPLED_NOTE and first[2].split()[-2:] == ["-", "-"]  # no window in this interval
+    assert logf.lines_for(c, c.delta(b), None, ViewOptions())[0].split()[-2:] == ["100", "0.01"]
+    every_run = dataclasses.replace(c.delta(b), cost=SelfCost("enabled", 5000, 50, 0.1))
+    full = LogFormatter(("unmap",)).lines_for(c, every_run, None, ViewOptions())
+    assert len(full) == 2 and full[1].split()[-2:] == ["100", "0.00"]  # every run counted: no note
 
 
 def test_cost_delta_is_per_interval():

@@ -15,7 +15,7 @@ from ..output import CsvWriter, check_new_file, shown
 from ..snapshot import Snapshot
 from ..fmt import plain_num
 from .model import ALL_CHANGES, ALL_OPS, OTHER_CHANGE, View, ViewOptions, VmRow, build_view
-from .view import attach_summary, cost_text, cpu_percent, late_text
+from .view import attach_summary, cost_cells, cost_text, cpu_percent, late_text
 
 
 def _ns(v: Optional[float]) -> str:
@@ -106,6 +106,10 @@ def plain_table(
 # ---------------------------------------------------------------------------- --log
 
 
+SAMPLED_NOTE = ("# bpf_ns/ev, bpf_cpu%: kvmtrace's in-kernel cost, sampled (BPF run-time statistics on "
+                "part of each second; '-' for an interval without a window): --self-cost full counts every run")
+
+
 class LogFormatter:
     """One line per interval with the totals over the shown VMs (``--log``); the header is
     printed first and, on a terminal, again every ``repeat`` lines (as kvm_stat does)."""
@@ -118,7 +122,7 @@ class LogFormatter:
         self.cols = ["time", "vms"] + [f"{op}/s" for op in self.ops]
         self.cols += ["p50_ns", "p99_ns", "slots_mean", "slots_max"]
         self.cols += [f"{ch}/s" for ch in self.changes]
-        self.cols += ["lost", "map_full", "unattr/s", "cpu%"]
+        self.cols += ["lost", "map_full", "unattr/s", "cpu%", "bpf_ns/ev", "bpf_cpu%"]
         self.widths = [max(len(c), 8) for c in self.cols]
 
     def _fmt(self, cells: Sequence[str]) -> str:
@@ -141,6 +145,7 @@ class LogFormatter:
             plain_num(delta.unattributed / e if e > 0 else None),
             plain_num(cpu),
         ]
+        c += cost_cells(delta)
         return c
 
     def lines_for(self, cum: Snapshot, delta: Snapshot, plan, opts: ViewOptions, summary: bool = False) -> List[str]:
@@ -155,6 +160,8 @@ class LogFormatter:
         out = []
         if self.lines == 0 or (self.repeat and self.lines % self.repeat == 0 and not summary):
             out.append(self.header())
+            if self.lines == 0 and d.cost.measured and d.cost.sampled:
+                out.append(SAMPLED_NOTE)
         line = self._fmt(self.cells(view, d, label))
         out.append(line + (f"  {late_text(d)}" if late_text(d) else ""))
         self.lines += 1

@@ -4,7 +4,7 @@ width) -> rich renderable. No I/O, no clock, no BPF: tested with synthetic snaps
 from __future__ import annotations
 
 import io
-from typing import List, Mapping, Optional
+from typing import List, Mapping, Optional, Tuple
 
 from rich.console import Console, Group, RenderableType
 from rich.constrain import Constrain
@@ -53,18 +53,28 @@ def cpu_percent(delta: Snapshot) -> Optional[float]:
     return 100.0 * delta.self_cpu_s / delta.elapsed_s
 
 
+def cost_cells(delta: Snapshot) -> Tuple[str, str]:
+    """kvmtrace's in-kernel cost over the interval as text: mean ns per program run (one run per
+    traced event) and percent of one CPU, "-" for a figure not measured (no sampling window in
+    the interval, statistics off or unavailable, replays)."""
+    c = delta.cost
+    if not c.measured:
+        return "-", "-"
+    ns, share = c.ns_per_run(), c.cpu_share(delta.elapsed_s)
+    return (f"{ns:.0f}" if ns is not None else "-"), (f"{100.0 * share:.2f}" if share is not None else "-")
+
+
 def cost_text(delta: Snapshot) -> str:
-    """kvmtrace's in-kernel cost over the interval: mean ns per program run (one run per
-    traced event) and share of one CPU; "" when the source measured no cost (replays, fakes)."""
+    """The header's cost phrase (cost_cells); "" when the source measured no cost (replays,
+    fakes)."""
     c = delta.cost
     if c.bpf_stats == "unavailable":
         return ""
     if not c.measured:
         return f"in-kernel cost {c.bpf_stats}"
-    ns, share = c.ns_per_run(), c.cpu_share(delta.elapsed_s)
-    per = f"{ns:.0f} ns/event" if ns is not None else "- ns/event"
-    pct = f"{100.0 * share:.2f}% CPU" if share is not None else "- CPU"
-    return f"in kernel {per}, {pct}" + (" (sampled)" if c.sampled else "")
+    ns, pct = cost_cells(delta)
+    pct = f"{pct}% CPU" if pct != "-" else "- CPU"
+    return f"in kernel {ns} ns/event, {pct}" + (" (sampled)" if c.sampled else "")
 
 
 def late_text(delta: Snapshot) -> str:
