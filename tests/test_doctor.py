@@ -116,7 +116,7 @@ def test_live_doctor_json_validates():
         for op in ("unmap", "age", "test_age"):
             assert (plan[op]["attach"], plan[op]["latency"], plan[op]["slots"]) == ("tracepoint", "syscall", "derived")
         m = plan["memslot_update"]
-        assert m["attach"] == "tracepoint" and m["tracepoints"] == ["syscalls:sys_enter_ioctl", "syscalls:sys_exit_ioctl"]
+        assert m["attach"] == "tracepoint" and m["tracepoints"] == ["raw_syscalls:sys_enter", "raw_syscalls:sys_exit"]
         assert r["defines"]["LINEAR_SCAN"] == 0 and r["exit_code"] == 0
 
 

@@ -36,7 +36,7 @@ def test_this_host_6_18_tracepoints_only():
         assert any(r == "kprobe: CONFIG_KPROBES off" for r in sk.values())
     mem = p.for_op("memslot_update")
     assert mem.attach == "tracepoint" and mem.latency == "syscall" and mem.slots == "derived"
-    assert mem.tracepoints == ("syscalls:sys_enter_ioctl", "syscalls:sys_exit_ioctl")
+    assert mem.tracepoints == ("raw_syscalls:sys_enter", "raw_syscalls:sys_exit")
     assert "static kvm_set_memory_region in 6.14" in skipped(mem)["__kvm_set_memory_region"]
     cp = p.for_op("change_pte")
     assert cp.attach == "none" and all("6.10" in s.reason for s in cp.skipped)

@@ -12,7 +12,8 @@
 //   HVA_EXACT_<OP>   hva op via entry/exit of its kvm_mmu_notifier_* callback (kprobe or fentry),
 //                    slots visited = per-slot handler calls inside the callback on the same thread
 //                    (per distinct memslot argument for per-rmap handlers: H_<OP>_SLOT_ARG)
-//   MS_TP            memslot updates via syscalls:sys_{enter,exit}_ioctl
+//   MS_TP            memslot updates and VM creation via their ioctls, seen by the raw_syscalls
+//                    programs (tp_sys_enter / tp_sys_exit, which tail-calls tp_ioc_exit)
 //   MS_EXACT         memslot updates via kvm_set_memslot (change type) inside the outer
 //                    region-setting function (whole-update latency)
 //   VM_LIFE          exact modes: VM creation/destruction (VM_INIT_FN, VM_DESTROY_FN), so each VM
@@ -240,7 +241,11 @@ static __always_inline void max_update(u64 *slot, u64 v)
 #define TAB_CAP 32768  // >= KVM_USER_MEM_SLOTS (32764) of one address space
 #define TAB_MASK (TAB_CAP - 1)
 #define TAB_STEPS 16   // binary search steps: log2(TAB_CAP) + 1
-#define SHIFT_CHUNK 1024  // entries moved per tail-called program (33 calls cover TAB_CAP)
+// entries moved per tail-called program: the ioctl's end (1 tail call) and 32 shift runs cover
+// TAB_CAP, 33 tail calls in a chain: the kernel's limit (MAX_TAIL_CALL_CNT 33 since 5.17's
+// "bpf: Change value of MAX_TAIL_CALL_CNT from 32 to 33", which made the interpreter agree with
+// the x86 JIT: that already allowed 33 before)
+#define SHIFT_CHUNK 1024
 #define SHIFT_BLOCK 16    // entries moved branch-free between two tests of the end (64 blocks a program)
 #ifndef MAX_TABS
 #define MAX_TABS 16    // slot tables (512 KiB each): VMs created while traced, alive at once
@@ -605,13 +610,10 @@ static __always_inline u32 tab_bound(u64 *a, u32 n, u64 v, int upper)
     asm volatile("" : "+r"(lt));
     return (u32)(base + (len & lt));
 }
-#endif  // TP_VMS
 
-// =====================================================================================
-// Tracepoint mode: hva ops
-// =====================================================================================
-#if defined(HVA_TP_UNMAP) || defined(HVA_TP_AGE) || defined(HVA_TP_TEST_AGE) || defined(HVA_TP_CHANGE_PTE)
-#define HVA_TP 1
+// The per-thread state of a VMM thread's current system call, kept by the raw_syscalls
+// programs (below): its start time and the hva ops inside it (their latency is the call's),
+// and whether it is a memslot ioctl whose end the ioctl exit program handles.
 #define SC_ENTS 4
 
 struct sc_ent {    // hva ops of one (vm, op, memslot bucket) inside the current system call
@@ -627,6 +629,8 @@ struct sc_state {  // one system call of a VMM thread
     u64 last_end;    // in turn with the same range, newest VM first
     u32 rep;
     u32 nent;
+    u32 ioc;         // a memslot ioctl or KVM_CREATE_VM: its state is in `ioc` (MS_TP)
+    u32 pad;
     struct sc_ent e[SC_ENTS];
 };
 #ifdef TP_TASK_STORAGE
@@ -667,6 +671,13 @@ static __always_inline int tgid_wanted(u32 tgid)
 #endif
 }
 
+#endif  // TP_VMS
+
+// =====================================================================================
+// Tracepoint mode: hva ops
+// =====================================================================================
+#if defined(HVA_TP_UNMAP) || defined(HVA_TP_AGE) || defined(HVA_TP_TEST_AGE) || defined(HVA_TP_CHANGE_PTE)
+#define HVA_TP 1
 static __always_inline int on_hva_tp(void *ctx, u32 op, u64 start, u64 end)
 {
     u64 id = bpf_get_current_pid_tgid();
@@ -806,52 +817,6 @@ RAW_TRACEPOINT_PROBE(kvm_test_age_hva) { return on_hva_tp(ctx, OP_TEST_AGE, ctx-
 RAW_TRACEPOINT_PROBE(kvm_set_spte_hva) { return on_hva_tp(ctx, OP_CHANGE_PTE, ctx->args[0], ctx->args[0] + PAGE_SIZE_B); }
 #endif
 
-RAW_TRACEPOINT_PROBE(sys_enter)
-{
-    u64 id = bpf_get_current_pid_tgid();
-    u32 tgid = id >> 32, tid = (u32)id;
-    if (!vmm_marked(tgid))  // almost every task that is no VMM: one byte read
-        return 0;
-    // a VMM thread reuses its state (zeroed at every syscall exit); any other marked task costs
-    // the lookup of its tgid
-    struct sc_state *cur = 0;
-#ifdef TP_TASK_STORAGE
-    cur = sc_get(tid);  // cheap, and NULL for every task that never ran a VMM syscall
-#endif
-    if (!cur) {
-        if (!tgid_wanted(tgid))
-            return 0;
-#ifndef TP_TASK_STORAGE
-        cur = sc_get(tid);
-#endif
-        if (!cur)
-            cur = sc_new(tid);
-        if (!cur)
-            return 0;
-    }
-#ifdef MS_TP
-    if (ctx->args[1] == NR_CLOSE) {  // a VM's descriptor closed: it leaves the attribution list
-        // close's fd is its first argument: the di register of the saved user registers
-        u64 fd = 0;
-        bpf_probe_read_kernel(&fd, sizeof(fd), (void *)(ctx->args[0] + OFF_PT_REGS_DI));
-        struct vmfd_key k = {};
-        k.tgid = tgid;
-        k.fd = (u32)fd;
-        u64 *g = tp_vmfd.lookup(&k);
-        if (g) {
-            u64 gen = *g;
-            struct vmm_val *p = vmm.lookup(&tgid);
-            vm_gone(tgid, k.fd, gen);
-            if (p)
-                vmm_drop(p, gen);
-        }
-    }
-#endif
-    cur->ts = bpf_ktime_get_ns();
-    cur->last_start = cur->last_end = 0;
-    return 0;
-}
-
 static __always_inline void sc_lat(u32 tgid, struct sc_ent *e, u64 dur)
 {
     u32 n = e->n;
@@ -880,21 +845,13 @@ static __always_inline void sc_lat(u32 tgid, struct sc_ent *e, u64 dur)
     max_update(&a->a.s.lat_max, dur);
 }
 
-RAW_TRACEPOINT_PROBE(sys_exit)
+// The end of a VMM thread's system call: the hva ops inside it get its duration as latency.
+static __always_inline void sc_end(void *ctx, struct sc_state *s, u32 tgid, u64 id)
 {
-    u64 id = bpf_get_current_pid_tgid();
-    u32 tgid = id >> 32, tid = (u32)id;
-    if (!vmm_marked(tgid))
-        return 0;
-    struct sc_state *s = sc_get(tid);
-    if (!s || !s->ts)
-        return 0;
     u64 ts = s->ts;
-    s->ts = 0;
-    s->last_start = s->last_end = 0;
     u32 ne = s->nent, total = 0;
-    if (!ne)  // most of a VMM's system calls (KVM_RUN, I/O) run no hva op: no clock read
-        return 0;
+    if (!ts || !ne)  // most of a VMM's system calls (KVM_RUN, I/O) run no hva op: no clock read
+        return;
     u64 dur = bpf_ktime_get_ns() - ts;  // a clock read costs ~35 ns here (docs/benchmarks.md)
 #pragma unroll
     for (int i = 0; i < SC_ENTS; i++) {
@@ -914,7 +871,6 @@ RAW_TRACEPOINT_PROBE(sys_exit)
         emit(ctx, &ev, RB_NO_WAKEUP);
     }
 #endif
-    return 0;
 }
 #endif  // HVA_TP
 
@@ -942,7 +898,9 @@ struct ioc_state {
     u64 ve;
 };
 BPF_TABLE("lru_hash", u32, struct ioc_state, ioc, MAX_THREADS);
-BPF_PROG_ARRAY(tp_jobs, 2);  // 0: shift right (insert), 1: shift left (remove); filled by userspace
+// tail-called programs, filled by userspace before the system-call programs are attached
+enum { JOB_SHIFT_RIGHT = 0, JOB_SHIFT_LEFT = 1, JOB_IOC_EXIT = 2 };
+BPF_PROG_ARRAY(tp_jobs, 3);  // shift right (insert), shift left (remove), the ioctl's end
 
 static __always_inline void ioc_release(struct ioc_state *s, int changed)
 {
@@ -966,25 +924,27 @@ static __always_inline void tab_broken(u32 tab)
         h->broken = 1;
 }
 
-TRACEPOINT_PROBE(syscalls, sys_enter_ioctl)
+// ioctl(fd, cmd, arg) entered (from tp_sys_enter): 1 when it is a memslot update of a known VM
+// or KVM_CREATE_VM, whose state is then kept in `ioc` for tp_ioc_exit; 0 for anything else.
+static __always_inline u32 ioc_enter(u32 tgid, u32 tid, u64 fd, u64 cmd32, u64 arg)
 {
-    u64 cmd = (u32)args->cmd;
+    u64 cmd = (u32)cmd32;
     if (cmd != KVM_SET_USER_MEMORY_REGION_NR && cmd != KVM_SET_USER_MEMORY_REGION2_NR &&
         cmd != KVM_CREATE_VM_NR)
         return 0;
-    u64 id = bpf_get_current_pid_tgid();
-    u32 tgid = id >> 32, tid = (u32)id;
     if (filtered_out(tgid))
         return 0;
     struct ioc_state s = {};
     s.cmd = cmd;
-    s.fd = args->fd;
+    s.fd = fd;
     s.tab = NO_TAB;
-    if (cmd != KVM_CREATE_VM_NR) {
+    if (cmd == KVM_CREATE_VM_NR) {
+        vmm_set_mark(tgid);  // its system calls' exits must look further from now on
+    } else {
         // only descriptors KVM_CREATE_VM returned: anything else never becomes a VM or update
         struct vmfd_key k = {};
         k.tgid = tgid;
-        k.fd = (u32)args->fd;
+        k.fd = (u32)fd;
         u64 *g = tp_vmfd.lookup(&k);
         if (!g) {
             bump(CNT_IGNORED);
@@ -996,7 +956,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_ioctl)
             bump(CNT_IGNORED);
             return 0;
         }
-        bpf_probe_read_user(&s.r, sizeof(s.r), (void *)args->arg);
+        bpf_probe_read_user(&s.r, sizeof(s.r), (void *)arg);
         u32 tab = v->tab;
         struct tab_hdr *h = tab == NO_TAB ? 0 : tp_hdr.lookup(&tab);
         if (h && h->gen == s.gen) {
@@ -1005,9 +965,23 @@ TRACEPOINT_PROBE(syscalls, sys_enter_ioctl)
         }
     }
     s.ts = bpf_ktime_get_ns();
-    if (ioc.update(&tid, &s) != 0 && s.tab != NO_TAB)
-        ioc_release(&s, 0);
-    return 0;
+    if (ioc.update(&tid, &s) != 0) {
+        if (s.tab != NO_TAB)
+            ioc_release(&s, 0);
+        bump(CNT_MAPFULL);
+        return 0;
+    }
+    return 1;
+}
+
+// The thread's ioctl state, dropped unhandled (its table released).
+static __always_inline void ioc_drop(u32 tid)
+{
+    struct ioc_state *s = ioc.lookup(&tid);
+    if (s) {
+        ioc_release(s, 0);
+        ioc.delete(&tid);
+    }
 }
 
 static __always_inline void ms_account(u64 gen, u32 tgid, u32 change, s64 ret, u64 dur)
@@ -1038,7 +1012,9 @@ static __always_inline void ms_account(u64 gen, u32 tgid, u32 change, s64 ret, u
     hist_inc(v->lat, dur, 1);
 }
 
-TRACEPOINT_PROBE(syscalls, sys_exit_ioctl)
+// The end of a memslot ioctl or of KVM_CREATE_VM: tail-called by tp_sys_exit (a separate
+// program, so that the hot system-call exit stays small for the verifier and the cache).
+int tp_ioc_exit(struct bpf_raw_tracepoint_args *ctx)
 {
     u64 id = bpf_get_current_pid_tgid();
     u32 tgid = id >> 32, tid = (u32)id;
@@ -1046,7 +1022,7 @@ TRACEPOINT_PROBE(syscalls, sys_exit_ioctl)
     if (!s)
         return 0;
     u64 now = bpf_ktime_get_ns();
-    s64 ret = args->ret;
+    s64 ret = (s64)ctx->args[1];  // raw_syscalls:sys_exit(regs, ret)
     if (s->cmd == KVM_CREATE_VM_NR) {
         if (ret >= 0) {
             vm_register(tgid, (u32)ret);
@@ -1054,7 +1030,7 @@ TRACEPOINT_PROBE(syscalls, sys_exit_ioctl)
             struct event ev = {};
             ev_head(&ev, EV_VM_CREATE, now, id);
             ev.vm_create.ret = (s32)ret;
-            emit(args, &ev, 0);
+            emit(ctx, &ev, 0);
         }
         ioc.delete(&tid);
         return 0;
@@ -1114,7 +1090,7 @@ TRACEPOINT_PROBE(syscalls, sys_exit_ioctl)
     ev.memslot.change = ch;  // classified here
     ev.memslot.ret = (s32)ret;
     ev.vm = gen;
-    emit(args, &ev, 0);
+    emit(ctx, &ev, 0);
 #endif
     if (ret != 0) {  // a failed update changes nothing
         ioc_release(s, 0);
@@ -1190,10 +1166,10 @@ TRACEPOINT_PROBE(syscalls, sys_exit_ioctl)
             return 0;
         }
         s->j = s->ps < s->pe ? s->ps : s->pe;
-        tp_jobs.call(args, 1);
+        tp_jobs.call(ctx, JOB_SHIFT_LEFT);
     } else {
         s->j = n;
-        tp_jobs.call(args, 0);
+        tp_jobs.call(ctx, JOB_SHIFT_RIGHT);
     }
     // the tail call failed (programs not installed yet, or the chain limit)
     h->broken = 1;
@@ -1252,7 +1228,7 @@ int tp_shift_right(void *ctx)
     }
     if (j > lo) {
         s->j = (u32)j;
-        tp_jobs.call(ctx, 0);
+        tp_jobs.call(ctx, JOB_SHIFT_RIGHT);
         h->broken = 1;  // chain limit reached (cannot happen below TAB_CAP entries)
     } else {
         t->start[ps32 & TAB_MASK] = s->vs;
@@ -1297,7 +1273,7 @@ int tp_shift_left(void *ctx)
     }
     if (j < last) {
         s->j = (u32)j;
-        tp_jobs.call(ctx, 1);
+        tp_jobs.call(ctx, JOB_SHIFT_LEFT);
         h->broken = 1;
     } else {
         h->n = last32;
@@ -1326,6 +1302,120 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
     return 0;
 }
 #endif  // MS_TP
+
+// =====================================================================================
+// Tracepoint mode: the system calls (raw_syscalls sys_enter / sys_exit as raw tracepoints)
+// =====================================================================================
+// One pair of programs serves both parts: an hva op's latency is its system call's, memslot
+// updates and VM creation are ioctls, a VM leaves with close() of its descriptor. They run for
+// every system call of every task on the host: a task that is no VMM leaves sys_exit after one
+// byte read, and sys_enter after that and a compare of the call number (an ioctl also reads
+// its three arguments from the saved registers). The classic syscalls:sys_{enter,exit}_ioctl
+// tracepoints served the ioctls before: while any classic syscall tracepoint is attached,
+// every system call of every task goes through perf's syscall handlers, which cost more than
+// these programs (measured: docs/benchmarks.md, "The ioctl tracepoints' tax").
+// Userspace attaches them itself (not bcc's automatic attach), after tp_jobs is filled.
+#ifdef TP_VMS
+#ifndef NR_IOCTL
+#define NR_IOCTL 16    // x86_64
+#endif
+#ifndef OFF_PT_REGS_DX
+#define OFF_PT_REGS_DX 96  // x86_64 struct pt_regs: dx, si, di in a row (third, second, first argument)
+#endif
+struct sc_args3 {
+    u64 dx;
+    u64 si;
+    u64 di;
+};
+
+int tp_sys_enter(struct bpf_raw_tracepoint_args *ctx)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tgid = id >> 32, tid = (u32)id;
+    u32 ioc_pending = 0;
+#ifdef MS_TP
+    if (ctx->args[1] == NR_IOCTL) {  // memslot updates and VM creation, by any task
+        struct sc_args3 a = {};
+        bpf_probe_read_kernel(&a, sizeof(a), (void *)(ctx->args[0] + OFF_PT_REGS_DX));
+        ioc_pending = ioc_enter(tgid, tid, a.di, a.si, a.dx);
+    }
+#endif
+    if (!ioc_pending && !vmm_marked(tgid))  // almost every task that is no VMM: one byte read
+        return 0;
+    // a VMM thread reuses its state (zeroed at every syscall exit); any other marked task costs
+    // the lookup of its tgid
+    struct sc_state *cur = 0;
+#ifdef TP_TASK_STORAGE
+    cur = sc_get(tid);  // cheap, and NULL for every task that never ran a VMM syscall
+#endif
+    if (!cur) {
+        if (!ioc_pending && !tgid_wanted(tgid))
+            return 0;
+#ifndef TP_TASK_STORAGE
+        cur = sc_get(tid);
+#endif
+        if (!cur)
+            cur = sc_new(tid);
+        if (!cur) {
+#ifdef MS_TP
+            if (ioc_pending) {  // its exit could not find it: not counted, and said so
+                ioc_drop(tid);
+                bump(CNT_LOST);
+            }
+#endif
+            return 0;
+        }
+    }
+    cur->ioc = ioc_pending;
+#ifdef MS_TP
+    if (ctx->args[1] == NR_CLOSE) {  // a VM's descriptor closed: it leaves the attribution list
+        // close's fd is its first argument: the di register of the saved user registers
+        u64 fd = 0;
+        bpf_probe_read_kernel(&fd, sizeof(fd), (void *)(ctx->args[0] + OFF_PT_REGS_DI));
+        struct vmfd_key k = {};
+        k.tgid = tgid;
+        k.fd = (u32)fd;
+        u64 *g = tp_vmfd.lookup(&k);
+        if (g) {
+            u64 gen = *g;
+            struct vmm_val *p = vmm.lookup(&tgid);
+            vm_gone(tgid, k.fd, gen);
+            if (p)
+                vmm_drop(p, gen);
+        }
+    }
+#endif
+    cur->ts = bpf_ktime_get_ns();
+    cur->last_start = cur->last_end = 0;
+    return 0;
+}
+
+int tp_sys_exit(struct bpf_raw_tracepoint_args *ctx)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tgid = id >> 32, tid = (u32)id;
+    if (!vmm_marked(tgid))
+        return 0;
+    struct sc_state *s = sc_get(tid);
+    if (!s)
+        return 0;
+#ifdef HVA_TP
+    sc_end(ctx, s, tgid, id);
+#endif
+    s->ts = 0;
+    s->last_start = s->last_end = 0;
+#ifdef MS_TP
+    if (s->ioc) {
+        s->ioc = 0;
+        tp_jobs.call(ctx, JOB_IOC_EXIT);
+        // not reached once the program is installed (userspace does that before attaching)
+        ioc_drop(tid);
+        bump(CNT_LOST);
+    }
+#endif
+    return 0;
+}
+#endif  // TP_VMS
 
 // =====================================================================================
 // Exact mode (kprobe or fentry): callback entry/exit, per-slot handlers, memslot updates

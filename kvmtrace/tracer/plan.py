@@ -30,7 +30,7 @@ class KernelFacts:
     # functions that have a BTF FUNC record but are inlined everywhere / not in kallsyms are
     # simply absent from kallsyms; this set names modules that carry their own BTF
     btf_modules: Tuple[str, ...] = ()
-    tracepoints: Tuple[str, ...] = ()  # "kvm:kvm_unmap_hva_range", "syscalls:sys_enter_ioctl", ...
+    tracepoints: Tuple[str, ...] = ()  # "kvm:kvm_unmap_hva_range", "raw_syscalls:sys_enter", ...
     kprobes: Optional[bool] = None  # kprobe attach possible (CONFIG_KPROBES and not blocked)
     kprobes_reason: str = ""
     fentry: Optional[bool] = None  # a trial fentry load succeeded
@@ -237,7 +237,10 @@ VM_LIFETIME = ("kvm_arch_init_vm", "kvm_arch_destroy_vm")
 #     enclose the whole update).
 #   kvm_vm_ioctl_set_memory_region: the ioctl handler (often inlined into kvm_vm_ioctl).
 REGION_FUNCS = ("__kvm_set_memory_region", "kvm_set_memory_region", "kvm_vm_ioctl_set_memory_region")
-IOCTL_TRACEPOINTS = ("syscalls:sys_enter_ioctl", "syscalls:sys_exit_ioctl")
+# memslot updates in tracepoint mode: the ioctls, seen by the raw_syscalls programs the hva ops'
+# latency uses too (the classic syscalls:sys_*_ioctl events would tax every system call of every
+# task with perf's syscall handlers: kvmtrace.c)
+IOCTL_TRACEPOINTS = ("raw_syscalls:sys_enter", "raw_syscalls:sys_exit")
 
 # Functions and structs whose BTF the resolver (and the BPF code) needs; kernel.py gathers these.
 FUNCS_OF_INTEREST: Tuple[str, ...] = tuple(
@@ -258,8 +261,8 @@ STRUCTS_OF_INTEREST: Dict[str, Tuple[str, ...]] = {
     "kvm_memory_slot": ("userspace_addr", "npages", "id", "as_id", "base_gfn", "flags", "hva_node"),
 }
 TRACEPOINTS_OF_INTEREST: Tuple[str, ...] = tuple(
-    [t for s in HVA_SPECS for t in s.tracepoints] + list(IOCTL_TRACEPOINTS)
-    + ["raw_syscalls:sys_enter", "raw_syscalls:sys_exit"]
+    dict.fromkeys([t for s in HVA_SPECS for t in s.tracepoints] + list(IOCTL_TRACEPOINTS)
+                  + ["raw_syscalls:sys_enter", "raw_syscalls:sys_exit"])
 )
 
 MODES = ("fentry", "kprobe", "tracepoint")
@@ -288,8 +291,8 @@ HISTORY: Dict[str, str] = {
     "kvm:kvm_unmap_hva_range": "generic trace event since 5.13; x86 had none before",
     "kvm:kvm_age_hva": "generic trace event since 5.13; x86 had none before",
     "kvm:kvm_test_age_hva": "generic trace event since 5.13; x86 had none before",
-    "syscalls:sys_enter_ioctl": "needs CONFIG_FTRACE_SYSCALLS",
-    "syscalls:sys_exit_ioctl": "needs CONFIG_FTRACE_SYSCALLS",
+    "raw_syscalls:sys_enter": "needs CONFIG_FTRACE_SYSCALLS",
+    "raw_syscalls:sys_exit": "needs CONFIG_FTRACE_SYSCALLS",
 }
 
 

@@ -206,7 +206,13 @@ class TraceSession:
         known = host.vmm_pids()
         self.decoding.stream.known_vmm.update(known)
         if self._table("tp_vms") is not None:
-            self._tp_setup(BPF)
+            try:
+                self._tp_setup(BPF)
+            except Exception as e:  # bcc raises bare Exception for every failure
+                self.close()
+                if isinstance(e, KvmtraceError):
+                    raise
+                raise kernel.load_problem(e).error()
         if ringbuf and self.ring_reader != "bcc" and not rawevents.supported():
             import mmap
 
@@ -233,11 +239,25 @@ class TraceSession:
         self._thread.start()
 
     def _tp_setup(self, BPF) -> None:
-        """Tracepoint mode: install the table-shifting programs the memslot path tail-calls,
-        and register the VMs running now (from /proc/PID/fd) as predating the trace."""
+        """Tracepoint mode: install the programs the system-call exit tail-calls (the ioctl's
+        end, and the table-shifting programs it calls in turn), then attach the system-call
+        programs (raw_syscalls sys_enter/sys_exit: after the tail-call targets, so that no
+        ioctl's end finds them missing), then register the VMs running now (from
+        /proc/PID/fd) as predating the trace."""
         jobs = self.bpf["tp_jobs"]
+        if "-DMS_TP" in self.cflags:
+            jobs[ct.c_int(2)] = ct.c_int(self.bpf.load_func("tp_ioc_exit", BPF.RAW_TRACEPOINT).fd)
+        self._tp_tables(BPF, jobs)
+        for tp in ("sys_enter", "sys_exit"):
+            self.bpf.attach_raw_tracepoint(tp=tp.encode(), fn_name=f"tp_{tp}".encode())
+        self._tp_seed()
+
+    def _tp_tables(self, BPF, jobs) -> None:
+        if "-DMS_TP" not in self.cflags:
+            self.slot_tables = "unavailable: memslot updates are not traced by ioctl"
+            return
         try:
-            fds = [self.bpf.load_func(fn, BPF.TRACEPOINT).fd for fn in ("tp_shift_right", "tp_shift_left")]
+            fds = [self.bpf.load_func(fn, BPF.RAW_TRACEPOINT).fd for fn in ("tp_shift_right", "tp_shift_left")]
         except Exception as e:  # bcc raises bare Exception; seen before the programs' branch-free
             # blocks: 6.12's verifier at its 1 M processed-instruction limit (E2BIG)
             # Without them a memslot update cannot keep its VM's slot table sorted: the kernel
@@ -249,6 +269,8 @@ class TraceSession:
             for i, fd in enumerate(fds):
                 jobs[ct.c_int(i)] = ct.c_int(fd)
             self.slot_tables = "in kernel"
+
+    def _tp_seed(self) -> None:
         from .decode_tp import seed_gen
 
         vmm, vms, vmfd = self.bpf["vmm"], self.bpf["tp_vms"], self.bpf["tp_vmfd"]
