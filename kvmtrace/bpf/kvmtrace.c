@@ -346,28 +346,33 @@ struct tp_agg {
 };
 
 BPF_HASH(vmm, u32, struct vmm_val, MAX_VMMS);  // known VMM processes
-// One byte per tgid mod VMM_MARKS, set for every known VMM process and never cleared: the
-// syscall programs, which run for every task on the host, leave at once for almost every task
-// that is no VMM (an array read instead of a hash lookup and a task-storage lookup); a marked
-// tgid (a VMM, or one sharing its index) is then checked exactly.
+// One counter per tgid mod VMM_MARKS, bumped after every change of a known VMM process's VM
+// list and never cleared, so nonzero marks a VMM: the syscall programs, which run for every
+// task on the host, leave at once for almost every task that is no VMM (an array read instead
+// of a hash lookup and a task-storage lookup); a marked tgid (a VMM, or one sharing its index)
+// is then checked exactly. Its value also versions the list: a thread keeps a copy of its
+// process's list (struct vm_list) valid while the counter has not moved, so an hva op needs no
+// hash lookup (a change of another process sharing the index only makes the copy be taken
+// again). It would read 0 again after 2^32 changes at one index.
 #ifndef VMM_MARKS
 #define VMM_MARKS 65536  // power of two
 #endif
-BPF_ARRAY(vmm_mark, u8, VMM_MARKS);
+BPF_ARRAY(vmm_mark, u32, VMM_MARKS);
 
 static __always_inline int vmm_marked(u32 tgid)
 {
     u32 i = tgid & (VMM_MARKS - 1);
-    u8 *m = vmm_mark.lookup(&i);
+    u32 *m = vmm_mark.lookup(&i);
     return m && *m;
 }
 
-static __always_inline void vmm_set_mark(u32 tgid)
+// After a change of tgid's VM list (or to mark it a VMM): its copies become stale.
+static __always_inline void vmm_bump(u32 tgid)
 {
     u32 i = tgid & (VMM_MARKS - 1);
-    u8 *m = vmm_mark.lookup(&i);
+    u32 *m = vmm_mark.lookup(&i);
     if (m)
-        *m = 1;
+        __sync_fetch_and_add(m, 1);
 }
 BPF_HASH(tp_vmfd, struct vmfd_key, u64, MAX_TP_VMS);
 BPF_HASH(tp_vms, u64, struct tp_vm, MAX_TP_VMS);
@@ -453,8 +458,8 @@ static __always_inline void vm_gone(u32 tgid, u32 fd, u64 gen)
     tp_vmfd.delete(&k);
 }
 
-// Remove `gen` from its process's list, keeping the order of the others.
-static __always_inline void vmm_drop(struct vmm_val *p, u64 gen)
+// Remove `gen` from the list of process tgid, keeping the order of the others.
+static __always_inline void vmm_drop(struct vmm_val *p, u64 gen, u32 tgid)
 {
     u32 found = 0;
 #pragma unroll
@@ -470,6 +475,8 @@ static __always_inline void vmm_drop(struct vmm_val *p, u64 gen)
     }
     if (found && p->n > 0)
         p->n--;
+    if (found)
+        vmm_bump(tgid);
 }
 
 static __always_inline u32 tab_alloc(u64 gen)
@@ -506,7 +513,7 @@ static __always_inline void vm_register(u32 tgid, u32 fd)
         u64 og = *old;
         vm_gone(tgid, fd, og);
         if (p)
-            vmm_drop(p, og);
+            vmm_drop(p, og, tgid);
     }
     if (!p) {
         struct vmm_val z = {};
@@ -517,7 +524,7 @@ static __always_inline void vm_register(u32 tgid, u32 fd)
             return;
         }
     }
-    vmm_set_mark(tgid);
+    vmm_bump(tgid);  // marked from now on (bumped again after the list changes)
     u32 zk = 0;
     u64 *g = tp_gen.lookup(&zk);
     if (!g)
@@ -570,7 +577,7 @@ static __always_inline void vm_register(u32 tgid, u32 fd)
     u32 n = p->n;
     if (n >= VM_PER_PROC) {  // more live VMs than the list holds: the oldest leaves it
         bump(CNT_MAPFULL);
-        vmm_drop(p, p->gen[0]);
+        vmm_drop(p, p->gen[0], tgid);
         n = p->n;
     }
     if (n < VM_PER_PROC) {
@@ -587,6 +594,7 @@ static __always_inline void vm_register(u32 tgid, u32 fd)
         }
         p->n = n + 1;
     }
+    vmm_bump(tgid);  // after the change: a copy taken meanwhile is stale at once
 }
 
 // First index in a[0..n) with a[i] >= v (lower) or a[i] > v (upper), n <= TAB_CAP: a binary
@@ -616,6 +624,16 @@ static __always_inline u32 tab_bound(u64 *a, u32 n, u64 v, int upper)
 // and whether it is a memslot ioctl whose end the ioctl exit program handles.
 #define SC_ENTS 4
 
+struct vm_list {   // the thread's copy of its process's VM list (struct vmm_val's order)
+    u32 tgid;
+    u32 ver;       // the process's vmm_mark when copied; 0: no copy
+    u32 n;
+    u32 pad;
+    u64 gen[VM_PER_PROC];
+    u32 tab[VM_PER_PROC];
+    u32 agg[VM_PER_PROC];
+};
+
 struct sc_ent {    // hva ops of one (vm, op, memslot bucket) inside the current system call
     u64 gen;
     u32 aidx;      // its aggregate's tp_avals index + 1; 0: in tp_aggs
@@ -632,6 +650,7 @@ struct sc_state {  // one system call of a VMM thread
     u32 ioc;         // a memslot ioctl or KVM_CREATE_VM: its state is in `ioc` (MS_TP)
     u32 pad;
     struct sc_ent e[SC_ENTS];
+    struct vm_list vl;
 };
 #ifdef TP_TASK_STORAGE
 // per-thread state in task-local storage (5.11+, BTF): a pointer chase instead of a hash
@@ -684,9 +703,34 @@ static __always_inline int on_hva_tp(void *ctx, u32 op, u64 start, u64 end)
     u32 tgid = id >> 32, tid = (u32)id;
     if (filtered_out(tgid))
         return 0;
-    struct vmm_val *p = vmm.lookup(&tgid);
     struct sc_state *s = sc_get(tid);
-    u32 n = p ? p->n : 0;
+    // The process's VM list: the thread's copy while the process's mark has not moved since
+    // it was taken (every change of a list bumps it), else the hash (and a fresh copy).
+    u32 mi = tgid & (VMM_MARKS - 1);
+    u32 *mk = vmm_mark.lookup(&mi);
+    u32 ver = mk ? *(volatile u32 *)mk : 0;  // read once, before the list is copied
+    struct vmm_val *p = 0;
+    u32 n = 0, copied = 0;
+    if (s && ver && s->vl.ver == ver && s->vl.tgid == tgid) {
+        n = s->vl.n;
+        copied = 1;
+    } else {
+        p = vmm.lookup(&tgid);
+        if (p) {
+            n = p->n;
+            if (s) {
+#pragma unroll
+                for (int i = 0; i < VM_PER_PROC; i++) {
+                    s->vl.gen[i] = p->gen[i];
+                    s->vl.tab[i] = p->tab[i];
+                    s->vl.agg[i] = p->agg[i];
+                }
+                s->vl.n = n;
+                s->vl.tgid = tgid;
+                s->vl.ver = ver;
+            }
+        }
+    }
     if (n == 0) {  // not a known VMM process (kswapd, another process's madvise, ...)
         struct tp_agg *u = tp_agg_get(0, op, 0);
         if (u)
@@ -707,10 +751,25 @@ static __always_inline int on_hva_tp(void *ctx, u32 op, u64 start, u64 end)
     }
     if (n > VM_PER_PROC)
         n = VM_PER_PROC;
-    u32 idx = (n - 1 - rep % n) & (VM_PER_PROC - 1);
-    u64 gen = p->gen[idx];
-    u32 tab = p->tab[idx];
-    u32 aslot = p->agg[idx];
+    u32 idx = n - 1 - rep % n;
+    // masked where it is used, behind a barrier clang cannot see through: 6.1's verifier lost
+    // the bound of a mask applied earlier on its way through the stack ("R3 unbounded memory
+    // access" at p->gen[idx])
+    asm volatile("" : "+r"(idx));
+    idx &= VM_PER_PROC - 1;
+    u64 gen;
+    u32 tab, aslot;
+    if (copied && s) {
+        gen = s->vl.gen[idx];
+        tab = s->vl.tab[idx];
+        aslot = s->vl.agg[idx];
+    } else if (p) {
+        gen = p->gen[idx];
+        tab = p->tab[idx];
+        aslot = p->agg[idx];
+    } else {
+        return 0;  // not reached: n > 0 came from one of them
+    }
     // Derivation: the VM's slot table, unless a memslot update is in flight or finished meanwhile
     u32 slots = 0, nslots = 0, ok = 0;
     struct tab_hdr *h = tab == NO_TAB ? 0 : tp_hdr.lookup(&tab);
@@ -939,7 +998,7 @@ static __always_inline u32 ioc_enter(u32 tgid, u32 tid, u64 fd, u64 cmd32, u64 a
     s.fd = fd;
     s.tab = NO_TAB;
     if (cmd == KVM_CREATE_VM_NR) {
-        vmm_set_mark(tgid);  // its system calls' exits must look further from now on
+        vmm_bump(tgid);  // marked: its system calls' exits must look further from now on
     } else {
         // only descriptors KVM_CREATE_VM returned: anything else never becomes a VM or update
         struct vmfd_key k = {};
@@ -1299,6 +1358,7 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
             vm_gone(tgid, p->fd[i], p->gen[i]);
     }
     vmm.delete(&tgid);
+    vmm_bump(tgid);
     return 0;
 }
 #endif  // MS_TP
@@ -1381,7 +1441,7 @@ int tp_sys_enter(struct bpf_raw_tracepoint_args *ctx)
             struct vmm_val *p = vmm.lookup(&tgid);
             vm_gone(tgid, k.fd, gen);
             if (p)
-                vmm_drop(p, gen);
+                vmm_drop(p, gen, tgid);
         }
     }
 #endif

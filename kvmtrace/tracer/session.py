@@ -293,8 +293,9 @@ class TraceSession:
                 k.tgid, k.fd = pid, fd
                 vmfd[k] = vmfd.Leaf(gen)
             vmm[vmm.Key(pid)] = p
-            marks = self.bpf["vmm_mark"]  # the syscall programs' first check (kvmtrace.c)
-            marks[marks.Key(pid % len(marks))] = marks.Leaf(1)
+            marks = self.bpf["vmm_mark"]  # the syscall programs' first check, and the version of
+            mk = marks.Key(pid % len(marks))  # the VM list (kvmtrace.c): bumped, never set back
+            marks[mk] = marks.Leaf((marks[mk].value + 1) & 0xFFFFFFFF or 1)
 
     def _table(self, name: str):
         """A map of the loaded object, or None when this build does not declare it."""
