@@ -237,10 +237,10 @@ VM_LIFETIME = ("kvm_arch_init_vm", "kvm_arch_destroy_vm")
 #     enclose the whole update).
 #   kvm_vm_ioctl_set_memory_region: the ioctl handler (often inlined into kvm_vm_ioctl).
 REGION_FUNCS = ("__kvm_set_memory_region", "kvm_set_memory_region", "kvm_vm_ioctl_set_memory_region")
-# memslot updates in tracepoint mode: the ioctls, seen by the raw_syscalls programs the hva ops'
-# latency uses too (the classic syscalls:sys_*_ioctl events would tax every system call of every
-# task with perf's syscall handlers: kvmtrace.c)
-IOCTL_TRACEPOINTS = ("raw_syscalls:sys_enter", "raw_syscalls:sys_exit")
+# The raw syscall hooks of tracepoint mode: the hva ops' latency and the memslot ioctls (the
+# classic syscalls:sys_*_ioctl events would tax every system call of every task with perf's
+# syscall handlers: kvmtrace.c)
+SYSCALL_TRACEPOINTS = ("raw_syscalls:sys_enter", "raw_syscalls:sys_exit")
 
 # Functions and structs whose BTF the resolver (and the BPF code) needs; kernel.py gathers these.
 FUNCS_OF_INTEREST: Tuple[str, ...] = tuple(
@@ -261,8 +261,7 @@ STRUCTS_OF_INTEREST: Dict[str, Tuple[str, ...]] = {
     "kvm_memory_slot": ("userspace_addr", "npages", "id", "as_id", "base_gfn", "flags", "hva_node"),
 }
 TRACEPOINTS_OF_INTEREST: Tuple[str, ...] = tuple(
-    dict.fromkeys([t for s in HVA_SPECS for t in s.tracepoints] + list(IOCTL_TRACEPOINTS)
-                  + ["raw_syscalls:sys_enter", "raw_syscalls:sys_exit"])
+    [t for s in HVA_SPECS for t in s.tracepoints] + list(SYSCALL_TRACEPOINTS)
 )
 
 MODES = ("fentry", "kprobe", "tracepoint")
@@ -603,14 +602,14 @@ def _resolve_memslot(ctx: _Ctx) -> OpPlan:
                 change_func=SET_MEMSLOT if change == "exact" else "",
                 skipped=tuple(skipped), notes=tuple(notes), params=params,
             )
-    why = ctx.tracepoints_refusal(IOCTL_TRACEPOINTS)
+    why = ctx.tracepoints_refusal(SYSCALL_TRACEPOINTS)
     if why is None:
         return OpPlan(
             op="memslot_update", kind="memslot", attach="tracepoint", target="ioctl(KVM_SET_USER_MEMORY_REGION/2)",
-            latency="syscall", slots="derived", tracepoints=IOCTL_TRACEPOINTS, slots_method="mirror",
+            latency="syscall", slots="derived", tracepoints=SYSCALL_TRACEPOINTS, slots_method="mirror",
             skipped=tuple(skipped), notes=tuple(notes),
         )
-    skipped.append(Skipped(f"tracepoint {','.join(IOCTL_TRACEPOINTS)}", why))
+    skipped.append(Skipped(f"tracepoint {','.join(SYSCALL_TRACEPOINTS)}", why))
     return OpPlan(
         op="memslot_update", kind="memslot", attach="none", target="", latency="none", slots="none",
         skipped=tuple(skipped), notes=tuple(notes),
