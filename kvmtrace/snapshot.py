@@ -206,10 +206,16 @@ class SelfCost:
     def ns_per_run(self) -> Optional[float]:
         return self.bpf_run_ns / self.bpf_run_cnt if self.measured and self.bpf_run_cnt else None
 
+    def on_seconds(self, elapsed_s: float) -> float:
+        """Seconds the statistics were on over ``elapsed_s``: ``stats_s``, or all of
+        ``elapsed_s`` for a source that did not record it (on the whole time); 0 for a sampled
+        interval that held no window."""
+        return self.stats_s if self.stats_s > 0 or self.sampled else elapsed_s
+
     def cpu_share(self, elapsed_s: float) -> Optional[float]:
-        """In-kernel run time as a fraction of one CPU, over the time the statistics were on
-        (``elapsed_s`` when that was not recorded); None when not measured or no time."""
-        t = self.stats_s if self.stats_s > 0 or self.sampled else elapsed_s  # sampled, no window: None
+        """In-kernel run time as a fraction of one CPU, over the time the statistics were on;
+        None when not measured or no time (a sampled interval without a window)."""
+        t = self.on_seconds(elapsed_s)
         return self.bpf_run_ns / 1e9 / t if self.measured and t > 0 else None
 
 
@@ -310,7 +316,7 @@ def cost_summary(cum: "Snapshot") -> dict:
         "bpf_stats": c.bpf_stats,
         "bpf_run_ns": c.bpf_run_ns if on else None,
         "bpf_run_cnt": c.bpf_run_cnt if on else None,
-        "bpf_stats_s": (c.stats_s or t) if on else None,
+        "bpf_stats_s": c.on_seconds(t) if on else None,
         "bpf_ns_per_event": c.ns_per_run(),
         "bpf_cpu_share": c.cpu_share(t),
         "user_cpu_s": cum.self_cpu_s,

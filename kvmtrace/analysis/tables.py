@@ -348,7 +348,7 @@ def snapshot_rows(
             "bpf_run_ns": int(delta.cost.bpf_run_ns) if delta.cost.measured else None,
             "bpf_run_cnt": int(delta.cost.bpf_run_cnt) if delta.cost.measured else None,
             # seconds the statistics were on in the interval (sampled: a part of elapsed_s)
-            "bpf_stats_s": float(delta.cost.stats_s or delta.elapsed_s) if delta.cost.measured else None,
+            "bpf_stats_s": float(delta.cost.on_seconds(delta.elapsed_s)) if delta.cost.measured else None,
             "late_s": float(delta.late_s),
         }
     )

@@ -216,7 +216,7 @@ class Exporter:
             yield one(Counter, "kvmtrace_bpf_stats_seconds",
                       "seconds BPF run-time statistics were on (sampled by default: the run figures count "
                       "runs in that time only; in-kernel share of a CPU = rate(run_seconds) / rate(this))",
-                      c.stats_s if c.stats_s > 0 else s.elapsed_s)
+                      c.on_seconds(s.elapsed_s))
         vms = Gauge("kvmtrace_exporter_vms", "VMs the exporter gives series (exported) or leaves out now (refused: --max-vms)",
                     labels=["state"])
         vms.add_metric(["exported"], v.vms_exported)
