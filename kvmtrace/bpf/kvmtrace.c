@@ -524,7 +524,7 @@ static __always_inline void vm_register(u32 tgid, u32 fd)
             return;
         }
     }
-    vmm_bump(tgid);  // marked from now on (bumped again after the list changes)
+    // (marked already: the ioctl's entry bumped the mark)
     u32 zk = 0;
     u64 *g = tp_gen.lookup(&zk);
     if (!g)

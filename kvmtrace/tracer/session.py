@@ -33,7 +33,7 @@ from . import records as R
 from .cflags import build_cflags, source
 from .decode_common import Decoding
 from .plan import KernelFacts, ProbePlan
-from .selfcost import CostMeter, process_cpu_s
+from .selfcost import MODES as SELF_COST_MODES, CostMeter, process_cpu_s
 from ..snapshot import SelfCost, Snapshot
 
 
@@ -107,7 +107,7 @@ class TraceSession:
             raise KvmtraceError(f"--pid must be a positive process id, not {pid!r}", exit_code=2)
         if interval <= 0:
             raise KvmtraceError(f"--interval must be positive, not {interval}", exit_code=2)
-        if self_cost not in ("sampled", "full", "off"):
+        if self_cost not in SELF_COST_MODES:
             raise KvmtraceError(f"--self-cost must be sampled, full or off, not {self_cost!r}", exit_code=2)
         self.pid = pid
         self.interval = float(interval)
@@ -247,15 +247,14 @@ class TraceSession:
         jobs = self.bpf["tp_jobs"]
         if "-DMS_TP" in self.cflags:
             jobs[ct.c_int(2)] = ct.c_int(self.bpf.load_func("tp_ioc_exit", BPF.RAW_TRACEPOINT).fd)
-        self._tp_tables(BPF, jobs)
+            self._tp_tables(BPF, jobs)
+        else:
+            self.slot_tables = "unavailable: memslot updates are not traced by ioctl"
         for tp in ("sys_enter", "sys_exit"):
             self.bpf.attach_raw_tracepoint(tp=tp.encode(), fn_name=f"tp_{tp}".encode())
         self._tp_seed()
 
     def _tp_tables(self, BPF, jobs) -> None:
-        if "-DMS_TP" not in self.cflags:
-            self.slot_tables = "unavailable: memslot updates are not traced by ioctl"
-            return
         try:
             fds = [self.bpf.load_func(fn, BPF.RAW_TRACEPOINT).fd for fn in ("tp_shift_right", "tp_shift_left")]
         except Exception as e:  # bcc raises bare Exception; seen before the programs' branch-free
@@ -274,6 +273,8 @@ class TraceSession:
         from .decode_tp import seed_gen
 
         vmm, vms, vmfd = self.bpf["vmm"], self.bpf["tp_vms"], self.bpf["tp_vmfd"]
+        marks = self.bpf["vmm_mark"]  # the syscall programs' first check, and the version of the
+        # VM list (kvmtrace.c): bumped, never set back
         for pid, fds in sorted(host.vm_fds().items()):
             if self.pid is not None and pid != self.pid:
                 continue
@@ -293,8 +294,7 @@ class TraceSession:
                 k.tgid, k.fd = pid, fd
                 vmfd[k] = vmfd.Leaf(gen)
             vmm[vmm.Key(pid)] = p
-            marks = self.bpf["vmm_mark"]  # the syscall programs' first check, and the version of
-            mk = marks.Key(pid % len(marks))  # the VM list (kvmtrace.c): bumped, never set back
+            mk = marks.Key(pid % len(marks))
             marks[mk] = marks.Leaf((marks[mk].value + 1) & 0xFFFFFFFF or 1)
 
     def _table(self, name: str):
