@@ -197,25 +197,35 @@ def _as_nobody():
     os.setuid(65534)
 
 
+# Run as nobody by the base interpreter from / with nothing of this checkout: the checkout (and
+# its venv) may sit in a directory only root can enter (e.g. under mktemp -d).
 SPOOF = r"""
 import ctypes, os, sys, time
 libc = ctypes.CDLL(None, use_errno=True)
-from kvmtrace.workload import kvm as K
-r = K.KvmUserspaceMemoryRegion(0, 0, 0, 1 << 20, 0x10000000)
+cmd, r = int(sys.argv[3]), ctypes.create_string_buffer(bytes.fromhex(sys.argv[4]))
 fd = os.open("/dev/null", os.O_RDWR)
 n, end = int(sys.argv[1]), time.monotonic() + float(sys.argv[2])
 i = 0
 while i < n or time.monotonic() < end:
-    libc.ioctl(fd, K.KVM_SET_USER_MEMORY_REGION, ctypes.byref(r))
+    libc.ioctl(fd, ctypes.c_ulong(cmd), r)
     i += 1
 print(os.getpid(), i)
 """
 
 
+def spoof_cmd(calls: int, seconds: float):
+    """KVM_SET_USER_MEMORY_REGION on /dev/null, ``calls`` times and for ``seconds``."""
+    from kvmtrace.workload import kvm as K
+
+    region = bytes(K.KvmUserspaceMemoryRegion(0, 0, 0, 1 << 20, 0x10000000)).hex()
+    python = getattr(sys, "_base_executable", None) or sys.executable
+    return [python, "-c", SPOOF, str(calls), str(seconds), str(K.KVM_SET_USER_MEMORY_REGION), region]
+
+
 def test_ioctls_on_other_descriptors_never_become_vms(session, tmp_path):
     before = session.snapshot()
-    p = subprocess.run([sys.executable, "-c", SPOOF, "50", "0"], preexec_fn=_as_nobody,
-                       capture_output=True, text=True, timeout=60, cwd=str(ROOT))
+    p = subprocess.run(spoof_cmd(50, 0), preexec_fn=_as_nobody, capture_output=True, text=True, timeout=60,
+                       cwd="/")
     assert p.returncode == 0, p.stderr
     pid, n = map(int, p.stdout.split())
     snap = settle(session, 0)
@@ -226,8 +236,8 @@ def test_ioctls_on_other_descriptors_never_become_vms(session, tmp_path):
 
 def test_a_flood_of_spoofed_ioctls_costs_a_real_vm_nothing(session, tmp_path):
     before = session.snapshot()
-    flood = subprocess.Popen([sys.executable, "-c", SPOOF, "0", "4"], preexec_fn=_as_nobody,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(ROOT))
+    flood = subprocess.Popen(spoof_cmd(0, 4), preexec_fn=_as_nobody, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, cwd="/")
     try:
         truth = run_workload(tmp_path, "--slots", "16", "--scenario", "churn", "--duration", "3")
     finally:
