@@ -363,6 +363,74 @@ def test_tls_and_basic_auth(tmp_path, pki):
         assert run.server.stats["unauthorized"] == 6
 
 
+def server_side_sockets(port) -> int:
+    """Connections on the server's port that the server has not closed (established, or
+    closed by the client only); one it closed is in FIN-WAIT or gone."""
+    ss = need_tool("ss", "iproute2")
+    out = subprocess.run([ss, "-tnH", "state", "established", "state", "close-wait", f"( sport = :{port} )"],
+                         capture_output=True, text=True, timeout=30).stdout
+    return sum(1 for line in out.splitlines() if line.strip())
+
+
+def test_abuse_over_tls(tmp_path, pki, capsys):
+    """TLS in front: idle connections that send nothing, ones that stall inside their
+    ClientHello, and ones that finish the handshake but not their request: the threads stay
+    bounded, an authenticated scrape during them answers, all are dropped at the deadline; a
+    client that never answers the server's close_notify is cut off within CLOSE_TIMEOUT_S."""
+    from kvmtrace.exporter.webconfig import load
+
+    enough_descriptors(4096)
+    cfg = load(write_config(tmp_path, f"tls_server_config:\n  cert_file: {pki}/server.crt\n  key_file: {pki}/server.key\n"
+                                      f"basic_auth_users:\n  prometheus: {bcrypt_hash(PASSWORD)}\n"))
+    n = 150
+    before = len(server_threads())
+    bound = WORKERS + 1 + 1 + 1
+    with Running(cfg) as run:
+        port, ctx = run.port, client_ctx(pki)
+        assert scrape(port, 10, "https", ctx, basic("prometheus", PASSWORD))[1] == 200
+        idle = []
+        t0 = time.monotonic()
+        for i in range(3 * n):
+            s = socket.create_connection(("127.0.0.1", port), timeout=10)
+            if i % 3 == 1:  # a ClientHello record announcing 512 bytes, 4 sent
+                s.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc")
+            elif i % 3 == 2:  # handshake done, request half written
+                s = ctx.wrap_socket(s, server_hostname="localhost")
+                s.sendall(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n")
+            idle.append(s)
+        opened_s = time.monotonic() - t0
+        peak = len(server_threads()) - before
+        during_s, status, _ = scrape(port, 30, "https", ctx, basic("prometheus", PASSWORD))
+        peak = max(peak, len(server_threads()) - before)
+        t1 = time.monotonic()
+        while server_side_sockets(port) > 0 and time.monotonic() - t1 < HEAD_TIMEOUT_S + 10:
+            time.sleep(0.3)
+        left, dropped_s = server_side_sockets(port), time.monotonic() - t1
+        for s in idle:
+            s.close()
+        # a client that reads its response and then sits on the connection
+        raw = ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10), server_hostname="localhost")
+        auth = basic("prometheus", PASSWORD)["Authorization"]
+        raw.sendall(f"GET /metrics HTTP/1.1\r\nHost: localhost\r\nAuthorization: {auth}\r\n\r\n".encode())
+        got = b""
+        while b"kvmtrace_tracer_up" not in got:
+            got += raw.recv(65536)
+        t2 = time.monotonic()
+        while server_side_sockets(port) > 0 and time.monotonic() - t2 < 40:
+            time.sleep(0.2)
+        cut_s = time.monotonic() - t2
+        raw.close()
+    with capsys.disabled():
+        print(f"\nexporter abuse over TLS: {3 * n} idle connections (silent, stalled ClientHello, half-written request) "
+              f"opened in {opened_s:.2f} s; server threads at most {peak} (bound {bound}); authenticated scrape during "
+              f"them {during_s * 1000:.0f} ms; server-side sockets left after {dropped_s:.1f} s: {left}; a client "
+              f"ignoring close_notify cut off after {cut_s:.1f} s")
+    assert status == 200 and during_s < 5
+    assert peak <= bound
+    assert left == 0
+    assert cut_s < getattr(srv, "CLOSE_TIMEOUT_S", 2.0) + 2
+
+
 def test_client_certificates_required(tmp_path, pki):
     from kvmtrace.exporter.webconfig import load
 

@@ -5,12 +5,12 @@ signal stops it.
 The server is one asyncio event loop on one thread: it accepts, does the TLS handshake, reads
 each request's head and writes each response without a thread per connection. Formatting a scrape
 (prometheus_client's exposition) runs on a fixed pool of WORKERS threads and bcrypt on one
-more, so the process has the same threads whatever clients do. Every connection has a deadline:
+more, so the process has the same threads whatever clients do. Every connection has deadlines:
 its TLS handshake and request head within HEAD_TIMEOUT_S of being accepted, its response written
-within WRITE_TIMEOUT_S; at most MAX_CONNECTIONS are open at once, and beyond that the oldest one
-that has not sent its request yet is dropped for the new one, so idle or half-written
-connections (slowloris) cannot shut scrapers out. The listen backlog is BACKLOG. TLS and basic
-authentication come from a web configuration file (webconfig.py)."""
+within WRITE_TIMEOUT_S, then closed within CLOSE_TIMEOUT_S. At most MAX_CONNECTIONS are open at
+once; beyond that the oldest one that has not sent its request yet is dropped for the new one, so
+idle or half-written connections (slowloris) cannot shut scrapers out. The listen backlog is
+BACKLOG. TLS and basic authentication come from a web configuration file (webconfig.py)."""
 
 from __future__ import annotations
 
@@ -37,6 +37,7 @@ WORKERS = 4  # threads formatting scrapes
 MAX_CONNECTIONS = 256  # open at once; beyond, the oldest still sending its request is dropped
 HEAD_TIMEOUT_S = 5.0  # from accept to the end of the request head (TLS handshake included)
 WRITE_TIMEOUT_S = 10.0  # to write a response
+CLOSE_TIMEOUT_S = 2.0  # then to close it (TLS: the client's close_notify)
 MAX_HEAD_BYTES = 16384  # request line and headers
 QUIET = (ConnectionError, TimeoutError, asyncio.TimeoutError, asyncio.IncompleteReadError, ssl.SSLError)
 TLS_TO_PLAIN = (b"HTTP/1.0 400 Bad Request\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\n"
@@ -312,6 +313,10 @@ class Server:
         writer.write("\r\n".join(head).encode("latin-1") + body)
         await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT_S)
         writer.close()
+        try:  # TLS waits for the client's close_notify: a client that never sends it is cut off
+            await asyncio.wait_for(writer.wait_closed(), CLOSE_TIMEOUT_S)
+        except (OSError, asyncio.TimeoutError):
+            writer.transport.abort()
 
 
 def bind(host: str, port: int, exporter: Exporter, web=None) -> Server:
