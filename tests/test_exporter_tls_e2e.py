@@ -1,16 +1,20 @@
 """The real `kvmtrace exporter` (root, BPF, a real VM) behind TLS and basic authentication,
 scraped by Debian's Prometheus through its own TLS and basic-auth client: the workload's unmap
 count must arrive exactly, a job with a wrong password must be refused (up 0, HTTP 401), and
-SIGTERM must still detach and exit 0. The server's behaviour under abuse is tested without root
+SIGTERM must still detach and exit 0. Before that, the abuse test's phases against the real
+process: threads counted in /proc with 1,000 idle connections open, 200 concurrent scrapes. The server's behaviour under abuse is tested without root
 in tests/test_exporter_security.py."""
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import ssl
+import statistics
 import subprocess
 import urllib.error
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -24,7 +28,8 @@ if WHY:
 
 from tests.test_exporter import need_tool  # noqa: E402
 from tests.test_exporter_prometheus import KVMTRACE, Prom, free_port, get, wait_for  # noqa: E402
-from tests.test_exporter_security import PASSWORD, basic, bcrypt_hash, client_ctx, make_pki, scrape  # noqa: E402
+from tests.test_exporter_security import (CONCURRENT, IDLE, PASSWORD, basic, bcrypt_hash, client_ctx,  # noqa: E402
+                                          enough_descriptors, make_pki, scrape)
 from tests.test_tracer_e2e import run_workload  # noqa: E402
 
 
@@ -58,6 +63,39 @@ class TlsProm(Prom):
         return r[0][1] if r else None
 
 
+def real_abuse(pid: int, port: int, ctx):
+    """The abuse test's two phases against the real command (tracer running, TLS, basic auth):
+    its thread count from /proc while 1,000 idle connections are open, an authenticated scrape
+    during them, then 200 concurrent authenticated scrapes. Prints the figures."""
+    enough_descriptors(4 * IDLE)
+    tasks = lambda: len(os.listdir(f"/proc/{pid}/task"))  # noqa: E731
+    auth = basic("prometheus", PASSWORD)
+    scrape(port, 10, "https", ctx, auth)
+    base = tasks()
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(IDLE)]
+    during = tasks()
+    during_s, status, _ = scrape(port, 30, "https", ctx, auth)
+    during = max(during, tasks())
+    for s in idle:
+        s.close()
+
+    def one(_):
+        try:
+            return scrape(port, 30, "https", ctx, auth)[:2]
+        except OSError as e:
+            return 30.0, repr(e)
+
+    with ThreadPoolExecutor(CONCURRENT) as pool:
+        results = list(pool.map(one, range(CONCURRENT)))
+    lat = sorted(r[0] for r in results)
+    failed = [r[1] for r in results if r[1] != 200]
+    print(f"\nreal exporter (TLS + basic auth): {base} threads serving, {during} with {IDLE} idle connections open; "
+          f"scrape during them {during_s * 1000:.0f} ms; {CONCURRENT} concurrent scrapes: {len(failed)} failed, "
+          f"p50 {statistics.median(lat) * 1000:.0f} ms, max {lat[-1] * 1000:.0f} ms")
+    assert during <= base + 2 and status == 200 and during_s < 5  # + the pool's lazily started threads
+    assert not failed, failed[:5]
+
+
 def test_prometheus_scrapes_the_real_exporter_through_tls_and_basic_auth(tmp_path):
     pki = make_pki(tmp_path)
     cfg = tmp_path / "web-config.yml"
@@ -77,6 +115,7 @@ def test_prometheus_scrapes_the_real_exporter_through_tls_and_basic_auth(tmp_pat
         with pytest.raises(urllib.error.URLError) as e:  # a client that does not trust our CA
             scrape(port, 5, "https", ssl.create_default_context(), basic("prometheus", PASSWORD))
         assert isinstance(e.value.reason, ssl.SSLCertVerificationError)
+        real_abuse(proc.pid, port, ctx)
         prom = TlsProm(tmp_path, f"127.0.0.1:{port}", pki)
         wait_for(lambda: prom.up("kvmtrace") == 1, 30, "Prometheus to scrape the exporter over TLS")
         wait_for(lambda: prom.up("wrong") == 0, 30, "Prometheus' job with the wrong password to fail")

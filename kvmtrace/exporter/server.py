@@ -4,8 +4,9 @@ signal stops it.
 
 The server is one asyncio event loop on one thread: it accepts, does the TLS handshake, reads
 each request's head and writes each response without a thread per connection. Formatting a scrape
-(prometheus_client's exposition) runs on a fixed pool of WORKERS threads and bcrypt on one
-more, so the process has the same threads whatever clients do. Every connection has deadlines:
+(prometheus_client's exposition) runs on a fixed pool of WORKERS threads, and scrapes that
+arrive while an identical one is being formatted share its result; bcrypt runs on one more
+thread. So the process has the same threads whatever clients do. Every connection has deadlines:
 its TLS handshake and request head within HEAD_TIMEOUT_S of being accepted, its response written
 within WRITE_TIMEOUT_S, then closed within CLOSE_TIMEOUT_S. At most MAX_CONNECTIONS are open at
 once; beyond that the oldest one that has not sent its request yet is dropped for the new one, so
@@ -78,7 +79,7 @@ class Server:
         self.app = app  # prometheus_client's WSGI app for the exporter's registry
         self.web = web
         self.log = log
-        self.stats = dict(accepted=0, served=0, dropped_idle=0, refused=0, unauthorized=0, bad_requests=0)
+        self.stats = dict(accepted=0, served=0, shared=0, dropped_idle=0, refused=0, unauthorized=0, bad_requests=0)
         self._lock = threading.Lock()
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._stop: Optional[asyncio.Event] = None
@@ -86,6 +87,7 @@ class Server:
         self._started = threading.Event()
         self._done = threading.Event()
         self._conns: set = set()
+        self._inflight: dict = {}  # request -> the formatting under way for it
         self._pending: "OrderedDict[asyncio.Task, None]" = OrderedDict()  # request not received yet
         self._render = self._auth = None
 
@@ -193,7 +195,11 @@ class Server:
         transport = None
         handed = closed = False
         try:
-            web = self.web.current() if self.web is not None else None
+            web = None
+            if self.web is not None:
+                web = self.web.cfg
+                if self.web.changed():  # reloading runs bcrypt: not on the event loop
+                    web = await loop.run_in_executor(self._render, self.web.current)
             ctx = web.ssl_context if web is not None else None
             if ctx is not None and not await self._tls_hello(conn, left):
                 return
@@ -273,7 +279,17 @@ class Server:
             return self._error(400, "Bad Request")
         environ = {"REQUEST_METHOD": method, "PATH_INFO": url.path, "QUERY_STRING": url.query,
                    "HTTP_ACCEPT": msg.get("Accept"), "HTTP_ACCEPT_ENCODING": msg.get("Accept-Encoding")}
-        reply = await asyncio.get_running_loop().run_in_executor(self._render, self._call_app, environ)
+        # Scrapes asking the same thing while one is being formatted share that formatting: 200
+        # at once cost one, not 200 (the figures change once per --interval anyway).
+        key = tuple(sorted((k, v or "") for k, v in environ.items()))
+        job = self._inflight.get(key)
+        if job is None:
+            job = asyncio.ensure_future(asyncio.get_running_loop().run_in_executor(self._render, self._call_app, environ))
+            self._inflight[key] = job
+            job.add_done_callback(lambda _: self._inflight.pop(key, None))
+        else:
+            self.stats["shared"] += 1
+        reply = await asyncio.shield(job)
         self.stats["served"] += 1
         return reply
 

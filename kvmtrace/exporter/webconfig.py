@@ -265,7 +265,14 @@ class Watched:
                 out.append((f, None))
         return tuple(out)
 
+    def changed(self) -> bool:
+        """Has a file changed since it was last loaded (or last failed to load)? A few stat()s."""
+        sig = self._signature(self.cfg.files)
+        return sig != self._sig and sig != self._bad_sig
+
     def current(self) -> WebConfig:
+        """The configuration, reloaded first if a file changed (bcrypt: slow, keep it off the
+        event loop)."""
         with self._lock:
             sig = self._signature(self.cfg.files)
             if sig == self._sig or sig == self._bad_sig:
