@@ -67,7 +67,7 @@ def real_abuse(pid: int, port: int, ctx):
     """The abuse test's two phases against the real command (tracer running, TLS, basic auth):
     its thread count from /proc while 1,000 idle connections are open, an authenticated scrape
     during them, then 200 concurrent authenticated scrapes. Prints the figures."""
-    enough_descriptors(4 * IDLE)
+    enough_descriptors(2 * IDLE + 256)
     tasks = lambda: len(os.listdir(f"/proc/{pid}/task"))  # noqa: E731
     auth = basic("prometheus", PASSWORD)
     scrape(port, 10, "https", ctx, auth)
