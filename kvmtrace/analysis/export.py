@@ -70,12 +70,34 @@ def _cell(v, na_if_negative: bool, is_time: bool) -> str:
     return escape_cell(str(v))
 
 
+def _float_cells(v: np.ndarray, na_if_negative: bool) -> List[str]:
+    """``output.csv_number`` over a float array, vectorised (a report can have millions of cells)."""
+    out = np.full(len(v), "", dtype=object)
+    ok = ~np.isnan(v)
+    if na_if_negative:
+        ok &= ~(v < 0)
+    whole = ok & np.isfinite(v) & (np.abs(np.where(ok, v, 0)) < 1e16)
+    whole &= np.where(whole, v, 0) == np.floor(np.where(whole, v, 0))
+    out[whole] = v[whole].astype(np.int64).astype(str)
+    rest = ok & ~whole
+    out[rest] = [repr(x) for x in v[rest].tolist()]
+    return out.tolist()
+
+
 def csv_frame(df: pd.DataFrame) -> pd.DataFrame:
     """``df`` with every cell as its exact CSV text (see the module docstring)."""
     cols = {}
     for i, c in enumerate(df.columns):
         na, t = c in NA_IF_NEGATIVE, c in TIME_COLUMNS
-        cols[i] = [_cell(v, na, t) for v in df.iloc[:, i].astype(object)]
+        col = df.iloc[:, i]
+        if pd.api.types.is_integer_dtype(col.dtype) and not isinstance(col.dtype, pd.CategoricalDtype) \
+                and not col.hasnans:  # the common case, without a Python call per cell
+            text = col.astype("int64").astype(str)
+            cols[i] = text.where(~(col < 0), "").tolist() if na else text.tolist()
+        elif pd.api.types.is_float_dtype(col.dtype) and not t:
+            cols[i] = _float_cells(col.to_numpy(dtype=np.float64), na)
+        else:
+            cols[i] = [_cell(v, na, t) for v in col.astype(object).tolist()]
     out = pd.DataFrame(cols, index=range(len(df)), dtype=object)
     out.columns = list(df.columns)
     return out

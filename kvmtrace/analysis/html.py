@@ -41,7 +41,7 @@ th{background:#f0f0f0} td.l,th.l{text-align:left}
 td.good{color:#176b1d} td.bad{color:#a3141b}
 .note{color:#555;font-size:12px;max-width:70em} img{max-width:100%;height:auto;display:block;margin:.5em 0}
 .side{font-family:ui-monospace,monospace;font-size:13px}
-.warnings{border:2px solid #b8860b;background:#fff8e1;padding:.4em 1em;margin:.6em 0 1em}
+.warnings{border:2px solid #b8860b;background:#fff8e1;padding:.4em 1em;margin:.6em 0 1em;overflow-wrap:anywhere}
 .warnings h2{margin-top:.2em;color:#7a5500} .warnings li{margin:.2em 0}
 """
 
