@@ -359,3 +359,17 @@ def test_top_csv_wall_time_is_exact(tmp_path):
     with open(path, newline="") as f:
         (row,) = list(csv.DictReader(f))
     assert float(row["wall_time"]) == cur.wall_time != round(cur.wall_time, 3)
+
+
+def test_vectorised_float_cells_equal_csv_number():
+    """export formats float columns per column: the same text as output.csv_number, cell by cell."""
+    import numpy as np
+
+    from kvmtrace.analysis.export import _float_cells
+    from kvmtrace.output import csv_number
+
+    rng = np.random.default_rng(7)
+    vals = [0.0, -0.0, 1.0, -4.0, 10255400.0, 9.999e15, 1e16, 1e300, float("inf"), float("-inf"), float("nan"),
+            1 / 3, 2.5e-7, -1.0, START] + list(rng.uniform(-1e9, 1e9, 2000)) + list(rng.integers(-10**12, 10**12, 500) * 1.0)
+    assert _float_cells(np.array(vals), False) == [csv_number(float(v)) for v in vals]
+    assert _float_cells(np.array([-1.0, 2.0, float("nan")]), True) == ["", "2", ""]
