@@ -390,7 +390,7 @@ def sources(recs: Sequence[Recording], event_rows: Optional[Dict[str, List[int]]
             "raw_events": bool(r.has_events),
             "hva_events": _event_rows(r, "hva_events", i, event_rows),
             "memslot_events": _event_rows(r, "memslot_events", i, event_rows),
-            "warnings": "; ".join(r.warnings),
+            "warnings": "; ".join(w for w in r.warnings if w and str(w).strip()),
             **_self_cost(r.meta.get("self_cost")),
         })
     return pd.DataFrame(rows)
