@@ -34,14 +34,25 @@ def unescape_cell(s: str) -> str:
     return s
 
 
+def csv_number(v: float) -> str:
+    """A float as an exact CSV cell: "" for NaN, an integral value as an integer ("10255400",
+    never "1.02554e+07"), anything else as ``repr`` (the shortest text that reads back as the
+    same float). ``float(csv_number(v)) == v`` for every finite v."""
+    if math.isnan(v):
+        return ""
+    if v.is_integer() and abs(v) < 1e16:
+        return str(int(v))
+    return repr(float(v))
+
+
 def csv_cell(v) -> str:
-    """One CSV cell: "" for None/NaN, 1/0 for booleans, %.6g for floats, escaped text."""
+    """One CSV cell: "" for None/NaN, 1/0 for booleans, numbers exact (``csv_number``), escaped text."""
     if v is None:
         return ""
     if isinstance(v, bool):
         return "1" if v else "0"
     if isinstance(v, float):
-        return "" if math.isnan(v) else f"{v:.6g}"
+        return csv_number(v)
     if isinstance(v, str):
         return escape_cell(v)
     return str(v)

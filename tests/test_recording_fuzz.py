@@ -165,9 +165,9 @@ def test_report_never_shows_a_traceback(tmp_path_factory, originals, capsys, whi
     with pytest.raises(SystemExit) as e:
         main(["report", p, "--json"])
     out = capsys.readouterr()
-    assert e.value.code in (0, 1, 2), out.err
+    assert e.value.code in (0, 1, 2, 4), out.err  # 4: the report is printed, the input carries warnings
     assert "Traceback" not in out.err
-    if e.value.code == 0:
+    if e.value.code in (0, 4):
         rep = json.loads(out.out)
         assert sum(h["count"] for h in rep["hva_ops"]) <= N * PER
     else:

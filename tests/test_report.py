@@ -163,7 +163,8 @@ def test_csv_export_is_spreadsheet_safe(tmp_path, capsys):
     code, out, err = run_cli(["report", os.path.join(FIX, "basic"), "--csv", str(tmp_path / "csv")], capsys)
     assert code == 0, err
     names = sorted(os.listdir(tmp_path / "csv"))
-    assert names == ["by_memslots.csv", "hva_ops.csv", "hva_ops_hosts.csv", "hva_ops_total.csv", "memslot_updates.csv", "sources.csv"]
+    assert names == ["by_memslots.csv", "hva_ops.csv", "hva_ops_hosts.csv", "hva_ops_total.csv", "memslot_updates.csv",
+                     "sources.csv", "warnings.csv"]
     with open(tmp_path / "csv" / "hva_ops.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     comms = {r["comm"] for r in rows}

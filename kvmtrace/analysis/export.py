@@ -1,18 +1,33 @@
-"""Writing report tables out: spreadsheet-safe CSV (one file per table) and JSON. Paths are
-checked (``check_*``) before any work, files are written atomically and never replace an
-existing file without ``force`` (kvmtrace/output.py holds the policy and the cell escaping)."""
+"""Writing report tables out: spreadsheet-safe, exact CSV (one file per table) and JSON. Paths
+are checked (``check_*``) before any work, files are written atomically and never replace an
+existing file without ``force`` (kvmtrace/output.py holds the policy and the cell escaping).
+
+Every CSV kvmtrace writes from a table (report --csv, compare --csv, demo --csv) goes through
+``csv_frame``: integers as integers, other numbers at full precision (``output.csv_number``:
+reads back as the same float), Unix times as ISO 8601 UTC with nanoseconds
+(``TIME_COLUMNS``), empty cells for not applicable (NaN, and the -1 "unknown" of
+``NA_IF_NEGATIVE``), booleans 1/0, text escaped for spreadsheets."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import time
+from fractions import Fraction
 from typing import Dict, List, Optional, Sequence
 
+import numpy as np
 import pandas as pd
 
 from .. import output
-from ..output import escape_cell
+from ..output import csv_cell, csv_number, escape_cell
+
+# columns in which a negative integer means "unknown / not applicable" (kvmtrace's tables keep
+# -1 there: bench_slots and compare's slots outside bench runs, memslot and vCPU counts not known)
+NA_IF_NEGATIVE = frozenset({"bench_slots", "slots", "memslots", "memslots_max", "memslots_min", "vcpus"})
+# Unix times in seconds (floats): written as ISO 8601 UTC with nanoseconds
+TIME_COLUMNS = frozenset({"start", "end", "t_start", "t_end"})
 
 
 def safe_frame(df: pd.DataFrame) -> pd.DataFrame:
@@ -23,6 +38,68 @@ def safe_frame(df: pd.DataFrame) -> pd.DataFrame:
         s = out[c]
         if s.dtype == object or pd.api.types.is_string_dtype(s.dtype) or isinstance(s.dtype, pd.CategoricalDtype):
             out[c] = [escape_cell(v) if isinstance(v, str) else v for v in s.astype(object)]
+    return out
+
+
+def iso_time(t: float) -> str:
+    """A Unix time (float seconds) as ISO 8601 UTC with nanoseconds, "2026-12-07T20:41:50.123456768Z":
+    the float's exact value to the nearest ns, so reading it back (integer ns / 1e9) gives the
+    same float. Out of the calendar's range: the number itself (``csv_number``)."""
+    ns = round(Fraction(t) * 10**9)
+    s, frac = divmod(ns, 10**9)
+    try:
+        return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(s)) + f".{frac:09d}Z"
+    except (OverflowError, OSError, ValueError):
+        return csv_number(t)
+
+
+def _cell(v, na_if_negative: bool, is_time: bool) -> str:
+    if v is None or v is pd.NA or v is pd.NaT:
+        return ""
+    if isinstance(v, (bool, np.bool_)):
+        return csv_cell(bool(v))
+    if isinstance(v, (int, np.integer)):
+        return "" if na_if_negative and v < 0 else str(int(v))
+    if isinstance(v, (float, np.floating)):
+        f = float(v)
+        if math.isnan(f) or (na_if_negative and f < 0):
+            return ""
+        return iso_time(f) if is_time and math.isfinite(f) else csv_number(f)
+    if isinstance(v, str):
+        return escape_cell(v)
+    return escape_cell(str(v))
+
+
+def _float_cells(v: np.ndarray, na_if_negative: bool) -> List[str]:
+    """``output.csv_number`` over a float array, vectorised (a report can have millions of cells)."""
+    out = np.full(len(v), "", dtype=object)
+    ok = ~np.isnan(v)
+    if na_if_negative:
+        ok &= ~(v < 0)
+    whole = ok & np.isfinite(v) & (np.abs(np.where(ok, v, 0)) < 1e16)
+    whole &= np.where(whole, v, 0) == np.floor(np.where(whole, v, 0))
+    out[whole] = v[whole].astype(np.int64).astype(str)
+    rest = ok & ~whole
+    out[rest] = [repr(x) for x in v[rest].tolist()]
+    return out.tolist()
+
+
+def csv_frame(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` with every cell as its exact CSV text (see the module docstring)."""
+    cols = {}
+    for i, c in enumerate(df.columns):
+        na, t = c in NA_IF_NEGATIVE, c in TIME_COLUMNS
+        col = df.iloc[:, i]
+        if pd.api.types.is_integer_dtype(col.dtype) and not isinstance(col.dtype, pd.CategoricalDtype) \
+                and not col.hasnans:  # the common case, without a Python call per cell
+            text = col.astype("int64").astype(str)
+            cols[i] = text.where(~(col < 0), "").tolist() if na else text.tolist()
+        elif pd.api.types.is_float_dtype(col.dtype) and not t:
+            cols[i] = _float_cells(col.to_numpy(dtype=np.float64), na)
+        else:
+            cols[i] = [_cell(v, na, t) for v in col.astype(object).tolist()]
+    out = pd.DataFrame(cols, index=range(len(df)), dtype=object)
+    out.columns = list(df.columns)
     return out
 
 
@@ -44,7 +121,7 @@ def check_file(path: Optional[str], option: str, force: bool = False) -> None:
 
 def _frame_to(path: str, df: pd.DataFrame, option: str) -> str:
     with output.AtomicFile(path, option, newline="") as f:
-        safe_frame(df).to_csv(f, index=False, float_format="%.6g")
+        csv_frame(df).to_csv(f, index=False)
     return path
 
 

@@ -41,6 +41,8 @@ th{background:#f0f0f0} td.l,th.l{text-align:left}
 td.good{color:#176b1d} td.bad{color:#a3141b}
 .note{color:#555;font-size:12px;max-width:70em} img{max-width:100%;height:auto;display:block;margin:.5em 0}
 .side{font-family:ui-monospace,monospace;font-size:13px}
+.warnings{border:2px solid #b8860b;background:#fff8e1;padding:.4em 1em;margin:.6em 0 1em;overflow-wrap:anywhere}
+.warnings h2{margin-top:.2em;color:#7a5500} .warnings li{margin:.2em 0}
 """
 
 
@@ -214,15 +216,28 @@ def _source_rows(src: pd.DataFrame) -> List[List[str]]:
     rows = []
     for _, r in src.iterrows():
         rows.append([r["source"], r["host"], r["kernel"], fmt_time(r.get("start")), fmt_s(r["duration_s"]),
-                     fmt_num(r["intervals"]), r["status"], fmt_num(r["lost_events"]), "yes" if r["raw_events"] else "no"])
+                     fmt_num(r["intervals"]), r["status"], fmt_num(r["lost_events"]), fmt_num(r["map_full"]),
+                     fmt_num(r["unattributed"]), "yes" if r["raw_events"] else "no"])
     return rows
+
+
+def warnings_box(warnings) -> str:
+    """The inputs' warnings (input_warnings.InputWarning) in a box at the top of a page; "" when none."""
+    if not warnings:
+        return ""
+    n = len(warnings)
+    items = "".join(f"<li><b>{html.escape(w.source)}</b> [{html.escape(w.code)}]: {html.escape(w.text)}</li>"
+                    for w in warnings)
+    return (f"<div class=\"warnings\" role=\"alert\"><h2>Warnings ({n})</h2><p>The inputs carry "
+            f"{n} warning{'s' if n != 1 else ''}: the figures below are incomplete or unreliable where they "
+            f"say.</p><ul>{items}</ul></div>")
 
 
 def report_html(rep, title: str = "kvmtrace report") -> str:
     src = rep["sources"]
     multi = len(src) > 1
     first = ["recording"] if multi else []
-    body = []
+    body = [warnings_box(rep.warnings)] if rep.warnings else []
     h = rep["hva_ops"]
     rows = []
     for _, r in h.iterrows() if not h.empty else []:
@@ -261,15 +276,12 @@ def report_html(rep, title: str = "kvmtrace report") -> str:
     body.append(vs_memslots_plots(b, groups))
     body.append(latency_hist_plot(rep.hist))
     body.append("<h2>Recordings</h2>" + html_table(
-        ["recording", "host", "kernel", "start", "duration", "intervals", "status", "lost events", "raw events"],
+        ["recording", "host", "kernel", "start", "duration", "intervals", "status", "lost events", "map full",
+         "unattributed", "raw events"],
         _source_rows(src), left=["recording", "host", "kernel", "status"]))
-    lost = rep.lost_events
-    if lost:
-        body.append(f"<p>lost raw events: {lost:,} (aggregate counts are complete; percentiles fall back to "
-                    "histograms where events are missing)</p>")
-    for w in src["warnings"] if not src.empty else []:
-        if w:
-            body.append(f"<p class=\"note\">warning: {html.escape(w)}</p>")
+    body.append("<p class=\"note\">map full: in-kernel map insertions that failed (operations not counted or not "
+                "derived); unattributed: hva operations of tasks that are not a known VMM (kswapd, khugepaged, "
+                "...), in no VM's row. Warnings are listed at the top.</p>")
     rows = []
     for _, r in h.iterrows() if not h.empty else []:
         rows.append(([r["source"]] if multi else []) + [

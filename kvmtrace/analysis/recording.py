@@ -532,8 +532,11 @@ def read_inputs(paths: Sequence[str], **kw) -> List[Recording]:
                 if os.path.normpath(p) != os.path.normpath(top) and not r.meta.get("label"):
                     r.source = os.path.relpath(p, top)
                 recs.append(r)
+    from .input_warnings import data_warnings
+
     seen: Dict[str, int] = {}
     for r in recs:
+        r.warnings.extend(data_warnings(r))  # what the figures show: lost events, map full, underived, empty
         integrity.printable_names(r)
         n = seen.get(r.source, 0)
         seen[r.source] = n + 1

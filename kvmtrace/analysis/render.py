@@ -118,14 +118,32 @@ def _one_prov(heads: List[str], rows: List[List[str]]):
     return heads[:i] + heads[i + 1:], [r[:i] + r[i + 1:] for r in rows], vals.pop()
 
 
+def warning_renderables(warnings) -> list:
+    """The inputs' warnings (input_warnings.InputWarning), one line each, first in the output."""
+    from rich.text import Text
+
+    if not warnings:
+        return []
+    n = len(warnings)
+    out = [Text(f"WARNING: the inputs carry {n} warning{'s' if n != 1 else ''}: the figures below are incomplete "
+                "or unreliable where they say", style="bold yellow")]
+    out += [Text(f"  {w.source}: [{w.code}] {w.text}", style="yellow") for w in warnings]
+    return out
+
+
 def report_renderables(rep) -> list:
-    out = []
+    out = warning_renderables(rep.warnings)
     src = rep["sources"]
     rows = []
     for _, r in src.iterrows():
         rows.append([r["source"], r["host"], r["kernel"], f"{r['duration_s']:.1f} s", str(r["intervals"]), r["status"],
-                     fmt_num(r["lost_events"]), "yes" if r["raw_events"] else "no"])
-    out.append(_table("Recordings", ["source", "host", "kernel", "duration", "intervals", "status", "lost events", "raw events"], rows))
+                     fmt_num(r["lost_events"]), fmt_num(r["map_full"]), fmt_num(r["unattributed"]),
+                     "yes" if r["raw_events"] else "no"])
+    out.append(_table("Recordings", ["source", "host", "kernel", "duration", "intervals", "status", "lost events",
+                                     "map full", "unattributed", "raw events"], rows,
+                      caption="map full: in-kernel map insertions that failed (operations not counted or not "
+                              "derived); unattributed: hva operations of tasks that are not a known VMM "
+                              "(kswapd, khugepaged, ...), in no VM's row"))
     out += [_cost_line(r) for _, r in src.iterrows() if "bpf_stats" in r]
     multi = len(src) > 1
     h = rep["hva_ops"]
@@ -186,12 +204,6 @@ def report_renderables(rep) -> list:
     from rich.text import Text
 
     out.append(Text(LEGEND, style="dim"))
-    lost = rep.lost_events
-    if lost:
-        out.append(Text(f"lost raw events: {lost:,} (aggregate counts are complete; raw-event percentiles fall back to histograms where events are missing)", style="yellow"))
-    for w in src["warnings"]:
-        if w:
-            out.append(Text(f"warning: {w}", style="yellow"))
     return out
 
 

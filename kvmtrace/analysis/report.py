@@ -23,13 +23,14 @@ import pandas as pd
 from .. import __version__
 from . import engine as E
 from . import tables as T
+from .input_warnings import InputWarning, of_recordings
 from .recording import Recording
 
 HIST_SOURCE = "log2 histogram, linear interpolation within bucket"
 EVENT_SOURCE = "raw events"
 QS = (0.5, 0.9, 0.99)
 REPORT_FORMAT = "kvmtrace-report"
-REPORT_VERSION = 1
+REPORT_VERSION = 2  # 2: sources[].warnings is a list; top-level "warnings" with codes
 
 HVA_KEY = ["vm_id", "pid", "op", "lat_provenance", "slots_provenance"]
 MEM_KEY = ["vm_id", "pid", "change", "lat_provenance", "change_provenance"]
@@ -389,7 +390,7 @@ def sources(recs: Sequence[Recording], event_rows: Optional[Dict[str, List[int]]
             "raw_events": bool(r.has_events),
             "hva_events": _event_rows(r, "hva_events", i, event_rows),
             "memslot_events": _event_rows(r, "memslot_events", i, event_rows),
-            "warnings": "; ".join(r.warnings),
+            "warnings": "; ".join(w for w in r.warnings if w and str(w).strip()),
             **_self_cost(r.meta.get("self_cost")),
         })
     return pd.DataFrame(rows)
@@ -490,17 +491,24 @@ def _hosts_rows(recs: Sequence[Recording], src: pd.DataFrame, counts) -> List[pd
     return out
 
 
+WARNING_COLUMNS = ["source", "code", "warning"]
+
+
 class Report:
     """All report tables, each a DataFrame: ``sources``, ``hva_ops`` (per VM x op),
     ``hva_ops_total`` (per op, all VMs of a source), ``memslot_updates``, ``by_memslots``,
-    ``hva_ops_hosts`` (per op, all VMs and recordings of a host; ``host`` "*": all hosts);
+    ``hva_ops_hosts`` (per op, all VMs and recordings of a host; ``host`` "*": all hosts),
+    ``warnings`` (one row per warning of an input: source, code, text; input_warnings.CODES);
     ``hist`` holds summed latency histograms per (source, op) for the plots."""
 
-    TABLES = ("sources", "hva_ops", "hva_ops_total", "memslot_updates", "by_memslots", "hva_ops_hosts")
+    TABLES = ("sources", "hva_ops", "hva_ops_total", "memslot_updates", "by_memslots", "hva_ops_hosts", "warnings")
 
-    def __init__(self, tables: Dict[str, pd.DataFrame], hist: pd.DataFrame):
+    def __init__(self, tables: Dict[str, pd.DataFrame], hist: pd.DataFrame, warnings: Sequence[InputWarning] = ()):
         self.tables = tables
         self.hist = hist
+        self.warnings: List[InputWarning] = list(warnings)
+        self.tables["warnings"] = pd.DataFrame([[w.source, w.code, w.text] for w in self.warnings],
+                                               columns=WARNING_COLUMNS)
 
     def __getitem__(self, k):
         return self.tables[k]
@@ -520,7 +528,7 @@ def build_report(recs: Sequence[Recording]) -> Report:
     event_rows = {"hva_events": [h.events if h is not None else 0 for h, _ in counts],
                   "memslot_events": [m.events if m is not None else 0 for _, m in counts]}
     src = sources(recs, event_rows)
-    parts: Dict[str, List[pd.DataFrame]] = {t: [] for t in Report.TABLES if t != "sources"}
+    parts: Dict[str, List[pd.DataFrame]] = {t: [] for t in Report.TABLES if t not in ("sources", "warnings")}
     hists = []
     for i, r in enumerate(recs):
         s = src.iloc[i]
@@ -548,10 +556,11 @@ def build_report(recs: Sequence[Recording]) -> Report:
     parts["hva_ops_hosts"] = _hosts_rows(recs, src, counts)
     tables = {"sources": src}
     for t, ps in parts.items():
-        ps = [p for p in ps if not p.empty]
-        tables[t] = pd.concat(ps, ignore_index=True) if ps else pd.DataFrame()
+        full = [p for p in ps if not p.empty]
+        # no rows: the columns stay (a CSV of an empty table still has its header)
+        tables[t] = pd.concat(full, ignore_index=True) if full else pd.DataFrame(columns=ps[0].columns if ps else [])
     hist = pd.concat(hists, ignore_index=True) if hists else pd.DataFrame()
-    return Report(tables, hist)
+    return Report(tables, hist, of_recordings(recs))
 
 
 # ----------------------------------------------------------------------------- JSON
@@ -615,11 +624,20 @@ def to_json(rep: Report) -> dict:
                                    "source": r["latency_source"]},
                     "slots_visited": {"mean": _num(r["slots_mean"]), "provenance": r["slots_provenance"]},
                     "slots_scanned": {"mean": _num(r["scanned_mean"])}, "memslots_source": r["memslots_source"]})
+    by_src: Dict[str, List[str]] = {}
+    for w in rep.warnings:
+        by_src.setdefault(w.source, []).append(w.text)
+    sources_json = []
+    for row in src.to_dict("records"):
+        d = {k: _num(v) for k, v in row.items()}
+        d["warnings"] = by_src.get(row["source"], [])
+        sources_json.append(d)
     return {
         "format": REPORT_FORMAT,
         "format_version": REPORT_VERSION,
         "kvmtrace_version": __version__,
-        "sources": [{k: _num(v) for k, v in row.items()} for row in src.to_dict("records")],
+        "warnings": [w.as_dict() for w in rep.warnings],
+        "sources": sources_json,
         "hva_ops": _hva_json(rep["hva_ops"]) if not rep["hva_ops"].empty else [],
         "hva_ops_total": _hva_json(rep["hva_ops_total"]) if not rep["hva_ops_total"].empty else [],
         "memslot_updates": mem,

@@ -194,7 +194,7 @@ def csv_rows(cum: Snapshot, delta: Snapshot, plan, opts: ViewOptions) -> List[li
     out = []
     for r in view.rows:
         v = [
-            f"{cum.wall_time:.3f}",
+            cum.wall_time,  # Unix s, every digit (output.csv_number)
             cum.seq,
             round(e, 6),
             r.vm_id,
