@@ -50,30 +50,40 @@ def _frame_to(path: str, df: pd.DataFrame, option: str) -> str:
 
 def write_csv_tables(tables: Dict[str, pd.DataFrame], directory: str, force: bool = False,
                      option: str = "--csv") -> List[str]:
-    """One CSV per table in ``directory`` (created, one level). All or nothing: every table is
-    written to a temporary file first and the files are renamed into place only when all are
-    written; on a failure (full disk) nothing new is left behind. Returns the paths written."""
+    """One CSV per table in ``directory`` (created 0750, one level; an existing one must be the
+    invoking user's, see output.check_dir_stat). All or nothing: every table is written to a
+    temporary file first (O_EXCL|O_NOFOLLOW, through the directory's descriptor) and the files
+    are renamed into place only when all are written; on a failure (full disk) nothing new is
+    left behind. Returns the paths written."""
     output.check_new_dir(directory, option, csv_names(tables), force)
-    created = not os.path.isdir(directory)
-    output.make_dir(directory, option)
+    created = not os.path.lexists(directory)
+    dfd = output.open_dir(directory, option, create=True)
     staged = []
     try:
         for name, df in tables.items():
-            path = os.path.join(directory, f"{name}.csv")
-            tmp = _frame_to(path + ".part", df, option)
-            staged.append((tmp, path))
-        for tmp, path in staged:
-            os.replace(tmp, path)
-    except BaseException:
-        for tmp, _path in staged:
-            _unlink(tmp)
+            fd, tmp = output.create_temp(f"{name}.csv", dfd)
+            staged.append((tmp, f"{name}.csv"))
+            with os.fdopen(fd, "w", newline="") as f:
+                safe_frame(df).to_csv(f, index=False, float_format="%.6g")
+                f.flush()
+                os.fsync(f.fileno())
+        for tmp, name in staged:
+            os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+    except BaseException as e:
+        for tmp, _name in staged:
+            output.unlink_quiet(tmp, dfd)
         if created:
             try:
                 os.rmdir(directory)
             except OSError:
                 pass
+        if isinstance(e, OSError):
+            raise output.UsageError(f"cannot write {option} {output.shown(directory)}: {e.strerror or e}",
+                                    f"choose a writable directory with free space for {option}") from None
         raise
-    return [path for _tmp, path in staged]
+    finally:
+        os.close(dfd)
+    return [os.path.join(directory, name) for _tmp, name in staged]
 
 
 def _unlink(path: str) -> None:

@@ -42,17 +42,30 @@ def _name(seq: int, t: float) -> str:
 def record_rotating(session, path, fmt, meta, events, share_group, duration, sigs, status, rotate_s, keep,
                     run_recording, attached) -> str:
     """Record into a new recording every ``rotate_s`` seconds (or on SIGHUP) until stopped."""
-    import click
-
-    from .recorder import Access, Recorder, printable, write_json_atomic
+    from .recorder import Access, printable
 
     access = Access(share_group)
     try:
-        access.mkdir(path) if not os.path.isdir(path) else access.apply(path, is_dir=True)
+        # created, or continued after a restart: either way the invoking user's, writable by
+        # nobody else (output.check_dir_stat), and written only through this descriptor
+        dfd = access.open_dir(path, "-o")
     except OSError as e:
         from ..errors import UsageError
 
         raise UsageError(f"cannot create {printable(path)}: {e.strerror}", "choose a writable location") from e
+    try:
+        return _record_rotating(dfd, access, session, path, fmt, meta, events, share_group, duration, sigs, status,
+                                rotate_s, keep, run_recording, attached)
+    finally:
+        os.close(dfd)
+
+
+def _record_rotating(dfd, access, session, path, fmt, meta, events, share_group, duration, sigs, status, rotate_s,
+                     keep, run_recording, attached) -> str:
+    import click
+
+    from .recorder import Recorder, printable, write_json_atomic
+
     index_path = os.path.join(path, ROTATION_FILE)
     seq = 0
     if os.path.exists(index_path):  # a restart (e.g. of the service) continues the directory
@@ -63,7 +76,7 @@ def record_rotating(session, path, fmt, meta, events, share_group, duration, sig
     else:
         index = {"format": ROTATION_FORMAT, "format_version": ROTATION_VERSION, "label": meta.get("label", ""),
                  "rotate_s": rotate_s, "keep": keep, "recordings": [], "deleted": []}
-    write_json_atomic(index_path, index, access=access)
+    write_json_atomic(ROTATION_FILE, index, access=access, dir_fd=dfd)
     t_end = None if duration is None else time.monotonic() + duration
     prev = None
     first_seq = seq
@@ -73,9 +86,9 @@ def record_rotating(session, path, fmt, meta, events, share_group, duration, sig
         name = _name(seq, time.time())
         m = dict(meta, rotation={"seq": seq, "rotate_s": rotate_s})
         with Recorder(os.path.join(path, name), fmt=fmt, meta=m, events=events, plan=session.plan,
-                      share_group=share_group) as rec:
+                      share_group=share_group, dir_fd=dfd) as rec:
             index["recordings"].append(name)
-            write_json_atomic(index_path, index, access=access)
+            write_json_atomic(ROTATION_FILE, index, access=access, dir_fd=dfd)
             if first:
                 sigs.recording = True
                 click.echo(attached(session, path), err=True)
@@ -101,8 +114,8 @@ def record_rotating(session, path, fmt, meta, events, share_group, duration, sig
             while len(index["recordings"]) > keep:
                 old = index["recordings"].pop(0)
                 index["deleted"].append(old)
-                write_json_atomic(index_path, index, access=access)  # first forget it, then delete it
-                shutil.rmtree(os.path.join(path, old), ignore_errors=True)
+                write_json_atomic(ROTATION_FILE, index, access=access, dir_fd=dfd)  # first forget it, then delete it
+                shutil.rmtree(old, ignore_errors=True, dir_fd=dfd)  # fd-based: never follows a link
         if done:
             break
         seq += 1

@@ -257,6 +257,10 @@ def record(path, duration, interval, events, label, pid, modes, self_cost, fmt, 
     Access(share_group)  # an unknown group is refused before anything is created
     if rotate is None or not _rotation_dir(path):  # --rotate continues its own directory
         check_output_path(path)
+    else:  # ... only if it is the invoking user's and nobody else may write to it
+        from ..output import check_existing_dir
+
+        check_existing_dir(path, "-o")
     modes_t = parse_modes(modes)
     from ..tracer.session import TraceSession
 
