@@ -135,7 +135,7 @@ def check_dir_stat(st: os.stat_result, path: str, option: str) -> None:
         raise UsageError(f"{option} {p} exists and is not a directory", f"give {option} a new path")
     me = os.geteuid()
     if st.st_uid != me:
-        raise UsageError(f"{option} {p} is owned by {_user(st.st_uid)}, not by you ({_user(me)})",
+        raise UsageError(f"{option} {p} is owned by {_user(st.st_uid)}, not by {_user(me)} (you)",
                          f"give {option} a new path (kvmtrace creates the directory), or chown {_user(me).split(' ')[0]} {p}")
     if st.st_mode & 0o022:
         who = " and ".join(w for w, bit in (("group", 0o020), ("others", 0o002)) if st.st_mode & bit)
@@ -216,6 +216,35 @@ def create_temp(name: str, dir_fd: Optional[int], mode: int = 0o666) -> Tuple[in
     raise FileExistsError(errno.EEXIST, f"no free temporary name for {base} after {_TEMP_TRIES} tries")
 
 
+def place(tmp: str, name: str, dir_fd: Optional[int], replace: bool) -> None:
+    """Give the finished temporary file ``tmp`` its ``name`` (both in ``dir_fd``). With
+    ``replace`` a rename, which replaces whatever ``name`` holds (a link too: never written
+    through); without, a hard link that fails with FileExistsError if ``name`` exists by now
+    (no existing file is replaced without --force, even one that appeared during the work),
+    then ``tmp`` is removed. On a filesystem without hard links: a check, then the rename."""
+    if replace:
+        os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        return
+    try:
+        os.link(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EXDEV, errno.EMLINK):
+            raise
+        try:
+            os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            return
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST)) from None
+    unlink_quiet(tmp, dir_fd)
+
+
+def appeared(option: str, path: str) -> UsageError:
+    """The error for an output name that did not exist when checked and does now."""
+    return UsageError(f"{option} {shown(path)} already exists (it appeared while kvmtrace was working)",
+                      "choose another name, or add --force to replace it")
+
+
 def unlink_quiet(name: str, dir_fd: Optional[int] = None) -> None:
     try:
         os.unlink(name, dir_fd=dir_fd)
@@ -274,10 +303,14 @@ class AtomicFile:
     (O_EXCL|O_NOFOLLOW, a random name) and renames it onto ``path`` only when the block
     succeeds; on any error the temporary file is removed and an OSError becomes one UsageError
     line. An existing file is never emptied or half-written, and no link at ``path`` or at a
-    temporary name is ever written through (the rename replaces a link at ``path``)."""
+    temporary name is ever written through (the rename replaces a link at ``path``). With
+    ``replace=False`` a name that exists when the block ends is not replaced (see ``place``).
+    """
 
-    def __init__(self, path: str, option: str, mode: str = "w", newline: Optional[str] = None):
+    def __init__(self, path: str, option: str, mode: str = "w", newline: Optional[str] = None,
+                 replace: bool = True):
         self.path = path
+        self.replace = replace
         self.option = option
         self.mode = mode
         self.newline = newline
@@ -319,13 +352,15 @@ class AtomicFile:
         try:
             if exc_type is None and err is None:
                 try:
-                    os.replace(self.tmp, self.name, src_dir_fd=self._dfd, dst_dir_fd=self._dfd)
+                    place(self.tmp, self.name, self._dfd, self.replace)
                     return False
                 except OSError as e:
                     err = e
             unlink_quiet(self.tmp, self._dfd)
         finally:
             os.close(self._dfd)
+        if isinstance(err, FileExistsError) and not self.replace:
+            raise appeared(self.option, self.path) from None
         if err is None and isinstance(exc, OSError):
             err = exc
         if err is not None:
@@ -358,7 +393,7 @@ def open_append(path: str, option: str) -> Tuple[int, bool]:
         if not stat.S_ISREG(st.st_mode):
             raise UsageError(f"{option} {p} is not a regular file", f"give {option} a new file name")
         if st.st_uid != os.geteuid():
-            raise UsageError(f"{option} {p} is owned by {_user(st.st_uid)}, not by you ({_user(os.geteuid())})",
+            raise UsageError(f"{option} {p} is owned by {_user(st.st_uid)}, not by {_user(os.geteuid())} (you)",
                              f"give {option} a new file name")
         if st.st_mode & 0o022:
             raise UsageError(f"{option} {p} is writable by others (mode {stat.S_IMODE(st.st_mode):04o})",
@@ -379,9 +414,9 @@ def _remove(path: str) -> None:
         pass
 
 
-def write_text(path: str, text: str, option: str) -> str:
+def write_text(path: str, text: str, option: str, replace: bool = True) -> str:
     """Write ``text`` to ``path`` atomically (see AtomicFile)."""
-    with AtomicFile(path, option) as f:
+    with AtomicFile(path, option, replace=replace) as f:
         f.write(text)
     return path
 
@@ -398,5 +433,5 @@ def write_csv_rows(path: str, columns: Sequence[str], rows: Iterable[Iterable], 
 __all__: List[str] = [
     "escape_cell", "unescape_cell", "csv_cell", "CsvWriter", "shown", "check_new_file", "check_new_dir",
     "make_dir", "AtomicFile", "write_text", "write_csv_rows", "check_dir_stat", "check_existing_dir", "open_dir",
-    "open_parent", "create_file", "create_temp", "unlink_quiet", "open_append", "DIR_MODE",
+    "open_parent", "create_file", "create_temp", "place", "appeared", "unlink_quiet", "open_append", "DIR_MODE",
 ]

@@ -355,3 +355,33 @@ def test_an_existing_name_is_never_opened(tmp_path, victim):
     finally:
         os.close(dfd)
     assert e.value.errno == errno.EEXIST and untouched(victim)
+
+
+@pytest.mark.parametrize("what", ["html", "csv-dir"])
+def test_a_name_that_appears_during_the_work_is_not_replaced_without_force(tmp_path, monkeypatch, victim, what):
+    """`never replace without --force` holds even for a name planted after the check: the
+    finished file is hard-linked onto its name (fails if the name exists), not renamed."""
+    import pandas as pd
+
+    from kvmtrace.analysis import export
+
+    out = tmp_path / "out"
+    out.mkdir(mode=0o700)
+    name = out / ("r.html" if what == "html" else "b.csv")
+    real = output.create_temp
+
+    def create_then_plant(n, dfd, mode=0o666):
+        r = real(n, dfd, mode)
+        if not os.path.lexists(name):
+            plant(name, victim())
+        return r
+
+    monkeypatch.setattr(output, "create_temp", create_then_plant)
+    with pytest.raises(UsageError, match="appeared while kvmtrace was working") as e:
+        if what == "html":
+            export.write_text(str(name), "<html></html>", "--html", force=False)
+        else:
+            export.write_csv_tables({"a": pd.DataFrame({"x": [1]}), "b": pd.DataFrame({"y": [2]})}, str(out))
+    assert "--force" in e.value.remedy
+    assert name.is_symlink() and untouched(victim)
+    assert os.listdir(out) == [name.name]  # all or nothing: a.csv is not left either, no temporary file

@@ -42,8 +42,8 @@ def check_file(path: Optional[str], option: str, force: bool = False) -> None:
         output.check_new_file(path, option, force)
 
 
-def _frame_to(path: str, df: pd.DataFrame, option: str) -> str:
-    with output.AtomicFile(path, option, newline="") as f:
+def _frame_to(path: str, df: pd.DataFrame, option: str, replace: bool = True) -> str:
+    with output.AtomicFile(path, option, newline="", replace=replace) as f:
         safe_frame(df).to_csv(f, index=False, float_format="%.6g")
     return path
 
@@ -59,6 +59,7 @@ def write_csv_tables(tables: Dict[str, pd.DataFrame], directory: str, force: boo
     created = not os.path.lexists(directory)
     dfd = output.open_dir(directory, option, create=True)
     staged = []
+    placed = []
     try:
         for name, df in tables.items():
             fd, tmp = output.create_temp(f"{name}.csv", dfd)
@@ -68,10 +69,17 @@ def write_csv_tables(tables: Dict[str, pd.DataFrame], directory: str, force: boo
                 f.flush()
                 os.fsync(f.fileno())
         for tmp, name in staged:
-            os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+            try:
+                output.place(tmp, name, dfd, replace=force)
+            except FileExistsError:
+                raise output.appeared(option, os.path.join(directory, name)) from None
+            placed.append(name)
     except BaseException as e:
         for tmp, _name in staged:
             output.unlink_quiet(tmp, dfd)
+        if not force:
+            for name in placed:  # new files only (never replaced): all or nothing
+                output.unlink_quiet(name, dfd)
         if created:
             try:
                 os.rmdir(directory)
@@ -95,14 +103,14 @@ def _unlink(path: str) -> None:
 
 def write_csv(df: pd.DataFrame, path: str, force: bool = False, option: str = "--csv") -> str:
     output.check_new_file(path, option, force)
-    return _frame_to(path, df, option)
+    return _frame_to(path, df, option, replace=force)
 
 
 def write_text(path: str, text: str, option: str, force: bool = False) -> str:
     """Write a report page (or any text output) to ``path``; an unwritable path is a usage error
     naming the option that gave it."""
     output.check_new_file(path, option, force)
-    return output.write_text(path, text, option)
+    return output.write_text(path, text, option, replace=force)
 
 
 def snapshot_frame(snap) -> pd.DataFrame:
