@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import time
 from typing import List
 
@@ -115,13 +116,22 @@ def _record_rotating(dfd, access, session, path, fmt, meta, events, share_group,
                 old = index["recordings"].pop(0)
                 index["deleted"].append(old)
                 write_json_atomic(ROTATION_FILE, index, access=access, dir_fd=dfd)  # first forget it, then delete it
-                shutil.rmtree(old, ignore_errors=True, dir_fd=dfd)  # fd-based: never follows a link
+                _remove_recording(dfd, path, old)
         if done:
             break
         seq += 1
     return (f"recorded {totals['intervals']} intervals in {seq - first_seq + 1} recordings to {printable(path)}: "
             f"{totals['hva_ops']:,} hva ops, {totals['memslot_updates']:,} memslot updates, "
             f"lost events {totals['lost']:,}" + (f" (kept the newest {keep})" if keep is not None else ""))
+
+
+def _remove_recording(dfd: int, path: str, name: str) -> None:
+    """Delete the recording ``name`` of the rotation directory (``dfd``): rmtree relative to the
+    descriptor (Python 3.11+); before 3.11 by path (rmtree still never follows a link below it)."""
+    if sys.version_info >= (3, 11):
+        shutil.rmtree(name, ignore_errors=True, dir_fd=dfd)
+    else:
+        shutil.rmtree(os.path.join(path, name), ignore_errors=True)
 
 
 def read_index(path: str) -> dict:
