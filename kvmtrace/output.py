@@ -143,10 +143,14 @@ def check_dir_stat(st: os.stat_result, path: str, option: str) -> None:
                          f"chmod go-w {p}, or give {option} a new path (kvmtrace creates the directory)")
 
 
+def _no_slash(path: str) -> str:
+    return path.rstrip("/") or "/"
+
+
 def check_existing_dir(path: str, option: str) -> None:
     """``check_dir_stat`` on ``path`` itself (lstat: a symbolic link is refused)."""
     try:
-        st = os.lstat(path)
+        st = os.lstat(_no_slash(path))
     except OSError as e:
         raise UsageError(f"cannot use {option} {shown(path)}: {e.strerror}", f"give {option} a new path") from None
     check_dir_stat(st, path, option)
@@ -158,6 +162,7 @@ def open_dir(path: str, option: str, create: bool = False, mode: int = DIR_MODE,
     first with ``mode`` if ``create`` and it does not exist (one level: parents never are).
     Opened with O_DIRECTORY|O_NOFOLLOW and checked (``check_dir_stat``) on the descriptor."""
     p = shown(path)
+    path = _no_slash(path)  # "link/" would resolve the link despite O_NOFOLLOW
     if create:
         try:
             os.mkdir(path, mode, dir_fd=dir_fd)

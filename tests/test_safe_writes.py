@@ -385,3 +385,17 @@ def test_a_name_that_appears_during_the_work_is_not_replaced_without_force(tmp_p
     assert "--force" in e.value.remedy
     assert name.is_symlink() and untouched(victim)
     assert os.listdir(out) == [name.name]  # all or nothing: a.csv is not left either, no temporary file
+
+
+@needs_root
+def test_a_trailing_slash_does_not_follow_a_link(tmp_path):
+    """`-o link/` resolves the link in a path lookup even with O_NOFOLLOW: it is stripped."""
+    real = tmp_path / "real"
+    real.mkdir(mode=0o700)
+    os.chown(real, nobody(), -1)
+    os.chmod(real, 0o700)  # nobody's, and kvmtrace (root) may still write it
+    plant(tmp_path / "link", real)
+    fd = None
+    with pytest.raises(UsageError, match="is a symbolic link"):
+        fd = output.open_dir(str(tmp_path / "link") + "/", "-o", create=True)
+    assert fd is None and os.listdir(real) == []
