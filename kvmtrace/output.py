@@ -135,8 +135,9 @@ def check_dir_stat(st: os.stat_result, path: str, option: str) -> None:
         raise UsageError(f"{option} {p} exists and is not a directory", f"give {option} a new path")
     me = os.geteuid()
     if st.st_uid != me:
+        who = _user(me).split(" ")[0]
         raise UsageError(f"{option} {p} is owned by {_user(st.st_uid)}, not by {_user(me)} (you)",
-                         f"give {option} a new path (kvmtrace creates the directory), or chown {_user(me).split(' ')[0]} {p}")
+                         f"give {option} a new path (kvmtrace creates the directory), or chown {who} {p}")
     if st.st_mode & 0o022:
         who = " and ".join(w for w, bit in (("group", 0o020), ("others", 0o002)) if st.st_mode & bit)
         raise UsageError(f"{option} {p} is writable by {who} (mode {stat.S_IMODE(st.st_mode):04o})",

@@ -101,8 +101,8 @@ def test_report_csv_and_html_never_write_through_links(tmp_path, capsys, recordi
     for t in Report.TABLES:
         f = out / f"{t}.csv"
         assert not f.is_symlink() and f.stat().st_size > 0
-    made = {n for n in os.listdir(out)} - {f"{t}.csv" for t in Report.TABLES} - {f"{t}.csv.part.tmp{pid}" for t in Report.TABLES}
-    assert made == set()  # no temporary file left behind
+    planted = {f"{t}.csv" for t in Report.TABLES} | {f"{t}.csv.part.tmp{pid}" for t in Report.TABLES}
+    assert set(os.listdir(out)) == planted  # no temporary file left behind
 
 
 def test_compare_never_writes_through_a_link_or_a_fifo(tmp_path, capsys, recording, victim):

@@ -279,7 +279,8 @@ class CsvSink:
         except OSError as e:
             if os.path.islink(path):
                 raise DataFileError(f"--csv {shown(path)} is a symbolic link", "give --csv a new file name") from None
-            raise DataFileError(f"cannot read --csv {shown(path)}: {e.strerror}", "give --csv a new file name") from None
+            raise DataFileError(f"cannot read --csv {shown(path)}: {e.strerror}",
+                                "give --csv a new file name") from None
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
