@@ -30,17 +30,6 @@ NA_IF_NEGATIVE = frozenset({"bench_slots", "slots", "memslots", "memslots_max", 
 TIME_COLUMNS = frozenset({"start", "end", "t_start", "t_end"})
 
 
-def safe_frame(df: pd.DataFrame) -> pd.DataFrame:
-    """Copy of ``df`` whose text cells cannot be evaluated as formulas by a spreadsheet
-    (cells starting with = + - @ tab or CR get a leading quote). Numbers stay numbers."""
-    out = df.copy()
-    for c in out.columns:
-        s = out[c]
-        if s.dtype == object or pd.api.types.is_string_dtype(s.dtype) or isinstance(s.dtype, pd.CategoricalDtype):
-            out[c] = [escape_cell(v) if isinstance(v, str) else v for v in s.astype(object)]
-    return out
-
-
 def iso_time(t: float) -> str:
     """A Unix time (float seconds) as ISO 8601 UTC with nanoseconds, "2026-12-07T20:41:50.123456768Z":
     the float's exact value to the nearest ns, so reading it back (integer ns / 1e9) gives the
@@ -119,57 +108,68 @@ def check_file(path: Optional[str], option: str, force: bool = False) -> None:
         output.check_new_file(path, option, force)
 
 
-def _frame_to(path: str, df: pd.DataFrame, option: str) -> str:
-    with output.AtomicFile(path, option, newline="") as f:
+def _frame_to(path: str, df: pd.DataFrame, option: str, replace: bool = True) -> str:
+    with output.AtomicFile(path, option, newline="", replace=replace) as f:
         csv_frame(df).to_csv(f, index=False)
     return path
 
 
 def write_csv_tables(tables: Dict[str, pd.DataFrame], directory: str, force: bool = False,
                      option: str = "--csv") -> List[str]:
-    """One CSV per table in ``directory`` (created, one level). All or nothing: every table is
-    written to a temporary file first and the files are renamed into place only when all are
-    written; on a failure (full disk) nothing new is left behind. Returns the paths written."""
+    """One CSV per table in ``directory`` (created 0750, one level; an existing one must be the
+    invoking user's, see output.check_dir_stat). All or nothing: every table is written to a
+    temporary file first (O_EXCL|O_NOFOLLOW, through the directory's descriptor) and the files
+    are renamed into place only when all are written; on a failure (full disk) nothing new is
+    left behind. Returns the paths written."""
     output.check_new_dir(directory, option, csv_names(tables), force)
-    created = not os.path.isdir(directory)
-    output.make_dir(directory, option)
+    created = not os.path.lexists(directory)
+    dfd = output.open_dir(directory, option, create=True)
     staged = []
+    placed = []
     try:
         for name, df in tables.items():
-            path = os.path.join(directory, f"{name}.csv")
-            tmp = _frame_to(path + ".part", df, option)
-            staged.append((tmp, path))
-        for tmp, path in staged:
-            os.replace(tmp, path)
-    except BaseException:
-        for tmp, _path in staged:
-            _unlink(tmp)
+            fd, tmp = output.create_temp(f"{name}.csv", dfd)
+            staged.append((tmp, f"{name}.csv"))
+            with os.fdopen(fd, "w", newline="") as f:
+                csv_frame(df).to_csv(f, index=False)
+                f.flush()
+                os.fsync(f.fileno())
+        for tmp, name in staged:
+            try:
+                output.place(tmp, name, dfd, replace=force)
+            except FileExistsError:
+                raise output.appeared(option, os.path.join(directory, name)) from None
+            placed.append(name)
+    except BaseException as e:
+        for tmp, _name in staged:
+            output.unlink_quiet(tmp, dfd)
+        if not force:
+            for name in placed:  # new files only (never replaced): all or nothing
+                output.unlink_quiet(name, dfd)
         if created:
             try:
                 os.rmdir(directory)
             except OSError:
                 pass
+        if isinstance(e, OSError):
+            raise output.UsageError(f"cannot write {option} {output.shown(directory)}: {e.strerror or e}",
+                                    f"choose a writable directory with free space for {option}") from None
         raise
-    return [path for _tmp, path in staged]
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
+    finally:
+        os.close(dfd)
+    return [os.path.join(directory, name) for _tmp, name in staged]
 
 
 def write_csv(df: pd.DataFrame, path: str, force: bool = False, option: str = "--csv") -> str:
     output.check_new_file(path, option, force)
-    return _frame_to(path, df, option)
+    return _frame_to(path, df, option, replace=force)
 
 
 def write_text(path: str, text: str, option: str, force: bool = False) -> str:
     """Write a report page (or any text output) to ``path``; an unwritable path is a usage error
     naming the option that gave it."""
     output.check_new_file(path, option, force)
-    return output.write_text(path, text, option)
+    return output.write_text(path, text, option, replace=force)
 
 
 def snapshot_frame(snap) -> pd.DataFrame:

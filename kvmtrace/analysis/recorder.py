@@ -11,6 +11,10 @@ manifest states were never committed. ``integrity.verify`` checks a recording ag
 
 Files are private by default (directories 0700, files 0600: raw events hold VMM host
 addresses); ``share_group`` makes them readable by one group (0750 / 0640, group-owned).
+Every file is created O_EXCL|O_NOFOLLOW relative to the recording directory's descriptor
+(kvmtrace/output.py), temporary files under fresh random names; the directory is the invoking
+user's and writable by nobody else (checked on the open descriptor), so nothing is ever written
+through a link someone planted.
 A small reserve file is kept while recording and freed when the disk fills, so the metadata
 can still say ``incomplete``.
 """
@@ -31,6 +35,7 @@ from typing import Dict, Iterable, List, Optional, Tuple
 import pyarrow as pa
 
 from .. import __version__
+from .. import output
 from ..errors import KvmtraceError, UsageError
 from . import tables as T
 from .recording import FORMAT, FORMAT_VERSION, META_FILE, escape_cell
@@ -48,17 +53,11 @@ def printable(s) -> str:
     return str(s).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
+def _fsync_dir(fd: int) -> None:
     try:
         os.fsync(fd)
     except OSError:
         pass
-    finally:
-        os.close(fd)
 
 
 class Access:
@@ -93,9 +92,16 @@ class Access:
             if self.gid >= 0:
                 os.chown(path, -1, self.gid)
 
-    def mkdir(self, path: str) -> None:
-        os.mkdir(path, self.dir_mode)
-        self.apply(path, is_dir=True)
+    def open_dir(self, path: str, option: str = "-o", dir_fd: Optional[int] = None) -> int:
+        """Create (if missing) and open the directory ``path`` (relative to ``dir_fd``) with this
+        access's mode and group; see output.open_dir. Returns its descriptor."""
+        fd = output.open_dir(path, option, create=True, mode=self.dir_mode, dir_fd=dir_fd)
+        try:
+            self.apply(path, fd=fd, is_dir=True)
+        except OSError:
+            os.close(fd)
+            raise
+        return fd
 
 
 _DEFAULT_ACCESS = None
@@ -112,17 +118,23 @@ def _access(a: Optional[Access]) -> Access:
 
 class _Out:
     """A file written sequentially that knows its length and SHA-256 (what the manifest states).
-    ``seal`` makes further writes no-ops (an abandoned writer cannot add bytes)."""
+    ``seal`` makes further writes no-ops (an abandoned writer cannot add bytes). Created new
+    (O_EXCL|O_NOFOLLOW) as ``name`` in the directory ``dir_fd``, or with ``temp`` under a fresh
+    random temporary name for ``name`` (``self.name`` says which)."""
 
-    def __init__(self, path: str, access: Access, exclusive: bool = True):
-        flags = os.O_WRONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0) | (os.O_EXCL if exclusive else os.O_TRUNC)
-        fd = os.open(path, flags, access.file_mode)
+    def __init__(self, name: str, dir_fd: int, access: Access, temp: bool = False):
+        if temp:
+            fd, name = output.create_temp(name, dir_fd, access.file_mode)
+        else:
+            fd = output.create_file(name, dir_fd, access.file_mode)
         try:
-            access.apply(path, fd=fd)
+            access.apply(name, fd=fd)
         except OSError:
             os.close(fd)
+            output.unlink_quiet(name, dir_fd)
             raise
-        self.path = path
+        self.name = name
+        self.dir_fd = dir_fd
         self.f = os.fdopen(fd, "wb")
         self.h = hashlib.sha256()
         self.n = 0
@@ -170,31 +182,37 @@ class _Out:
         except OSError:
             pass
         try:
-            os.truncate(self.path, nbytes)
-        except OSError:
+            os.ftruncate(self.f.fileno(), nbytes)  # the descriptor: never a path someone swapped
+            self.f.seek(nbytes)
+        except (OSError, ValueError):
             pass
         self.n = nbytes
         self.h = digest_state
 
 
-def write_json_atomic(path: str, obj, fsync: bool = True, access: Optional[Access] = None) -> None:
-    """Write JSON to ``path`` atomically (tmp, fsync, rename): readers see the old or the new
-    file, never a part. The tmp file is removed if writing fails (e.g. disk full)."""
-    tmp = path + ".tmp"
+def write_json_atomic(path: str, obj, fsync: bool = True, access: Optional[Access] = None,
+                      dir_fd: Optional[int] = None) -> None:
+    """Write JSON to ``path`` (a name in ``dir_fd`` if given) atomically: a new temporary file
+    (O_EXCL|O_NOFOLLOW, a random name), fsync, rename onto ``path``. Readers see the old or the
+    new file, never a part; a link at either name is replaced, never written through. The tmp
+    file is removed if writing fails (e.g. disk full)."""
+    if dir_fd is None:
+        parent = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            return write_json_atomic(os.path.basename(path), obj, fsync, access, parent)
+        finally:
+            os.close(parent)
     text = json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n"
+    out = _Out(path, dir_fd, _access(access), temp=True)
     try:
-        out = _Out(tmp, _access(access), exclusive=False)
         try:
             out.write(text.encode("utf-8", "surrogateescape"))
             out.sync(fsync)
         finally:
             out.finish()
-        os.replace(tmp, path)
+        os.replace(out.name, path, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        output.unlink_quiet(out.name, dir_fd)
         raise
 
 
@@ -234,7 +252,8 @@ class _JournalTable:
         self.rec = rec
         self.name = name
         self.dir = os.path.join(rec.path, name)
-        rec.access.mkdir(self.dir)
+        self.dfd = rec.access.open_dir(name, dir_fd=rec.dfd)
+        rec._fds.append(self.dfd)
         self.schema = T.SCHEMAS[name]
         self.k = 0
         self._out: Optional[_Out] = None
@@ -249,14 +268,15 @@ class _JournalTable:
         ext = "arrows" if kind == "journal" else "parquet"
         return f"{self.name}/{kind}-{k:06d}.{ext}"
 
-    def _abs(self, rel: str) -> str:
-        return os.path.join(self.rec.path, rel)
+    @staticmethod
+    def _base(rel: str) -> str:
+        return rel.rsplit("/", 1)[1]  # its name in this table's directory (``self.dfd``)
 
     def append(self, table: pa.Table, interval: int) -> None:
         if table.num_rows == 0:
             return
         if self._w is None:
-            self._out = _Out(self._abs(self._rel("journal", self.k)), self.rec.access)
+            self._out = _Out(self._base(self._rel("journal", self.k)), self.dfd, self.rec.access)
             self._w = pa.ipc.new_stream(pa.PythonFile(self._out, mode="w"), self.schema)
             self.jrows = 0
         self._w.write_batch(_one_batch(table))
@@ -285,10 +305,7 @@ class _JournalTable:
         if self._committed is None:
             self._out.rollback(0, hashlib.sha256())
             self._out.finish()
-            try:
-                os.unlink(self._out.path)
-            except OSError:
-                pass
+            output.unlink_quiet(self._out.name, self.dfd)
             self._out = self._w = None
             return
         n, h, rows = self._committed
@@ -311,18 +328,18 @@ class _JournalTable:
             self._w.close()  # end-of-stream marker
         self._out.finish()
         self._w = None
-        src = self._out.path
+        src = self._out.name
         self._out = None
         self._committed = None
-        rel = self._rel("part", self.k)
-        dst = self._abs(rel)
-        tmp = dst + ".tmp"
-        out = _Out(tmp, self.rec.access, exclusive=False)
-        self.rec._tmp.add(tmp)
+        dst = self._base(self._rel("part", self.k))
+        out = _Out(dst, self.dfd, self.rec.access, temp=True)
+        tmp = out.name
+        self.rec._tmp.add((self.dfd, tmp))
         rows = 0
         try:
             writer = pq.ParquetWriter(pa.PythonFile(out, mode="w"), self.schema, compression="zstd")
-            with open(src, "rb") as m:  # a Python file: pyarrow paths must be UTF-8, ours need not be
+            m = os.fdopen(os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.dfd), "rb")
+            with m:  # a Python file: pyarrow paths must be UTF-8, ours need not be
                 reader = pa.ipc.open_stream(pa.PythonFile(m, mode="r"))
                 pending: List[pa.RecordBatch] = []
                 n = 0
@@ -348,8 +365,8 @@ class _JournalTable:
         return tmp, dst, src, entry
 
     def commit_compaction(self, tmp: str, dst: str, entry: dict, upto: int) -> None:
-        os.replace(tmp, dst)
-        self.rec._tmp.discard(tmp)
+        os.replace(tmp, dst, src_dir_fd=self.dfd, dst_dir_fd=self.dfd)
+        self.rec._tmp.discard((self.dfd, tmp))
         self.files.pop(self._rel("journal", self.k), None)
         self.files[self._rel("part", self.k)] = entry
         self.k += 1
@@ -363,7 +380,7 @@ class _JournalTable:
         import pyarrow.parquet as pq
 
         rel = self._rel("part", 0)
-        out = _Out(self._abs(rel), self.rec.access)
+        out = _Out(self._base(rel), self.dfd, self.rec.access)
         try:
             pq.write_table(self.schema.empty_table(), pa.PythonFile(out, mode="w"))
             out.sync(self.rec.fsync)
@@ -383,7 +400,7 @@ class _CsvTable:
         self.rel = f"{name}.csv"
         self.columns = T.columns(name)
         self.text = [c in T.TEXT_COLUMNS for c in self.columns]
-        self._out = _Out(os.path.join(rec.path, self.rel), rec.access)
+        self._out = _Out(self.rel, rec.dfd, rec.access)
         self.rows = 0
         self._buf = io.StringIO()
         self._w = csv.writer(self._buf, lineterminator="\n")
@@ -478,12 +495,14 @@ class RecordingFailed(KvmtraceError):
 
 
 def check_output_path(path: str) -> None:
-    """Refuse a path that exists (and is not an empty directory) or whose parent is missing,
-    before anything is created or attached."""
+    """Refuse a path that exists (and is not an empty directory the invoking user owns and
+    nobody else may write, output.check_dir_stat) or whose parent is missing, before anything
+    is created or attached."""
     shown = printable(path)
     if os.path.lexists(path):
         if not os.path.isdir(path) or os.path.islink(path) or os.listdir(path):
             raise UsageError(f"{shown} already exists", "choose a new path for the recording (it becomes a directory)")
+        output.check_existing_dir(path, "-o")
         return
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
@@ -513,18 +532,20 @@ class Recorder:
         plan=None,
         share_group: Optional[str] = None,
         reserve: int = RESERVE_BYTES,
+        dir_fd: Optional[int] = None,
     ):
+        """``dir_fd``: the descriptor of the directory ``path`` is created in (``record
+        --rotate``: its own checked directory); ``path`` is then shown, its last part used."""
         if fmt not in ("parquet", "csv"):
             raise UsageError(f"unknown recording format {fmt!r}", "use --format parquet or --format csv")
         self.access = Access(share_group)
         check_output_path(path)
+        self._fds: List[int] = []
         try:
-            if os.path.isdir(path):
-                self.access.apply(path, is_dir=True)
-            else:
-                self.access.mkdir(path)
+            self.dfd = self.access.open_dir(os.path.basename(path) if dir_fd is not None else path, "-o", dir_fd)
         except OSError as e:
             raise UsageError(f"cannot create {printable(path)}: {e.strerror}", "choose a writable location") from e
+        self._fds.append(self.dfd)
         self.path = path
         self.fmt = fmt
         self.events = events
@@ -538,8 +559,8 @@ class Recorder:
         self._committed_files: Dict[str, dict] = {}
         self._failed: Optional[RecordingFailed] = None
         self._tables = None
-        self._meta_path = os.path.join(path, META_FILE)
-        self._reserve = os.path.join(path, RESERVE_FILE)
+        self._meta_path = META_FILE  # names in self.dfd
+        self._reserve = RESERVE_FILE
         names = T.AGG_TABLES + (T.EVENT_TABLES if events else ())
         # "intervals" last: an interval is complete once its intervals row is written.
         order = [n for n in names if n != "intervals"] + ["intervals"]
@@ -567,7 +588,7 @@ class Recorder:
         self.meta.update(m)
         try:
             if reserve:
-                out = _Out(self._reserve, self.access, exclusive=False)
+                out = _Out(self._reserve, self.dfd, self.access)
                 try:
                     out.write(b"\0" * int(reserve))
                     out.sync(fsync)
@@ -578,6 +599,9 @@ class Recorder:
             self._commit()
         except OSError as e:
             self._fail(e, "starting")
+        except BaseException:
+            self._close_fds()
+            raise
 
     def __enter__(self):
         return self
@@ -600,7 +624,7 @@ class Recorder:
 
     def _commit(self) -> None:
         self.meta["files"] = self._manifest()
-        write_json_atomic(self._meta_path, self.meta, self.fsync, self.access)
+        write_json_atomic(self._meta_path, self.meta, self.fsync, self.access, self.dfd)
         self._committed_files = dict(self.meta["files"])
         for tab in self._tables.values():
             tab.committed()
@@ -612,23 +636,18 @@ class Recorder:
         for tab in (self._tables or {}).values():
             tab.rollback()
             tab.abandon()
-        for t in list(self._tmp):
-            try:
-                os.unlink(t)
-            except OSError:
-                pass
+        for dfd, t in list(self._tmp):
+            output.unlink_quiet(t, dfd)
         self._tmp.clear()
-        try:
-            os.unlink(self._reserve)
-        except OSError:
-            pass
+        output.unlink_quiet(self._reserve, self.dfd)
         why = "disk full" if full else (getattr(e, "strerror", None) or str(e) or type(e).__name__)
         self.meta.update(status="incomplete", error=f"{doing}: {why}")
         self.meta["files"] = dict(self._committed_files)
         try:
-            write_json_atomic(self._meta_path, self.meta, self.fsync, self.access)
+            write_json_atomic(self._meta_path, self.meta, self.fsync, self.access, self.dfd)
         except OSError:
             pass  # the previous metadata still commits every interval up to the last one
+        self._close_fds()
         kept = f"intervals 0..{self.interval - 1} kept" if self.interval else "no interval recorded"
         self._failed = RecordingFailed(
             f"{why} while {doing} {printable(self.path)}: recording stopped, status incomplete ({kept})",
@@ -697,17 +716,17 @@ class Recorder:
                 tab.commit_compaction(tmp, dst, entry, upto)
             if self.fsync:
                 for tab, _ in done:
-                    _fsync_dir(tab.dir)
+                    _fsync_dir(tab.dfd)
             self._commit()
             for tab, (tmp, dst, src, entry) in done:
-                os.unlink(src)
+                os.unlink(src, dir_fd=tab.dfd)
         except OSError as e:
             self._fail(e, "compacting")
 
     def update_meta(self, **kw) -> None:
         self.meta.update(kw)
         try:
-            write_json_atomic(self._meta_path, self.meta, self.fsync, self.access)
+            write_json_atomic(self._meta_path, self.meta, self.fsync, self.access, self.dfd)
         except OSError as e:
             self._fail(e, "writing")
 
@@ -736,18 +755,25 @@ class Recorder:
                 self.meta.update(meta)
                 self.meta["files"] = self._manifest()
                 missing = [f for f, e in self.meta["files"].items()
-                           if os.path.getsize(os.path.join(self.path, f)) != e["bytes"]]
+                           if os.stat(f, dir_fd=self.dfd, follow_symlinks=False).st_size != e["bytes"]]
                 if missing:
                     status = "incomplete"
                     self.meta["error"] = "closing: files differ from the manifest: " + ", ".join(missing)
                 self.meta["status"] = status
                 if self.meta.get("end") is None:
                     self.meta["end"] = time.time()
-                write_json_atomic(self._meta_path, self.meta, self.fsync, self.access)
+                write_json_atomic(self._meta_path, self.meta, self.fsync, self.access, self.dfd)
             except OSError as e:
                 self._fail(e, "closing")
             self._tables = None
+            output.unlink_quiet(self._reserve, self.dfd)
+            self._close_fds()
+
+    def _close_fds(self) -> None:
+        """The directory descriptors (the recording's and its tables'): closed once done."""
+        for fd in self._fds:
             try:
-                os.unlink(self._reserve)
+                os.close(fd)
             except OSError:
                 pass
+        self._fds = []

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import time
 from typing import List
 
@@ -42,17 +43,30 @@ def _name(seq: int, t: float) -> str:
 def record_rotating(session, path, fmt, meta, events, share_group, duration, sigs, status, rotate_s, keep,
                     run_recording, attached) -> str:
     """Record into a new recording every ``rotate_s`` seconds (or on SIGHUP) until stopped."""
-    import click
-
-    from .recorder import Access, Recorder, printable, write_json_atomic
+    from .recorder import Access, printable
 
     access = Access(share_group)
     try:
-        access.mkdir(path) if not os.path.isdir(path) else access.apply(path, is_dir=True)
+        # created, or continued after a restart: either way the invoking user's, writable by
+        # nobody else (output.check_dir_stat), and written only through this descriptor
+        dfd = access.open_dir(path, "-o")
     except OSError as e:
         from ..errors import UsageError
 
         raise UsageError(f"cannot create {printable(path)}: {e.strerror}", "choose a writable location") from e
+    try:
+        return _record_rotating(dfd, access, session, path, fmt, meta, events, share_group, duration, sigs, status,
+                                rotate_s, keep, run_recording, attached)
+    finally:
+        os.close(dfd)
+
+
+def _record_rotating(dfd, access, session, path, fmt, meta, events, share_group, duration, sigs, status, rotate_s,
+                     keep, run_recording, attached) -> str:
+    import click
+
+    from .recorder import Recorder, printable, write_json_atomic
+
     index_path = os.path.join(path, ROTATION_FILE)
     seq = 0
     if os.path.exists(index_path):  # a restart (e.g. of the service) continues the directory
@@ -63,7 +77,7 @@ def record_rotating(session, path, fmt, meta, events, share_group, duration, sig
     else:
         index = {"format": ROTATION_FORMAT, "format_version": ROTATION_VERSION, "label": meta.get("label", ""),
                  "rotate_s": rotate_s, "keep": keep, "recordings": [], "deleted": []}
-    write_json_atomic(index_path, index, access=access)
+    write_json_atomic(ROTATION_FILE, index, access=access, dir_fd=dfd)
     t_end = None if duration is None else time.monotonic() + duration
     prev = None
     first_seq = seq
@@ -73,9 +87,9 @@ def record_rotating(session, path, fmt, meta, events, share_group, duration, sig
         name = _name(seq, time.time())
         m = dict(meta, rotation={"seq": seq, "rotate_s": rotate_s})
         with Recorder(os.path.join(path, name), fmt=fmt, meta=m, events=events, plan=session.plan,
-                      share_group=share_group) as rec:
+                      share_group=share_group, dir_fd=dfd) as rec:
             index["recordings"].append(name)
-            write_json_atomic(index_path, index, access=access)
+            write_json_atomic(ROTATION_FILE, index, access=access, dir_fd=dfd)
             if first:
                 sigs.recording = True
                 click.echo(attached(session, path), err=True)
@@ -101,14 +115,23 @@ def record_rotating(session, path, fmt, meta, events, share_group, duration, sig
             while len(index["recordings"]) > keep:
                 old = index["recordings"].pop(0)
                 index["deleted"].append(old)
-                write_json_atomic(index_path, index, access=access)  # first forget it, then delete it
-                shutil.rmtree(os.path.join(path, old), ignore_errors=True)
+                write_json_atomic(ROTATION_FILE, index, access=access, dir_fd=dfd)  # first forget it, then delete it
+                _remove_recording(dfd, path, old)
         if done:
             break
         seq += 1
     return (f"recorded {totals['intervals']} intervals in {seq - first_seq + 1} recordings to {printable(path)}: "
             f"{totals['hva_ops']:,} hva ops, {totals['memslot_updates']:,} memslot updates, "
             f"lost events {totals['lost']:,}" + (f" (kept the newest {keep})" if keep is not None else ""))
+
+
+def _remove_recording(dfd: int, path: str, name: str) -> None:
+    """Delete the recording ``name`` of the rotation directory (``dfd``): rmtree relative to the
+    descriptor (Python 3.11+); before 3.11 by path (rmtree still never follows a link below it)."""
+    if sys.version_info >= (3, 11):
+        shutil.rmtree(name, ignore_errors=True, dir_fd=dfd)
+    else:
+        shutil.rmtree(os.path.join(path, name), ignore_errors=True)
 
 
 def read_index(path: str) -> dict:

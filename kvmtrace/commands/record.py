@@ -226,7 +226,8 @@ and everything after it is recorded. SIGINT/SIGTERM stop cleanly; with
 """,
 )
 @click.option("-o", "--output", "path", required=True, type=click.Path(),
-              help="recording directory to create (its parent must exist); with --rotate a directory of recordings")
+              help="recording directory to create (its parent must exist; an existing empty one must be yours and "
+                   "writable by nobody else); with --rotate a directory of recordings")
 @click.option("--duration", type=float, default=None, help="seconds to record (default: until Ctrl-C/SIGTERM)")
 @click.option("--interval", type=float, default=1.0, show_default=True,
               help=f"seconds per interval ({INTERVAL_RANGE[0]:g} to {INTERVAL_RANGE[1]:g})")
@@ -257,6 +258,10 @@ def record(path, duration, interval, events, label, pid, modes, self_cost, fmt, 
     Access(share_group)  # an unknown group is refused before anything is created
     if rotate is None or not _rotation_dir(path):  # --rotate continues its own directory
         check_output_path(path)
+    else:  # ... only if it is the invoking user's and nobody else may write to it
+        from ..output import check_existing_dir
+
+        check_existing_dir(path, "-o")
     modes_t = parse_modes(modes)
     from ..tracer.session import TraceSession
 

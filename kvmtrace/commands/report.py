@@ -25,7 +25,9 @@ Exit status:
 """,
 )
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
-@click.option("--csv", "csv_dir", type=click.Path(), default=None, help="write one CSV per table into this directory")
+@click.option("--csv", "csv_dir", type=click.Path(), default=None,
+              help="write one CSV per table into this directory (created 0750; an existing one must be yours "
+                   "and writable by nobody else)")
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON (schema: docs/report.schema.json)")
 @click.option("--html", "html_file", type=click.Path(), default=None, help="write a self-contained HTML page with plots")
 @click.option("--force", is_flag=True, help="replace existing --csv/--html files")

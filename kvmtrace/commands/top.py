@@ -19,7 +19,8 @@ SORTS = ("ops", "latency", "slots", "pid")
               help="stop after this many seconds (at least 0.1)")
 @click.option("-1", "--once", is_flag=True, help="trace one interval, print a plain table, exit")
 @click.option("-l", "--log", is_flag=True, help="one line per interval (totals over the shown VMs)")
-@click.option("--csv", "csv_path", metavar="FILE", default=None, help="append per-VM rows of every interval to FILE")
+@click.option("--csv", "csv_path", metavar="FILE", default=None,
+              help="append per-VM rows of every interval to FILE (new, or an earlier top --csv file of yours)")
 @click.option("-s", "--sort", type=click.Choice(SORTS), default="ops", show_default=True, help="row order")
 @click.option("-p", "--pid", "pids", type=click.IntRange(1), multiple=True, help="only this VMM process (repeatable)")
 @modes_option

@@ -8,10 +8,11 @@ from __future__ import annotations
 import csv
 import datetime
 import os
+import stat
 from typing import List, Mapping, Optional, Sequence
 
 from ..errors import DataFileError, UsageError
-from ..output import CsvWriter, check_new_file, shown
+from ..output import CsvWriter, check_new_file, open_append, shown
 from ..snapshot import Snapshot
 from ..fmt import plain_num
 from .model import ALL_CHANGES, ALL_OPS, OTHER_CHANGE, View, ViewOptions, VmRow, build_view
@@ -226,36 +227,31 @@ class CsvSink:
 
     def __init__(self, path: str):
         self.path = path
-        existing = self.check(path)
+        self.check(path)
+        try:  # O_EXCL|O_NOFOLLOW for a new file; an existing one: O_NOFOLLOW|O_APPEND, checked on the descriptor
+            fd, created = open_append(path, "--csv")
+        except DataFileError:
+            raise
+        except UsageError as e:
+            raise DataFileError(e.message, e.remedy) from None
         try:
-            self._f = open(path, "a", newline="")
-        except OSError as e:
-            raise DataFileError(f"cannot write --csv {shown(path)}: {e.strerror}",
-                                "check the path and its permissions") from None
+            existing = 0 if created else os.fstat(fd).st_size
+            if existing:
+                self._check_header(fd, path)  # the file appended to is the file checked
+            self._f = os.fdopen(fd, "a", newline="")
+        except BaseException:
+            os.close(fd)
+            raise
         self._w = CsvWriter(self._f)
         if not existing:
             self._w.header(csv_columns())
             self._f.flush()
 
     @staticmethod
-    def check(path: str) -> int:
-        """Before tracing starts: ``path`` is a new file in an existing directory, or an
-        earlier ``top --csv`` file (returns its size). Raises DataFileError/UsageError."""
-        if not os.path.lexists(path) or (os.path.isfile(path) and os.path.getsize(path) == 0):
-            if os.path.lexists(path):
-                return 0
-            try:
-                check_new_file(path, "--csv")
-            except DataFileError:
-                raise
-            except UsageError as e:
-                raise DataFileError(e.message, e.remedy) from None
-            return 0
-        if not os.path.isfile(path):
-            raise DataFileError(f"--csv {shown(path)} is not a regular file", "give --csv a new file name")
+    def _check_header(fd: int, path: str) -> None:
         try:
-            with open(path, newline="", encoding="utf-8", errors="strict") as f:
-                first = next(csv.reader(f), [])
+            head = os.pread(fd, 1 << 16, 0).split(b"\n", 1)[0].decode("utf-8", "strict")
+            first = next(csv.reader([head]), [])
         except (OSError, UnicodeDecodeError, csv.Error, ValueError) as e:
             raise DataFileError(f"--csv {shown(path)} is not a kvmtrace top CSV file ({getattr(e, 'strerror', None) or e})",
                                 "give --csv a new file name, or remove the file") from None
@@ -264,7 +260,40 @@ class CsvSink:
                 f"{shown(path)} is not a kvmtrace top CSV file (its header differs)",
                 "give --csv a new file name, or remove the file",
             )
-        return os.path.getsize(path)
+
+    @staticmethod
+    def check(path: str) -> int:
+        """Before tracing starts: ``path`` is a new file in an existing directory, or an
+        earlier ``top --csv`` file (returns its size): a regular file (not a link) that the
+        invoking user owns and nobody else may write. Raises DataFileError/UsageError."""
+        if not os.path.lexists(path):
+            try:
+                check_new_file(path, "--csv")
+            except DataFileError:
+                raise
+            except UsageError as e:
+                raise DataFileError(e.message, e.remedy) from None
+            return 0
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as e:
+            if os.path.islink(path):
+                raise DataFileError(f"--csv {shown(path)} is a symbolic link", "give --csv a new file name") from None
+            raise DataFileError(f"cannot read --csv {shown(path)}: {e.strerror}",
+                                "give --csv a new file name") from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise DataFileError(f"--csv {shown(path)} is not a regular file", "give --csv a new file name")
+            if st.st_uid != os.geteuid() or st.st_mode & 0o022 or st.st_nlink != 1:
+                raise DataFileError(f"--csv {shown(path)} is not yours alone (owner uid {st.st_uid}, mode "
+                                    f"{stat.S_IMODE(st.st_mode):04o}, {st.st_nlink} links): kvmtrace appends only to "
+                                    f"its own earlier top CSV file", "give --csv a new file name")
+            if st.st_size:
+                CsvSink._check_header(fd, path)
+            return st.st_size
+        finally:
+            os.close(fd)
 
     def write(self, cum: Snapshot, delta: Snapshot, plan, opts: ViewOptions) -> int:
         rows = csv_rows(cum, delta, plan, opts)

@@ -845,12 +845,6 @@ class Workload:
         return self.slot_bytes + GAP + self.slot_size
 
     def write_ground_truth(self, path: str) -> None:
-        data = json.dumps(self.ground_truth(), indent=1)
-        tmp = f"{path}.tmp{os.getpid()}"
-        try:
-            with open(tmp, "w") as f:
-                f.write(data)
-                f.write("\n")
-            os.replace(tmp, path)
-        except OSError as e:
-            raise UsageError(f"cannot write {path}: {e.strerror}", "choose a writable --json-out path") from None
+        from ..output import write_text  # O_EXCL|O_NOFOLLOW temporary file, renamed onto path
+
+        write_text(path, json.dumps(self.ground_truth(), indent=1) + "\n", "--json-out")
