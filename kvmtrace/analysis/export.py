@@ -12,17 +12,18 @@ from typing import Dict, List, Optional, Sequence
 import pandas as pd
 
 from .. import output
-from ..output import escape_cell
+from ..output import csv_text
 
 
 def safe_frame(df: pd.DataFrame) -> pd.DataFrame:
     """Copy of ``df`` whose text cells cannot be evaluated as formulas by a spreadsheet
-    (cells starting with = + - @ tab or CR get a leading quote). Numbers stay numbers."""
+    (cells starting with = + - @ tab or CR get a leading quote) and carry no control character
+    (output.csv_text). Numbers stay numbers."""
     out = df.copy()
     for c in out.columns:
         s = out[c]
         if s.dtype == object or pd.api.types.is_string_dtype(s.dtype) or isinstance(s.dtype, pd.CategoricalDtype):
-            out[c] = [escape_cell(v) if isinstance(v, str) else v for v in s.astype(object)]
+            out[c] = [csv_text(v) if isinstance(v, str) else v for v in s.astype(object)]
     return out
 
 
