@@ -2,7 +2,8 @@
 starts (the parent directory exists and is writable, the path is not a directory, an existing
 file is replaced only with ``--force``), the atomic write (a temporary file renamed into place,
 so a failure never leaves a half-written or emptied output), and the one CSV cell policy
-(text cells a spreadsheet would evaluate as formulas get a leading quote).
+(text cells a spreadsheet would evaluate as formulas get a leading quote; control characters
+in a user's CSV are made visible by text.printable).
 
 No write follows a link or goes into someone else's directory: files are created O_EXCL|
 O_NOFOLLOW relative to a directory descriptor, replaced only by a rename, and an existing output
@@ -22,6 +23,7 @@ import stat
 from typing import Iterable, List, Optional, Sequence, Tuple
 
 from .errors import UsageError
+from .text import printable
 
 # a spreadsheet evaluates a cell starting with one of these as a formula
 _DANGEROUS = ("=", "+", "-", "@", "\t", "\r")
@@ -42,6 +44,13 @@ def unescape_cell(s: str) -> str:
     return s
 
 
+def csv_text(s: str) -> str:
+    """A text cell of a CSV file for people (top --csv, report/compare/demo --csv): control
+    characters made visible (no raw ESC, BEL or newline in a cell: text.printable), then
+    spreadsheet-safe (escape_cell). Recordings keep their text whole: they use escape_cell."""
+    return escape_cell(printable(s))
+
+
 def csv_number(v: float) -> str:
     """A float as an exact CSV cell: "" for NaN, an integral value as an integer ("10255400",
     never "1.02554e+07"), anything else as ``repr`` (the shortest text that reads back as the
@@ -54,7 +63,7 @@ def csv_number(v: float) -> str:
 
 
 def csv_cell(v) -> str:
-    """One CSV cell: "" for None/NaN, 1/0 for booleans, numbers exact (``csv_number``), escaped text."""
+    """One CSV cell: "" for None/NaN, 1/0 for booleans, numbers exact (``csv_number``), text by csv_text."""
     if v is None:
         return ""
     if isinstance(v, bool):
@@ -62,7 +71,7 @@ def csv_cell(v) -> str:
     if isinstance(v, float):
         return csv_number(v)
     if isinstance(v, str):
-        return escape_cell(v)
+        return csv_text(v)
     return str(v)
 
 
@@ -85,9 +94,9 @@ class CsvWriter:
 
 
 def shown(path) -> str:
-    """A path as it can be printed on any terminal (undecodable bytes become U+FFFD)."""
-    p = os.fsdecode(path) if isinstance(path, bytes) else str(path)
-    return p.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    """A path as it can be printed on any terminal (text.printable: control characters and
+    undecodable bytes shown as escapes)."""
+    return printable(os.fsdecode(path) if isinstance(path, bytes) else path)
 
 
 def _parent(path: str) -> str:
@@ -448,7 +457,7 @@ def write_csv_rows(path: str, columns: Sequence[str], rows: Iterable[Iterable], 
 
 
 __all__: List[str] = [
-    "escape_cell", "unescape_cell", "csv_cell", "CsvWriter", "shown", "check_new_file", "check_new_dir",
+    "escape_cell", "unescape_cell", "csv_text", "csv_cell", "CsvWriter", "shown", "check_new_file", "check_new_dir",
     "make_dir", "AtomicFile", "write_text", "write_csv_rows", "check_dir_stat", "check_existing_dir", "open_dir",
     "open_parent", "create_file", "create_temp", "place", "appeared", "unlink_quiet", "open_append", "DIR_MODE",
 ]

@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 from typing import Optional, Sequence, Tuple
 
 from .consts import LOG2_BUCKETS
+from .text import display
 
 
 def log2_bucket(v: int) -> int:
@@ -107,8 +108,10 @@ class VmInfo:
     @property
     def label(self) -> str:
         """Human name telling VMs apart: guest name or comm, VMM pid and the per-process VM
-        ordinal, e.g. ``web1[4242]#2``; ``#?`` when the VM predates the trace."""
-        base = self.name or self.comm or "?"
+        ordinal, e.g. ``web1[4242]#2``; ``#?`` when the VM predates the trace. The name is
+        shown as data (text.display: control characters made visible, at most NAME_CAP cells);
+        ``name`` and ``comm`` keep it whole."""
+        base = display(self.name or self.comm or "?")
         n = f"#{self.ordinal}" if self.ordinal else "#?"
         return f"{base}[{self.pid}]{n}"
 

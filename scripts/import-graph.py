@@ -21,7 +21,7 @@ PKG = "kvmtrace"
 
 # Layers, lowest first. A part may import parts of its own layer or below, never above.
 LAYERS = [
-    ("base", {"consts", "errors", "__init__", "fmt", "output", "signals"}),
+    ("base", {"consts", "errors", "__init__", "fmt", "output", "signals", "text"}),
     ("model", {"snapshot"}),
     ("producers", {"tracer", "workload"}),
     ("consumers", {"analysis", "dashboard", "exporter"}),

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from .. import output
-from ..output import csv_cell, csv_number, escape_cell
+from ..output import csv_cell, csv_number, csv_text
 
 # columns in which a negative integer means "unknown / not applicable" (kvmtrace's tables keep
 # -1 there: bench_slots and compare's slots outside bench runs, memslot and vCPU counts not known)
@@ -55,8 +55,8 @@ def _cell(v, na_if_negative: bool, is_time: bool) -> str:
             return ""
         return iso_time(f) if is_time and math.isfinite(f) else csv_number(f)
     if isinstance(v, str):
-        return escape_cell(v)
-    return escape_cell(str(v))
+        return csv_text(v)
+    return csv_text(str(v))
 
 
 def _float_cells(v: np.ndarray, na_if_negative: bool) -> List[str]:

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from .. import __version__
+from ..text import display, printable
 from .report import MEMSLOTS_EVENTS, MEMSLOTS_INTERVAL_END, MEMSLOTS_KERNEL
 from .render import (
     LEGEND,
@@ -50,6 +51,8 @@ def _plt():
     import matplotlib
 
     matplotlib.use("Agg")
+    if "text.parse_math" in matplotlib.rcParams:  # a "$" in a recording's name is text, not TeX
+        matplotlib.rcParams["text.parse_math"] = False
     import matplotlib.pyplot as plt
 
     return plt
@@ -72,6 +75,12 @@ def _page(title: str, body: List[str]) -> str:
     )
 
 
+def _h(v) -> str:
+    """Text from outside in a page: control characters made visible (text.printable), then
+    HTML-escaped."""
+    return html.escape(printable(v))
+
+
 def _cls(h: str, left: Sequence[str]) -> str:
     return ' class="l"' if h in left else ""
 
@@ -85,7 +94,7 @@ def html_table(headers: List[str], rows: Iterable[Sequence[str]], left: Sequence
     out += [f"<th{_cls(h, left)}>{html.escape(h)}</th>" for h in headers]
     out.append("</tr></thead><tbody>")
     for r in rows:
-        out.append("<tr>" + "".join(f"<td{_cls(h, left)}>{html.escape(str(v))}</td>" for h, v in zip(headers, r)) + "</tr>")
+        out.append("<tr>" + "".join(f"<td{_cls(h, left)}>{_h(v)}</td>" for h, v in zip(headers, r)) + "</tr>")
     out.append("</tbody></table>")
     return "".join(out)
 
@@ -147,7 +156,7 @@ def latency_hist_plot(hist: pd.DataFrame, max_series: int = 12) -> str:
         idx = np.nonzero(c)[0]
         lo, hi = max(0, idx.min() - 1), min(len(c) - 1, idx.max() + 1)
         xs = np.arange(lo, hi + 1)
-        ax.step(xs, c[lo: hi + 1] / c.sum(), where="mid", label=f"{r['source']} {r['op']} ({r['lat_provenance']})")
+        ax.step(xs, c[lo: hi + 1] / c.sum(), where="mid", label=f"{display(r['source'])} {r['op']} ({r['lat_provenance']})")
         drawn += 1
     if not drawn:
         plt.close(fig)
@@ -174,7 +183,7 @@ def vs_memslots_plots(bym: pd.DataFrame, groups: Optional[dict] = None, max_seri
 
     def series(r) -> str:
         g = groups.get(r["source"])
-        return f"{g} {r['scenario']}: {r['op']}" if g else f"{r['source']}: {r['op']}"
+        return f"{display(g)} {display(r['scenario'])}: {r['op']}" if g else f"{display(r['source'])}: {r['op']}"
 
     d["series"] = [series(r) for _, r in d.iterrows()]
     d = d[d["memslots_max"] >= 0]
@@ -215,8 +224,8 @@ _MEMSLOTS_FROM = {MEMSLOTS_KERNEL: "at op (kernel)", MEMSLOTS_EVENTS: "at op (ev
 def _source_rows(src: pd.DataFrame) -> List[List[str]]:
     rows = []
     for _, r in src.iterrows():
-        rows.append([r["source"], r["host"], r["kernel"], fmt_time(r.get("start")), fmt_s(r["duration_s"]),
-                     fmt_num(r["intervals"]), r["status"], fmt_num(r["lost_events"]), fmt_num(r["map_full"]),
+        rows.append([r["source"], display(r["host"]), display(r["kernel"]), fmt_time(r.get("start")), fmt_s(r["duration_s"]),
+                     fmt_num(r["intervals"]), display(r["status"]), fmt_num(r["lost_events"]), fmt_num(r["map_full"]),
                      fmt_num(r["unattributed"]), "yes" if r["raw_events"] else "no"])
     return rows
 
@@ -226,7 +235,7 @@ def warnings_box(warnings) -> str:
     if not warnings:
         return ""
     n = len(warnings)
-    items = "".join(f"<li><b>{html.escape(w.source)}</b> [{html.escape(w.code)}]: {html.escape(w.text)}</li>"
+    items = "".join(f"<li><b>{_h(w.source)}</b> [{_h(w.code)}]: {_h(w.text)}</li>"
                     for w in warnings)
     return (f"<div class=\"warnings\" role=\"alert\"><h2>Warnings ({n})</h2><p>The inputs carry "
             f"{n} warning{'s' if n != 1 else ''}: the figures below are incomplete or unreliable where they "
@@ -285,7 +294,7 @@ def report_html(rep, title: str = "kvmtrace report") -> str:
     rows = []
     for _, r in h.iterrows() if not h.empty else []:
         rows.append(([r["source"]] if multi else []) + [
-            r["vm_label"], r["vm_id"], r["comm"] or "-", r["op"], fmt_num(r["rate_per_s"]), fmt_ns(r["lat_p90_ns"]), fmt_ns(r["lat_max_ns"]),
+            r["vm_label"], r["vm_id"], display(r["comm"] or "-"), r["op"], fmt_num(r["rate_per_s"]), fmt_ns(r["lat_p90_ns"]), fmt_ns(r["lat_max_ns"]),
             fmt_ns(r["lat_mean_ns"]), _src_mark(r["latency_source"]), fmt_num(r["slots_p99"]), fmt_num(r["slots_max"]),
             fmt_num(r["scanned_max"]), fmt_num(r["underived"]), f"{r['lat_provenance']}/{r['slots_provenance']}"])
     body.append("<h2>Details per VM and op</h2>" + html_table(
@@ -303,9 +312,9 @@ def _side_lines(before: Optional[dict], after: Optional[dict]) -> str:
         return ""
     out = []
     for side, d in (("before", before), ("after", after)):
-        out.append(f"<div class=\"side\"><b>{side}:</b> {html.escape(d['label'])} &middot; kernel "
-                   f"{html.escape(d['kernel'])} &middot; host {html.escape(d['host'])} &middot; attach "
-                   f"{html.escape(d['attach'])}</div>")
+        out.append(f"<div class=\"side\"><b>{side}:</b> {_h(display(d['label']))} &middot; kernel "
+                   f"{_h(display(d['kernel']))} &middot; host {_h(display(d['host']))} &middot; attach "
+                   f"{_h(display(d['attach']))}</div>")
     return "".join(out)
 
 
@@ -439,12 +448,12 @@ def compare_html(df: pd.DataFrame, before: Optional[dict] = None, after: Optiona
             ["scenario", "what"] + [f"{n} slots" for n in slots], mt, left=["scenario", "what"]))
         body.append(compare_vs_memslots_plot(df))
     body.append("<h2>Verdicts</h2><table><tbody>" + "".join(
-        f"<tr><td class=\"l {_verdict_class(v)}\">{html.escape(v)}</td></tr>" for v in df["verdict"]) + "</tbody></table>")
+        f"<tr><td class=\"l {_verdict_class(v)}\">{_h(v)}</td></tr>" for v in df["verdict"]) + "</tbody></table>")
     body.append(compare_ratio_plot(df))
     body.append(compare_hist_plot(df))
     tests = sorted({t for t in df["test"] if isinstance(t, str) and t})
     if tests:
-        body.append("<p class=\"note\">tests: " + html.escape("; ".join(tests)) + "</p>")
+        body.append("<p class=\"note\">tests: " + _h("; ".join(tests)) + "</p>")
     body.append("<p class=\"note\">ratio = after / before (&lt; 1 is faster). CI: order-statistic interval per side at "
                 "sqrt(0.95), combined into ratio bounds (&ge; 95 %). Verdicts: significant change, noise, same (&lt;2%), "
                 "? = not tested, n/c = not compared. Every value of either side is shown (\"509 -&gt; -\").</p>")

@@ -29,6 +29,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..errors import DataFileError
+from ..text import decoded as _text  # valid Unicode; every output makes it printable (text.py)
 
 _FILE = re.compile(r"^(?:([a-z_]+)/(part|journal)-(\d{6})\.(parquet|arrows)|([a-z_]+)\.csv)$")
 _TOTALS = ("hva_ops", "memslot_updates", "hva_events", "memslot_events")
@@ -46,10 +47,6 @@ _NONNEG = {
     "hva": ("count", "lat_count", "slots_count"),
     "memslot": ("count", "errors"),
 }
-
-
-def _text(s) -> str:
-    return str(s).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def _int(v, what: str, path: str, minimum: int = 0) -> int:
@@ -339,8 +336,9 @@ def _cut(arrow: Dict[str, pa.Table], n: int, pc) -> Dict[str, pa.Table]:
 
 
 def printable_names(rec) -> None:
-    """Names a report prints (source, path, label, host, warnings) made printable: a path or
-    label that is not UTF-8 shows U+FFFD instead of failing the report."""
+    """Names a report prints (source, path, label, host, warnings) made valid Unicode: a path or
+    label that is not UTF-8 shows U+FFFD instead of failing the report. The characters are kept
+    (JSON carries them); the text and HTML outputs escape them through text.py."""
     rec.source = _text(rec.source)
     rec.path = _text(rec.path)
     rec.warnings = [_text(w) for w in rec.warnings]

@@ -37,6 +37,7 @@ import pyarrow as pa
 from .. import __version__
 from .. import output
 from ..errors import KvmtraceError, UsageError
+from ..text import printable as _printable
 from . import tables as T
 from .recording import FORMAT, FORMAT_VERSION, META_FILE, escape_cell
 
@@ -47,10 +48,9 @@ SHARED = (0o750, 0o640)
 
 
 def printable(s) -> str:
-    """A path or label as text that can always be printed (undecodable bytes become U+FFFD)."""
-    if isinstance(s, bytes):
-        return s.decode("utf-8", "replace")
-    return str(s).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    """A path or label as text that can always be printed: undecodable bytes and control
+    characters shown as escapes (text.printable, the one policy)."""
+    return _printable(s)
 
 
 def _fsync_dir(fd: int) -> None:

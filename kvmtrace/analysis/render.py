@@ -11,6 +11,7 @@ from typing import List, Optional
 import pandas as pd
 
 from .. import fmt as _fmt
+from ..text import display, printable
 from .report import EVENT_SOURCE, HIST_SOURCE
 
 
@@ -67,6 +68,14 @@ def fmt_memslots(mx, final) -> str:
     return f"{fmt_count(mx)}/{fmt_count(final)}"
 
 
+def _cell(v):
+    """A table cell as rich Text: taken literally (a name is never parsed as markup), control
+    characters made visible (text.printable)."""
+    from rich.text import Text
+
+    return v if isinstance(v, Text) else Text(printable("-" if v is None else v))
+
+
 def _table(title: str, headers: List[str], rows: List[List[str]], caption: Optional[str] = None):
     from rich import box
     from rich.table import Table
@@ -77,7 +86,7 @@ def _table(title: str, headers: List[str], rows: List[List[str]], caption: Optio
         t.add_column(h, justify="left" if i < 1 or h in ("vm", "comm", "op", "change", "prov", "src", "verdict", "scenario", "source") else "right",
                      overflow="fold")
     for r in rows:
-        t.add_row(*r)
+        t.add_row(*(_cell(v) for v in r))
     return t
 
 
@@ -104,7 +113,7 @@ def _cost_line(r):
     else:
         bpf = f"in-kernel cost {r['bpf_stats']}"
     late = f"; {r['late_intervals']} late intervals (kvmtrace fell behind)" if r["late_intervals"] else ""
-    return Text(f"kvmtrace's own cost ({r['source']}): {bpf}; user space {pct(r['user_cpu_share'])} of a CPU{late}",
+    return Text(f"kvmtrace's own cost ({printable(r['source'])}): {bpf}; user space {pct(r['user_cpu_share'])} of a CPU{late}",
                 style="dim")
 
 
@@ -127,7 +136,7 @@ def warning_renderables(warnings) -> list:
     n = len(warnings)
     out = [Text(f"WARNING: the inputs carry {n} warning{'s' if n != 1 else ''}: the figures below are incomplete "
                 "or unreliable where they say", style="bold yellow")]
-    out += [Text(f"  {w.source}: [{w.code}] {w.text}", style="yellow") for w in warnings]
+    out += [Text(f"  {printable(w.source)}: [{w.code}] {printable(w.text)}", style="yellow") for w in warnings]
     return out
 
 
@@ -136,7 +145,7 @@ def report_renderables(rep) -> list:
     src = rep["sources"]
     rows = []
     for _, r in src.iterrows():
-        rows.append([r["source"], r["host"], r["kernel"], f"{r['duration_s']:.1f} s", str(r["intervals"]), r["status"],
+        rows.append([r["source"], display(r["host"]), display(r["kernel"]), f"{r['duration_s']:.1f} s", str(r["intervals"]), display(r["status"]),
                      fmt_num(r["lost_events"]), fmt_num(r["map_full"]), fmt_num(r["unattributed"]),
                      "yes" if r["raw_events"] else "no"])
     out.append(_table("Recordings", ["source", "host", "kernel", "duration", "intervals", "status", "lost events",
@@ -195,7 +204,7 @@ def report_renderables(rep) -> list:
     if multi and hh is not None and not hh.empty:
         rows = []
         for _, r in hh.iterrows():
-            rows.append(["all hosts" if r["host"] == "*" else r["host"], r["source"], r["op"], fmt_num(r["count"]),
+            rows.append(["all hosts" if r["host"] == "*" else display(r["host"]), r["source"], r["op"], fmt_num(r["count"]),
                          fmt_ns(r["lat_p50_ns"]), fmt_ns(r["lat_p90_ns"]), fmt_ns(r["lat_p99_ns"]), fmt_ns(r["lat_max_ns"]),
                          _src_mark(r["latency_source"]), fmt_num(r["slots_mean"]), fmt_num(r["scanned_mean"]),
                          f"{r['lat_provenance']}/{r['slots_provenance']}"])
@@ -241,7 +250,8 @@ def compare_header(before: dict, after: dict) -> list:
 
     out = []
     for side, d in (("before", before), ("after", after)):
-        out.append(Text(f"{side + ':':8}{d['label']}  kernel {d['kernel']}  host {d['host']}  attach {d['attach']}"))
+        out.append(Text(f"{side + ':':8}{display(d['label'])}  kernel {display(d['kernel'])}  host {display(d['host'])}"
+                        f"  attach {display(d['attach'])}"))
     return out
 
 
@@ -257,7 +267,7 @@ def _compact_table(title: str, headers: List[str], rows: List[List[str]], left: 
     for i, h in enumerate(headers):
         t.add_column(h, justify="left" if i < left else "right", overflow="fold")
     for r in rows:
-        t.add_row(*r)
+        t.add_row(*(_cell(v) for v in r))
     return Group(Text(title, style="italic"), t)  # the title on its own line: never cut to the table's width
 
 
@@ -309,10 +319,10 @@ def compare_renderables(df: pd.DataFrame, before: Optional[dict] = None, after: 
         out.append(_compact_table("before -> after (ratio = after / before, < 1 is faster; [95% CI] below it)",
                                   ["what", "count", "p50", "ratio", "p99", "ratio", "visited", "scanned"], rows))
     for v in df["verdict"]:
-        out.append(Text(v))
+        out.append(Text(printable(v)))
     tests = sorted({t for t in df["test"] if isinstance(t, str) and t})
     if tests:
-        out.append(Text("tests: " + "; ".join(tests), style="dim"))
+        out.append(Text("tests: " + printable("; ".join(tests)), style="dim"))
     out.append(Text("CI: order-statistic interval per side at sqrt(0.95), combined into ratio bounds (>= 95 %)", style="dim"))
     return out
 

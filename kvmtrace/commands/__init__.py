@@ -95,7 +95,10 @@ def run_click(command: click.Command, argv: Optional[Sequence[str]], prog_name: 
     try:
         command.main(args=None if argv is None else list(argv), prog_name=prog_name, standalone_mode=False)
     except KvmtraceError as e:
-        click.echo(f"kvmtrace: {e}", err=True)
+        from ..text import printable  # a name or path in a message is data: one line, no escapes
+
+        click.echo(f"kvmtrace: {printable(e.message)}" + (f"\n  fix: {printable(e.remedy)}" if e.remedy else ""),
+                   err=True)
         sys.exit(e.exit_code)
     except click.exceptions.Abort:
         click.echo("kvmtrace: aborted", err=True)

@@ -123,42 +123,50 @@ def _yn(v) -> str:
 
 def render(r: dict, console) -> None:
     from rich.table import Table
+    from rich.text import Text
+
+    from ..text import display, printable
 
     k = r["kernel"]
     facts = Table(show_header=False, box=None, pad_edge=False)
     facts.add_column("what", style="bold", no_wrap=True)
     facts.add_column("value", overflow="fold")
+
+    def fact(what: str, value: str) -> None:
+        # values carry host text (process names, paths, library messages): Text, never markup
+        facts.add_row(what, Text(printable(value)))
+
     caps = r["privileges"]["capabilities"]
     capstr = " ".join(f"{c}={'yes' if v else 'no'}" for c, v in caps.items())
-    facts.add_row("kernel", f"{k['release']} ({k['machine']})")
-    facts.add_row("privileges", f"{'root' if r['privileges']['root'] else 'euid ' + str(r['privileges']['euid'])}; {capstr}")
-    facts.add_row("lockdown", k["lockdown"] or "unknown")
+    fact("kernel", f"{k['release']} ({k['machine']})")
+    fact("privileges", f"{'root' if r['privileges']['root'] else 'euid ' + str(r['privileges']['euid'])}; {capstr}")
+    fact("lockdown", k["lockdown"] or "unknown")
     b = r["btf"]
-    facts.add_row("BTF", f"vmlinux {_yn(b['vmlinux'])}" + (
+    fact("BTF", f"vmlinux {_yn(b['vmlinux'])}" + (
         f"; modules: {', '.join(b['modules'])}" if b["modules"] else "")
         + (f" ({b['error']})" if b["error"] else ""))
-    facts.add_row("kprobes", f"{_yn(k['kprobes']['available'])}: {k['kprobes']['reason']}")
+    fact("kprobes", f"{_yn(k['kprobes']['available'])}: {k['kprobes']['reason']}")
     kvm = r["kvm"]
     if kvm["module"]:
-        facts.add_row("fentry", f"{_yn(k['module_fentry']['available'])} (module {kvm['module']}): "
-                      f"{k['module_fentry']['reason']}")
+        fact("fentry", f"{_yn(k['module_fentry']['available'])} (module {kvm['module']}): "
+             f"{k['module_fentry']['reason']}")
     else:
-        facts.add_row("fentry", f"{_yn(k['fentry']['available'])}: {k['fentry']['reason']}")
-    facts.add_row("ring buffer", f"{_yn(k['ringbuf']['available'])}: {k['ringbuf']['reason']}")
-    facts.add_row("tracefs", f"{k['tracefs']['path'] or '-'} ({k['tracefs']['state']})")
-    facts.add_row("tracepoints", ", ".join(k["tracepoints"]) or "none of interest")
+        fact("fentry", f"{_yn(k['fentry']['available'])}: {k['fentry']['reason']}")
+    fact("ring buffer", f"{_yn(k['ringbuf']['available'])}: {k['ringbuf']['reason']}")
+    fact("tracefs", f"{k['tracefs']['path'] or '-'} ({k['tracefs']['state']})")
+    fact("tracepoints", ", ".join(k["tracepoints"]) or "none of interest")
     bcc = r["bcc"]
-    facts.add_row("bcc", (bcc["version"] or f"missing ({bcc['error']})")
-                  + f"; headers: {bcc['headers']['kind']} ({bcc['headers']['detail']})")
+    fact("bcc", (bcc["version"] or f"missing ({bcc['error']})")
+         + f"; headers: {bcc['headers']['kind']} ({bcc['headers']['detail']})")
     ls = k["linear_scan"]
-    facts.add_row("memslot lookup", ("linear scan" if ls else "interval tree" if ls is False else "unknown")
-                  + f" ({k['linear_scan_reason']})")
+    fact("memslot lookup", ("linear scan" if ls else "interval tree" if ls is False else "unknown")
+         + f" ({k['linear_scan_reason']})")
     dk = kvm["dev_kvm"]
-    facts.add_row("KVM", ("MISSING: " if kvm["missing"] else "") + f"/dev/kvm {dk['detail']}; "
-                  + (f"module {kvm['module']}" if kvm["module"] else "built in" if kvm["built_in"] else "not loaded"))
+    fact("KVM", ("MISSING: " if kvm["missing"] else "") + f"/dev/kvm {dk['detail']}; "
+         + (f"module {kvm['module']}" if kvm["module"] else "built in" if kvm["built_in"] else "not loaded"))
     if r["vms"]:
         vmtxt = "; ".join(
-            f"pid {v['pid']} {v['comm']}" + (f" '{v['name']}'" if v["name"] else "")
+            f"pid {v['pid']} {display(v['comm'])}" + (f" '{display(v['name'])}'" if v["name"] else "")
             + f" ({v['vcpus']} vCPU{'s' if v['vcpus'] != 1 else ''}"
             + (f", {v['vm_fds']} VMs" if v["vm_fds"] > 1 else "") + ")"
             for v in r["vms"])
@@ -166,7 +174,7 @@ def render(r: dict, console) -> None:
         vmtxt = "none running"
     if r["vms_unreadable_processes"]:
         vmtxt += f" ({r['vms_unreadable_processes']} processes not readable)"
-    facts.add_row("VMs now", vmtxt)
+    fact("VMs now", vmtxt)
     console.print(facts)
     console.print()
 
@@ -178,25 +186,25 @@ def render(r: dict, console) -> None:
     t.add_column("slots", no_wrap=True)
     t.add_column("scanned", no_wrap=True)
     for p in r["plan"]:
-        t.add_row(p["op"], p["attach"], p["target"] or "-", p["latency"],
-                  p["slots"] + (" (change type)" if p["kind"] == "memslot" else ""), p["scanned"])
+        t.add_row(*(Text(printable(v)) for v in (p["op"], p["attach"], p["target"] or "-", p["latency"],
+                  p["slots"] + (" (change type)" if p["kind"] == "memslot" else ""), p["scanned"])))
     console.print(t)
     console.print("Skipped alternatives:")
     for p in r["plan"]:
         for s in p["skipped"]:
-            console.print(f"  {p['op']}: {s['alternative']} -- {s['reason']}", highlight=False)
+            console.print(Text(printable(f"  {p['op']}: {s['alternative']} -- {s['reason']}")))
         for n in p["notes"]:
-            console.print(f"  {p['op']}: note: {n}", highlight=False)
+            console.print(Text(printable(f"  {p['op']}: note: {n}")))
     if r["defines"]:
-        console.print("BTF defines: " + " ".join(f"{k}={v}" for k, v in r["defines"].items()), highlight=False)
+        console.print(Text(printable("BTF defines: " + " ".join(f"{k}={v}" for k, v in r["defines"].items()))))
     console.print()
     if r["problems"]:
         console.print("Problems:")
         for pr in r["problems"]:
-            console.print(f"  - {pr['problem']}", highlight=False)
-            console.print(f"    fix: {pr['fix']}", highlight=False)
+            console.print(Text(printable(f"  - {pr['problem']}")))
+            console.print(Text(printable(f"    fix: {pr['fix']}")))
     if r["ok"]:
-        console.print(f"OK: unmap can be traced ({r['plan'][0]['attach']}).", highlight=False)
+        console.print(Text(f"OK: unmap can be traced ({r['plan'][0]['attach']})."))
     else:
         console.print("NOT OK: the unmap op cannot be traced on this host (see problems).", highlight=False)
 

@@ -251,10 +251,11 @@ def record(path, duration, interval, events, label, pid, modes, self_cost, fmt, 
     interval being written. Ctrl-C or SIGTERM stops cleanly and keeps everything recorded.
     The recording verifies itself when read (docs/recording-guarantees.md)."""
     from ..analysis.recorder import Access, check_output_path, printable
+    from ..text import decoded
 
     rotate = parse_duration(rotate_text) if rotate_text is not None else None
     validate(duration, interval, pid, rotate, keep)
-    label = printable(label)
+    label = decoded(label)  # kept whole (valid Unicode); outputs escape it (text.py)
     Access(share_group)  # an unknown group is refused before anything is created
     if rotate is None or not _rotation_dir(path):  # --rotate continues its own directory
         check_output_path(path)

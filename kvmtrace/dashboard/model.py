@@ -14,6 +14,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from ..consts import Change, Op
 from ..snapshot import EMPTY, HvaStats, Log2Hist, MemslotStats, Snapshot, VmInfo
+from ..text import printable
 
 SORT_KEYS = ("ops", "latency", "slots", "pid")
 ALL_OPS = tuple(o.label for o in Op)
@@ -49,7 +50,7 @@ class ViewOptions:
         if self.pids:
             parts.append("pid=" + ",".join(str(p) for p in self.pids))
         if self.vms:
-            parts.append("vm=" + ",".join(self.vms))
+            parts.append("vm=" + ",".join(printable(v) for v in self.vms))
         if self.ops:
             parts.append("op=" + ",".join(self.ops))
         return " ".join(parts)

@@ -14,6 +14,7 @@ from typing import List, Mapping, Optional, Sequence
 from ..errors import DataFileError, UsageError
 from ..output import CsvWriter, check_new_file, open_append, shown
 from ..snapshot import Snapshot
+from ..text import display
 from ..fmt import plain_num
 from .model import ALL_CHANGES, ALL_OPS, OTHER_CHANGE, View, ViewOptions, VmRow, build_view
 from .view import attach_summary, cost_cells, cost_text, cpu_percent, late_text
@@ -24,7 +25,7 @@ def _ns(v: Optional[float]) -> str:
 
 
 def _name(r: VmRow) -> str:
-    name = (r.name or "?").replace(" ", "_")
+    name = display(r.name or "?").replace(" ", "_")  # visible escapes, capped: one awk field
     return name if r.alive else name + "(exited)"
 
 
@@ -70,7 +71,7 @@ def _align(rows: List[List[str]]) -> List[str]:
 def plain_header(cum: Snapshot, delta: Snapshot, meta: Mapping, plan, what: str) -> List[str]:
     cpu = cpu_percent(delta)
     return [
-        f"# kvmtrace top {what}: host {meta.get('host') or '?'} kernel {meta.get('kernel') or '?'}"
+        f"# kvmtrace top {what}: host {display(meta.get('host') or '?')} kernel {display(meta.get('kernel') or '?')}"
         f" interval_s {delta.elapsed_s:.3f} elapsed_s {cum.elapsed_s:.3f}",
         "# " + attach_summary(plan),
         f"# lost_events {delta.lost_events} map_full {delta.map_full} unattributed {delta.unattributed}"

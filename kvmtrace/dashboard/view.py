@@ -12,6 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ..snapshot import Log2Hist, Snapshot
+from ..text import display
 from ..fmt import fmt_count, fmt_duration, fmt_int, fmt_mean, fmt_ns, fmt_rate
 from .model import MIXED, View, ViewOptions, VmRow, build_view, panel_hists
 
@@ -84,8 +85,8 @@ def late_text(delta: Snapshot) -> str:
 
 
 def header_lines(cum: Snapshot, delta: Snapshot, meta: Mapping, plan, opts: ViewOptions, view: View) -> List[Text]:
-    host = meta.get("host") or "?"
-    kernel = meta.get("kernel") or "?"
+    host = display(meta.get("host") or "?")
+    kernel = display(meta.get("kernel") or "?")
     interval = opts.interval if opts.interval is not None else delta.elapsed_s
     l1 = Text()
     l1.append("kvmtrace top", style="bold")
@@ -136,11 +137,8 @@ def _memslots(r: VmRow) -> str:
 
 def _name(r: VmRow, width: int = 16) -> str:
     suffix = " (exited)" if not r.alive else ""
-    name = r.name
     room = max(1, width - len(suffix))
-    if len(name) > room:
-        name = name[: room - 1] + "…"
-    return name + suffix
+    return display(r.name, room) + suffix  # the VMM chose it: escapes made visible, cut to the room
 
 
 VM_MIN, VM_MAX = 6, 16
@@ -246,7 +244,7 @@ def vm_table(view: View, width: int = 1000) -> Table:
             t.add_column(header, justify=justify, no_wrap=True, min_width=_natural(c))
     n = len(view.rows)
     for i in range(len(cols[0][3])):
-        cells = [c[3][i] for c in cols]
+        cells = [Text(c[3][i]) for c in cols]  # Text: a name is never parsed as rich markup
         if i < n:
             t.add_row(*cells, style=None if view.rows[i].alive else "dim")
         else:
@@ -328,7 +326,7 @@ def panel(cum: Snapshot, view: View, ascii_bars: bool = False) -> Optional[Rende
     row = next(r for r in view.rows if r.vm_id == view.panel_vm)
     lat, lat_prov, slots, slots_prov, n = panel_hists(cum, view.panel_vm, view.ops)
     title = Text()
-    title.append(f"VM {row.pid} {row.name}", style="bold")
+    title.append(f"VM {row.pid} {display(row.name)}", style="bold")
     title.append(f" · since start: {n} ops ({','.join(view.ops)})")
     left = [f"latency ns ({lat_prov})"] + hist_lines(lat, bucket_label, ascii_bars)
     right = [f"slots visited ({slots_prov})"] + hist_lines(slots, bucket_label, ascii_bars)
@@ -405,8 +403,8 @@ def render_summary(cum: Snapshot, meta: Mapping, plan, opts: ViewOptions, width:
     head = Text()
     head.append("kvmtrace top summary", style="bold")
     head.append(
-        f" · {fmt_duration(cum.elapsed_s)} since start · host {meta.get('host') or '?'}"
-        f" · kernel {meta.get('kernel') or '?'}"
+        f" · {fmt_duration(cum.elapsed_s)} since start · host {display(meta.get('host') or '?')}"
+        f" · kernel {display(meta.get('kernel') or '?')}"
     )
     info = Text(
         f"lost events {cum.lost_events} · map full {cum.map_full} · unattributed ops {cum.unattributed}"

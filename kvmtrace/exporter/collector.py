@@ -18,6 +18,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence,
 
 from .. import __version__
 from ..snapshot import Log2Hist, Snapshot, VmInfo
+from ..text import display
 
 # Histogram geometry. The kernel's log2 bucket i holds the integer values 2**(i-1) .. 2**i - 1
 # (bucket 0: the value 0), so ``le = 2**i - 1`` is an exact upper bound of every value counted at
@@ -92,7 +93,9 @@ class VmGate:
             if v.vm_id in self.admitted:
                 continue
             if len(self.admitted) < self.max_vms:
-                self.admitted[v.vm_id] = (v.label, v.vm_id, str(v.pid), v.name)
+                # label values: prometheus_client escapes \\, " and newlines; the VMM-chosen name
+                # is also shown as data and capped (text.display), like every output
+                self.admitted[v.vm_id] = (v.label, v.vm_id, str(v.pid), display(v.name))
             else:
                 refused += 1
                 self.ever_refused.add(v.vm_id)
