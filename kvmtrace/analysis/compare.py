@@ -8,7 +8,9 @@ x metric) is decided from ONE figure per run, never from the raw events as indep
   for every operation, else the run's log2 histogram), mean slots visited, mean slots scanned per
   hva op, and the workload's time per iteration (the run's median of ``iter_times_s``);
 * the estimate is the ratio of geometric means over runs, after / before (< 1 is faster);
-* its interval is Welch's t interval (95 %) on the difference of the mean logs, exponentiated;
+* its interval is Welch's t interval on the difference of the mean logs, exponentiated; the
+  intervals of one comparison hold together at 95 % (Bonferroni: each row's at 1 - 0.05 / k for
+  the k rows both sides have), so an A/A comparison calls any row a change at most 5 % of the time;
 * ONE rule decides the verdict, with m = ``min_effect`` (default 5 %)::
 
       regression   the whole interval > 1 and the estimate > 1 + m
@@ -44,8 +46,8 @@ CONFIDENCE = 0.95
 MIN_EFFECT = 0.05  # changes smaller than 5 % count as "same"
 MIN_RUNS = 2  # per side: fewer and the run-to-run spread is unknown
 MAX_RUNS_ADVICE = 10_000
-METHOD = ("per-run figures; ratio of geometric means (after / before); Welch t interval (95%) on the log scale; "
-          "runs are the unit of replication")
+METHOD = ("per-run figures; ratio of geometric means (after / before); Welch t interval on the log scale, "
+          "simultaneous 95% over the rows (Bonferroni); runs are the unit of replication")
 VERDICTS = ("regression", "improvement", "same", "inconclusive")
 ITER_SOURCE = "workload JSON: per-run median of iter_times_s"
 
@@ -263,27 +265,33 @@ def decide(before: Sequence[float], after: Sequence[float], min_effect: float = 
 # ----------------------------------------------------------------------------- rounding
 
 
-def ratio_decimals(*xs: float) -> int:
-    """Decimals that give the smallest of ``xs`` three significant digits (at least 2)."""
-    pos = [x for x in xs if x is not None and math.isfinite(x) and x > 0]
-    if not pos:
+def ratio_decimals(x: float) -> int:
+    """Decimals that give ``x`` three significant digits (at least 2, at most 8)."""
+    if x is None or not math.isfinite(x) or x <= 0:
         return 2
-    return int(min(8, max(2, 2 - math.floor(math.log10(min(pos))))))
+    return int(min(8, max(2, 2 - math.floor(math.log10(x)))))
+
+
+def _ceil_text(x: float, dec: int) -> str:
+    """x rounded up: at ``dec`` decimals below 1000, else to 3 significant digits."""
+    if x < 1000:
+        return f"{math.ceil(x * 10 ** dec) / 10 ** dec:.{dec}f}"
+    f = 10 ** (math.floor(math.log10(x)) - 2)
+    return f"{math.ceil(x / f) * f:.3g}"
 
 
 def fmt_ratio_ci(ratio: float, lo: float, hi: float) -> Tuple[str, str]:
-    """("1.28x", "[1.21-1.35]"): the estimate rounded, the interval rounded outwards at the same
-    number of decimals, so the printed interval always contains the printed estimate."""
+    """("1.28x", "[1.21-1.35]"): the estimate to 3 significant digits, the interval rounded
+    outwards at the same decimals (a bound from 1000 up to 3 significant digits, rounded up), so
+    the printed interval always contains the printed estimate."""
     if ratio is None or not math.isfinite(ratio):
         return "-", ""
-    dec = ratio_decimals(ratio, lo, hi)
-    est = f"{ratio:.{dec}f}x"
+    dec = ratio_decimals(ratio)
+    est = f"{ratio:.{dec}f}x" if ratio < 1000 else f"{ratio:.3g}x"
     if lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi)):
         return est, ""
     f = 10 ** dec
-    lo_s = f"{math.floor(lo * f) / f:.{dec}f}"
-    hi_s = f"{math.ceil(hi * f) / f:.{dec}f}"
-    return est, f"[{lo_s}-{hi_s}]"
+    return est, f"[{math.floor(lo * f) / f:.{dec}f}-{_ceil_text(hi, dec)}]"
 
 
 # ----------------------------------------------------------------------------- the table
@@ -380,11 +388,23 @@ def verdict_line(row: dict) -> str:
     return line
 
 
+def family_confidence(k: int, conf: float = CONFIDENCE) -> float:
+    """Each of ``k`` rows' interval confidence so that all k hold together with ``conf``
+    (Bonferroni): an A/A comparison calls any row a change with probability <= 1 - conf."""
+    return 1 - (1 - conf) / max(1, k)
+
+
 def compare(before: Sequence[Recording], after: Sequence[Recording], min_effect: float = MIN_EFFECT) -> pd.DataFrame:
     """The comparison table (COLUMNS): one row per key of either side x metric, each with the
-    run-level ratio, its interval and one verdict (``decide``)."""
+    run-level ratio, its interval (simultaneous over the rows both sides have: Bonferroni) and
+    one verdict (``decide``)."""
     B, A = collect(before), collect(after)
     keys = sorted(set(B) | set(A), key=lambda k: (k[1], k[2], {"iteration": 0, "hva": 1, "memslot": 2}[k[0]], k[3], k[4]))
+    k_rows = 0
+    for key in set(B) & set(A):
+        raw = all(r.values is not None for r in B[key] + A[key])
+        k_rows += len(set(_metrics(key[0], key[4], B[key], raw)) & set(_metrics(key[0], key[4], A[key], raw)))
+    conf = family_confidence(k_rows)
     rows = []
     for key in keys:
         kind, scen, nslots, name, lprov = key
@@ -404,7 +424,7 @@ def compare(before: Sequence[Recording], after: Sequence[Recording], min_effect:
                 provs = [p for p in dict.fromkeys(r.slots_provenance for r in b + a) if p]
                 row["slots_provenance"] = " -> ".join(provs)
             if b and a:
-                dcs = decide(vb, va, min_effect)
+                dcs = decide(vb, va, min_effect, conf)
                 row.update(ratio=dcs.ratio, ci_lo=dcs.lo, ci_hi=dcs.hi, verdict=dcs.verdict, runs_needed=dcs.runs_needed,
                            note=dcs.note, spread_before=dcs.spread_before, spread_after=dcs.spread_after)
             else:
@@ -419,6 +439,8 @@ def compare(before: Sequence[Recording], after: Sequence[Recording], min_effect:
             rows.append(row)
     df = pd.DataFrame(rows, columns=COLUMNS)
     df.attrs["min_effect"] = min_effect
+    df.attrs["confidence"] = conf
+    df.attrs["rows_tested"] = k_rows
     # latency histograms per side and key, summed over runs, for plots (kept out of the table's columns)
     hists = []
     for side, sides in (("before", B), ("after", A)):
@@ -515,7 +537,9 @@ def to_json(df: pd.DataFrame, before: dict, after: dict, status: int, accept_war
             else int(r["runs_needed"]), "note": r["note"], "source": r["source"] or "", "line": r["line"],
         })
     return {"format": "kvmtrace-compare", "format_version": 1, "kvmtrace_version": __version__,
-            "method": METHOD, "confidence": CONFIDENCE, "min_effect": float(df.attrs.get("min_effect", MIN_EFFECT)),
+            "method": METHOD, "family_confidence": CONFIDENCE,
+            "confidence": float(df.attrs.get("confidence", CONFIDENCE)), "rows_tested": int(df.attrs.get("rows_tested", 0)),
+            "min_effect": float(df.attrs.get("min_effect", MIN_EFFECT)),
             "exit_status": status, "accept_warnings": bool(accept_warnings), "summary": summary(df),
             "sides": {"before": before, "after": after}, "rows": rows}
 

@@ -349,7 +349,7 @@ def compare_ratio_plot(df: pd.DataFrame) -> str:
     ax.set_yticks(y)
     ax.set_yticklabels(labels, fontsize=7)
     ax.set_xscale("log")
-    ax.set_xlabel("ratio after / before (log scale; < 1 is faster), 95% interval; dashed: minimum effect")
+    ax.set_xlabel("ratio after / before (log scale; < 1 is faster), simultaneous 95% intervals; dashed: minimum effect")
     ax.set_ylabel("row")
     ax.set_title("before -> after per row")
     return _fig_png(fig, "ratio per row")
@@ -408,7 +408,7 @@ def compare_html(df: pd.DataFrame, before: Optional[dict] = None, after: Optiona
         est, ci = fmt_ratio_ci(r["ratio"], r["ci_lo"], r["ci_hi"])
         rows.append([what, r["metric"], r["verdict"], f"{r['runs_before']} / {r['runs_after']}",
                      before_after(u(r["before"]), u(r["after"])), f"{est} {ci}".strip(), r["note"]])
-    heads = ["what", "metric", "verdict", "runs", "before -> after", "ratio [95% interval]", "note"]
+    heads = ["what", "metric", "verdict", "runs", "before -> after", "ratio [interval]", "note"]
     body.append("<h2>Before -&gt; after</h2>" + html_table(heads, rows, left=["what", "metric", "verdict", "note"]))
     if is_bench(df):
         slots, mrows = bench_matrix(df)
@@ -437,7 +437,8 @@ def compare_html(df: pd.DataFrame, before: Optional[dict] = None, after: Optiona
     body.append(compare_hist_plot(df))
     me = df.attrs.get("min_effect")
     body.append("<p class=\"note\">One figure per run and row; ratio = after / before of the geometric means over runs "
-                "(&lt; 1 is faster), with a Welch t interval (95%) on the log scale. Verdict: regression when the whole "
+                "(&lt; 1 is faster), with a Welch t interval on the log scale (the intervals of all rows hold together at 95%: "
+                "Bonferroni). Verdict: regression when the whole "
                 "interval is above 1 and the ratio above 1+m; improvement symmetric; same when the interval lies inside "
                 f"[1/(1+m), 1+m]; else inconclusive (m = {html.escape(f'{me:.3g}' if me else '?')}). "
                 "Every value of either side is shown (\"509 -&gt; -\"). See docs/analysis.md.</p>")

@@ -287,8 +287,8 @@ def compare_renderables(df: pd.DataFrame, before: Optional[dict] = None, after: 
             est, ci = fmt_ratio_ci(r["ratio"], r["ci_lo"], r["ci_hi"])
             rows.append([_compare_what(r), r["metric"], f"{r['runs_before']} / {r['runs_after']}",
                          before_after(u(r["before"]), u(r["after"])), est, ci, r["verdict"]])
-        out.append(_compact_table("before -> after (geometric means over runs; ratio = after / before, < 1 is faster, "
-                                  "[95% interval])", ["what", "metric", "runs", "before -> after", "ratio", "interval",
+        out.append(_compact_table("before -> after (geometric means over runs; ratio = after / before, < 1 is faster; "
+                                  "interval: simultaneous 95%)", ["what", "metric", "runs", "before -> after", "ratio", "interval",
                                                       "verdict"], rows, left=2))
     for _, r in df.iterrows():
         if r["verdict"] != "same":
@@ -299,8 +299,10 @@ def compare_renderables(df: pd.DataFrame, before: Optional[dict] = None, after: 
                     + (f"; minimum effect {min_effect:.3g}" if min_effect else "")))
     if status is not None:
         out.append(Text(f"exit status {status}: {EXIT_TEXT.get(status, '')}"))
-    out.append(Text("method: one figure per run; ratio of geometric means; Welch t 95% interval on logs; "
-                    "docs/analysis.md", style="dim"))
+    conf, k = df.attrs.get("confidence"), df.attrs.get("rows_tested")
+    out.append(Text("method: one figure per run; ratio of geometric means; Welch t interval on logs"
+                    + (f" at {conf:.4g} per row ({k} rows: 95% together)" if conf and k else "") + "; docs/analysis.md",
+                    style="dim"))
     return out
 
 
