@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from kvmtrace.analysis.bench import check_slots, new_index, parse_scenarios, parse_slots, save_index, seed_table
-from kvmtrace.analysis.compare import (MIN_EFFECT, compare, decide, exit_status, fmt_ratio_ci, runs_needed)
+from kvmtrace.analysis.compare import (HIST_FLOOR, MIN_EFFECT, compare, decide, exit_status, fmt_ratio_ci,
+                                       runs_needed)
 from kvmtrace.analysis.recording import read_inputs
 from kvmtrace.analysis.synth import SynthOp, SynthVm, record_synthetic, simulate
 from kvmtrace.cli import main
@@ -78,6 +79,17 @@ def test_decide_deterministic_counts_and_zeros():
     assert decide([0, 0], [0, 0]).verdict == "same"
     z = decide([0, 3], [2, 3])
     assert z.verdict == "inconclusive" and "0" in z.note
+
+
+def test_histogram_figures_never_make_a_zero_width_interval():
+    """One unmap per run read off a log2 histogram: every run lands on the same interpolated value,
+    so the runs agree exactly while the truth may move within the bucket (bench/compare_aa found
+    A/A 'regression, 2.00x [2.00-2.00]' this way)."""
+    exact = decide([3072.0] * 3, [6144.0] * 3)
+    assert exact.lo == exact.hi == exact.ratio  # exact figures (slots visited): the point is the truth
+    hist = decide([3072.0] * 3, [6144.0] * 3, floor=HIST_FLOOR, conf=1 - 0.05 / 8)
+    assert hist.lo < 1 < 2 < hist.hi and hist.verdict == "inconclusive" and hist.runs_needed > 3
+    assert hist.spread_before == 0  # the spread shown is the measured one
 
 
 def test_min_effect_moves_the_line():
@@ -219,8 +231,9 @@ def test_exit_status_each_verdict(tmp_path, capsys, monkeypatch):
     assert run_cli([b, side(tmp_path, "slow", 3000, runs=4, seed=2)], capsys, monkeypatch)[0] == 1
     assert run_cli([b, side(tmp_path, "fast", 1000, runs=4, seed=3)], capsys, monkeypatch)[0] == 0
     one = side(tmp_path, "one", 1000, runs=1, seed=4)
-    code, out, _ = run_cli([b, one], capsys, monkeypatch)
+    code, out, err = run_cli([b, one], capsys, monkeypatch)
     assert code == 3 and "exit status 3" in out
+    assert err == "kvmtrace: compare: no regression, some rows inconclusive (exit status 3)\n"
 
 
 def test_exit_status_precedence():

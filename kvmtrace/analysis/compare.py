@@ -8,7 +8,9 @@ x metric) is decided from ONE figure per run, never from the raw events as indep
   for every operation, else the run's log2 histogram), mean slots visited, mean slots scanned per
   hva op, and the workload's time per iteration (the run's median of ``iter_times_s``);
 * the estimate is the ratio of geometric means over runs, after / before (< 1 is faster);
-* its interval is Welch's t interval on the difference of the mean logs, exponentiated; the
+* its interval is Welch's t interval on the difference of the mean logs, exponentiated (a side
+  whose runs read exactly the same value off log2 histograms counts a run-to-run SD of
+  ln 2 / sqrt 12, one bucket's quantisation, not 0); the
   intervals of one comparison hold together at 95 % (Bonferroni: each row's at 1 - 0.05 / k for
   the k rows both sides have), so an A/A comparison calls any row a change at most 5 % of the time;
 * ONE rule decides the verdict, with m = ``min_effect`` (default 5 %)::
@@ -210,9 +212,15 @@ def runs_needed(d: float, s2: float, m: float, conf: float = CONFIDENCE) -> Opti
     return hi
 
 
+HIST_FLOOR = math.log(2) / math.sqrt(12)  # SD of a uniform error over one log2 bucket, on the log scale
+
+
 def decide(before: Sequence[float], after: Sequence[float], min_effect: float = MIN_EFFECT,
-           conf: float = CONFIDENCE) -> Decision:
-    """The rule of the module docstring on per-run figures of one row."""
+           conf: float = CONFIDENCE, floor: float = 0.0) -> Decision:
+    """The rule of the module docstring on per-run figures of one row. ``floor``: the run-to-run
+    SD (log scale) of a side whose runs agree exactly: HIST_FLOOR for figures read off log2
+    histograms, whose runs can agree to the bucket (one event per run always lands on the same
+    interpolated value) while the truth moves within it; 0 for exact figures."""
     b = np.array([x for x in before if x is not None and not math.isnan(x)], dtype=float)
     a = np.array([x for x in after if x is not None and not math.isnan(x)], dtype=float)
     m = math.log1p(min_effect)
@@ -234,12 +242,13 @@ def decide(before: Sequence[float], after: Sequence[float], min_effect: float = 
     va = float(la.var(ddof=1)) if len(la) > 1 else math.nan
     out.spread_before, out.spread_after = math.sqrt(vb) if vb == vb else math.nan, math.sqrt(va) if va == va else math.nan
     if len(b) < MIN_RUNS or len(a) < MIN_RUNS:
-        known = [v for v in (vb, va) if v == v]
+        known = [v or floor ** 2 for v in (vb, va) if v == v]
         n = runs_needed(d, max(known), m, conf) if known else None
         out.runs_needed = max(n, MIN_RUNS) if n else None
         out.note = f"fewer than {MIN_RUNS} runs on a side: run-to-run spread " + ("unknown; record 5 per side to start"
                                                                               if not known else "of one side only")
         return out
+    vb, va = vb or floor ** 2, va or floor ** 2  # runs that agree exactly: agree to the floor
     se2 = vb / len(b) + va / len(a)
     if se2 == 0:
         half = 0.0
@@ -424,7 +433,8 @@ def compare(before: Sequence[Recording], after: Sequence[Recording], min_effect:
                 provs = [p for p in dict.fromkeys(r.slots_provenance for r in b + a) if p]
                 row["slots_provenance"] = " -> ".join(provs)
             if b and a:
-                dcs = decide(vb, va, min_effect, conf)
+                floor = HIST_FLOOR if (src or src_a) == HIST_SOURCE else 0.0
+                dcs = decide(vb, va, min_effect, conf, floor)
                 row.update(ratio=dcs.ratio, ci_lo=dcs.lo, ci_hi=dcs.hi, verdict=dcs.verdict, runs_needed=dcs.runs_needed,
                            note=dcs.note, spread_before=dcs.spread_before, spread_after=dcs.spread_after)
             else:
@@ -507,7 +517,12 @@ def describe(recs: Sequence[Recording], path: str = "") -> dict:
         return ", ".join(vals) if vals else "?"
 
     bench = {r.bench.get("bench_dir") for r in recs if r.bench}
-    label = uniq([os.path.basename(os.path.normpath(d)) for d in sorted(bench)]) if bench else uniq(r.source for r in recs)
+    if bench:
+        label = uniq([os.path.basename(os.path.normpath(d)) for d in sorted(bench)])
+    elif path and len(recs) > 1:  # a directory of recordings: its name, not every run's
+        label = os.path.basename(os.path.normpath(path)) or path
+    else:
+        label = uniq(r.source for r in recs)
     warnings = [{"source": r.source, "path": r.path, "warning": str(w)} for r in recs for w in (r.warnings or [])]
     return {"label": label, "kernel": uniq(r.meta.get("kernel", "") for r in recs),
             "host": uniq(r.meta.get("host", "") for r in recs), "attach": uniq(_attach_modes(r.meta) for r in recs),

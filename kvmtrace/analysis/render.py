@@ -300,9 +300,9 @@ def compare_renderables(df: pd.DataFrame, before: Optional[dict] = None, after: 
     if status is not None:
         out.append(Text(f"exit status {status}: {EXIT_TEXT.get(status, '')}"))
     conf, k = df.attrs.get("confidence"), df.attrs.get("rows_tested")
-    out.append(Text("method: one figure per run; ratio of geometric means; Welch t interval on logs"
-                    + (f" at {conf:.4g} per row ({k} rows: 95% together)" if conf and k else "") + "; docs/analysis.md",
-                    style="dim"))
+    out.append(Text("method: per-run figures, ratio of geometric means, Welch t on logs"
+                    + (f" at {conf * 100:.3g}% per row ({k} rows, 95% together)" if conf and k else "")
+                    + "; docs/analysis.md", style="dim"))
     return out
 
 

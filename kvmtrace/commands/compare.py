@@ -34,7 +34,8 @@ Examples:
   kvmtrace compare bench-5.10 bench-6.1 --min-effect 10% --csv cmp.csv --html cmp.html
   kvmtrace compare before/ after/ --json > cmp.json; echo $?
 \b
-Verdict per row (ratio = after / before, 95% Welch t interval on the log scale, m = --min-effect):
+Verdict per row (ratio = after / before of the geometric means over runs; Welch t interval
+on the log scale, the rows' intervals simultaneous at 95%; m = --min-effect):
   regression    interval above 1 and ratio above 1+m
   improvement   interval below 1 and ratio below 1/(1+m)
   same          interval inside [1/(1+m), 1+m]
@@ -64,7 +65,7 @@ def compare(before, after, min_effect, accept_warnings, as_json, csv_file, html_
     """Compare BEFORE and AFTER run by run: per op and memslot change type (x scenario x memslot
     count for bench directories) the p50 and p99 latency, slots visited and scanned, and the
     workload's time per iteration, each as one figure per run; the ratio of geometric means with
-    its 95% interval and one verdict per row. Every warning of an input recording is shown per
+    its interval (all rows' intervals hold together at 95%) and one verdict per row. Every warning of an input recording is shown per
     side. A figure one side lacks shows as "509 -> -": nothing is hidden."""
     from ..analysis import export
     from ..analysis.compare import check_kinds, describe, exit_status, to_json
@@ -96,5 +97,8 @@ def compare(before, after, min_effect, accept_warnings, as_json, csv_file, html_
         click.echo(export.dumps(to_json(df, *sides, status, accept_warnings)))
     else:
         print_renderables(compare_renderables(df, *sides, status=status))
-    if status:
+    if status:  # one line on stderr too: with --json, stdout is the document
+        from ..analysis.render import EXIT_TEXT
+
+        click.echo(f"kvmtrace: compare: {EXIT_TEXT[status]} (exit status {status})", err=True)
         raise SystemExit(status)
