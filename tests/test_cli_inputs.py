@@ -124,7 +124,8 @@ def test_bench_timeout_is_not_ok(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(b, "workload_cmd", lambda slots, scen, it, out, size=None: [
         sys.executable, str(script), "--slots", str(slots), "--scenario", scen, "--json-out", out])
     d = tmp_path / "bench"
-    code, out, err = run_cli(["bench", "--slots", "10", "--scenario", "unmap", "-o", str(d), "--timeout", "0.3"], capsys)
+    code, out, err = run_cli(["bench", "--slots", "10", "--scenario", "unmap", "-o", str(d), "--timeout", "0.3",
+                              "--runs", "1"], capsys)
     assert code == 1 and "Traceback" not in err
     idx = json.load(open(d / "kvmtrace-bench.json"))
     assert idx["runs"] == [] and [r["status"] for r in idx["failed_runs"]] == ["timeout"]
