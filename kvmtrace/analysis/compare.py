@@ -362,18 +362,6 @@ def _center(vals: Sequence[float]) -> float:
     return float(v.mean())
 
 
-def _fmt_value(v: float, unit: str) -> str:
-    from .. import fmt as F
-
-    if v is None or not math.isfinite(v):
-        return "-"
-    if unit == "ns":
-        return F.fmt_ns(v, style="report").replace(" ", "")
-    if unit == "s":
-        return F.fmt_s(v, style="report").replace(" ", "")
-    return f"{v:.3g}"
-
-
 def verdict_line(row: dict) -> str:
     """One line per row: "unmap [unmap, 509 slots] p50: regression, 1.28x [1.21-1.35] after/before
     (5 vs 5 runs)"; an inconclusive row says why and how many runs would likely decide it."""
@@ -566,16 +554,13 @@ def is_bench(df: pd.DataFrame) -> bool:
     return bool((df["scenario"] != "").any() or (df["slots"] >= 0).any()) if not df.empty else False
 
 
-SHORT = {"regression": "regression", "improvement": "improvement", "same": "same", "inconclusive": "inconclusive"}
-
-
 def short_verdict(row) -> str:
     """A verdict for one cell: "regression 1.28x", "improvement 0.45x", "same", "inconclusive"."""
     v = row["verdict"] if isinstance(row, dict) else row.verdict
     if v in ("regression", "improvement"):
         r = row["ratio"] if isinstance(row, dict) else row.ratio
         return f"{v} {fmt_ratio_ci(r, math.nan, math.nan)[0]}"
-    return SHORT.get(v, str(v))
+    return str(v)
 
 
 def bench_matrix(df: pd.DataFrame) -> Tuple[List[int], List[dict]]:
