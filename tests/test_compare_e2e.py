@@ -1,8 +1,8 @@
 """compare on the real workload (root): an A/A comparison stays quiet, an A/B with a real
 difference gets the matching verdicts and exit status.
 
-Cost: 9 runs, each its own process and tracer start (BPF compile, ~7 s of CPU): about 1.5 minutes
-on a quiet 2-core host. The A/B difference is the workload's slot size: unmap-chunked over 64
+Cost: 9 runs, each its own process and tracer start (BPF compile, ~7 s of CPU): about 2 minutes
+of CPU in all (measured: 1m49 user + 10 s sys; 5 to 11 minutes wall on a host at load 13-20). The A/B difference is the workload's slot size: unmap-chunked over 64
 memslots of 2 MiB (each 2 MiB unmap visits 1 slot; 128 MiB to fault in per iteration) against
 64 memslots of 64 KiB (each 2 MiB unmap visits 32 slots; 4 MiB per iteration): slots visited per
 op is a regression, time per iteration an improvement, whatever the host's noise.
