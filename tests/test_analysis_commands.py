@@ -112,7 +112,8 @@ def test_bench_runs_gate_records_and_prints_table(tmp_path, capsys, fake_session
     monkeypatch.setenv("COLUMNS", "200")
     monkeypatch.setattr(fake_session, "until_stop", True)
     d = str(tmp_path / "bench")
-    code, out, err = run_cli(["bench", "--slots", "10,509", "--scenario", "unmap", "-o", d, "--iterations", "2"], capsys)
+    code, out, err = run_cli(["bench", "--slots", "10,509", "--scenario", "unmap", "-o", d, "--iterations", "2",
+                              "--runs", "1"], capsys)
     assert code == 0, err
     idx = json.load(open(os.path.join(d, "kvmtrace-bench.json")))
     assert [(r["scenario"], r["slots"], r["status"]) for r in idx["runs"]] == [("unmap", 10, "ok"), ("unmap", 509, "ok")]

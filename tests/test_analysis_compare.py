@@ -1,91 +1,326 @@
-"""compare and bench tables on synthetic data with known answers (no root)."""
+"""compare and bench tables on synthetic data with known answers (no root): run-level statistics,
+one verdict per row, exit status, --json and warnings."""
 
 from __future__ import annotations
 
+import json
 import math
-import re
 import os
+import re
+import shutil
 
 import numpy as np
 import pytest
 
-from kvmtrace.analysis.bench import check_slots, parse_scenarios, parse_slots, seed_table
-from kvmtrace.analysis.compare import compare, quantile_ci_hist, quantile_ci_values, verdict
+from kvmtrace.analysis.bench import check_slots, new_index, parse_scenarios, parse_slots, save_index, seed_table
+from kvmtrace.analysis.compare import (HIST_FLOOR, MIN_EFFECT, compare, decide, exit_status, fmt_ratio_ci,
+                                       runs_needed)
 from kvmtrace.analysis.recording import read_inputs
 from kvmtrace.analysis.synth import SynthOp, SynthVm, record_synthetic, simulate
 from kvmtrace.cli import main
 from kvmtrace.errors import UsageError
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures", "recordings")
+SCHEMA = os.path.join(os.path.dirname(__file__), "..", "docs", "compare.schema.json")
 
 
-def rec(tmp_path, name, median, events=True, seed=1, prov="exact"):
+def one_run(path, median, seed, events=True, prov="exact", change_median=None):
     vm = SynthVm("v", 10)
-    s, e = simulate([vm], [SynthOp("v", op="unmap", per_interval=400, lat_median_ns=median, lat_provenance=prov)],
-                    intervals=3, seed=seed, events=events)
-    return read_inputs([record_synthetic(str(tmp_path / name), s, e if events else None)])
+    ops = [SynthOp("v", op="unmap", per_interval=300, lat_median_ns=median, lat_provenance=prov)]
+    if change_median:
+        ops.append(SynthOp("v", change="move", per_interval=20, lat_median_ns=change_median))
+    s, e = simulate([vm], ops, intervals=2, seed=seed, events=events)
+    return record_synthetic(str(path), s, e if events else None)
 
 
-def test_known_speedup_raw_events(tmp_path):
-    df = compare(rec(tmp_path, "b", 2000, seed=1), rec(tmp_path, "a", 1000, seed=2))
-    r = df.iloc[0]
-    assert r["test"] == "Mann-Whitney U on raw event latencies (two-sided)"
-    assert r["n_before"] == r["n_after"] == 1200
-    assert r["median_ratio_ci_lo"] < 0.5 < r["median_ratio_ci_hi"] and r["median_ratio_ci_hi"] < 0.6
-    assert r["p_value"] < 1e-100
-    assert re.match(r"unmap: (1\.9\d|2\.0\d)x faster, significant \(p[=<]", r["verdict"]), r["verdict"]
+def side(tmp_path, name, median, runs, spread=0.01, seed=0, events=True, change_median=None):
+    """A directory of ``runs`` recordings, one per run; each run's medians drawn around ``median``
+    (and ``change_median`` for memslot moves) with a run-to-run spread (log SD) ``spread``."""
+    rng = np.random.default_rng(seed)
+    d = tmp_path / name
+    d.mkdir()
+    for k in range(runs):
+        f = math.exp(rng.normal(0, spread))
+        one_run(d / f"run{k}", median * f, seed * 1000 + k, events=events,
+                change_median=change_median * f if change_median else None)
+    return str(d)
 
 
-def test_same_distribution_is_noise(tmp_path):
-    df = compare(rec(tmp_path, "b", 2000, seed=1), rec(tmp_path, "a", 2000, seed=2))
-    r = df.iloc[0]
-    assert r["p_value"] > 0.05 and r["median_ratio_ci_lo"] < 1 < r["median_ratio_ci_hi"]
-    assert r["verdict"].startswith("unmap: noise (")
+def run_cli(args, capsys, monkeypatch, width=200):
+    monkeypatch.setenv("COLUMNS", str(width))
+    with pytest.raises(SystemExit) as e:
+        main(["compare"] + [str(a) for a in args])
+    out, err = capsys.readouterr()
+    return e.value.code, out, err
 
 
-def test_histogram_only_says_which_test(tmp_path):
-    df = compare(rec(tmp_path, "b", 4000, events=False), rec(tmp_path, "a", 1000, events=False, seed=3))
-    r = df.iloc[0]
-    assert r["test"].startswith("Mann-Whitney U on log2 bucket indices")
-    assert r["latency_source"] == "log2 histogram, linear interpolation within bucket"
-    assert "4.0" in r["verdict"] or "3.9" in r["verdict"] or "4.1" in r["verdict"]
-    assert "significant" in r["verdict"]
+# ----------------------------------------------------------------------------- the rule
+
+
+def test_decide_each_verdict():
+    assert decide([100, 102, 98, 101], [130, 128, 133, 131]).verdict == "regression"
+    assert decide([130, 128, 133, 131], [100, 102, 98, 101]).verdict == "improvement"
+    assert decide([100, 102, 98, 101], [100, 101, 99, 100]).verdict == "same"
+    wide = decide([100, 130, 80], [110, 140, 85])
+    assert wide.verdict == "inconclusive" and wide.lo < 1 < wide.hi and wide.runs_needed > 3
+    one = decide([100], [200])
+    assert one.verdict == "inconclusive" and math.isnan(one.lo) and "fewer than 2 runs" in one.note
+    # significant but below the minimum effect: "same" when the interval lies inside +-5 %
+    small = decide([100, 100.2, 99.8, 100.1, 99.9], [102, 102.2, 101.8, 102.1, 101.9])
+    assert small.lo > 1 and small.verdict == "same"
+    # beyond 1 but the estimate within the minimum effect and the interval reaching past it
+    edge = decide([100, 103, 97], [104, 107, 101])
+    assert edge.verdict == "inconclusive"
+
+
+def test_decide_deterministic_counts_and_zeros():
+    assert decide([509, 509], [10, 10]).verdict == "improvement"  # slots scanned, no spread
+    assert decide([1, 1, 1], [1, 1]).verdict == "same"
+    assert decide([0, 0], [0, 0]).verdict == "same"
+    z = decide([0, 3], [2, 3])
+    assert z.verdict == "inconclusive" and "0" in z.note
+
+
+def test_histogram_figures_never_make_a_zero_width_interval():
+    """One unmap per run read off a log2 histogram: every run lands on the same interpolated value,
+    so the runs agree exactly while the truth may move within the bucket (bench/compare_aa found
+    A/A 'regression, 2.00x [2.00-2.00]' this way)."""
+    exact = decide([3072.0] * 3, [6144.0] * 3)
+    assert exact.lo == exact.hi == exact.ratio  # exact figures (slots visited): the point is the truth
+    hist = decide([3072.0] * 3, [6144.0] * 3, floor=HIST_FLOOR, conf=1 - 0.05 / 8)
+    assert hist.lo < 1 < 2 < hist.hi and hist.verdict == "inconclusive" and hist.runs_needed > 3
+    assert hist.spread_before == 0  # the spread shown is the measured one
+
+
+def test_min_effect_moves_the_line():
+    b, a = [100, 101, 99, 100, 100], [108, 109, 107, 108, 108]
+    assert decide(b, a, min_effect=0.05).verdict == "regression"
+    assert decide(b, a, min_effect=0.10).verdict == "same"
+    assert MIN_EFFECT == 0.05
+
+
+def test_interval_contains_estimate_as_printed():
+    rng = np.random.default_rng(5)
+    for _ in range(500):
+        b = np.exp(rng.normal(0, rng.uniform(0.001, 0.5), rng.integers(2, 8))) * rng.uniform(0.01, 100)
+        a = b.mean() * np.exp(rng.normal(rng.normal(0, 0.3), rng.uniform(0.001, 0.5), rng.integers(2, 8)))
+        d = decide(list(b), list(a))
+        assert d.lo <= d.ratio <= d.hi
+        est, ci = fmt_ratio_ci(d.ratio, d.lo, d.hi)
+        lo, hi = (float(x) for x in ci[1:-1].split("-"))
+        assert lo <= float(est[:-1]) <= hi, (est, ci)
+    assert fmt_ratio_ci(1.2849, 1.2849, 1.2851) == ("1.28x", "[1.28-1.29]")
+
+
+def test_runs_needed_is_the_first_n_that_decides():
+    d, s2, m = math.log(1.12), 0.08 ** 2, math.log(1.05)
+    n = runs_needed(d, s2, m)
+    assert n is not None and n > 2
+    from scipy.stats import t
+
+    assert t.ppf(0.975, 2 * n - 2) * math.sqrt(2 * s2 / n) < d <= t.ppf(0.975, 2 * n - 4) * math.sqrt(2 * s2 / (n - 1))
+    # the advice holds: n runs per side with that spread and estimate decide the row
+    rng = np.random.default_rng(1)
+    z = rng.normal(0, 1, n)
+    z = (z - z.mean()) / z.std(ddof=1) * math.sqrt(s2)
+    assert decide(list(np.exp(z)), list(np.exp(z + d))).verdict == "regression"
+    assert decide(list(np.exp(z[:n - 1])), list(np.exp(z[:n - 1] + d))).verdict == "inconclusive"
+
+
+# ----------------------------------------------------------------------------- whole comparisons
+
+
+def test_runs_are_the_unit_not_events(tmp_path):
+    """Two runs that differ by 6 % in their medians: the old per-event test called a 1-run
+    comparison "significant (p<1e-300)"; with runs as the unit it is inconclusive."""
+    b = read_inputs([one_run(tmp_path / "b", 2000, seed=1)])
+    a = read_inputs([one_run(tmp_path / "a", 2120, seed=2)])
+    df = compare(b, a)
+    p50 = df[df.metric == "p50"].iloc[0]
+    assert p50["verdict"] == "inconclusive" and p50["runs_before"] == p50["runs_after"] == 1
+    assert "fewer than 2 runs" in p50["line"]
+
+
+def test_known_regression_and_aa_over_runs(tmp_path):
+    before = read_inputs([side(tmp_path, "b", 2000, runs=5, seed=1)])
+    slower = read_inputs([side(tmp_path, "a", 2600, runs=5, seed=2)])
+    same = read_inputs([side(tmp_path, "s", 2000, runs=5, seed=3)])
+    df = compare(before, slower)
+    p50 = df[df.metric == "p50"].iloc[0]
+    assert p50["verdict"] == "regression" and 1.2 < p50["ci_lo"] <= p50["ratio"] <= p50["ci_hi"] < 1.4
+    assert len(p50["values_before"]) == 5 and p50["n_before"] == 5 * 600
+    assert re.match(r"unmap p50: regression, 1\.\d\dx \[1\.\d\d-1\.\d\d\] after/before \(5 vs 5 runs\)$", p50["line"])
+    aa = compare(before, same)
+    assert not set(aa["verdict"]) & {"regression", "improvement"}, aa[["metric", "verdict", "ratio", "ci_lo", "ci_hi"]]
+    assert aa[aa.metric == "visited"]["verdict"].iloc[0] == "same"
+
+
+def test_memslot_change_rows_and_histogram_only(tmp_path):
+    b = read_inputs([side(tmp_path, "b", 2000, runs=4, seed=1, events=False, change_median=40_000)])
+    a = read_inputs([side(tmp_path, "a", 2000, runs=4, seed=2, events=False, change_median=20_000)])
+    df = compare(b, a)
+    mv = df[(df.kind == "memslot") & (df.metric == "p50")].iloc[0]
+    assert mv["op"] == "move" and mv["verdict"] == "improvement" and mv["source"].startswith("log2 histogram")
+    assert mv["line"].startswith("memslot move p50: improvement, 0.")
 
 
 def test_different_provenance_not_merged_nor_hidden(tmp_path):
-    df = compare(rec(tmp_path, "b", 2000), rec(tmp_path, "a", 1000, prov="syscall"))
-    assert len(df) == 2
-    assert all("not compared (provenance differs" in v for v in df["verdict"])
+    df = compare(read_inputs([one_run(tmp_path / "b", 2000, 1)]), read_inputs([one_run(tmp_path / "a", 1000, 2, prov="syscall")]))
+    assert set(df["lat_provenance"]) == {"exact", "syscall"}
+    assert all(v == "inconclusive" for v in df["verdict"])
+    assert all("not compared: provenance" in n for n in df["note"])
+    exact = df[(df.lat_provenance == "exact") & (df.metric == "p50")].iloc[0]
+    assert exact["before"] > 0 and math.isnan(exact["after"])  # one-sided rows keep their figures
 
 
-def test_bench_dirs_compare_per_scenario_and_slots():
-    df = compare(read_inputs([os.path.join(FIX, "bench-before")]), read_inputs([os.path.join(FIX, "bench-after")]))
-    per_run = {"move-inactive": ["iteration", "hva", "memslot"], "unmap": ["iteration", "hva"]}
-    assert list(zip(df["scenario"], df["slots"], df["kind"])) == [
-        (sc, n, k) for sc in ("move-inactive", "unmap") for n in (10, 509) for k in per_run[sc]]
-    u509 = df[(df.kind == "hva") & (df.slots == 509) & (df.scenario == "unmap")].iloc[0]
-    assert u509["scanned_mean_before"] == 509 and math.isnan(u509["scanned_mean_after"])
-    assert "faster, significant" in u509["verdict"]
-    assert u509["median_ratio"] == pytest.approx(800 / 1818, rel=0.15)
-    it = df[(df.kind == "iteration") & (df.slots == 509)].iloc[0]
-    assert it["verdict"].endswith("not tested (workload JSON has no per-iteration times)")
+def bench_side(tmp_path, name, slow, runs, seed, iter_spread=0.01):
+    """A bench directory: unmap at 10 and 500 memslots, ``runs`` runs each, iter_times_s listed."""
+    rng = np.random.default_rng(seed)
+    path = tmp_path / name
+    os.makedirs(path)
+    idx = new_index({"host": "synthetic", "kernel": "synthetic", "slots": [10, 500], "scenarios": ["unmap"], "iterations": 4})
+    for k in range(runs):
+        for nslots in (10, 500):
+            f = math.exp(rng.normal(0, 0.01))
+            med = (800 + slow * nslots) * f
+            s, _ = simulate([SynthVm("v", 7, memslots=nslots)], [SynthOp("v", op="unmap", per_interval=300, lat_median_ns=med)],
+                            intervals=2, seed=seed * 100 + k * 7 + nslots, events=False)
+            rel = f"runs/unmap-{nslots}-r{k + 1}/recording"
+            os.makedirs(path / os.path.dirname(rel))
+            record_synthetic(str(path / rel), s, None)
+            its = list(np.exp(rng.normal(math.log(med * 1e-5), iter_spread, 4)))
+            idx["runs"].append({"scenario": "unmap", "slots": nslots, "run": k + 1, "iterations": 4, "recording": rel,
+                                "status": "ok", "workload": {"iter_times_s": its, "iter_avg_s": float(np.mean(its)),
+                                                             "iter_best_s": float(min(its)), "iterations": 4}})
+    save_index(str(path), idx)
+    return str(path)
 
 
-def test_quantile_cis():
-    v = np.arange(1, 1001)
-    est, lo, hi = quantile_ci_values(v, 0.5)
-    assert est == 500.5 and lo < est < hi and hi - lo < 80
-    c = np.zeros(64, dtype=np.int64)
-    c[11] = 1000  # all values in [1024, 2048)
-    est, lo, hi = quantile_ci_hist(c, 0.5)
-    assert est == 1536.0 and 1024 <= lo < est < hi <= 2048
+def test_bench_runs_matrix_with_time_per_iteration(tmp_path, capsys, monkeypatch):
+    b = bench_side(tmp_path, "b", slow=2.0, runs=4, seed=1)
+    a = bench_side(tmp_path, "a", slow=0.0, runs=4, seed=2)
+    df = compare(read_inputs([b]), read_inputs([a]))
+    it = df[(df.kind == "iteration") & (df.slots == 500)].iloc[0]
+    assert it["runs_before"] == 4 and it["verdict"] == "improvement" and it["source"].endswith("iter_times_s")
+    u10 = df[(df.kind == "hva") & (df.slots == 10) & (df.metric == "p50")].iloc[0]
+    assert u10["verdict"] == "same" and u10["ratio"] == pytest.approx(800 / 820, rel=0.03)  # 2.4 % < 5 %
+    u500 = df[(df.kind == "hva") & (df.slots == 500) & (df.metric == "p50")].iloc[0]
+    assert u500["verdict"] == "improvement" and u500["ratio"] == pytest.approx(800 / 1800, rel=0.1)
+    code, out, _ = run_cli([b, a], capsys, monkeypatch, width=120)
+    assert code in (0, 3)
+    assert " unmap " in out and "500 slots" in out and "improvement 0.4" in out
+    assert max(len(ln) for ln in out.splitlines()) <= 120
 
 
-def test_verdict_lines():
-    assert verdict("unmap", 1 / 2.3, 1e-9) == "unmap: 2.30x faster, significant (p=1e-09)"
-    assert verdict("unmap", 1.5, 0.3) == "unmap: noise (1.50x slower, p=0.3)"
-    assert verdict("unmap", 1.01, 1e-5) == "unmap: 1.01x slower, significant but below 2% (negligible, p=1e-05)"
-    assert verdict("unmap", float("nan"), None) == "unmap: not compared (no latency on one side)"
+def test_bench_fixtures_with_one_run_are_inconclusive(capsys, monkeypatch):
+    """bench-before/after hold one run per configuration: the 2x at 509 slots is not a verdict."""
+    code, out, _ = run_cli([os.path.join(FIX, "bench-before"), os.path.join(FIX, "bench-after")], capsys, monkeypatch, 120)
+    assert code == 3
+    assert not re.search(r": (regression|improvement)|(regression|improvement) \d", out)
+    assert "unmap [unmap, 509 slots] p50: inconclusive, 0.451x after/before (1 vs 1 runs): fewer than 2 runs" in out
+    assert "0 regression, 0 improvement, 0 same, 24 inconclusive (rows)" in out
+    assert "exit status 3" in out
+    assert max(len(ln.rstrip()) for ln in out.splitlines()) <= 120
+
+
+# ----------------------------------------------------------------------------- exit status, --json, warnings
+
+
+def test_exit_status_each_verdict(tmp_path, capsys, monkeypatch):
+    b = side(tmp_path, "b", 2000, runs=4, seed=1)
+    assert run_cli([b, side(tmp_path, "slow", 3000, runs=4, seed=2)], capsys, monkeypatch)[0] == 1
+    assert run_cli([b, side(tmp_path, "fast", 1000, runs=4, seed=3)], capsys, monkeypatch)[0] == 0
+    one = side(tmp_path, "one", 1000, runs=1, seed=4)
+    code, out, err = run_cli([b, one], capsys, monkeypatch)
+    assert code == 3 and "exit status 3" in out
+    assert err == "kvmtrace: compare: no regression, some rows inconclusive (exit status 3)\n"
+
+
+def test_exit_status_precedence():
+    import pandas as pd
+
+    df = pd.DataFrame({"verdict": ["same", "inconclusive", "regression"]})
+    assert exit_status(df) == 1
+    assert exit_status(df, warnings=1) == 4
+    assert exit_status(df, warnings=1, accept_warnings=True) == 1
+    assert exit_status(df[:2]) == 3 and exit_status(df[:1]) == 0
+
+
+def test_recording_against_bench_dir_is_refused_in_one_line(tmp_path, capsys, monkeypatch):
+    code, out, err = run_cli([os.path.join(FIX, "basic"), os.path.join(FIX, "bench-after")], capsys, monkeypatch)
+    assert code == 2 and out == ""
+    assert err.splitlines()[0] == "kvmtrace: cannot compare recordings (before) with a bench directory (after)"
+    assert "fix:" in err and "Traceback" not in err
+
+
+def test_bad_min_effect_is_usage_error(tmp_path, capsys, monkeypatch):
+    code, _, err = run_cli([FIX + "/basic", FIX + "/basic", "--min-effect", "150%"], capsys, monkeypatch)
+    assert code == 2 and "--min-effect" in err and "fix:" in err
+
+
+def damaged(tmp_path, src, name):
+    """A copy of a recording whose recorder never finished (status still "recording")."""
+    dst = tmp_path / name
+    shutil.copytree(src, dst)
+    meta_path = dst / "kvmtrace-recording.json"
+    meta = json.loads(meta_path.read_text())
+    meta["status"] = "recording"
+    meta_path.write_text(json.dumps(meta))
+    return str(dst)
+
+
+def test_warnings_travel_and_exit_4(tmp_path, capsys, monkeypatch):
+    b = side(tmp_path, "b", 2000, runs=3, seed=1)
+    a = side(tmp_path, "a", 3000, runs=3, seed=2)
+    damaged(tmp_path, os.path.join(a, "run1"), "a/run9")
+    recs = read_inputs([a])
+    want = [w for r in recs for w in r.warnings]
+    assert want and any("recorder did not finish" in w for w in want)
+    code, out, _ = run_cli([b, a, "--html", tmp_path / "c.html"], capsys, monkeypatch)
+    assert code == 4
+    assert "WARNING after run9: " + want[0] in out
+    assert "recorder did not finish" in (tmp_path / "c.html").read_text()
+    code, out, _ = run_cli([b, a, "--accept-warnings"], capsys, monkeypatch)
+    assert code == 1 and "WARNING after run9" in out
+    code, out, _ = run_cli([b, a, "--json"], capsys, monkeypatch)
+    doc = json.loads(out)
+    assert code == 4 and doc["exit_status"] == 4
+    assert [w["warning"] for w in doc["sides"]["after"]["warnings"]] == want and doc["sides"]["before"]["warnings"] == []
+
+
+def test_json_shape_validates_against_schema(tmp_path, capsys, monkeypatch):
+    import jsonschema
+
+    schema = json.load(open(SCHEMA))
+    jsonschema.Draft202012Validator.check_schema(schema)
+    b = side(tmp_path, "b", 2000, runs=3, seed=1)
+    for other, want in ((side(tmp_path, "s", 3000, runs=3, seed=2), 1), (side(tmp_path, "o", 1000, runs=1, seed=3), 3)):
+        code, out, _ = run_cli([b, other, "--json", "--min-effect", "0.1"], capsys, monkeypatch)
+        doc = json.loads(out)
+        jsonschema.validate(doc, schema)
+        assert code == want == doc["exit_status"] and doc["min_effect"] == 0.1
+        assert sum(doc["summary"].values()) == len(doc["rows"])
+        for r in doc["rows"]:
+            if r["ci_lo"] is not None:
+                assert r["ci_lo"] <= r["ratio"] <= r["ci_hi"]
+    bench = [os.path.join(FIX, "bench-before"), os.path.join(FIX, "bench-after")]
+    code, out, _ = run_cli(bench + ["--json"], capsys, monkeypatch)
+    doc = json.loads(out)
+    jsonschema.validate(doc, schema)
+    assert code == 3 and {r["verdict"] for r in doc["rows"]} == {"inconclusive"}
+    assert {r["slots"] for r in doc["rows"]} == {10, 509}
+
+
+def test_compare_cli_csv_and_html(tmp_path, capsys, monkeypatch):
+    code, out, _ = run_cli([os.path.join(FIX, "bench-before"), os.path.join(FIX, "bench-after"),
+                            "--csv", tmp_path / "c.csv", "--html", tmp_path / "c.html"], capsys, monkeypatch)
+    assert code == 3
+    assert (tmp_path / "c.csv").read_text().startswith("kind,scenario,slots,op,lat_provenance,metric,")
+    page = (tmp_path / "c.html").read_text()
+    assert "data:image/png;base64," in page and "exit status 3" in page
+
+
+# ----------------------------------------------------------------------------- bench helpers
 
 
 def test_seed_table_from_bench_dir():
@@ -98,6 +333,8 @@ def test_seed_table_from_bench_dir():
 
 
 def test_bench_option_parsing_and_cap():
+    from kvmtrace.analysis.bench import run_dir_name
+
     assert parse_slots("10,30, 509") == [10, 30, 509]
     with pytest.raises(UsageError, match="comma-separated list"):
         parse_slots("10,x")
@@ -107,111 +344,19 @@ def test_bench_option_parsing_and_cap():
         check_slots([10, 509, 600], 509)
     assert str(e.value) == ("--slots 600: above this kernel's memslot limit (509, KVM_CAP_NR_MEMSLOTS)\n"
                             "  fix: use memslot counts up to 509")
+    assert [run_dir_name("unmap", 8, k) for k in range(3)] == ["unmap-8", "unmap-8-r2", "unmap-8-r3"]
 
 
-def test_compare_cli_csv_and_html(tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("COLUMNS", "220")
-    with pytest.raises(SystemExit) as e:
-        main(["compare", os.path.join(FIX, "bench-before"), os.path.join(FIX, "bench-after"),
-              "--csv", str(tmp_path / "c.csv"), "--html", str(tmp_path / "c.html")])
+def test_bench_runs_option_in_help_and_min_effect_default(capsys):
+    from kvmtrace.commands import compare as cc
+
+    assert cc.MIN_EFFECT == MIN_EFFECT
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
     out = capsys.readouterr().out
-    assert e.value.code == 0
-    assert "unmap [unmap, 509 slots]:" in out and "faster, significant" in out
-    assert (tmp_path / "c.csv").read_text().startswith("kind,scenario,slots,op,")
-    assert "data:image/png;base64," in (tmp_path / "c.html").read_text()
-
-
-def _compare_lines(args, capsys, monkeypatch):
-    monkeypatch.setenv("COLUMNS", "120")
-    monkeypatch.chdir(FIX)
-    with pytest.raises(SystemExit) as e:
-        main(["compare"] + args)
+    assert "--runs" in out and "[default: 5;" in out
+    with pytest.raises(SystemExit):
+        main(["compare", "--help"])
     out = capsys.readouterr().out
-    assert e.value.code == 0
-    lines = [ln.rstrip() for ln in out.splitlines()]
-    assert max(len(ln) for ln in lines) <= 120
-    return lines
-
-
-def test_compare_lines_at_120_columns_show_both_sides(capsys, monkeypatch):
-    # 5.10-like (scanned 509) against a recording without scanned: "509 -> -", never just "-";
-    # rows missing on one side keep the side that has them ("- -> 3.06µs")
-    lines = _compare_lines(["hist-only", "basic"], capsys, monkeypatch)
-    assert lines == [
-        "before: hist-only  kernel 5.10-synthetic  host synthetic  attach unknown",
-        "after:  basic  kernel 0.0.0-synthetic  host synthetic  attach unknown",
-        "before -> after (ratio = after / before, < 1 is faster; [95% CI] below it)",
-        "",
-        " what                  count               p50          ratio               p99          ratio  visited   scanned",
-        " ────────────────────────────────────────────────────────────────────────────────────────────────────────────────",
-        " age                 0 -> 28       - -> 3.06µs              -       - -> 5.13µs              -   - -> 2         -",
-        "   n/c",
-        " unmap            900 -> 260  22.1µs -> 1.15µs        0.0521x  60.1µs -> 3.65µs        0.0608x   1 -> 1  509 -> -",
-        "   19.20x faster                                [0.044-0.061]                    [0.047-0.073]",
-        " memslot create       0 -> 8       - -> 45.9µs              -       - -> 57.5µs              -        -         -",
-        "   n/c",
-        " memslot move         0 -> 4       - -> 1.71ms              -       - -> 2.66ms              -        -         -",
-        "   n/c",
-        "",
-        "age: not compared (no age in before)",
-        "unmap: 19.20x faster, significant (p=7.5e-158)",
-        "memslot create: not compared (no create in before)",
-        "memslot move: not compared (no move in before)",
-        "tests: Mann-Whitney U on log2 bucket indices (histograms only; ties corrected; two-sided)",
-        "CI: order-statistic interval per side at sqrt(0.95), combined into ratio bounds (>= 95 %)",
-    ]
-
-
-def test_compare_bench_dirs_prints_the_memslot_count_matrix(capsys, monkeypatch):
-    lines = _compare_lines(["bench-before", "bench-after"], capsys, monkeypatch)
-    # rows = scenario and what, columns = memslot counts, cells before -> after (synthetic 5.10-like
-    # linear scan against 6.1-like interval tree: scanned "509 -> -", the 509 column ~2x faster)
-    assert lines == [
-        'before: bench-before  kernel 5.10-synthetic  host synthetic  attach kprobe',
-        'after:  bench-after  kernel 6.1-synthetic  host synthetic  attach fentry',
-        'before -> after by scenario and memslot count (latency p50 / p99; time/iter = workload average)',
-        '',
-        ' scenario / what             10 slots         509 slots',
-        ' ──────────────────────────────────────────────────────',
-        ' move-inactive',
-        '   time/iter         6.61ms -> 6.45ms  14.7ms -> 6.45ms',
-        '                        1.02x faster?     2.27x faster?',
-        '   unmap p50         3.38µs -> 3.19µs  7.17µs -> 3.34µs',
-        '                                noise      2.15x faster',
-        '   unmap p99         8.03µs -> 7.95µs     16.1µs -> 8µs',
-        '   unmap visited               1 -> 1            1 -> 1',
-        '   unmap scanned              10 -> -          509 -> -',
-        '   memslot move p50  24.9µs -> 19.3µs  91.5µs -> 42.7µs',
-        '                         1.29x faster      2.14x faster',
-        '   memslot move p99  61.6µs -> 55.7µs   184µs -> 65.1µs',
-        ' unmap',
-        '   time/iter         6.61ms -> 6.45ms  14.7ms -> 6.45ms',
-        '                        1.02x faster?     2.27x faster?',
-        '   unmap p50           828ns -> 810ns   1.81µs -> 816ns',
-        '                         1.02x faster      2.22x faster',
-        '   unmap p99         2.02µs -> 1.99µs     4.07µs -> 2µs',
-        '   unmap visited               1 -> 1            1 -> 1',
-        '   unmap scanned              10 -> -          509 -> -',
-        '',
-        'verdict per cell: significant change, noise, same (<2%), ? = not tested, n/c = not compared',
-        'time/iter [move-inactive, 10 slots]: 1.02x faster, not tested (workload JSON has no per-iteration times)',
-        'unmap [move-inactive, 10 slots]: noise (1.06x faster, p=0.15)',
-        'memslot move [move-inactive, 10 slots]: 1.29x faster, significant (p=1e-05)',
-        'time/iter [move-inactive, 509 slots]: 2.27x faster, not tested (workload JSON has no per-iteration times)',
-        'unmap [move-inactive, 509 slots]: 2.15x faster, significant (p=2.1e-18)',
-        'memslot move [move-inactive, 509 slots]: 2.14x faster, significant (p=3.9e-19)',
-        'time/iter [unmap, 10 slots]: 1.02x faster, not tested (workload JSON has no per-iteration times)',
-        'unmap [unmap, 10 slots]: 1.02x faster, significant (p=0.017)',
-        'time/iter [unmap, 509 slots]: 2.27x faster, not tested (workload JSON has no per-iteration times)',
-        'unmap [unmap, 509 slots]: 2.22x faster, significant (p<1e-300)',
-        'tests: Mann-Whitney U on log2 bucket indices (histograms only; ties corrected; two-sided)',
-        'CI: order-statistic interval per side at sqrt(0.95), combined into ratio bounds (>= 95 %)',
-    ]
-
-
-def test_one_sided_rows_keep_their_figures(tmp_path):
-    df = compare(rec(tmp_path, "b", 2000), rec(tmp_path, "a", 1000, prov="syscall"))
-    exact = df[df.lat_provenance == "exact"].iloc[0]
-    sysc = df[df.lat_provenance == "syscall"].iloc[0]
-    assert exact["median_before"] > 0 and math.isnan(exact["median_after"]) and exact["slots_mean_before"] == 1
-    assert sysc["median_after"] > 0 and math.isnan(sysc["median_before"])
+    for code in ("0  no", "1  a regression", "2  bad input", "3  no regression", "4  an input"):
+        assert code in out

@@ -124,7 +124,8 @@ def test_bench_timeout_is_not_ok(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(b, "workload_cmd", lambda slots, scen, it, out, size=None: [
         sys.executable, str(script), "--slots", str(slots), "--scenario", scen, "--json-out", out])
     d = tmp_path / "bench"
-    code, out, err = run_cli(["bench", "--slots", "10", "--scenario", "unmap", "-o", str(d), "--timeout", "0.3"], capsys)
+    code, out, err = run_cli(["bench", "--slots", "10", "--scenario", "unmap", "-o", str(d), "--timeout", "0.3",
+                              "--runs", "1"], capsys)
     assert code == 1 and "Traceback" not in err
     idx = json.load(open(d / "kvmtrace-bench.json"))
     assert idx["runs"] == [] and [r["status"] for r in idx["failed_runs"]] == ["timeout"]
@@ -264,7 +265,7 @@ def test_compare_outputs_one_line_errors(tmp_path, capsys):
     one_line_error(code, err, "already exists")
     assert taken.read_text() == "keep"
     code, out, err = run_cli(["compare", before, after, "--csv", str(taken), "--force"], capsys)
-    assert code == 0, err
+    assert code == 3, err  # written; one run per configuration: inconclusive
     assert taken.read_text().splitlines()[0].count(",") > 3
 
 

@@ -5,8 +5,11 @@ A bench directory::
 
     DIR/kvmtrace-bench.json          index: format, version, host, kernel, runs (rewritten
                                      atomically after every finished run)
-    DIR/runs/<scenario>-<slots>/     one recording per run (see recording.py)
-    DIR/runs/<scenario>-<slots>/workload.json   the workload's ground-truth JSON
+    DIR/runs/<scenario>-<slots>[-r<k>]/            one recording per run (see recording.py); run 1
+                                                   has no -r suffix, runs 2.. of --runs have -r2...
+    DIR/runs/<scenario>-<slots>[-r<k>]/workload.json   the workload's ground-truth JSON
+
+Every run is its own process and recording: runs are the unit of replication of `compare`.
 """
 
 from __future__ import annotations
@@ -44,8 +47,10 @@ def parse_scenarios(text: str) -> List[str]:
     return out
 
 
-def run_dir_name(scenario: str, slots: int) -> str:
-    return f"{scenario}-{slots}"
+def run_dir_name(scenario: str, slots: int, run: int = 0) -> str:
+    """runs/<scenario>-<slots> for the first run (the layout of single-run bench directories),
+    runs/<scenario>-<slots>-r<run+1> for the others."""
+    return f"{scenario}-{slots}" + (f"-r{run + 1}" if run else "")
 
 
 def new_index(meta: dict) -> dict:

@@ -355,11 +355,6 @@ def quantiles_from_counts(v: np.ndarray, c: np.ndarray, qs: Sequence[float], per
     return _lerp(a.astype(np.int64), b.astype(np.int64), gamma)
 
 
-def order_stat(v: np.ndarray, c: np.ndarray, k: int):
-    """The k-th smallest (0-based) of the multiset; ``v`` sorted ascending."""
-    return v[int(np.searchsorted(np.cumsum(c), k, side="right"))]
-
-
 def stats(vc: pd.DataFrame, key: List[str], qs: Sequence[float] = QS) -> pd.DataFrame:
     """Exact statistics per ``key`` from value counts (columns key + v + c). Values < 0 are
     "unknown" and left out of n / percentiles / max / mean but counted in ``events``.
@@ -399,31 +394,3 @@ def stats(vc: pd.DataFrame, key: List[str], qs: Sequence[float] = QS) -> pd.Data
     for col in key:
         out[col] = out[col].astype("int64") if col in ("pid", "rec", "mb") else out[col].astype(str)
     return out.set_index(key)
-
-
-def mwu_pvalue(vx: np.ndarray, cx: np.ndarray, vy: np.ndarray, cy: np.ndarray) -> float:
-    """Two-sided Mann-Whitney U p-value (asymptotic, tie-corrected, continuity-corrected; scipy's
-    ``mannwhitneyu`` formulas) from value counts of two samples, without expanding them."""
-    from scipy.stats import norm
-
-    vals = np.union1d(vx, vy)
-    ax = np.zeros(len(vals), dtype=np.int64)
-    ay = np.zeros(len(vals), dtype=np.int64)
-    ax[np.searchsorted(vals, vx)] = cx
-    ay[np.searchsorted(vals, vy)] = cy
-    n1, n2 = int(ax.sum()), int(ay.sum())
-    t = ax + ay
-    before = np.cumsum(t) - t
-    mid = before + (t + 1) / 2.0  # average rank of each tie group
-    R1 = float(np.dot(ax.astype(np.float64), mid))
-    U1 = R1 - n1 * (n1 + 1) / 2
-    U2 = n1 * n2 - U1
-    U = max(U1, U2)
-    n = n1 + n2
-    tie = float(((t.astype(np.float64)) ** 3 - t).sum())
-    mu = n1 * n2 / 2
-    s = np.sqrt(n1 * n2 / 12 * ((n + 1) - tie / (n * (n - 1))))
-    if s == 0:
-        return 1.0
-    z = (U - mu - 0.5) / s
-    return float(min(1.0, 2 * norm.sf(z)))

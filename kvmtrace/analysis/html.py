@@ -23,12 +23,10 @@ from .render import (
     LEGEND,
     _src_mark,
     before_after,
-    fmt_ci,
     fmt_count,
     fmt_memslots,
     fmt_ns,
     fmt_num,
-    fmt_ratio,
     fmt_s,
 )
 
@@ -312,35 +310,36 @@ def _side_lines(before: Optional[dict], after: Optional[dict]) -> str:
         return ""
     out = []
     for side, d in (("before", before), ("after", after)):
-        out.append(f"<div class=\"side\"><b>{side}:</b> {_h(display(d['label']))} &middot; kernel "
+        runs = f" &middot; {int(d['runs'])} recording(s)" if "runs" in d else ""
+        out.append(f"<div class=\"side\"><b>{side}:</b> {_h(display(d['label']))}{runs} &middot; kernel "
                    f"{_h(display(d['kernel']))} &middot; host {_h(display(d['host']))} &middot; attach "
                    f"{_h(display(d['attach']))}</div>")
+    for side, d in (("before", before), ("after", after)):
+        for w in d.get("warnings") or ():
+            out.append(f"<div class=\"side bad\"><b>WARNING {side}</b> {_h(w['source'])}: "
+                       f"{_h(w['warning'])}</div>")
     return "".join(out)
 
 
 def _verdict_class(v: str) -> str:
-    if "faster" in v and "significant" in v and "negligible" not in v:
-        return "good"
-    if "slower" in v and "significant" in v and "negligible" not in v:
-        return "bad"
-    return ""
+    return {"improvement": "good", "regression": "bad"}.get(v, "")
 
 
 def compare_vs_memslots_plot(df: pd.DataFrame, max_series: int = 8) -> str:
     """Bench comparisons: p50 latency against memslot count, before (solid) and after (dashed)."""
-    d = df[(df["slots"] >= 0) & (df["kind"] != "iteration")]
+    d = df[(df["slots"] >= 0) & (df["kind"] != "iteration") & (df["metric"] == "p50")]
     if d.empty:
         return ""
     plt = _plt()
-    div, unit = _ns_axis(list(d["median_before"]) + list(d["median_after"]))
+    div, unit = _ns_axis(list(d["before"]) + list(d["after"]))
     fig, ax = plt.subplots(figsize=(9, 4))
     for i, ((scen, kind, op, lp), g) in enumerate(d.groupby(["scenario", "kind", "op", "lat_provenance"], sort=True)):
         if i >= max_series:
             break
         g = g.sort_values("slots")
         name = f"{scen} {'memslot ' if kind == 'memslot' else ''}{op}"
-        line = ax.plot(g["slots"], g["median_before"] / div, marker="o", label=f"{name} before")
-        ax.plot(g["slots"], g["median_after"] / div, marker="x", linestyle="--", color=line[0].get_color(),
+        line = ax.plot(g["slots"], g["before"] / div, marker="o", label=f"{name} before")
+        ax.plot(g["slots"], g["after"] / div, marker="x", linestyle="--", color=line[0].get_color(),
                 label=f"{name} after")
     ax.set_xscale("log")
     ax.set_xlabel("memslot count (log scale)")
@@ -351,23 +350,28 @@ def compare_vs_memslots_plot(df: pd.DataFrame, max_series: int = 8) -> str:
 
 
 def compare_ratio_plot(df: pd.DataFrame) -> str:
-    d = df[df["median_ratio"].notna()]
+    """Every row's ratio after / before with its 95% interval (log scale)."""
+    d = df[df["ratio"].notna() & (df["ratio"] > 0)]
     if d.empty:
         return ""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(9, max(2.5, 0.3 * len(d))))
-    labels = [f"{'memslot ' if r.kind == 'memslot' else ''}{r.op} {r.scenario} {f'{r.slots} slots' if r.slots >= 0 else ''}".strip()
-              for r in d.itertuples()]
+    labels = [f"{'memslot ' if r.kind == 'memslot' else ''}{r.op} {r.metric} {r.scenario} "
+              f"{f'{r.slots} slots' if r.slots >= 0 else ''}".strip() for r in d.itertuples()]
     y = np.arange(len(d))
-    lo = (d["median_ratio"] - d["median_ratio_ci_lo"]).clip(lower=0).fillna(0)
-    hi = (d["median_ratio_ci_hi"] - d["median_ratio"]).clip(lower=0).fillna(0)
-    ax.errorbar(d["median_ratio"], y, xerr=[lo, hi], fmt="o")
+    lo = (d["ratio"] - d["ci_lo"]).clip(lower=0).fillna(0)
+    hi = (d["ci_hi"] - d["ratio"]).clip(lower=0).fillna(0)
+    ax.errorbar(d["ratio"], y, xerr=[lo, hi], fmt="o")
     ax.axvline(1.0, color="grey", linestyle=":")
+    me = df.attrs.get("min_effect")
+    if me:
+        for x in (1 + me, 1 / (1 + me)):
+            ax.axvline(x, color="grey", linestyle="--", linewidth=0.7)
     ax.set_yticks(y)
     ax.set_yticklabels(labels, fontsize=7)
     ax.set_xscale("log")
-    ax.set_xlabel("p50 ratio after / before (log scale; < 1 is faster), 95% CI")
-    ax.set_ylabel("op / change type")
+    ax.set_xlabel("ratio after / before (log scale; < 1 is faster), simultaneous 95% intervals; dashed: minimum effect")
+    ax.set_ylabel("row")
     ax.set_title("before -> after per row")
     return _fig_png(fig, "ratio per row")
 
@@ -411,26 +415,22 @@ def compare_hist_plot(df: pd.DataFrame, max_series: int = 6) -> str:
 
 
 def compare_html(df: pd.DataFrame, before: Optional[dict] = None, after: Optional[dict] = None,
-                 title: str = "kvmtrace compare") -> str:
-    from .compare import bench_matrix, is_bench, short_verdict
+                 title: str = "kvmtrace compare", status: Optional[int] = None) -> str:
+    from .compare import bench_matrix, fmt_ratio_ci, is_bench, summary
+    from .render import EXIT_TEXT
 
     body = [_side_lines(before, after)]
     rows = []
     for _, r in df.iterrows():
-        u = fmt_s if r["unit"] == "s" else fmt_ns
+        u = fmt_s if r["unit"] == "s" else fmt_ns if r["unit"] == "ns" else fmt_num
         what = r["op"] if r["kind"] != "memslot" else f"memslot {r['op']}"
         if r["scenario"] or r["slots"] >= 0:
             what += f" [{r['scenario']}, {int(r['slots'])} slots]"
-        both = r["n_before"] > 0 and r["n_after"] > 0
-        rows.append([what, short_verdict(r["median_ratio"], r["p_value"], both),
-                     before_after(fmt_num(r["n_before"]), fmt_num(r["n_after"])),
-                     before_after(u(r["median_before"]), u(r["median_after"])),
-                     f"{fmt_ratio(r['median_ratio'])} {fmt_ci(r['median_ratio_ci_lo'], r['median_ratio_ci_hi'])}".strip(),
-                     before_after(u(r["p99_before"]), u(r["p99_after"])), fmt_ratio(r["p99_ratio"]),
-                     before_after(fmt_num(r["slots_mean_before"]), fmt_num(r["slots_mean_after"])),
-                     before_after(fmt_num(r["scanned_mean_before"]), fmt_num(r["scanned_mean_after"]))])
-    heads = ["what", "verdict", "count", "p50", "p50 ratio [95% CI]", "p99", "p99 ratio", "visited", "scanned"]
-    body.append("<h2>Before -&gt; after</h2>" + html_table(heads, rows, left=["what", "verdict"]))
+        est, ci = fmt_ratio_ci(r["ratio"], r["ci_lo"], r["ci_hi"])
+        rows.append([what, r["metric"], r["verdict"], f"{r['runs_before']} / {r['runs_after']}",
+                     before_after(u(r["before"]), u(r["after"])), f"{est} {ci}".strip(), r["note"]])
+    heads = ["what", "metric", "verdict", "runs", "before -> after", "ratio [interval]", "note"]
+    body.append("<h2>Before -&gt; after</h2>" + html_table(heads, rows, left=["what", "metric", "verdict", "note"]))
     if is_bench(df):
         slots, mrows = bench_matrix(df)
         mt = []
@@ -440,7 +440,7 @@ def compare_html(df: pd.DataFrame, before: Optional[dict] = None, after: Optiona
             for n in slots:
                 b, a = m["cells"][n]
                 c = before_after(f(b), f(a))
-                if m["verdicts"] and m["verdicts"][n]:
+                if m["verdicts"][n]:
                     c += f" ({m['verdicts'][n]})"
                 cells.append(c)
             mt.append([m["scenario"], m["what"]] + cells)
@@ -448,13 +448,19 @@ def compare_html(df: pd.DataFrame, before: Optional[dict] = None, after: Optiona
             ["scenario", "what"] + [f"{n} slots" for n in slots], mt, left=["scenario", "what"]))
         body.append(compare_vs_memslots_plot(df))
     body.append("<h2>Verdicts</h2><table><tbody>" + "".join(
-        f"<tr><td class=\"l {_verdict_class(v)}\">{_h(v)}</td></tr>" for v in df["verdict"]) + "</tbody></table>")
+        f"<tr><td class=\"l {_verdict_class(v)}\">{_h(line)}</td></tr>"
+        for v, line in zip(df["verdict"], df["line"])) + "</tbody></table>")
+    s = summary(df)
+    body.append("<p>" + html.escape(", ".join(f"{n} {v}" for v, n in s.items())) + " (rows)"
+                + (f"; exit status {status}: {html.escape(EXIT_TEXT.get(status, ''))}" if status is not None else "")
+                + "</p>")
     body.append(compare_ratio_plot(df))
     body.append(compare_hist_plot(df))
-    tests = sorted({t for t in df["test"] if isinstance(t, str) and t})
-    if tests:
-        body.append("<p class=\"note\">tests: " + _h("; ".join(tests)) + "</p>")
-    body.append("<p class=\"note\">ratio = after / before (&lt; 1 is faster). CI: order-statistic interval per side at "
-                "sqrt(0.95), combined into ratio bounds (&ge; 95 %). Verdicts: significant change, noise, same (&lt;2%), "
-                "? = not tested, n/c = not compared. Every value of either side is shown (\"509 -&gt; -\").</p>")
+    me = df.attrs.get("min_effect")
+    body.append("<p class=\"note\">One figure per run and row; ratio = after / before of the geometric means over runs "
+                "(&lt; 1 is faster), with a Welch t interval on the log scale (the intervals of all rows hold together at 95%: "
+                "Bonferroni). Verdict: regression when the whole "
+                "interval is above 1 and the ratio above 1+m; improvement symmetric; same when the interval lies inside "
+                f"[1/(1+m), 1+m]; else inconclusive (m = {html.escape(f'{me:.3g}' if me else '?')}). "
+                "Every value of either side is shown (\"509 -&gt; -\"). See docs/analysis.md.</p>")
     return _page(title, body)

@@ -42,11 +42,6 @@ def fmt_num(v, digits: int = 3) -> str:
     return f"{n:.{digits}g}"
 
 
-def fmt_ratio(v) -> str:
-    v = _num(v)
-    return "-" if v is None else f"{v:.3g}x"
-
-
 def _src_mark(src: str) -> str:
     if src == EVENT_SOURCE:
         return "ev"
@@ -237,21 +232,18 @@ def fmt_count_tight(v) -> str:
     return fmt_num(n)
 
 
-def fmt_ci(lo, hi) -> str:
-    """"[0.41-0.47]": a ratio's 95 % interval, compact (2 significant digits)."""
-    if _num(lo) is None or _num(hi) is None:
-        return ""
-    return f"[{_num(lo):.2g}-{_num(hi):.2g}]"
-
-
 def compare_header(before: dict, after: dict) -> list:
-    """One line per side naming the recording: label, kernel, host, attach mode."""
+    """One line per side naming it (label, kind and runs, kernel, host, attach mode), then every
+    warning of its recordings, one line each: nothing an input carries is dropped."""
     from rich.text import Text
 
     out = []
     for side, d in (("before", before), ("after", after)):
-        out.append(Text(f"{side + ':':8}{display(d['label'])}  kernel {display(d['kernel'])}  host {display(d['host'])}"
-                        f"  attach {display(d['attach'])}"))
+        runs = f"  {d['runs']} recording{'s' if d.get('runs') != 1 else ''}" if "runs" in d else ""
+        out.append(Text(f"{side + ':':8}{display(d['label'])}{runs}  kernel {display(d['kernel'])}  host {display(d['host'])}  attach {display(d['attach'])}"))
+    for side, d in (("before", before), ("after", after)):
+        for w in d.get("warnings") or ():
+            out.append(Text(f"WARNING {side} {printable(w['source'])}: {printable(w['warning'])}", style="bold red"))
     return out
 
 
@@ -275,13 +267,24 @@ def _unit(r):
     return fmt_s if r["unit"] == "s" else fmt_ns
 
 
-def compare_renderables(df: pd.DataFrame, before: Optional[dict] = None, after: Optional[dict] = None) -> list:
-    """Header naming both sides, then: for bench directories the matrix (rows = scenario and
-    what, columns = memslot counts, cells before -> after); otherwise one row per op / memslot
-    change type with absolute before -> after figures and the ratio; then the verdict lines."""
+def _compare_what(r) -> str:
+    return r["op"] if r["kind"] != "memslot" else f"memslot {r['op']}"
+
+
+EXIT_TEXT = {0: "no regression", 1: "regression beyond the minimum effect", 3: "no regression, some rows inconclusive",
+             4: "inputs carry warnings (pass --accept-warnings to compare them anyway)"}
+
+
+def compare_renderables(df: pd.DataFrame, before: Optional[dict] = None, after: Optional[dict] = None,
+                        status: Optional[int] = None) -> list:
+    """Header naming both sides (and their warnings), then: for bench directories the matrix
+    (rows = scenario and what, columns = memslot counts, cells before -> after with the verdict);
+    otherwise one row per op / memslot change type x metric with before -> after (geometric means
+    over runs), the ratio with its interval and the verdict; then one line per row that is not
+    "same", the summary and the exit status."""
     from rich.text import Text
 
-    from .compare import bench_matrix, is_bench
+    from .compare import bench_matrix, fmt_ratio_ci, is_bench, summary
 
     out = compare_header(before, after) if before and after else []
     if is_bench(df):
@@ -294,36 +297,33 @@ def compare_renderables(df: pd.DataFrame, before: Optional[dict] = None, after: 
                 rows.append([scen or "-"] + [""] * len(slots))
             f = (lambda v: fmt_s(v).replace(" ", "")) if m["unit"] == "s" else fmt_ns_tight if m["unit"] == "ns" else fmt_num
             rows.append(["  " + m["what"]] + [before_after(f(b), f(a)) for b, a in (m["cells"][n] for n in slots)])
-            if m["verdicts"]:
-                rows.append([""] + [m["verdicts"][n] for n in slots])
-        out.append(_compact_table("before -> after by scenario and memslot count (latency p50 / p99; time/iter = "
-                                  "workload average)", ["scenario / what"] + [f"{n} slots" for n in slots], rows))
-        out.append(Text("verdict per cell: significant change, noise, same (<2%), ? = not tested, n/c = not compared",
-                        style="dim"))
+            rows.append([""] + [m["verdicts"][n] for n in slots])
+        out.append(_compact_table("before -> after by scenario and memslot count (geometric means over runs; latency "
+                                  "p50 / p99 per run; time/iter = per-run median)",
+                                  ["scenario / what"] + [f"{n} slots" for n in slots], rows))
     else:
-        from .compare import short_verdict
-
         rows = []
         for _, r in df.iterrows():
-            u = fmt_s if r["unit"] == "s" else fmt_ns_tight
-            what = r["op"] if r["kind"] != "memslot" else f"memslot {r['op']}"
-            rows.append([what, before_after(fmt_count_tight(r["n_before"]), fmt_count_tight(r["n_after"])),
-                         before_after(u(r["median_before"]), u(r["median_after"])), fmt_ratio(r["median_ratio"]),
-                         before_after(u(r["p99_before"]), u(r["p99_after"])), fmt_ratio(r["p99_ratio"]),
-                         before_after(fmt_num(r["slots_mean_before"]), fmt_num(r["slots_mean_after"])),
-                         before_after(fmt_num(r["scanned_mean_before"]), fmt_num(r["scanned_mean_after"]))])
-            both = r["n_before"] > 0 and r["n_after"] > 0
-            rows.append(["  " + short_verdict(r["median_ratio"], r["p_value"], both), "", "",
-                         fmt_ci(r["median_ratio_ci_lo"], r["median_ratio_ci_hi"]), "",
-                         fmt_ci(r["p99_ratio_ci_lo"], r["p99_ratio_ci_hi"]), "", ""])
-        out.append(_compact_table("before -> after (ratio = after / before, < 1 is faster; [95% CI] below it)",
-                                  ["what", "count", "p50", "ratio", "p99", "ratio", "visited", "scanned"], rows))
-    for v in df["verdict"]:
-        out.append(Text(printable(v)))
-    tests = sorted({t for t in df["test"] if isinstance(t, str) and t})
-    if tests:
-        out.append(Text("tests: " + printable("; ".join(tests)), style="dim"))
-    out.append(Text("CI: order-statistic interval per side at sqrt(0.95), combined into ratio bounds (>= 95 %)", style="dim"))
+            u = fmt_s if r["unit"] == "s" else fmt_ns_tight if r["unit"] == "ns" else fmt_num
+            est, ci = fmt_ratio_ci(r["ratio"], r["ci_lo"], r["ci_hi"])
+            rows.append([_compare_what(r), r["metric"], f"{r['runs_before']} / {r['runs_after']}",
+                         before_after(u(r["before"]), u(r["after"])), est, ci, r["verdict"]])
+        out.append(_compact_table("before -> after (geometric means over runs; ratio = after / before, < 1 is faster; "
+                                  "interval: simultaneous 95%)", ["what", "metric", "runs", "before -> after", "ratio", "interval",
+                                                      "verdict"], rows, left=2))
+    for _, r in df.iterrows():
+        if r["verdict"] != "same":
+            out.append(Text(printable(r["line"])))
+    s = summary(df)
+    min_effect = df.attrs.get("min_effect")
+    out.append(Text(", ".join(f"{n} {v}" for v, n in s.items()) + " (rows)"
+                    + (f"; minimum effect {min_effect:.3g}" if min_effect else "")))
+    if status is not None:
+        out.append(Text(f"exit status {status}: {EXIT_TEXT.get(status, '')}"))
+    conf, k = df.attrs.get("confidence"), df.attrs.get("rows_tested")
+    out.append(Text("method: per-run figures, ratio of geometric means, Welch t on logs"
+                    + (f" at {conf * 100:.3g}% per row ({k} rows, 95% together)" if conf and k else "")
+                    + "; docs/analysis.md", style="dim"))
     return out
 
 

@@ -40,7 +40,8 @@ def _tail(path: str, n: int = 5) -> str:
         return ""
 
 
-def run_one(directory, scenario, slots, iterations, interval, events, slot_size, timeout, flag, status, modes=None) -> dict:
+def run_one(directory, scenario, slots, iterations, interval, events, slot_size, timeout, flag, status, modes=None,
+            run: int = 0) -> dict:
     """One traced workload run; returns its index entry."""
     import json
 
@@ -49,7 +50,7 @@ def run_one(directory, scenario, slots, iterations, interval, events, slot_size,
     from ..tracer.session import TraceSession
     from .record import run_recording, session_meta
 
-    name = run_dir_name(scenario, slots)
+    name = run_dir_name(scenario, slots, run)
     rdir = os.path.join(directory, "runs", name)
     os.makedirs(os.path.dirname(rdir), exist_ok=True)
     rec_path = os.path.join(rdir, "recording")
@@ -60,7 +61,7 @@ def run_one(directory, scenario, slots, iterations, interval, events, slot_size,
     pkg_parent = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = pkg_parent + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     cmd = workload_cmd(slots, scenario, iterations, wl_json, slot_size)
-    entry = {"scenario": scenario, "slots": slots, "iterations": iterations, "recording": os.path.join("runs", name, "recording"),
+    entry = {"scenario": scenario, "slots": slots, "run": run + 1, "iterations": iterations, "recording": os.path.join("runs", name, "recording"),
              "workload_json": os.path.join("runs", name, "workload.json"), "command": cmd[1:], "status": "failed"}
     with open(log_path, "wb") as log:
         child = subprocess.Popen([sys.executable, "-c", GATE] + cmd, stdin=subprocess.PIPE, stdout=log,
@@ -81,7 +82,7 @@ def run_one(directory, scenario, slots, iterations, interval, events, slot_size,
 
             with TraceSession(pid=child.pid, interval=interval, events=events, modes=modes) as s:
                 meta = {k: v for k, v in session_meta(s, f"{scenario}/{slots}", child.pid, interval, events).items() if v is not None}
-                meta["bench"] = {"scenario": scenario, "slots": slots, "iterations": iterations}
+                meta["bench"] = {"scenario": scenario, "slots": slots, "iterations": iterations, "run": run + 1}
                 with Recorder(rec_path, meta=meta, events=events, plan=s.plan) as rec:
                     child.stdin.write(b"go\n")
                     child.stdin.close()
@@ -122,7 +123,11 @@ def run_one(directory, scenario, slots, iterations, interval, events, slot_size,
 Examples:
   kvmtrace bench -o bench-6.1                        # default slot counts and scenarios
   kvmtrace bench --slots 10,100,509 --scenario unmap,move-active -o b1
-  kvmtrace compare bench-5.10 bench-6.1              # then compare two kernels
+  kvmtrace bench --runs 1 -o quick                   # one run each: a look, compare says inconclusive
+  kvmtrace compare bench-5.10 bench-6.1              # then compare two kernels (exit status 0-4)
+\b
+Cost: every run is its own process and tracer start (BPF compile, ~7 s of CPU here) plus
+the workload: the defaults (25 configurations x 5 runs) take about 20-30 minutes.
 """,
 )
 @click.option("--slots", "slots_text", default="10,30,50,100,509", show_default=True, help="memslot counts, comma-separated")
@@ -132,16 +137,21 @@ Examples:
               help="bench directory to create (its parent must exist)")
 @click.option("--iterations", type=click.IntRange(1, 1_000_000), default=3, show_default=True,
               help="workload iterations per run")
+@click.option("--runs", type=click.IntRange(1, 1000), default=5, show_default=True,
+              help="runs per configuration, each its own process and recording (compare needs >= 2 per side; "
+                   "docs/analysis.md)")
 @click.option("--interval", type=INTERVAL, default=0.5, show_default=True, help="tracer interval, seconds (0.1 to 3600)")
 @click.option("--events", is_flag=True, help="record raw events too (exact percentiles and tests; more overhead)")
 @click.option("--slot-size", default=None, help="passed to the workload's --slot-size")
 @click.option("--timeout", type=TIMEOUT, default=900.0, show_default=True,
               help="seconds before a run is stopped (and marked timeout, not ok)")
 @modes_option
-def bench(slots_text, scen_text, directory, iterations, interval, events, slot_size, timeout, modes):
-    """Run the workload at each memslot count x scenario under the tracer, record every run into
-    DIR, and print the seed-style table (time per iteration, per-op latency, slots visited and
-    scanned). `kvmtrace compare DIR_BEFORE DIR_AFTER` compares two bench directories."""
+def bench(slots_text, scen_text, directory, iterations, runs, interval, events, slot_size, timeout, modes):
+    """Run the workload at each memslot count x scenario, --runs times each (every run its own
+    process under its own tracer start, recorded into DIR; the runs go round-robin over the
+    configurations so slow drift of the host spreads over all of them), and print the seed-style
+    table (time per iteration, per-op latency, slots visited and scanned; one row per run).
+    `kvmtrace compare DIR_BEFORE DIR_AFTER` compares two bench directories run by run."""
     from ..analysis.bench import check_slots, new_index, parse_scenarios, parse_slots, save_index, seed_table
     from ..analysis.recording import read_inputs
     from ..analysis.render import bench_renderables, print_renderables
@@ -167,32 +177,30 @@ def bench(slots_text, scen_text, directory, iterations, interval, events, slot_s
     check_slots(slots, kernel_max_memslots())
     make_dir(directory, "-o")
     idx = new_index({"host": os.uname().nodename, "kernel": os.uname().release, "slots": slots,
-                     "scenarios": scenarios, "iterations": iterations, "interval_s": interval, "raw_events": events})
+                     "scenarios": scenarios, "iterations": iterations, "runs_per_config": runs, "interval_s": interval,
+                     "raw_events": events})
     save_index(directory, {**idx, "runs": []})
     flag = threading.Event()
     status = StatusLine()
     failed = []
-    total = len(slots) * len(scenarios)
+    total = len(slots) * len(scenarios) * runs
     n = 0
     with stop_on_signals(flag):
-        for scenario in scenarios:
-            for nslots in slots:
-                if flag.is_set():
-                    break
-                n += 1
-                click.echo(f"[{n}/{total}] {scenario} with {nslots} memslots, {iterations} iterations", err=True)
-                try:
-                    entry = run_one(directory, scenario, nslots, iterations, interval, events, slot_size, timeout, flag, status,
-                                    modes=mode_list)
-                except KvmtraceError:
-                    raise
-                if entry["status"] == "ok":
-                    idx["runs"].append(entry)
-                else:
-                    failed.append(entry)
-                    idx.setdefault("failed_runs", []).append(entry)
-                    click.echo(f"  {entry['status']}: {entry.get('error', '')}", err=True)
-                save_index(directory, idx)
+        for run, scenario, nslots in ((k, sc, ns) for k in range(runs) for sc in scenarios for ns in slots):
+            if flag.is_set():
+                break
+            n += 1
+            click.echo(f"[{n}/{total}] {scenario} with {nslots} memslots, {iterations} iterations, run {run + 1}/{runs}",
+                       err=True)
+            entry = run_one(directory, scenario, nslots, iterations, interval, events, slot_size, timeout, flag, status,
+                            modes=mode_list, run=run)
+            if entry["status"] == "ok":
+                idx["runs"].append(entry)
+            else:
+                failed.append(entry)
+                idx.setdefault("failed_runs", []).append(entry)
+                click.echo(f"  {entry['status']}: {entry.get('error', '')}", err=True)
+            save_index(directory, idx)
     if idx["runs"]:
         print_renderables(bench_renderables(seed_table(read_inputs([directory]))))
     click.echo(f"bench output in {directory} ({len(idx['runs'])} runs ok, {len(failed)} not); "
