@@ -274,7 +274,9 @@ def test_top_summary_still_covers_vms_the_tracer_dropped():
             yield from ch.snaps()
 
     out = io.StringIO()
-    run_live(Session(), log=True, out=out, signals=False)
+    whole = run_live(Session(), log=True, out=out, signals=False)
+    # what it returns (demo compares it with the workload's truth) holds them too
+    assert whole.seq == 8 and len(whole.vms) == ch.vms_born_by(7)
     total = [line.split() for line in out.getvalue().splitlines() if line.split()[:1] == ["total"]]
     assert len(total) == 1 and int(total[0][1]) == ch.vms_born_by(7)  # every VM of the run
     # every unmap of every VM, over the 8 s: VMs that ended are done, the last ones are mid-life

@@ -161,7 +161,8 @@ def run_live(
     signals: bool = True,
 ) -> Optional[Snapshot]:
     """Show ``session`` (a TraceSession, already entered) until ``duration`` elapses, ``stop()``
-    is true, ``q`` or Ctrl-C; return the last cumulative snapshot (None if no interval completed).
+    is true, ``q`` or Ctrl-C; return the last cumulative snapshot (None if no interval completed)
+    with the VMs that ended during the run, whose final figures the tracer no longer reports.
 
     ``keys``: read keys (s/v/p/q) when stdin is a terminal (default: only in the live screen).
     ``out``: where to write (default sys.stdout); colour and cursor codes only on a terminal.
@@ -218,8 +219,9 @@ def _run_stream(session, duration, once, log, sink, plan, meta_of, opts, out, st
                 _emit(out, plain_table(snap, delta, meta_of(snap), plan, opts) + "\n")
     except KeyboardInterrupt:
         pass
-    _summary(out, _whole(last, gone), plan, meta_of, opts, logf)
-    return last
+    whole = _whole(last, gone)
+    _summary(out, whole, plan, meta_of, opts, logf)
+    return whole
 
 
 def _whole(last: Optional[Snapshot], gone: dict) -> Optional[Snapshot]:
@@ -298,5 +300,6 @@ def _run_screen(session, duration, sink, plan, meta_of, opts, out, want_keys, st
                 raise keys.error
     except KeyboardInterrupt:
         quit_.finish()
-    _summary(out, _whole(last, gone), plan, meta_of, replace(screen.opts, paused=False), console=console)
-    return last
+    whole = _whole(last, gone)
+    _summary(out, whole, plan, meta_of, replace(screen.opts, paused=False), console=console)
+    return whole

@@ -83,7 +83,7 @@ class VmGate:
     refused: int = 0
     dropped_total: int = 0
     expired_total: int = 0
-    _refused_ids: set = field(default_factory=set)
+    _refused_ids: set = field(default_factory=set, init=False, repr=False)  # refused at the last update
 
     def _expire(self, vm_id: str) -> None:
         self.expired.add(vm_id)
@@ -259,7 +259,8 @@ class Exporter:
         yield one(Counter, "kvmtrace_exporter_vms_dropped",
                   "distinct VMs ever left out because --max-vms series were taken", v.vms_dropped_total)
         yield one(Counter, "kvmtrace_exporter_vms_expired",
-                  "exported VMs whose series dropped out after exiting (--vm-grace over, or the place taken by a live VM)", v.vms_expired_total)
+                  "exported VMs whose series dropped out after exiting (--vm-grace over, or the place taken "
+                  "by a live VM)", v.vms_expired_total)
 
     def _hva_metrics(self, v: View, s: Snapshot, Counter, Histogram):
         names = list(VM_LABELS) + ["op", "provenance"]
