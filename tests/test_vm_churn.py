@@ -223,9 +223,17 @@ def test_exporter_dead_vm_in_grace_frees_its_place_only_for_a_live_vm():
     assert _exported(ex).get("vm:3:1") == 3
     kept = (set(ex.view.labels) - {"vm:3:1"}).pop()
     assert _exported(ex)[kept] == int(kept.split(":")[1])  # the other still shows its final figure
-    now[0] = 400
-    ex.update(snap(4, (3, True)))  # grace over: its place frees
-    assert set(ex.view.labels) == {"vm:3:1"} and ex.gate.expired_total == 2
+    ex.update(snap(4, (3, True), (4, True), (5, False)))  # 4 takes the last dead VM's place; 5 ended unseen
+    assert set(ex.view.labels) == {"vm:3:1", "vm:4:1"}
+    assert (ex.view.vms_refused, ex.view.vms_refused_exited) == (0, 1)
+    ex.update(snap(5, (3, True), (4, True), (6, True)))  # every place holds a live VM: 6 is refused
+    assert (ex.view.vms_refused, ex.view.vms_refused_exited, ex.view.vms_dropped_total) == (1, 0, 2)
+    now[0] = 30
+    ex.update(snap(6, (3, True), (4, False)))  # 4 ended: no one waits, it keeps its place
+    assert set(ex.view.labels) == {"vm:3:1", "vm:4:1"} and ex.gate.expired_total == 2
+    now[0] = 800
+    ex.update(snap(7, (3, True)))  # grace over: its place frees
+    assert set(ex.view.labels) == {"vm:3:1"} and ex.gate.expired_total == 3
 
 
 def test_exporter_gate_state_stays_bounded_under_churn():
@@ -405,6 +413,16 @@ while j < n or running:
 print(json.dumps({"vmms": out, "t0": time.time() - (time.monotonic() - t0), "t1": time.time()}))
 """
 
+# A VMM that stays: creates a VM, says its pid, and waits for its stdin to close
+LIVE_VMM = r"""
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+kvm = os.open("/dev/kvm", os.O_RDWR)
+assert libc.ioctl(kvm, 0xAE01, 0) >= 0
+print(os.getpid(), flush=True)
+sys.stdin.read()
+"""
+EXPORT_PLACES = 4  # the exporter's --max-vms under the churn: fewer places than live VMs at times
 CHURN_VMMS = 2000
 CHURN_PAR = 8  # VMs alive at once (the kernel keeps 16 slot tables: MAX_TABS)
 CHURN_RATE = 30.0  # VMMs a second at most (a pace a loaded 2-CPU host keeps): the churn spans 67 s
@@ -429,11 +447,23 @@ def test_record_under_real_vm_churn(tmp_path):
 
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     out = tmp_path / "churn"
-    rec = subprocess.Popen([sys.executable, "-m", "kvmtrace", "record", "-o", str(out), "--interval", "1"],
+    kt = [sys.executable, "-m", "kvmtrace"]
+    rec = subprocess.Popen(kt + ["record", "-o", str(out), "--interval", "1"],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=str(ROOT))
+    port = _free_port()
+    exp = subprocess.Popen(kt + ["exporter", "--listen", f"127.0.0.1:{port}", "--interval", "1",
+                                 "--max-vms", str(EXPORT_PLACES)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, cwd=str(ROOT))
+    scrapes, done = [], threading.Event()
+    scraper = threading.Thread(target=_scrape, args=(f"http://127.0.0.1:{port}/metrics", scrapes, done), daemon=True)
     try:
         line = rec.stderr.readline()
         assert line.startswith("kvmtrace: attached"), line + rec.stderr.read()
+        line = exp.stderr.readline()
+        while line and not line.startswith("kvmtrace exporter: serving"):
+            line = exp.stderr.readline()
+        assert line, "the exporter did not start: " + exp.stderr.read()
+        scraper.start()
         time.sleep(1.5)
         p = subprocess.run([sys.executable, "-S", "-I", "-c", CHURN, str(CHURN_VMMS), str(CHURN_PAR), str(CHURN_RATE)],
                            capture_output=True, text=True, timeout=900)
@@ -441,15 +471,28 @@ def test_record_under_real_vm_churn(tmp_path):
         truth = json.loads(p.stdout)
         if "skip" in truth:
             pytest.skip(truth["skip"])
+        # every place is held by a VM that just ended (inside --vm-grace): a live VM gets one
+        live = subprocess.Popen([sys.executable, "-S", "-I", "-c", LIVE_VMM], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True)
+        live_pid = int(live.stdout.readline())
+        t_live = time.time()
+        while time.time() < t_live + 20 and not any(str(live_pid) in x["alive_pids"] for x in scrapes[-3:]):
+            time.sleep(0.5)
+        live_seen = time.time() - t_live
+        live.stdin.close()
+        live.wait(timeout=30)
         time.sleep(3.5)  # the last VMs' deaths are read and written
     finally:
-        rec.send_signal(signal.SIGINT)
-        try:
-            rec.communicate(timeout=120)
-        except subprocess.TimeoutExpired:
-            rec.kill()
-            rec.communicate()
-    assert rec.returncode == 0
+        done.set()
+        for proc in (rec, exp):
+            proc.send_signal(signal.SIGINT)
+        for proc in (rec, exp):
+            try:
+                proc.communicate(timeout=120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate()
+    assert rec.returncode == 0 and exp.returncode == 0
     vmms = truth["vmms"]
     assert len(vmms) == CHURN_VMMS and all(v["status"] == v["asked"] for v in vmms), \
         [v for v in vmms if v["status"] != v["asked"]][:5]
@@ -517,3 +560,60 @@ def test_record_under_real_vm_churn(tmp_path):
         if have != want or vm_ids.get(pid) != 1 or int(creates.get(pid, 0)) != v["slots"]:
             bad.append((pid, want, have, vm_ids.get(pid), v["slots"], int(creates.get(pid, 0))))
     assert not bad, f"{len(bad)} VMs differ from their VMM (pid, want, have, vms, slots, creates): {bad[:5]}"
+
+    # the exporter: a VM is left out only while every place holds a live VM, and its CPU is flat
+    during = [x for x in scrapes if truth["t0"] <= x["t"] <= truth["t1"]]
+    assert len(during) >= 6, f"{len(scrapes)} scrapes"
+    refused = [x for x in during if x["refused"]]
+    held = [x for x in refused if x["dead_exported"]]
+    k = len(during) // 3
+    ecpu_f = (during[k]["cpu"] - during[0]["cpu"]) / (during[k]["t"] - during[0]["t"])
+    ecpu_l = (during[-1]["cpu"] - during[-1 - k]["cpu"]) / (during[-1]["t"] - during[-1 - k]["t"])
+    print(f"exporter (--max-vms {EXPORT_PLACES}): {len(during)} scrapes during the churn, {len(refused)} with a live "
+          f"VM left out, {len(held)} of them with a dead VM holding a place; "
+          f"{sum(1 for x in during if x.get('refused_exited'))} with exited VMs left out; exported VMs per scrape max "
+          f"{max(x['exported'] for x in during)}; CPU (share of a CPU) first third {ecpu_f:.3f}, last third "
+          f"{ecpu_l:.3f}")
+    before = [x for x in scrapes if x["t"] <= t_live]
+    print(f"a VMM started after the churn (places held by ended VMs: {before[-1]['dead_exported'] if before else '?'}"
+          f" of {EXPORT_PLACES}) had its series after {live_seen:.1f} s")
+    assert any(str(live_pid) in x["alive_pids"] for x in scrapes if x["t"] > t_live), "the live VM got no series"
+    assert not held, held[:3]
+    assert ecpu_l <= 3 * ecpu_f + 0.05, (ecpu_f, ecpu_l)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        return sk.getsockname()[1]
+
+
+def _scrape(url, scrapes, done):
+    """Scrape the exporter every half second: VMs exported and refused, exported VMs that are
+    dead, and the exporter process's CPU seconds."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    while not done.is_set():
+        try:
+            with urllib.request.urlopen(url, timeout=10) as r:
+                text = r.read().decode()
+        except OSError:
+            done.wait(0.5)
+            continue
+        x = {"t": time.time(), "refused": 0, "exported": 0, "dead_exported": 0, "cpu": 0.0, "alive_pids": set()}
+        for fam in text_string_to_metric_families(text):
+            for smp in fam.samples:
+                if smp.name == "kvmtrace_exporter_vms":
+                    x[smp.labels["state"]] = int(smp.value)  # exported, refused (live), refused_exited
+                elif smp.name == "kvmtrace_vm_alive" and smp.value == 0:
+                    x["dead_exported"] += 1
+                elif smp.name == "kvmtrace_vm_alive":
+                    x["alive_pids"].add(smp.labels["pid"])
+                elif smp.name == "process_cpu_seconds_total":
+                    x["cpu"] = smp.value
+        scrapes.append(x)
+        done.wait(0.5)

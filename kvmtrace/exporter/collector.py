@@ -67,8 +67,9 @@ class VmGate:
     - A VM that exited keeps its place ``grace_s`` seconds after it was last seen alive (so its
       final figures are scraped), then its series drop out and the place frees. A VM first
       seen after it exited gets a place only if one is free once every live VM has one.
-    - An expired VM does not come back. VMs refused now are counted (``refused``), and
-      ``dropped_total`` counts distinct VMs ever refused.
+    - An expired VM does not come back. VMs left out now are counted: ``refused`` live ones,
+      ``refused_exited`` ones that exited before they got a place; ``dropped_total`` counts
+      distinct VMs ever left out.
 
     Label values are fixed when a VM is admitted, so a VM keeps one set of series for its whole
     life. The state is bounded by the VMs of the latest update plus the places: ids the tracer
@@ -81,6 +82,7 @@ class VmGate:
     last_alive: Dict[str, float] = field(default_factory=dict)
     expired: set = field(default_factory=set)
     refused: int = 0
+    refused_exited: int = 0
     dropped_total: int = 0
     expired_total: int = 0
     _refused_ids: set = field(default_factory=set, init=False, repr=False)  # refused at the last update
@@ -120,7 +122,8 @@ class VmGate:
         self.last_alive = {k: t for k, t in last.items() if k not in self.expired}
         self.dropped_total += len(refused - self._refused_ids)
         self._refused_ids = refused
-        self.refused = len(refused)
+        self.refused = sum(1 for k in refused if present[k].alive)
+        self.refused_exited = len(refused) - self.refused
 
 
 @dataclass(frozen=True)
@@ -134,6 +137,7 @@ class View:
     vms_dropped_total: int
     vms_expired_total: int
     published_mono: float
+    vms_refused_exited: int = 0
 
 
 class Exporter:
@@ -166,7 +170,7 @@ class Exporter:
             g.update(merged.vms)
             self._kept = {k: f for k, f in self._kept.items() if k in g.admitted}
             self._view = View(merged, dict(g.admitted), len(g.admitted), g.refused, g.dropped_total,
-                              g.expired_total, time.monotonic())
+                              g.expired_total, time.monotonic(), g.refused_exited)
 
     @property
     def view(self) -> Optional[View]:
@@ -251,10 +255,12 @@ class Exporter:
                       "seconds BPF run-time statistics were on (sampled by default: the run figures count "
                       "runs in that time only; in-kernel share of a CPU = rate(run_seconds) / rate(this))",
                       c.on_seconds(s.elapsed_s))
-        vms = Gauge("kvmtrace_exporter_vms", "VMs the exporter gives series (exported) or leaves out now (refused: --max-vms)",
-                    labels=["state"])
+        vms = Gauge("kvmtrace_exporter_vms", "VMs the exporter gives series (exported) or leaves out now because "
+                    "--max-vms places are taken: live VMs (refused; every place holds a live VM), VMs that exited "
+                    "before they got a place (refused_exited)", labels=["state"])
         vms.add_metric(["exported"], v.vms_exported)
         vms.add_metric(["refused"], v.vms_refused)
+        vms.add_metric(["refused_exited"], v.vms_refused_exited)
         yield vms
         yield one(Counter, "kvmtrace_exporter_vms_dropped",
                   "distinct VMs ever left out because --max-vms series were taken", v.vms_dropped_total)
