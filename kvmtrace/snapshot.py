@@ -3,12 +3,20 @@
 
 A snapshot holds *cumulative* figures since the tracer attached; ``Snapshot.delta(prev)`` gives
 the figures of one interval. Every figure group carries its provenance ("exact", "syscall", "derived" or "none").
+
+VMs that ended (their VMM exited or closed the VM): cost must not grow with every VM the host
+ever ran, so a dead VM is carried only as long as its figures can still change. The tracer keeps
+it in its cumulative snapshots until it has read its final figures (tracepoint mode: the reading
+after the one that first saw it dead), then drops it. ``delta`` writes it in the interval in
+which it is first seen dead (``alive`` False, its last figures) and leaves it out of every later
+interval unless a figure of it still changed there (a late latency). Consumers that keep a dead
+VM longer (the exporter, for ``--vm-grace``) keep their own copy (``departed``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 from .consts import LOG2_BUCKETS
 from .text import display
@@ -273,12 +281,26 @@ class Snapshot:
 
     def delta(self, prev: Optional["Snapshot"]) -> "Snapshot":
         """The figures of the interval (prev, self]. Max fields stay cumulative maxima
-        (a max cannot be differenced); VM info is the current one."""
+        (a max cannot be differenced); VM info is the current one. A VM already dead in
+        ``prev`` (written in that interval, when it was first seen dead) is left out, its
+        VmInfo and its rows, unless a figure of it changed in this interval: the work and
+        the rows of an interval follow the live VMs and the VMs that died in it, never every
+        VM that ever ran."""
         if prev is None:
             return replace(self, is_delta=True)
         hva = _minus(self.hva, prev.hva, _HVA_SUMS)
         mem = _minus(self.memslot, prev.memslot, _MEMSLOT_SUMS)
         buckets = _minus(self.by_memslots, prev.by_memslots, _BUCKET_SUMS)
+        vms = self.vms
+        dead_before = {v.vm_id for v in prev.vms if not v.alive}
+        if dead_before:
+            gone = {v.vm_id for v in self.vms if v.vm_id in dead_before and not v.alive}
+            gone |= {r.vm_id for r in hva + mem + buckets if r.vm_id in dead_before} - {v.vm_id for v in self.vms}
+            gone -= {r.vm_id for rows, fields in ((hva, _HVA_MOVED), (mem, _MEMSLOT_MOVED), (buckets, _BUCKET_MOVED))
+                     for r in rows if r.vm_id in gone and any(getattr(r, f) for f in fields)}
+            if gone:
+                vms = tuple(v for v in vms if v.vm_id not in gone)
+                hva, mem, buckets = (tuple(r for r in rows if r.vm_id not in gone) for rows in (hva, mem, buckets))
         c, pc = self.cost, prev.cost
         before = {name: (ns, cnt) for name, ns, cnt in pc.per_prog}
         cost = replace(
@@ -292,6 +314,7 @@ class Snapshot:
         )
         return replace(
             self,
+            vms=vms,
             hva=hva,
             memslot=mem,
             by_memslots=buckets,
@@ -334,6 +357,10 @@ _HVA_SUMS = ("count", "lat_hist", "lat_count", "lat_sum_ns", "slots_hist", "slot
              "scanned_sum", "range_hist", "underived")
 _MEMSLOT_SUMS = ("count", "errors", "lat_hist", "lat_sum_ns")
 _BUCKET_SUMS = ("count", "lat_count", "lat_sum_ns", "slots_count", "slots_sum", "scanned_sum")
+# The fields of an interval's row that say it holds something (an op, a latency, an update)
+_HVA_MOVED = ("count", "lat_count", "slots_count", "underived")
+_MEMSLOT_MOVED = ("count", "errors")
+_BUCKET_MOVED = ("count", "lat_count")
 
 
 def _minus(cur, prev, fields) -> tuple:
@@ -354,6 +381,56 @@ def _minus(cur, prev, fields) -> tuple:
     return tuple(out)
 
 
+@dataclass(frozen=True)
+class VmFigures:
+    """One VM's cumulative figures out of a snapshot: its VmInfo and its rows."""
+
+    info: VmInfo
+    hva: Tuple[HvaStats, ...] = ()
+    memslot: Tuple[MemslotStats, ...] = ()
+    by_memslots: Tuple[MemslotBucketStats, ...] = ()
+
+
+def departed(prev: Optional[Snapshot], cur: Snapshot) -> Dict[str, VmFigures]:
+    """The VMs ``prev`` holds and ``cur`` no longer does (the tracer dropped them once their
+    final figures were read), with those figures from ``prev``, marked dead: what a consumer
+    that shows a VM after its end (the exporter's ``--vm-grace``) keeps itself. Work in
+    proportion to the two snapshots, never to the VMs that ever ran."""
+    if prev is None:
+        return {}
+    now = {v.vm_id for v in cur.vms}
+    now.update(r.vm_id for r in cur.hva)
+    now.update(r.vm_id for r in cur.memslot)
+    out: Dict[str, VmFigures] = {}
+    for v in prev.vms:
+        if v.vm_id not in now:
+            out[v.vm_id] = VmFigures(replace(v, alive=False, vcpus=None) if v.alive else v)
+    if not out:
+        return out
+    rows: Dict[str, dict] = {vm: {"hva": [], "memslot": [], "by_memslots": []} for vm in out}
+    for name in ("hva", "memslot", "by_memslots"):
+        for r in getattr(prev, name):
+            if r.vm_id in rows:
+                rows[r.vm_id][name].append(r)
+    return {vm: replace(f, **{k: tuple(x) for k, x in rows[vm].items()}) for vm, f in out.items()}
+
+
+def with_vms(snap: Snapshot, figures) -> Snapshot:
+    """``snap`` with the VMs of ``figures`` (VmFigures) it does not hold added: a cumulative
+    snapshot that still shows VMs the tracer has dropped."""
+    have = {v.vm_id for v in snap.vms}
+    extra = [f for f in figures if f.info.vm_id not in have]
+    if not extra:
+        return snap
+    return replace(
+        snap,
+        vms=snap.vms + tuple(f.info for f in extra),
+        hva=snap.hva + tuple(r for f in extra for r in f.hva),
+        memslot=snap.memslot + tuple(r for f in extra for r in f.memslot),
+        by_memslots=snap.by_memslots + tuple(r for f in extra for r in f.by_memslots),
+    )
+
+
 def mean(total: int, n: int) -> Optional[float]:
     return None if n <= 0 else total / n
 
@@ -366,6 +443,9 @@ __all__ = [
     "MemslotBucketStats",
     "SelfCost",
     "Snapshot",
+    "VmFigures",
+    "departed",
+    "with_vms",
     "log2_bucket",
     "mean",
     "EMPTY",

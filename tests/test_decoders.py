@@ -182,7 +182,7 @@ def test_tracepoint_raw_events_carry_kernel_figures_and_their_syscall_latency():
     assert (m.vm_id, m.change, m.change_provenance, m.slot) == ("vm:100:3", "flags_only", "derived", 2)
 
 
-def test_tracepoint_dead_vms_are_retired_from_the_maps_but_keep_their_figures():
+def test_tracepoint_dead_vms_are_retired_after_their_final_figures_and_then_forgotten():
     dec = Decoding(plan())
     vms = {1: R.TpVmRow(tgid=100, fd=5, ordinal=1, n=2, nmax=2, flags=R.VMF_DEAD)}
     aggs = {(1, 0, 100): tp_row(6, slots_sum=6, buckets={2: (6, 6, 2)})}
@@ -191,11 +191,13 @@ def test_tracepoint_dead_vms_are_retired_from_the_maps_but_keep_their_figures():
     dec.decode(m1)
     assert dec.tp.retire(m1) == ([], [], [])  # dead at one reading only: a late figure may come
     m2 = tp_maps(aggs, vms, ms)
-    before = dec.decode(m2)
+    before = dec.decode(m2)  # the final figures: in this reading's snapshot
+    assert [h.count for h in before.hva] == [6] and [v.alive for v in before.vms] == [False]
     assert dec.tp.retire(m2) == ([(1, 0, 100)], [(1, int(Change.CREATE), 100)], [1])
     after = dec.decode(tp_maps())  # the session deleted them from the maps
-    assert after.hva == before.hva and after.memslot == before.memslot
-    assert after.by_memslots == before.by_memslots and [v.vm_id for v in after.vms] == ["vm:100:1"]
+    # and no later snapshot carries the dead VM: cost follows the live VMs, not history
+    assert after.hva == () and after.memslot == () and after.by_memslots == () and after.vms == ()
+    assert dec.tp.vms == {} and dec.tp.retired_ops == {0: 6}
 
 
 def test_tracepoint_linear_scan_kernels_scan_the_memslot_count():

@@ -165,16 +165,16 @@ def test_gate_caps_vms_counts_the_dropped_and_expires_exited_vms():
     now = [0.0]
     g = VmGate(max_vms=2, grace_s=10, clock=lambda: now[0])
     g.update([vm(1), vm(2), vm(3)])
-    assert set(g.admitted) == {"pid:1", "pid:2"} and g.refused == 1 and g.ever_refused == {"pid:3"}
+    assert set(g.admitted) == {"pid:1", "pid:2"} and g.refused == 1 and g.dropped_total == 1
     now[0] = 5
-    g.update([vm(1, alive=False), vm(2), vm(3)])  # VM 1 exited: still exported during the grace
-    assert "pid:1" in g.admitted and g.refused == 1
+    g.update([vm(1, alive=False), vm(2)])  # VM 1 exited: still exported during the grace (no one waits)
+    assert set(g.admitted) == {"pid:1", "pid:2"} and g.refused == 0
     now[0] = 16
     g.update([vm(1, alive=False), vm(2), vm(3)])  # grace over: VM 1 drops out, VM 3 gets its place
     assert set(g.admitted) == {"pid:2", "pid:3"} and g.refused == 0 and g.expired_total == 1
     now[0] = 100
     g.update([vm(1, alive=False), vm(2), vm(3), vm(4)])  # an expired VM never comes back
-    assert "pid:1" not in g.admitted and g.refused == 1 and len(g.ever_refused) == 2
+    assert "pid:1" not in g.admitted and g.refused == 1 and g.dropped_total == 2
 
 
 def test_exporter_reports_refused_vms_and_freezes_labels():

@@ -248,12 +248,12 @@ def _root_why():
 
 def unmaps_in_maps(s) -> int:
     """Every unmap kvmtrace's maps counted, whatever its tgid (VMM or not); tracepoint mode keeps
-    them per VM in its own map, and the decoder the final figures of VMs retired from it."""
+    them per VM in its own map, and the decoder the operations of VMs retired from it."""
     maps = s.read_maps()
     n = sum(a.count for (_vm, op, _o), a in maps.aggs.items() if op == 0)
     if maps.tp is not None:
-        rows = {**s.decoding.tp.retired_aggs, **maps.tp.aggs}
-        n += sum(a.agg.count for (_g, op, _t), a in rows.items() if op == 0)
+        n += s.decoding.tp.retired_ops.get(0, 0)
+        n += sum(a.agg.count for (_g, op, _t), a in maps.tp.aggs.items() if op == 0)
     return n
 
 

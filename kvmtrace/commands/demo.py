@@ -64,6 +64,7 @@ def demo(slots, scenario, duration, interval, csv_path, force, plain, modes):
     incomplete and shown as n/a; the traced figures and the CSV are still written.
     """
     from ..analysis import export
+    from ..snapshot import departed, with_vms
     from ..tracer.session import TraceSession
     from .record import stop_on_signals
 
@@ -81,8 +82,11 @@ def demo(slots, scenario, duration, interval, csv_path, force, plain, modes):
         flag = threading.Event()
         with stop_on_signals(flag):
             with TraceSession(interval=interval, modes=mode_list) as session:
-                child, err = _run(session, flag, slots, scenario, duration, plain, truth_path)
+                child, err, seen = _run(session, flag, slots, scenario, duration, plain, truth_path)
                 final = session.snapshot()
+        # the workload's VM ended, and the tracer forgets a VM once its final figures are read:
+        # they are in the last snapshot of the live view
+        final = with_vms(final, departed(seen, final).values())
         truth = _read_truth(truth_path)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
@@ -111,8 +115,8 @@ def _run(session, flag, slots, scenario, duration, plain, truth_path):
                f"tracing all VMs on this host. Ctrl-C stops.", err=True)
     err = ""
     try:
-        run_live(session, duration=duration + 30, log=plain, signals=False,
-                 stop=lambda: flag.is_set() or child.poll() is not None)
+        seen = run_live(session, duration=duration + 30, log=plain, signals=False,
+                        stop=lambda: flag.is_set() or child.poll() is not None)
     finally:
         if child.poll() is None:
             child.terminate()  # the workload releases its VM on SIGTERM
@@ -121,7 +125,7 @@ def _run(session, flag, slots, scenario, duration, plain, truth_path):
         except subprocess.TimeoutExpired:
             child.kill()
             _, err = child.communicate()
-    return child, err
+    return child, err, seen
 
 
 def _read_truth(path):

@@ -40,7 +40,7 @@ deploy/prometheus/ (docs/exporter.md describes every metric and the security pro
               show_default=True,
               help="VMs given series at most, 1 to 100000; VMs beyond are counted in kvmtrace_exporter_vms_dropped_total")
 @click.option("--vm-grace", type=Number(0, 366 * 86400.0), default=DEFAULT_GRACE_S, show_default=True,
-              metavar="SECONDS", help="keep an exited VM's series this long (0 to 1 year), then drop them")
+              metavar="SECONDS", help="keep an exited VM's series this long (0 to 1 year), then drop them; sooner when a live VM needs its --max-vms place")
 @click.option("--pid", type=Number(1, 2 ** 22, name="PID", integer=True), default=None,
               help="trace only this VMM process")
 @modes_option

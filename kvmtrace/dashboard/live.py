@@ -20,7 +20,7 @@ from typing import Optional, Sequence, TextIO
 
 from ..errors import UsageError
 from ..signals import STOP_SIGNALS, handling, raise_interrupt
-from ..snapshot import Snapshot
+from ..snapshot import Snapshot, departed, with_vms
 from .model import ALL_OPS, SORT_KEYS, ViewOptions, build_view, cycle_selected, shown_ops
 from .plain import CsvSink, LogFormatter, plain_table
 from .terminal import KeyReader
@@ -161,7 +161,8 @@ def run_live(
     signals: bool = True,
 ) -> Optional[Snapshot]:
     """Show ``session`` (a TraceSession, already entered) until ``duration`` elapses, ``stop()``
-    is true, ``q`` or Ctrl-C; return the last cumulative snapshot (None if no interval completed).
+    is true, ``q`` or Ctrl-C; return the last cumulative snapshot (None if no interval completed)
+    with the VMs that ended during the run, whose final figures the tracer no longer reports.
 
     ``keys``: read keys (s/v/p/q) when stdin is a terminal (default: only in the live screen).
     ``out``: where to write (default sys.stdout); colour and cursor codes only on a terminal.
@@ -200,9 +201,11 @@ def _run_stream(session, duration, once, log, sink, plan, meta_of, opts, out, st
     tty = _isatty(out)
     logf = LogFormatter(shown_ops(plan, (), opts), repeat=20 if tty else 0) if log else None
     prev = last = None
+    gone: dict = {}  # VMs the tracer forgot after their end: their final figures, for the summary
     try:
         for snap in session.snapshots(duration=duration, stop=stop):
             delta = snap.delta(prev)
+            gone.update(departed(prev, snap))
             prev = last = snap
             if sink is not None:
                 sink.write(snap, delta, plan, opts)
@@ -216,8 +219,14 @@ def _run_stream(session, duration, once, log, sink, plan, meta_of, opts, out, st
                 _emit(out, plain_table(snap, delta, meta_of(snap), plan, opts) + "\n")
     except KeyboardInterrupt:
         pass
-    _summary(out, last, plan, meta_of, opts, logf)
-    return last
+    whole = _whole(last, gone)
+    _summary(out, whole, plan, meta_of, opts, logf)
+    return whole
+
+
+def _whole(last: Optional[Snapshot], gone: dict) -> Optional[Snapshot]:
+    """The last snapshot with the VMs that ended before it (the summary covers the whole run)."""
+    return None if last is None else with_vms(last, gone.values())
 
 
 def _summary(out, last, plan, meta_of, opts, logf=None, console=None):
@@ -257,6 +266,7 @@ def _run_screen(session, duration, sink, plan, meta_of, opts, out, want_keys, st
 
     last = None
     prev = None
+    gone: dict = {}
     try:
         with KeyReader(on_key, enabled=want_keys) as keys:
             screen.opts = replace(screen.opts, keys=keys.active)
@@ -273,6 +283,7 @@ def _run_screen(session, duration, sink, plan, meta_of, opts, out, want_keys, st
                 try:
                     for snap in session.snapshots(duration=duration, stop=should_stop):
                         delta = snap.delta(prev)
+                        gone.update(departed(prev, snap))
                         prev = last = snap
                         if sink is not None:
                             sink.write(snap, delta, plan, opts)
@@ -289,5 +300,6 @@ def _run_screen(session, duration, sink, plan, meta_of, opts, out, want_keys, st
                 raise keys.error
     except KeyboardInterrupt:
         quit_.finish()
-    _summary(out, last, plan, meta_of, replace(screen.opts, paused=False), console=console)
-    return last
+    whole = _whole(last, gone)
+    _summary(out, whole, plan, meta_of, replace(screen.opts, paused=False), console=console)
+    return whole

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from .. import __version__
-from ..snapshot import Log2Hist, Snapshot, VmInfo
+from ..snapshot import Log2Hist, Snapshot, VmFigures, VmInfo, departed, with_vms
 from ..text import display
 
 # Histogram geometry. The kernel's log2 bucket i holds the integer values 2**(i-1) .. 2**i - 1
@@ -60,11 +60,21 @@ def hist_buckets(h: Log2Hist, bounds: Iterable[int], per_unit: float) -> List[Tu
 
 @dataclass
 class VmGate:
-    """Which VMs get series. A VM is admitted while fewer than ``max_vms`` are exported; a VM that
-    exited leaves ``grace_s`` seconds after it was last seen alive (so its final figures are
-    scraped), then its series drop out and its place frees. VMs refused by the cap are counted:
-    ``refused`` now, ``dropped_total`` distinct VMs ever refused. Label values are fixed when a VM
-    is admitted, so a VM keeps one set of series for its whole life."""
+    """Which VMs get series: at most ``max_vms`` (the places), live VMs first.
+
+    - A live VM takes a free place. When none is free, it takes the place of the exported VM
+      that exited longest ago (that VM's series drop out early: ``expired_total``); only when
+      every place holds a live VM is it refused.
+    - A VM that exited keeps its place ``grace_s`` seconds after it was last seen alive (so its
+      final figures are scraped), then its series drop out and the place frees. A VM first
+      seen after it exited gets a place only if one is free once every live VM has one.
+    - An expired VM does not come back. VMs left out now are counted: ``refused`` live ones,
+      ``refused_exited`` ones that exited before they got a place; ``dropped_total`` counts
+      distinct VMs ever left out.
+
+    Label values are fixed when a VM is admitted, so a VM keeps one set of series for its whole
+    life. The state is bounded by the VMs of the latest update plus the places: ids the tracer
+    no longer reports are forgotten (a VM id names one VM lifetime and is never reused)."""
 
     max_vms: int = DEFAULT_MAX_VMS
     grace_s: float = DEFAULT_GRACE_S
@@ -72,34 +82,51 @@ class VmGate:
     admitted: Dict[str, Tuple[str, ...]] = field(default_factory=dict)  # vm_id -> label values
     last_alive: Dict[str, float] = field(default_factory=dict)
     expired: set = field(default_factory=set)
-    ever_refused: set = field(default_factory=set)
     refused: int = 0
+    refused_exited: int = 0
+    dropped_total: int = 0
     expired_total: int = 0
+    _refused_ids: set = field(default_factory=set, init=False, repr=False)  # refused at the last update
+
+    def _expire(self, vm_id: str) -> None:
+        self.expired.add(vm_id)
+        if self.admitted.pop(vm_id, None) is not None:
+            self.expired_total += 1
 
     def update(self, vms: Sequence[VmInfo]) -> None:
         now = self.clock()
-        refused = 0
-        for v in vms:
-            if v.vm_id in self.expired:
-                continue
-            if v.alive or v.vm_id not in self.last_alive:
-                self.last_alive[v.vm_id] = now
-            if now - self.last_alive[v.vm_id] > self.grace_s:
-                self.expired.add(v.vm_id)
-                self.last_alive.pop(v.vm_id, None)
-                if self.admitted.pop(v.vm_id, None) is not None:
-                    self.expired_total += 1
-                continue
-            if v.vm_id in self.admitted:
-                continue
+        seen = {v.vm_id for v in vms}
+        self.expired &= seen  # an id no longer reported is never reported again
+        present = {v.vm_id: v for v in vms if v.vm_id not in self.expired}
+        for vm_id in [k for k in self.admitted if k not in present]:  # gone without a trace: place frees
+            self.admitted.pop(vm_id)
+            self.expired_total += 1
+        last = {}
+        for vm_id, v in present.items():
+            t = self.last_alive.get(vm_id)
+            last[vm_id] = now if (v.alive or t is None) else t
+        self.last_alive = last
+        for vm_id, v in present.items():
+            if not v.alive and now - last[vm_id] > self.grace_s:
+                self._expire(vm_id)
+        refused = set()
+        waiting = [v for k, v in present.items() if k not in self.expired and k not in self.admitted]
+        for v in [v for v in waiting if v.alive] + [v for v in waiting if not v.alive]:
+            if len(self.admitted) >= self.max_vms and v.alive:
+                dead = [k for k in self.admitted if not present[k].alive]
+                if dead:  # the exported VM that exited longest ago gives its place to a live one
+                    self._expire(min(dead, key=lambda k: (last[k], k)))
             if len(self.admitted) < self.max_vms:
                 # label values: prometheus_client escapes \\, " and newlines; the VMM-chosen name
                 # is also shown as data and capped (text.display), like every output
                 self.admitted[v.vm_id] = (v.label, v.vm_id, str(v.pid), display(v.name))
             else:
-                refused += 1
-                self.ever_refused.add(v.vm_id)
-        self.refused = refused
+                refused.add(v.vm_id)
+        self.last_alive = {k: t for k, t in last.items() if k not in self.expired}
+        self.dropped_total += len(refused - self._refused_ids)
+        self._refused_ids = refused
+        self.refused = sum(1 for k in refused if present[k].alive)
+        self.refused_exited = len(refused) - self.refused
 
 
 @dataclass(frozen=True)
@@ -113,6 +140,7 @@ class View:
     vms_dropped_total: int
     vms_expired_total: int
     published_mono: float
+    vms_refused_exited: int = 0
 
 
 class Exporter:
@@ -128,14 +156,24 @@ class Exporter:
         self.memslots_limit_why = memslots_limit_why
         self.build = dict(build or {})
         self._view: Optional[View] = None
+        self._kept: Dict[str, VmFigures] = {}  # exported VMs the tracer dropped: their final figures
         self._lock = threading.Lock()  # update() callers only; collect() never takes it
 
     def update(self, snap: Snapshot) -> None:
+        """Publish ``snap``. The tracer drops a dead VM from its snapshots once its final
+        figures are read; an exported VM keeps them here (``departed``) until its place
+        frees (``VmGate``), so its series stay, unchanged, through its grace."""
         with self._lock:
             g = self.gate
-            g.update(snap.vms)
-            self._view = View(snap, dict(g.admitted), len(g.admitted), g.refused, len(g.ever_refused),
-                              g.expired_total, time.monotonic())
+            prev = self._view.snap if self._view is not None else None
+            for vm_id, f in departed(prev, snap).items():
+                if vm_id in g.admitted:
+                    self._kept[vm_id] = f
+            merged = with_vms(snap, self._kept.values())
+            g.update(merged.vms)
+            self._kept = {k: f for k, f in self._kept.items() if k in g.admitted}
+            self._view = View(merged, dict(g.admitted), len(g.admitted), g.refused, g.dropped_total,
+                              g.expired_total, time.monotonic(), g.refused_exited)
 
     @property
     def view(self) -> Optional[View]:
@@ -220,15 +258,18 @@ class Exporter:
                       "seconds BPF run-time statistics were on (sampled by default: the run figures count "
                       "runs in that time only; in-kernel share of a CPU = rate(run_seconds) / rate(this))",
                       c.on_seconds(s.elapsed_s))
-        vms = Gauge("kvmtrace_exporter_vms", "VMs the exporter gives series (exported) or leaves out now (refused: --max-vms)",
-                    labels=["state"])
+        vms = Gauge("kvmtrace_exporter_vms", "VMs the exporter gives series (exported) or leaves out now because "
+                    "--max-vms places are taken: live VMs (refused; every place holds a live VM), VMs that exited "
+                    "before they got a place (refused_exited)", labels=["state"])
         vms.add_metric(["exported"], v.vms_exported)
         vms.add_metric(["refused"], v.vms_refused)
+        vms.add_metric(["refused_exited"], v.vms_refused_exited)
         yield vms
         yield one(Counter, "kvmtrace_exporter_vms_dropped",
                   "distinct VMs ever left out because --max-vms series were taken", v.vms_dropped_total)
         yield one(Counter, "kvmtrace_exporter_vms_expired",
-                  "exported VMs whose series dropped out after exiting (--vm-grace)", v.vms_expired_total)
+                  "exported VMs whose series dropped out after exiting (--vm-grace over, or the place taken "
+                  "by a live VM)", v.vms_expired_total)
 
     def _hva_metrics(self, v: View, s: Snapshot, Counter, Histogram):
         names = list(VM_LABELS) + ["op", "provenance"]

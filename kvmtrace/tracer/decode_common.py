@@ -115,6 +115,7 @@ class Stream:
         self.events_dropped = 0
         self.known_vmm: Dict[int, int] = {}
         self.proc_cache: Dict[int, Tuple[str, str]] = {}
+        self.proc_fresh: set = set()  # pids named since the last decode (their VM may not be in the maps yet)
         # exact modes: (struct kvm *, VMM tgid) -> ordinal of the live VM (from VM lifetime events)
         self.exact_ordinal: Dict[Tuple[int, int], int] = {}
 
@@ -160,6 +161,7 @@ class Stream:
             comm, name, _vcpus, alive = self.proc_info(pid)
             if alive:
                 self.proc_cache[pid] = (comm, name)
+                self.proc_fresh.add(pid)
 
     # -- records common to both modes (caller holds the lock)
     def on_sc_end(self, ev) -> None:
@@ -317,6 +319,11 @@ class Decoding:
             if vm in ex.vm_info:
                 info = replace(info, **ex.vm_info[vm])
             vms.append(info)
+        with st.lock:  # names of VMMs no VM of this snapshot names are forgotten (bounded by the live VMs)
+            keep = set(vm_pids.values()) | st.proc_fresh
+            for pid in [p for p in st.proc_cache if p not in keep]:
+                del st.proc_cache[pid]
+            st.proc_fresh = set()
         counters = maps.counters
         return SnapshotParts(
             vms=tuple(vms), hva=tuple(hva), memslot=tuple(memslot),

@@ -55,10 +55,12 @@ class TracepointDecoder:
         self.linear = bool(getattr(plan, "linear_scan", False))
         ms = plan.for_op("memslot_update")
         self.ms_tp = bool(ms and ms.attach == "tracepoint")
-        # VMs seen (gen -> last row read), figures of VMs retired from the maps
+        # VMs seen and not yet retired (gen -> last row read). A retired VM is forgotten: its
+        # final figures were in the snapshot of the reading that retired it, and no later one
+        # holds it (snapshot.py: cost follows the live VMs, not every VM that ever ran).
+        # ``retired_ops``: op number -> operations of every VM retired (bounded: one per op).
         self.vms: Dict[int, R.TpVmRow] = {}
-        self.retired_aggs: Dict[Tuple[int, int, int], R.TpAggRow] = {}
-        self.retired_ms: Dict[Tuple[int, int, int], R.MsRow] = {}
+        self.retired_ops: Dict[int, int] = {}
         self._dead_before: Set[int] = set()
 
     # ------------------------------------------------------------------ raw events (--events)
@@ -95,15 +97,13 @@ class TracepointDecoder:
 
     # ------------------------------------------------------------------ maps
     def decode(self, maps: R.MapContents, known_vmms: bool = True) -> Parts:
-        """hva rows, memslot-bucket rows and VM facts of this reading (plus retired VMs)."""
+        """hva rows, memslot-bucket rows and VM facts of this reading."""
         out = Parts()
         tp = maps.tp
         if tp is None:
             return out
         self.vms.update(tp.vms)
-        rows = dict(self.retired_aggs)
-        rows.update(tp.aggs)
-        for (gen, opn, tgid), r in sorted(rows.items()):
+        for (gen, opn, tgid), r in sorted(tp.aggs.items()):
             op = OPS.get(opn, "unknown")
             if op not in self.ops:
                 continue
@@ -148,10 +148,8 @@ class TracepointDecoder:
         tp = maps.tp
         if tp is None or not self.ms_tp:
             return []
-        rows = dict(self.retired_ms)
-        rows.update(tp.ms)
         out = []
-        for (gen, ch, tgid), m in sorted(rows.items()):
+        for (gen, ch, tgid), m in sorted(tp.ms.items()):
             change = CHANGES.get(ch, "unknown")
             out.append(MemslotStats(vm_id(gen, tgid), tgid, change, m.count, m.errors,
                                     Log2Hist.from_counts(m.lat), m.lat_sum, m.lat_max, "syscall",
@@ -159,9 +157,10 @@ class TracepointDecoder:
         return out
 
     def retire(self, maps: R.MapContents) -> Tuple[List[tuple], List[tuple], List[int]]:
-        """VMs dead at this reading and the one before (no figure can change any more): their
-        rows move here, and the session deletes the returned keys (aggs, ms, gens) from the
-        maps, which keeps the kernel's tables bounded however many VMs come and go."""
+        """VMs dead at this reading and the one before (no figure can change any more): this
+        reading's snapshot holds their final figures, the session deletes the returned keys
+        (aggs, ms, gens) from the maps and the decoder forgets them, which keeps the kernel's
+        tables and every later snapshot bounded however many VMs come and go."""
         tp = maps.tp
         if tp is None:
             return [], [], []
@@ -172,7 +171,7 @@ class TracepointDecoder:
         agg_keys = [k for k in tp.aggs if k[0] in gs]
         ms_keys = [k for k in tp.ms if k[0] in gs]
         for k in agg_keys:
-            self.retired_aggs[k] = tp.aggs[k]
-        for k in ms_keys:
-            self.retired_ms[k] = tp.ms[k]
+            self.retired_ops[k[1]] = self.retired_ops.get(k[1], 0) + tp.aggs[k].agg.count
+        for g in gone:
+            self.vms.pop(g, None)
         return agg_keys, ms_keys, gone
