@@ -19,18 +19,19 @@ Recordings without a manifest (written before it existed) get the table checks o
 The files are checked BEFORE anything parses them (``check_files``; the reader then skips every
 file from the first damaged interval on), and a Parquet part is only ever opened through
 ``open_part`` / ``read_part`` / ``part_footer``: an Arrow-native file read in the calling thread.
-Why: pyarrow reading from a Python file object (``pq.read_table(open(...))``, the reader's way
-until issue 20) wraps it in a buffer owned by Python and, with ``pre_buffer`` (the default),
-reads it through futures on Arrow's I/O thread pool. When the read failed (a part with bytes
-appended: "Parquet magic bytes not found in footer") the error reached the user at once and
-the interpreter began to exit while an I/O thread still held the last reference to that
-buffer; its destructor then asked for the GIL during ``Py_FinalizeEx``, which ends the thread
-with ``pthread_exit`` inside a ``noexcept`` destructor: ``std::terminate``, "terminate called
-without an active exception", SIGABRT after the right error (gdb backtrace in issue 20's notes:
-``arrow::py::PyBuffer::~PyBuffer`` <- ``ReadRangeCache::LazyImpl::~LazyImpl`` on an I/O
-thread). A native file and ``pre_buffer=False, use_threads=False`` leave no task and no Python
-object behind, whether the read succeeds or fails; and a file that fails its checksum is never
-handed to pyarrow or DuckDB at all.
+Why (issue 20): the reader used to give pyarrow a Python file object (``pq.read_table(fh)``).
+pyarrow reads such a file through a dataset scan, an Acero plan whose pre-buffered reads hold
+buffers owned by Python, and tears the plan down on one of its pool threads. When a part was
+damaged (bytes appended: "Parquet magic bytes not found in footer") the error reached the user
+at once and the interpreter began to exit while the pool thread was still tearing down; it
+dropped the last reference to a Python buffer during ``Py_FinalizeEx``, asked for the GIL, was
+ended with ``pthread_exit`` inside a ``noexcept`` destructor, and ``std::terminate`` aborted the
+process ("terminate called without an active exception", SIGABRT after the right error; gdb:
+``PyGILState_Ensure`` <- ``arrow::py::PyBuffer::~PyBuffer`` <- ``ReadRangeCache::LazyImpl`` <-
+``parquet::SerializedFile`` <- ``acero::SourceNode::~SourceNode`` <- ``ExecPlanImpl`` on an
+``arrow::internal::ThreadPool`` worker). An Arrow-native file read with ``pre_buffer=False,
+use_threads=False`` leaves no task and no Python object behind, whether the read succeeds or
+fails; and a file that fails its checksum is not handed to pyarrow or DuckDB at all.
 """
 
 from __future__ import annotations
