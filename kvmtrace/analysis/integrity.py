@@ -15,6 +15,23 @@ Two layers:
 The result is reported, never hidden: a warning states the exact loss (intervals, hva ops,
 memslot updates, raw events, per the metadata totals); nothing usable -> ``DataFileError``.
 Recordings without a manifest (written before it existed) get the table checks only.
+
+The files are checked BEFORE anything parses them (``check_files``; the reader then skips every
+file from the first damaged interval on), and a Parquet part is only ever opened through
+``open_part`` / ``read_part`` / ``part_footer``: an Arrow-native file read in the calling thread.
+Why (issue 20): the reader used to give pyarrow a Python file object (``pq.read_table(fh)``).
+pyarrow reads such a file through a dataset scan, an Acero plan whose pre-buffered reads hold
+buffers owned by Python, and tears the plan down on one of its pool threads. When a part was
+damaged (bytes appended: "Parquet magic bytes not found in footer") the error reached the user
+at once and the interpreter began to exit while the pool thread was still tearing down; it
+dropped the last reference to a Python buffer during ``Py_FinalizeEx``, asked for the GIL, was
+ended with ``pthread_exit`` inside a ``noexcept`` destructor, and ``std::terminate`` aborted the
+process ("terminate called without an active exception", SIGABRT after the right error; gdb:
+``PyGILState_Ensure`` <- ``arrow::py::PyBuffer::~PyBuffer`` <- ``ReadRangeCache::LazyImpl`` <-
+``parquet::SerializedFile`` <- ``acero::SourceNode::~SourceNode`` <- ``ExecPlanImpl`` on an
+``arrow::internal::ThreadPool`` worker). An Arrow-native file read with ``pre_buffer=False,
+use_threads=False`` leaves no task and no Python object behind, whether the read succeeds or
+fails; and a file that fails its checksum is not handed to pyarrow or DuckDB at all.
 """
 
 from __future__ import annotations
@@ -23,6 +40,7 @@ import hashlib
 import math
 import os
 import re
+import stat
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -30,6 +48,8 @@ import pyarrow as pa
 
 from ..errors import DataFileError
 from ..text import decoded as _text  # valid Unicode; every output makes it printable (text.py)
+
+_DAMAGED_FIX = "the recording was damaged after it was written"
 
 _FILE = re.compile(r"^(?:([a-z_]+)/(part|journal)-(\d{6})\.(parquet|arrows)|([a-z_]+)\.csv)$")
 _TOTALS = ("hva_ops", "memslot_updates", "hva_events", "memslot_events")
@@ -103,6 +123,41 @@ def check_meta(path: str, meta: dict) -> None:
             _int(e["intervals"][1], f"files.{rel}.intervals", path, minimum=-1)
 
 
+def open_part(path: str) -> pa.NativeFile:
+    """A Parquet part as an Arrow-native file (never a Python file object: see the module doc).
+    The path goes as bytes, so a path that is not UTF-8 opens too."""
+    return pa.OSFile(os.fsencode(path))
+
+
+def part_error(path: str, e: BaseException) -> DataFileError:
+    first = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return DataFileError(f"{_text(path)}: truncated or corrupt Parquet part ({first})", _DAMAGED_FIX)
+
+
+def part_footer(path: str):
+    """The footer (``pyarrow.parquet.FileMetaData``) of a part, or one ``DataFileError``."""
+    import pyarrow.parquet as pq
+
+    try:
+        with open_part(path) as f:
+            return pq.ParquetFile(f, pre_buffer=False).metadata
+    except (pa.ArrowException, OSError, ValueError, EOFError) as e:  # pyarrow raises several types
+        raise part_error(path, e) from e
+
+
+def read_part(path: str, columns=None) -> pa.Table:
+    """A whole part (or ``columns`` of it), read in the calling thread; one ``DataFileError``
+    for any damage."""
+    import pyarrow.parquet as pq
+
+    try:
+        with open_part(path) as f:
+            return pq.ParquetFile(f, pre_buffer=False).read(columns=list(columns) if columns else None,
+                                                             use_threads=False)
+    except (pa.ArrowException, OSError, ValueError, EOFError, KeyError) as e:
+        raise part_error(path, e) from e
+
+
 def _sha256_prefix(p: str, n: int) -> str:
     h = hashlib.sha256()
     left = n
@@ -114,6 +169,11 @@ def _sha256_prefix(p: str, n: int) -> str:
             h.update(b)
             left -= len(b)
     return h.hexdigest()
+
+
+def check(path: str, meta: dict) -> Checked:
+    """``check_files`` for the readers, run before they parse any file."""
+    return Checked(meta, *check_files(path, meta))
 
 
 def check_files(path: str, meta: dict) -> Tuple[Optional[int], List[str]]:
@@ -129,27 +189,32 @@ def check_files(path: str, meta: dict) -> Tuple[Optional[int], List[str]]:
         m = _FILE.match(rel)
         is_part = m.group(2) == "part"
         try:
-            size = os.path.getsize(p)
+            st = os.stat(p)
+            size = st.st_size if stat.S_ISREG(st.st_mode) else -1  # a FIFO or device: never opened
         except OSError:
             size = None
         if size is None and m.group(2) == "journal":
             # compacted after the last metadata update: the part of the same number holds it
             part = os.path.join(path, m.group(1), f"part-{m.group(3)}.parquet")
             try:
-                import pyarrow.parquet as pq
-
-                if pq.ParquetFile(part).metadata.num_rows >= e["rows"]:
+                if part_footer(part).num_rows >= e["rows"]:
                     continue
-            except Exception:  # missing or unreadable part: reported below as the journal's loss
+            except DataFileError:  # missing or unreadable part: reported below as the journal's loss
                 pass
         if size is None:
             bad = f"{rel} is missing ({e['rows']:,} rows)"
+        elif size < 0:
+            bad = f"{rel} is not a regular file"
         elif size < e["bytes"]:
             bad = f"{rel} is shorter than written ({size:,} of {e['bytes']:,} bytes)"
         elif (is_part or complete) and size != e["bytes"]:
             bad = f"{rel} is longer than written ({size:,} bytes, {e['bytes']:,} written)"
-        elif _sha256_prefix(p, e["bytes"]) != e["sha256"]:
-            bad = f"{rel} does not match its checksum (changed after it was written)"
+        else:
+            try:
+                if _sha256_prefix(p, e["bytes"]) != e["sha256"]:
+                    bad = f"{rel} does not match its checksum (changed after it was written)"
+            except OSError as err:
+                bad = f"{rel} is unreadable ({err.strerror})"
         if bad:
             problems.append(bad)
             cut = lo if cut is None else min(cut, lo)
@@ -159,6 +224,47 @@ def check_files(path: str, meta: dict) -> Tuple[Optional[int], List[str]]:
                         "recorder (copied in? move it out)")
         cut = 0
     return cut, problems
+
+
+class Checked:
+    """What ``check_files`` found, as the readers use it: ``cut`` (the first interval a damaged,
+    missing or stray file made unusable, None if none), ``problems`` (what was wrong), and per
+    file whether it may be parsed and how many of its bytes were committed."""
+
+    def __init__(self, meta: dict, cut: Optional[int], problems: List[str]):
+        self.files = meta.get("files") or {}
+        self.cut, self.problems = cut, problems
+
+    def _entry(self, rel: str) -> Optional[dict]:
+        e = self.files.get(rel)
+        m = _FILE.match(rel)
+        if e is None and m and m.group(1):  # the part of a listed journal (compacted before the commit), or back
+            e = self.files.get(f"{m.group(1)}/journal-{m.group(3)}.arrows" if m.group(2) == "part"
+                               else f"{m.group(1)}/part-{m.group(3)}.parquet")
+        return e
+
+    def readable(self, rel: str) -> bool:
+        """Whether a reader may parse ``rel`` (``table/part-NNNNNN.parquet``, ``table/journal-...``,
+        ``table.csv``): only files that begin before the cut. Their intervals are what remains; a
+        damaged file, and every file after it, is never handed to pyarrow or DuckDB."""
+        if self.cut is None:
+            return True
+        e = self._entry(rel)
+        return e is not None and int(e["intervals"][0]) < self.cut  # unlisted: the interval being written
+
+    def committed(self, rel: str) -> Optional[int]:
+        """Bytes of ``rel`` the manifest committed (None: not listed). Bytes beyond them were
+        never committed (the interval being written at a crash): readers do not parse them."""
+        e = self.files.get(rel)
+        return None if e is None else int(e["bytes"])
+
+
+def refuse(path: str, problems: List[str]) -> DataFileError:
+    """The error for a recording with no usable interval before its damage."""
+    return DataFileError(
+        f"{_text(path)}: damaged recording: {'; '.join(problems) or 'no interval adds up'}; no interval before the damage",
+        "restore the recording from a copy; nothing in it can be trusted",
+    )
 
 
 def _unlisted(path: str, meta: dict, files: dict, complete: bool) -> List[str]:
@@ -269,16 +375,21 @@ def _sum(iv: pa.Table, c: str, n: int) -> int:
     return int(_ints(iv, c)[:n].sum())
 
 
-def verify(path: str, meta: dict, arrow: Dict[str, pa.Table], warnings: List[str]) -> Dict[str, pa.Table]:
+def verify(path: str, meta: dict, arrow: Dict[str, pa.Table], warnings: List[str],
+           checked: Optional[Checked] = None) -> Dict[str, pa.Table]:
     """Check a recording read into ``arrow`` (table name -> Arrow table) against ``meta``;
     returns the tables cut to the longest consistent prefix of intervals, adds a warning with
-    the exact loss if anything was cut, raises ``DataFileError`` when nothing is usable."""
+    the exact loss if anything was cut, raises ``DataFileError`` when nothing is usable.
+    ``checked``: what ``check`` already said (the reader checks the files before it parses
+    them and reads only those ``Checked.readable`` allows), else it is run here."""
     import pyarrow.compute as pc
 
     check_meta(path, meta)
     committed = meta.get("intervals") if "files" in meta else None
     limit = committed if committed is not None else arrow["intervals"].num_rows
-    file_cut, file_problems = check_files(path, meta)
+    if checked is None:
+        checked = check(path, meta)
+    file_cut, file_problems = checked.cut, list(checked.problems)
     if file_cut is not None:
         limit = min(limit, file_cut)
     n, table_problems = check_tables(arrow, limit)
@@ -304,10 +415,7 @@ def verify(path: str, meta: dict, arrow: Dict[str, pa.Table], warnings: List[str
         return _cut(arrow, n, pc) if n < iv.num_rows else arrow
     shown = _text(path)
     if n == 0:
-        raise DataFileError(
-            f"{shown}: damaged recording: {'; '.join(problems) or 'no interval adds up'}; no interval before the damage",
-            "restore the recording from a copy; nothing in it can be trusted",
-        )
+        raise refuse(path, problems)
     if problems:
         tot = meta.get("totals") or {}
         loss = []

@@ -83,17 +83,10 @@ class EventTable:
 
     def to_arrow(self, columns: Optional[Sequence[str]] = None) -> pa.Table:
         import pyarrow.compute as pc
-        import pyarrow.parquet as pq
 
         schema = T.SCHEMAS[self.name]
         cols = list(columns) if columns else None
-        parts = []
-        for f in self.parquet:
-            try:
-                parts.append(pq.read_table(f, columns=cols))
-            except Exception as e:  # pyarrow raises several types for damaged files
-                raise DataFileError(f"{f}: truncated or corrupt Parquet part ({e})",
-                                    "the recording was damaged after it was written") from e
+        parts = [integrity.read_part(f, cols) for f in self.parquet]
         parts += [t.select(cols) if cols else t for t in self.arrow]
         want = schema if not cols else pa.schema([schema.field(c) for c in cols])
         t = pa.concat_tables(parts) if parts else want.empty_table()
@@ -169,15 +162,26 @@ class Recording:
 _PART = re.compile(r"^(part|journal)-(\d{6})\.(parquet|arrows)$")
 
 
-def _read_journal(path: str, schema: pa.Schema, warnings: List[str], name: str = "") -> pa.Table:
-    """An Arrow journal, memory-mapped (its batches reference the page cache, not the heap)."""
+def _committed(checked: Optional[integrity.Checked], table: str, path: str) -> Optional[int]:
+    return checked.committed(f"{table}/{os.path.basename(path)}") if checked is not None else None
+
+
+def _read_journal(path: str, schema: pa.Schema, warnings: List[str], name: str = "",
+                  committed: Optional[int] = None) -> pa.Table:
+    """An Arrow journal, memory-mapped (its batches reference the page cache, not the heap).
+    ``committed``: the bytes the manifest committed (checksummed already); bytes beyond them,
+    the interval being written at a crash, are not parsed."""
     batches = []
     try:
         if os.path.getsize(path) == 0:
             return schema.empty_table()
-        data = pa.memory_map(path, "r").read_buffer()
+        data = pa.memory_map(os.fsencode(path), "r").read_buffer()
     except OSError as e:
         raise DataFileError(f"{path}: cannot read: {e.strerror}") from e
+    if committed is not None and data.size > committed:
+        warnings.append(f"{os.path.basename(path)}: torn last interval dropped (recorder stopped mid-write; "
+                        f"{data.size - committed:,} bytes beyond the commit)")
+        data = data.slice(0, committed)
     try:
         reader = pa.ipc.open_stream(pa.BufferReader(data))
     except pa.ArrowInvalid as e:
@@ -198,41 +202,35 @@ def _read_journal(path: str, schema: pa.Schema, warnings: List[str], name: str =
     return pa.Table.from_batches(batches, schema)
 
 
-def _table_files(directory: str, name: str) -> List[Dict[str, str]]:
+def _table_files(directory: str, name: str, checked: Optional[integrity.Checked] = None) -> List[Dict[str, str]]:
     """The parts and journals of one table in number order; a part wins over the journal of
-    the same number (crash between compaction's rename and the journal's removal)."""
+    the same number (crash between compaction's rename and the journal's removal). With
+    ``checked``, files from the first damaged interval on are left out, never opened."""
     tdir = os.path.join(directory, name)
     if not os.path.isdir(tdir):
         raise DataFileError(f"{directory}: table {name!r} is missing", "the recording is incomplete or damaged")
     found: Dict[int, Dict[str, str]] = {}
     for fn in os.listdir(tdir):
         m = _PART.match(fn)
-        if m:
+        if m and (checked is None or checked.readable(f"{name}/{fn}")):
             found.setdefault(int(m.group(2)), {})[m.group(1)] = os.path.join(tdir, fn)
     return [found[k] for k in sorted(found)]
 
 
-def _read_parquet_table(directory: str, name: str, columns: Optional[Sequence[str]], warnings: List[str]) -> pa.Table:
-    import pyarrow.parquet as pq
-
+def _read_parquet_table(directory: str, name: str, columns: Optional[Sequence[str]], warnings: List[str],
+                        checked: Optional[integrity.Checked] = None) -> pa.Table:
     schema = T.SCHEMAS[name]
     parts = []
-    for f in _table_files(directory, name):
+    for f in _table_files(directory, name, checked):
         if "part" in f:
-            try:
-                with open(f["part"], "rb") as fh:  # a Python file: pyarrow paths must be UTF-8
-                    t = pq.read_table(fh, columns=list(columns) if columns else None)
-            except Exception as e:  # pyarrow raises several types for damaged files
-                raise DataFileError(
-                    f"{f['part']}: truncated or corrupt Parquet part ({e})", "the recording was damaged after it was written"
-                ) from e
+            t = integrity.read_part(f["part"], columns)
             want = schema if not columns else pa.schema([schema.field(c) for c in columns])
             if not columns:
                 t = T.upgrade(name, t)  # a recording written before columns were added
             if not t.schema.equals(want):
                 raise DataFileError(f"{f['part']}: columns differ from this kvmtrace's {FORMAT} v{FORMAT_VERSION}")
         else:
-            t = _read_journal(f["journal"], schema, warnings, name)
+            t = _read_journal(f["journal"], schema, warnings, name, _committed(checked, name, f["journal"]))
             if columns:
                 t = t.select(list(columns))
         parts.append(t)
@@ -242,24 +240,22 @@ def _read_parquet_table(directory: str, name: str, columns: Optional[Sequence[st
     return pa.concat_tables(parts)
 
 
-def _parquet_event_table(directory: str, name: str, warnings: List[str]) -> "tuple[EventTable, Optional[int]]":
+def _parquet_event_table(directory: str, name: str, warnings: List[str],
+                         checked: Optional[integrity.Checked] = None) -> "tuple[EventTable, Optional[int]]":
     """An event table of a Parquet recording without reading its rows: every part's footer is
     checked (schema, readable) and gives the largest interval (column statistics); journals are
-    memory-mapped. Returns the table (``last`` still unset) and its largest interval."""
-    import pyarrow.parquet as pq
-
+    memory-mapped. Returns the table (``last`` still unset) and its largest interval. DuckDB
+    later scans the parts: with a manifest, only parts that passed their checksum."""
     schema = T.SCHEMAS[name]
     parquet, journals, arrow = [], [], []
     mx: Optional[int] = None
-    for f in _table_files(directory, name):
+    for f in _table_files(directory, name, checked):
         if "part" in f:
+            meta = integrity.part_footer(f["part"])
             try:
-                meta = pq.ParquetFile(f["part"]).metadata
                 got = meta.schema.to_arrow_schema()
-            except Exception as e:  # pyarrow raises several types for damaged files
-                raise DataFileError(
-                    f"{f['part']}: truncated or corrupt Parquet part ({e})", "the recording was damaged after it was written"
-                ) from e
+            except (pa.ArrowException, ValueError) as e:
+                raise integrity.part_error(f["part"], e) from e
             if not got.equals(schema):
                 raise DataFileError(f"{f['part']}: columns differ from this kvmtrace's {FORMAT} v{FORMAT_VERSION}")
             if meta.num_rows:
@@ -272,7 +268,7 @@ def _parquet_event_table(directory: str, name: str, warnings: List[str]) -> "tup
                         break
                     mx = st.max if mx is None else max(mx, st.max)
         else:
-            t = _read_journal(f["journal"], schema, warnings, name)
+            t = _read_journal(f["journal"], schema, warnings, name, _committed(checked, name, f["journal"]))
             journals.append(f["journal"])
             if t.num_rows:
                 arrow.append(t)
@@ -285,13 +281,13 @@ def _parquet_event_table(directory: str, name: str, warnings: List[str]) -> "tup
 
 def _parquet_max_interval(path: str, mx: Optional[int]) -> Optional[int]:
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
-    m = pc.max(pq.read_table(path, columns=["interval"]).column("interval")).as_py()
+    m = pc.max(integrity.read_part(path, ["interval"]).column("interval")).as_py()
     return m if mx is None else max(mx, m)
 
 
-def _read_csv_table(directory: str, name: str, columns: Optional[Sequence[str]], warnings: List[str]) -> pa.Table:
+def _read_csv_table(directory: str, name: str, columns: Optional[Sequence[str]], warnings: List[str],
+                    checked: Optional[integrity.Checked] = None) -> pa.Table:
     import pyarrow.csv as pcsv
 
     schema = T.SCHEMAS[name]
@@ -301,6 +297,11 @@ def _read_csv_table(directory: str, name: str, columns: Optional[Sequence[str]],
             data = f.read()
     except FileNotFoundError as e:
         raise DataFileError(f"{directory}: table {name!r} is missing ({name}.csv)", "the recording is incomplete") from e
+    limit = checked.committed(f"{name}.csv") if checked is not None else None
+    if limit is not None and len(data) > limit:  # the interval being written at a crash: never committed
+        warnings.append(f"{name}.csv: torn last interval dropped (recorder stopped mid-write; "
+                        f"{len(data) - limit:,} bytes beyond the commit)")
+        data = data[:limit]
     header = ",".join(schema.names).encode()
     first = data.split(b"\n", 1)[0]
     legacy = first == ",".join(T.legacy_names(name)).encode() != header  # older columns: upgraded below
@@ -392,6 +393,11 @@ def read_recording(
     ``recording[name]`` is accessed (then limited to ``event_columns``, text columns categorical)."""
     meta = read_meta(path)
     warnings: List[str] = []
+    # the files are checked against the manifest before anything parses them: a damaged file,
+    # and every file after it, is never opened by pyarrow or DuckDB (integrity.py, module doc)
+    checked = integrity.check(path, meta)
+    if checked.cut == 0:
+        raise integrity.refuse(path, checked.problems)
     present = list((meta.get("tables") or {}).keys()) or list(T.AGG_TABLES)
     for n in present:
         if n not in T.SCHEMAS:
@@ -410,19 +416,20 @@ def read_recording(
     for n in want:
         if n in T.EVENT_TABLES:
             if storage == "parquet":
-                events[n], ev_max[n] = _parquet_event_table(path, n, warnings)
+                events[n], ev_max[n] = _parquet_event_table(path, n, warnings, checked)
             else:
-                t = reader(path, n, None, warnings)
+                t = reader(path, n, None, warnings, checked)
                 events[n] = EventTable(n, path, [], [], [t] if t.num_rows else [], -1)
                 ev_max[n] = pc.max(t.column("interval")).as_py() if t.num_rows else None
             continue
         try:
-            arrow[n] = reader(path, n, None, warnings)
+            arrow[n] = reader(path, n, None, warnings, checked)
         except (pa.ArrowException, OSError, ValueError, KeyError) as e:  # any damage: one error, no traceback
-            raise DataFileError(f"{path}: table {n!r} is unreadable ({e})", "the recording is damaged") from e
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise DataFileError(f"{path}: table {n!r} is unreadable ({first})", "the recording is damaged") from e
     # verified against the manifest; raw-event files are checked there by size and checksum, and
     # cut below to the intervals that survive
-    arrow = integrity.verify(path, meta, arrow, warnings)
+    arrow = integrity.verify(path, meta, arrow, warnings, checked)
     iv = arrow["intervals"]
     if iv.num_rows == 0:
         raise DataFileError(f"{path}: recording holds no complete interval", "record for at least one interval")
