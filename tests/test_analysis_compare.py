@@ -360,3 +360,29 @@ def test_bench_runs_option_in_help_and_min_effect_default(capsys):
     out = capsys.readouterr().out
     for code in ("0  no", "1  a regression", "2  bad input", "3  no regression", "4  an input"):
         assert code in out
+
+
+@pytest.mark.parametrize("kind", ["damaged", "empty", "lost_events", "map_full", "underived"])
+def test_each_warning_kind_travels_through_compare(kind, tmp_path, capsys, monkeypatch):
+    """A damaged, empty, lossy, map-full or underived recording on one side: compare says so in
+    text and JSON and exits 4 unless --accept-warnings (then the verdict's own status)."""
+    from .test_report_warnings import KINDS
+
+    make, text = KINDS[kind]
+    good = tmp_path / "good"
+    good.mkdir()
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    from .test_report_warnings import make_clean
+    make_clean(str(good / "r"))
+    make(str(bad / "r"))
+    code, out, err = run_cli([good, bad], capsys, monkeypatch)
+    assert code == 4, (out, err)
+    assert text in out.replace("\n", " ") or text in " ".join(out.split())
+    code, out, _ = run_cli([good, bad, "--json"], capsys, monkeypatch)
+    doc = json.loads(out)
+    assert code == 4 and doc["exit_status"] == 4
+    assert any(text in w["warning"] for w in doc["sides"]["after"]["warnings"]), doc["sides"]["after"]["warnings"]
+    assert doc["sides"]["before"]["warnings"] == []
+    code, out, _ = run_cli([good, bad, "--accept-warnings"], capsys, monkeypatch)
+    assert code in (0, 1, 3) and "WARNING after" in out
