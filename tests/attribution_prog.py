@@ -10,6 +10,8 @@ Scenarios:
   dup       two VMs; d = dup(vm1); close(vm1); a second slot of VM 1 created through d
   many      ten VMs in one process
   vcpu      one VM with a vCPU; the VM's fd closed (the vCPU fd keeps the VM alive)
+  dup2      two VMs; dup2(/dev/null, vm2) closes VM 2's only descriptor (no close() call): VM 2
+            is gone, VM 1 gets every unmap (truth: VM 2 none)
   passed    one VM whose fd is passed to another process (SCM_RIGHTS), which keeps it, and closed
             here: no descriptor of this process holds the VM, whose notifier stays on this
             process's mm (tracepoint mode cannot tell its VM: its ops are ambiguous)
@@ -51,7 +53,7 @@ def main(scenario: str, n: int) -> None:
         assert K.ioctl_raw(vm, K.KVM_SET_USER_MEMORY_REGION, ctypes.byref(r)) == 0
         return vm
 
-    count = {"dup": 2, "many": 10, "vcpu": 1, "passed": 1}[scenario]
+    count = {"dup": 2, "dup2": 2, "many": 10, "vcpu": 1, "passed": 1}[scenario]
     vms = [new_vm() for _ in range(count)]
     creates = [1] * count
     keep = []  # descriptors to close at the end
@@ -62,6 +64,10 @@ def main(scenario: str, n: int) -> None:
         assert K.ioctl_raw(d, K.KVM_SET_USER_MEMORY_REGION, ctypes.byref(r)) == 0
         creates[0] += 1
         keep = [d, vms[1]]
+    elif scenario == "dup2":
+        null = os.open("/dev/null", os.O_RDONLY)
+        os.dup2(null, vms[1])  # VM 2's descriptor now is /dev/null: VM 2 is destroyed
+        keep = [vms[0], vms[1], null]
     elif scenario == "vcpu":
         vcpu = K.ioctl(vms[0], K.KVM_CREATE_VCPU, 0)
         os.close(vms[0])
@@ -82,7 +88,11 @@ def main(scenario: str, n: int) -> None:
     if child is not None:
         mine.sendall(b"q")
         os.waitpid(child, 0)
-    out = {"pid": os.getpid(), "vms": [{"ordinal": i + 1, "unmap": n, "creates": c} for i, c in enumerate(creates)]}
+    unmaps = [n] * count
+    if scenario == "dup2":
+        unmaps[1] = 0
+    out = {"pid": os.getpid(),
+           "vms": [{"ordinal": i + 1, "unmap": u, "creates": c} for i, (u, c) in enumerate(zip(unmaps, creates))]}
     sys.stdout.write(json.dumps(out) + "\n")
     sys.stdout.flush()
     os._exit(0)

@@ -64,6 +64,14 @@ def test_a_dup_of_a_vm_fd_keeps_the_vm_and_is_its_descriptor(session):
     assert amb == 0
 
 
+def test_a_vm_fd_replaced_by_dup2_ends_its_vm(session):
+    """dup2(/dev/null, vm2) closes VM 2's only descriptor without a close() call: VM 2 is gone
+    and VM 1 gets every unmap. Before: VM 2 stayed listed as the newest VM and got VM 1's."""
+    truth, rows, _, amb, _ = run(session, "dup2", 500)
+    assert counts(rows) == {t["ordinal"]: t["unmap"] for t in truth["vms"]} == {1: 500, 2: 0}
+    assert amb == 0
+
+
 def test_ten_vms_in_one_process_each_get_their_own_ops(session):
     """Ten live VMs in one process (more than the eight places of a process's vmm entry): each
     its 500 unmaps. Before: VMs 9 and 10 showed 1,000, VMs 1 and 2 nothing."""
