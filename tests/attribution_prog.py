@@ -4,9 +4,13 @@ madvise(MADV_DONTNEED) of that page, each of which fires every live VM's MMU not
 It prints its own truth as one JSON line: its pid and, per VM in creation order, the unmaps its
 notifier received (every VM alive through the loop: N each) and the memslot creations it made.
 
-    python tests/attribution_prog.py SCENARIO N
+    python tests/attribution_prog.py SCENARIO N [--wait]
+
+With --wait it prints "waiting" once set up and creates its VMs the moment a line arrives on
+stdin (bench/attach_race: a VM created right after `record` prints its attached line).
 
 Scenarios:
+  one       one VM
   dup       two VMs; d = dup(vm1); close(vm1); a second slot of VM 1 created through d
   many      ten VMs in one process
   vcpu      one VM with a vCPU; the VM's fd closed (the vCPU fd keeps the VM alive)
@@ -28,7 +32,7 @@ import sys
 from kvmtrace.workload import kvm as K
 
 
-def main(scenario: str, n: int) -> None:
+def main(scenario: str, n: int, wait: bool = False) -> None:
     K.quiet_process_memory()
     child = None
     if scenario == "passed":  # the other process, forked before any VM exists
@@ -53,7 +57,11 @@ def main(scenario: str, n: int) -> None:
         assert K.ioctl_raw(vm, K.KVM_SET_USER_MEMORY_REGION, ctypes.byref(r)) == 0
         return vm
 
-    count = {"dup": 2, "dup2": 2, "many": 10, "vcpu": 1, "passed": 1}[scenario]
+    if wait:
+        sys.stdout.write("waiting\n")
+        sys.stdout.flush()
+        sys.stdin.readline()
+    count = {"one": 1, "dup": 2, "dup2": 2, "many": 10, "vcpu": 1, "passed": 1}[scenario]
     vms = [new_vm() for _ in range(count)]
     creates = [1] * count
     keep = []  # descriptors to close at the end
@@ -99,4 +107,4 @@ def main(scenario: str, n: int) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]))
+    main(sys.argv[1], int(sys.argv[2]), "--wait" in sys.argv[3:])
