@@ -5,6 +5,7 @@ truth). A few iterations here; KVMTRACE_ATTACH_RACE_N=50 runs the issue's full v
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from importlib.machinery import SourceFileLoader
 from pathlib import Path
@@ -22,7 +23,9 @@ BENCH = Path(__file__).resolve().parent.parent / "bench" / "attach_race"
 
 
 def test_a_vm_started_right_after_attached_is_recorded_exactly(capsys):
-    race = SourceFileLoader("attach_race", str(BENCH)).load_module()
+    loader = SourceFileLoader("attach_race", str(BENCH))
+    race = importlib.util.module_from_spec(importlib.util.spec_from_loader("attach_race", loader))
+    loader.exec_module(race)
     n = int(os.environ.get("KVMTRACE_ATTACH_RACE_N", "2"))
     rc = race.main(["--iterations", str(n), "--slots", "4", "--pages", "100"])
     out = capsys.readouterr().out
