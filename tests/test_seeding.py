@@ -74,6 +74,7 @@ def fake_session(monkeypatch):
     monkeypatch.setattr(S, "_insert_new", lambda t, k, v: t.setdefault(k, v) is v, raising=False)
     s = S.TraceSession.__new__(S.TraceSession)
     s.pid, s.bpf = None, maps
+    s._seeded = set()
     return s, maps
 
 
@@ -118,3 +119,17 @@ def test_seeding_with_nothing_in_flight_lists_the_running_vms(monkeypatch):
     assert p.n == 1 and p.fd[0] == 3
     v = maps["tp_vms"][Key(p.gen[0])]
     assert (v.flags & R.VMF_PARTIAL, v.refs) == (R.VMF_PARTIAL, 1)
+
+
+def test_a_vm_seeded_before_the_attach_and_closed_unseen_leaves_the_list(monkeypatch):
+    """Its descriptor closed between the first scan and the attach of the system-call programs
+    (no close() seen): the second seeding ends it, so it cannot take a live VM's ops."""
+    s, maps = fake_session(monkeypatch)
+    seed(s, False)
+    assert maps["vmm"][Key(PID)].n == 1
+    monkeypatch.setattr(S.host, "vm_fds", lambda: {})
+    seed(s, True)
+    p = maps["vmm"][Key(PID)]
+    assert p.n == 0
+    (v,) = maps["tp_vms"].values()
+    assert v.flags & R.VMF_DEAD and not maps["tp_vmfd"]

@@ -136,6 +136,7 @@ class TraceSession:
         self._t0 = 0
         self._rusage0 = 0.0
         self._cost: Optional[CostMeter] = None
+        self._seeded: set = set()  # tracepoint mode: VMM pids whose running VMs were seeded at attach
 
     # ------------------------------------------------------------------ lifecycle
     def __enter__(self) -> "TraceSession":
@@ -274,11 +275,14 @@ class TraceSession:
 
     def _tp_seed(self, concurrent: bool) -> None:
         """Register the VMs of /proc/PID/fd that no one registered (descriptors of one VM, its
-        dups, are one VM: kcmp), as predating the trace."""
-        for pid, fds in sorted(host.vm_fds().items()):
+        dups, are one VM: kcmp), as predating the trace. The second seeding also ends VMs seeded
+        by the first whose descriptor was closed before the system-call programs could see it."""
+        found = host.vm_fds()
+        for pid in sorted(set(found) | self._seeded):
             if self.pid is not None and pid != self.pid:
                 continue
-            self._tp_seed_pid(pid, fds, concurrent)
+            self._tp_seed_pid(pid, sorted(found.get(pid, ())), concurrent)
+            self._seeded.add(pid)
 
     def _tp_seed_pid(self, pid: int, fds: List[int], concurrent: bool) -> None:
         """Compare and merge, never overwrite: the process's VM list is rebuilt from tp_vms
@@ -296,7 +300,15 @@ class TraceSession:
         for attempt in range(10):
             m0 = int(marks[mk].value)
             new = [g for g in groups if all(vmfd.get(_fdkey(vmfd, pid, fd)) is None for fd in g)]
-            if not new and attempt == 0:
+            closed = 0
+            for k, x in list(vms.items()):  # seeded, and its descriptor closed unseen meanwhile
+                if (int(k.value) >= R.SEED_GEN_BASE and int(x.tgid) == pid and not int(x.flags) & R.VMF_DEAD
+                        and int(x.fd) not in fds):
+                    x.flags = int(x.flags) | R.VMF_DEAD
+                    vms[k] = x
+                    vmfd.pop(_fdkey(vmfd, pid, int(x.fd)), None)
+                    closed += 1
+            if not new and not closed and attempt == 0:
                 return  # every VM descriptor is known already
             for g in new:
                 gen = seed_gen(pid, g[0])
