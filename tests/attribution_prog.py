@@ -13,6 +13,7 @@ Scenarios:
   one       one VM
   dup       two VMs; d = dup(vm1); close(vm1); a second slot of VM 1 created through d
   many      ten VMs in one process
+  gaps      twelve VMs, VMs 3 and 10 closed (one of the first eight places, one beyond)
   vcpu      one VM with a vCPU; the VM's fd closed (the vCPU fd keeps the VM alive)
   dup2      two VMs; dup2(/dev/null, vm2) closes VM 2's only descriptor (no close() call): VM 2
             is gone, VM 1 gets every unmap (truth: VM 2 none)
@@ -61,7 +62,7 @@ def main(scenario: str, n: int, wait: bool = False) -> None:
         sys.stdout.write("waiting\n")
         sys.stdout.flush()
         sys.stdin.readline()
-    count = {"one": 1, "dup": 2, "dup2": 2, "many": 10, "vcpu": 1, "passed": 1}[scenario]
+    count = {"one": 1, "dup": 2, "dup2": 2, "many": 10, "gaps": 12, "vcpu": 1, "passed": 1}[scenario]
     vms = [new_vm() for _ in range(count)]
     creates = [1] * count
     keep = []  # descriptors to close at the end
@@ -72,6 +73,10 @@ def main(scenario: str, n: int, wait: bool = False) -> None:
         assert K.ioctl_raw(d, K.KVM_SET_USER_MEMORY_REGION, ctypes.byref(r)) == 0
         creates[0] += 1
         keep = [d, vms[1]]
+    elif scenario == "gaps":
+        os.close(vms[2])
+        os.close(vms[9])
+        keep = [fd for i, fd in enumerate(vms) if i not in (2, 9)]
     elif scenario == "dup2":
         null = os.open("/dev/null", os.O_RDONLY)
         os.dup2(null, vms[1])  # VM 2's descriptor now is /dev/null: VM 2 is destroyed
@@ -99,6 +104,8 @@ def main(scenario: str, n: int, wait: bool = False) -> None:
     unmaps = [n] * count
     if scenario == "dup2":
         unmaps[1] = 0
+    if scenario == "gaps":
+        unmaps[2] = unmaps[9] = 0
     out = {"pid": os.getpid(),
            "vms": [{"ordinal": i + 1, "unmap": u, "creates": c} for i, (u, c) in enumerate(zip(unmaps, creates))]}
     sys.stdout.write(json.dumps(out) + "\n")

@@ -80,6 +80,16 @@ def test_ten_vms_in_one_process_each_get_their_own_ops(session):
     assert amb == 0
 
 
+def test_vms_leave_a_long_list_from_any_place(session):
+    """Twelve VMs, VM 3 (one of the eight places in the process's vmm entry) and VM 10 (a place
+    beyond, in tp_vmmore) closed: the others move up in order and each gets its 300 unmaps, the
+    closed ones none."""
+    truth, rows, _, amb, _ = run(session, "gaps", 300)
+    want = {t["ordinal"]: t["unmap"] for t in truth["vms"]}
+    assert counts(rows) == want and sorted(want.values()) == [0, 0] + [300] * 10
+    assert amb == 0
+
+
 def test_a_vm_kept_alive_by_its_vcpu_fd_keeps_its_ops(session):
     """The VM's fd closed while its vCPU fd keeps it alive: its 300 unmaps are still its own.
     Before: they went to unattributed."""
