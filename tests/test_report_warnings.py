@@ -53,24 +53,24 @@ def make_damaged(p):
     return p
 
 
-def make_crashed(p):
+def _unclosed(p):
+    """A recorder that wrote every interval and was never closed."""
     snaps, evs = _run()
     rec = Recorder(p, events=True, fsync=False, meta={"host": "synthetic", "kernel": "0.0.0-synthetic"})
     prev = None
     for i, s in enumerate(snaps):
         rec.write(s.delta(prev), evs[i])
         prev = s
+    return rec
+
+
+def make_crashed(p):
+    _unclosed(p)
     return p  # never closed: status "recording"
 
 
 def make_incomplete(p):
-    snaps, evs = _run()
-    rec = Recorder(p, events=True, fsync=False, meta={"host": "synthetic", "kernel": "0.0.0-synthetic"})
-    prev = None
-    for i, s in enumerate(snaps):
-        rec.write(s.delta(prev), evs[i])
-        prev = s
-    rec.close(status="incomplete", error="writing: disk full")
+    _unclosed(p).close(status="incomplete", error="writing: disk full")
     return p
 
 
