@@ -37,6 +37,8 @@ if [ "${KVMTRACE_NO_APT:-0}" != 1 ]; then
     exit 3
   fi
   apt_install python3-bpfcc bpftool python3-venv python3-pip
+  # openssl (test certificates) and iproute2's ss (connection counts): the exporter's TLS and abuse tests
+  apt_install openssl iproute2
   # Prometheus server and promtool: the exporter's end-to-end test, `promtool check/test` of the
   # rules. Installed without letting its own service start (it would take port 9090), and that
   # service is disabled when we installed the package (a host that had it keeps its setup).
