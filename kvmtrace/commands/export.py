@@ -8,7 +8,7 @@ import click
 @click.command(
     epilog="""\b
 Examples:
-  kvmtrace record --events -d 30 -o run1          # raw events: one slice per operation
+  kvmtrace record --events --duration 30 -o run1  # raw events: one slice per operation
   kvmtrace export --perfetto run1                  # writes run1.perfetto-trace here
   kvmtrace export --perfetto run1 -o /tmp/run1.pftrace --force
   # open it in the Perfetto UI, or: trace_processor_shell -q query.sql run1.perfetto-trace
