@@ -430,3 +430,12 @@ def test_real_vm_recording_exports_its_operations(tmp_path):
         assert len(got[(m["vm_label"], f"memslot {m['change']}")]) == m["count"] == truth["memslot_updates"][m["change"]]
     for _, h in rep["hva_ops"][rep["hva_ops"]["pid"] == truth["pid"]].iterrows():
         assert len(got[(h["vm_label"], h["op"])]) == h["count"]
+
+
+def test_a_directory_of_several_recordings_is_refused_in_one_line(tmp_path, capsys):
+    make(tmp_path / "fleet" / "a", intervals=1)
+    make(tmp_path / "fleet" / "b", intervals=1)
+    out = tmp_path / "t.pftrace"
+    code, _, err = cli(["export", "--perfetto", str(tmp_path / "fleet"), "-o", str(out)], capsys)
+    assert code == 2 and "holds 2 recordings; export takes one" in err and "Traceback" not in err
+    assert not out.exists()
