@@ -433,6 +433,7 @@ def test_real_vm_recording_exports_its_operations(tmp_path):
 
 
 def test_a_directory_of_several_recordings_is_refused_in_one_line(tmp_path, capsys):
+    (tmp_path / "fleet").mkdir()
     make(tmp_path / "fleet" / "a", intervals=1)
     make(tmp_path / "fleet" / "b", intervals=1)
     out = tmp_path / "t.pftrace"
