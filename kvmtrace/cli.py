@@ -21,6 +21,7 @@ COMMANDS = {
     "record": "record per-interval aggregates (and raw events) to Parquet or CSV",
     "report": "summarise recordings: per VM and op latency, slots visited, memslot updates",
     "compare": "compare two recordings or bench runs (before/after a kernel change)",
+    "export": "write a recording as a Perfetto trace (slices per operation, rate counters)",
     "bench": "run the workload across memslot counts and scenarios under the tracer",
     "exporter": "serve Prometheus metrics per VM from the tracer (production hosts)",
 }

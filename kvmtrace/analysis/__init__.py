@@ -18,6 +18,8 @@ Layout (each module pure unless stated):
   export     spreadsheet-safe, exact CSV (integers as integers, full precision, ISO 8601 times,
              empty cells for not applicable), JSON
   html       self-contained HTML page with matplotlib (Agg) plots
+  perfetto   one recording as a Perfetto trace (TracePacket protos of the perfetto package),
+             raw events streamed from the engine in time order
   render     rich tables for the terminal (rich imported inside functions only)
 
 Nothing here imports bcc; rich and matplotlib are imported lazily inside the functions that

@@ -692,6 +692,8 @@ class Recorder:
                     end=float(delta.wall_time), intervals=self.interval, lost_events=self.lost_events,
                     totals=dict(self.totals),
                 )
+                if "clock" not in self.meta:  # wall and monotonic time of one instant (raw events are monotonic)
+                    self.meta["clock"] = {"realtime_s": float(delta.wall_time), "monotonic_ns": int(delta.mono_ns)}
                 self._commit()
             except BaseException as e:
                 self.interval, self.lost_events, self.totals, self.meta = saved
