@@ -8,7 +8,6 @@ capability set, stopped by SIGTERM, nothing left attached."""
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import signal
@@ -16,10 +15,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -33,80 +28,12 @@ if WHY:
     pytest.skip(f"needs root, bcc, tracefs and /dev/kvm: {WHY}", allow_module_level=True)
 
 from tests.test_exporter import need_tool, promtool  # noqa: E402
-from tests.test_exporter_deploy import (RULES, UNITS, dashboard, dashboard_queries, regex_value,  # noqa: E402
-                                        substitute, unit_capabilities)
+from tests.test_exporter_deploy import (RULES, UNITS, Prom, check_dashboard, check_recording_rules,  # noqa: E402
+                                        free_port, get, unit_capabilities, wait_for)
 from tests.test_tracer_e2e import run_workload  # noqa: E402  (the workload with its ground truth)
 
 ROOT = Path(__file__).resolve().parent.parent
 KVMTRACE = Path(sys.executable).parent / "kvmtrace"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def get(url: str, timeout=10) -> bytes:
-    return urllib.request.urlopen(url, timeout=timeout).read()
-
-
-def wait_for(pred, timeout: float, what: str):
-    end = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < end:
-        try:
-            last = pred()
-            if last:
-                return last
-        except OSError as e:
-            last = e
-        time.sleep(0.3)
-    pytest.fail(f"timed out after {timeout} s waiting for {what} (last: {last!r})")
-
-
-class Prom:
-    """A Prometheus server on a loopback port scraping one target every second."""
-
-    def __init__(self, d: Path, target: str, rules: Path = None):
-        self.port = free_port()
-        cfg = d / "prometheus.yml"
-        cfg.write_text(
-            "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n"
-            + (f"rule_files: ['{rules}']\n" if rules else "")
-            + "scrape_configs:\n  - job_name: kvmtrace\n    static_configs:\n"
-            f"      - targets: ['{target}']\n"
-        )
-        self.log = open(d / "prometheus.log", "w")
-        self.proc = subprocess.Popen(
-            [need_tool("prometheus", "prometheus"), f"--config.file={cfg}", f"--storage.tsdb.path={d / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{self.port}", "--storage.tsdb.retention.time=1h"],
-            stdout=self.log, stderr=subprocess.STDOUT)
-        wait_for(lambda: self.proc.poll() is None and get(f"http://127.0.0.1:{self.port}/-/ready", 2), 60,
-                 "Prometheus to be ready")
-
-    def api(self, path: str, **params):
-        url = f"http://127.0.0.1:{self.port}/api/v1/{path}?" + urllib.parse.urlencode(params)
-        try:
-            doc = json.loads(get(url))
-        except urllib.error.HTTPError as e:  # a bad query: 400 with Prometheus' error in the body
-            pytest.fail(f"Prometheus refused {params}: {e.read().decode(errors='replace')}")
-        assert doc["status"] == "success", doc
-        return doc["data"]
-
-    def query(self, expr: str):
-        return [(r["metric"], float(r["value"][1])) for r in self.api("query", query=expr)["result"]]
-
-    def target_up(self) -> bool:
-        return any(v == 1 for _, v in self.query('up{job="kvmtrace"}'))
-
-    def stop(self):
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self.log.close()
 
 
 def recorder_class():
@@ -250,61 +177,6 @@ def sample_scrapes(url: str, out: list, stop: threading.Event):
                     pairs[k] = (pairs.get(k, (None, None))[0], smp.value)
         out.append(pairs)
         stop.wait(0.5)
-
-
-def check_dashboard(prom: Prom, host: str, vm: str, changes: set):
-    """Every query of deploy/grafana/kvmtrace.json, its variables set as Grafana sets them (the
-    host and VM variables from their own queries), returns series with a number, the per-VM ones
-    the workload's VM, the memslot updates by change type each type the workload made."""
-    d = dashboard()
-    variables = {}
-    for v in d["templating"]["list"]:
-        if v["type"] != "query":
-            continue
-        m = re.fullmatch(r"label_values\((.+), (\w+)\)", v["query"]["query"])
-        values = {r[m.group(2)] for r, _ in prom.query(substitute(m.group(1), variables, "1m"))}
-        want = {"host": host, "vm": vm}[v["name"]]
-        assert want in values, (v["name"], values)
-        variables[v["name"]] = regex_value(want)
-    # a window that holds the whole workload ($__rate_interval is 4 scrape intervals at least).
-    # A rate needs two scrapes of a series in its window: on a loaded host Prometheus may not
-    # have them yet, so each query gets until the deadline to return a number
-    end = time.monotonic() + 90
-    sel = f'vm=~"{variables["vm"]}"'
-    wait_for(lambda: {m["change"] for m, n in prom.query(f"count_over_time(kvmtrace_memslot_updates_total{{{sel}}}[5m])")
-                      if n >= 2} == changes, 90, f"two scrapes of each memslot change type {changes}")
-    by_change = {}
-    for title, ref, expr in dashboard_queries(d):
-        q = substitute(expr, variables, "5m")
-        while True:
-            res = prom.query(q)
-            if any(math.isfinite(x) for _, x in res) or time.monotonic() > end:
-                break
-            time.sleep(1)
-        print(f"{title} [{ref}]: {len(res)} series")
-        assert res, f"dashboard panel {title!r} query {ref} returns no series: {q}"
-        assert any(math.isfinite(x) for _, x in res), f"panel {title!r} query {ref} returns no number: {res}"
-        if any("vm" in m for m, _ in res):
-            assert any(m.get("vm") == vm and math.isfinite(x) for m, x in res), (title, ref, res)
-        if "by (instance, vm, change)" in q:
-            by_change[title, ref] = {m["change"] for m, _ in res}
-    # every change type of the workload, once each has been scraped twice
-    for key in by_change:
-        assert by_change[key] == changes, (key, by_change[key], changes)
-
-
-def check_recording_rules(prom: Prom, vm_id: str):
-    """deploy/prometheus's rules load and evaluate without error in the real server, and the
-    recorded series keep job, instance and the VM labels."""
-    def recorded():
-        return prom.query(f'vm_op:kvmtrace_hva_operations:rate5m{{vm_id="{vm_id}",op="unmap"}}')
-
-    (m, v), = wait_for(recorded, 40, "the recording rules to be evaluated")
-    assert m["job"] == "kvmtrace" and m["instance"] and m["vm"] and v >= 0, m
-    groups = prom.api("rules")["groups"]
-    assert {g["name"] for g in groups} == {"kvmtrace.recording", "kvmtrace.alerts"}
-    bad = [(r["name"], r.get("lastError")) for g in groups for r in g["rules"] if r["health"] == "err"]
-    assert not bad, bad
 
 
 def kprobe_leftovers(pid: int):
