@@ -166,6 +166,7 @@ def sample_scrapes(url: str, out: list, stop: threading.Event):
         try:
             text = get(url, 5).decode()
         except OSError:
+            stop.wait(0.5)
             continue
         pairs = {}
         for fam in text_string_to_metric_families(text):
