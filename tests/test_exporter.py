@@ -88,38 +88,42 @@ def test_histogram_buckets_are_the_kernel_buckets_exactly():
         assert cum == sum(1 for v in SLOT_VALUES if v <= float(le))
 
 
-def test_exposition_carries_every_figure_with_vm_labels_and_provenance():
+def test_exposition_carries_every_figure_with_the_vm_labels():
     ex = Exporter(VmGate(), plan_ops=[("unmap", "tracepoint", "kvm:kvm_unmap_hva_range", "syscall", "derived")],
                   memslots_limit=32764, build={"bcc": "0.26.0", "kernel": "6.1.0"})
     ex.update(make_snap())
     f = families(ex)
-    web = dict(vm="web1[100]#1", vm_id="pid:100", pid="100", guest="web1")
+    web = dict(vm="web1[100]#1", vm_id="pid:100")
     (ops,) = samples(f, "kvmtrace_hva_operations_total", op="unmap", **web)
-    assert ops.value == 7 and ops.labels["provenance"] == "exact"
-    (cnt,) = samples(f, "kvmtrace_hva_latency_seconds_count", op="unmap", provenance="syscall", **web)
+    assert ops.value == 7
+    (cnt,) = samples(f, "kvmtrace_hva_latency_seconds_count", op="unmap", **web)
     assert cnt.value == len(LAT_VALUES)
     (sm,) = samples(f, "kvmtrace_hva_latency_seconds_sum", op="unmap", **web)
     assert sm.value == pytest.approx(sum(LAT_VALUES) / 1e9)
-    (sl,) = samples(f, "kvmtrace_hva_memslots_visited_count", op="unmap", provenance="derived", **web)
+    (sl,) = samples(f, "kvmtrace_hva_memslots_visited_count", op="unmap", **web)
     assert sl.value == len(SLOT_VALUES)
     assert samples(f, "kvmtrace_hva_underived_operations_total", op="unmap", **web)[0].value == 3
     # no latency or slots figure for the age op of the second VM: no series, not zeros
-    other = dict(vm="kvmtrace-wl[200]#?", pid="200", guest="")
+    other = dict(vm="kvmtrace-wl[200]#?", vm_id="pid:200")
     assert samples(f, "kvmtrace_hva_operations_total", op="age", **other)[0].value == 14
     assert not samples(f, "kvmtrace_hva_latency_seconds_count", op="age")
     assert not samples(f, "kvmtrace_hva_memslots_visited_count", op="age")
     # memslot updates by change type, their latency, the VM's memslot count
     (cr,) = samples(f, "kvmtrace_memslot_updates_total", change="create", **web)
-    assert cr.value == 12 and cr.labels["provenance"] == "derived"
+    assert cr.value == 12
     assert samples(f, "kvmtrace_memslot_update_errors_total", change="create", **web)[0].value == 1
-    assert samples(f, "kvmtrace_memslot_update_latency_seconds_count", change="create", provenance="syscall")[0].value == 12
-    assert samples(f, "kvmtrace_memslot_updates_total", change="unknown", provenance="none")[0].value == 2
+    assert samples(f, "kvmtrace_memslot_update_latency_seconds_count", change="create")[0].value == 12
+    assert samples(f, "kvmtrace_memslot_updates_total", change="unknown")[0].value == 2
     assert not samples(f, "kvmtrace_memslot_update_latency_seconds_count", change="unknown")
     assert samples(f, "kvmtrace_vm_memslots", **web)[0].value == 12
     assert samples(f, "kvmtrace_vm_memslots_max", **web)[0].value == 14
     # the second VM predates the trace: its memslot count would be wrong, so none is exported
-    assert not samples(f, "kvmtrace_vm_memslots", pid="200")
-    assert samples(f, "kvmtrace_vm_memslots_complete", pid="200")[0].value == 0
+    assert not samples(f, "kvmtrace_vm_memslots", vm_id="pid:200")
+    assert samples(f, "kvmtrace_vm_memslots_complete", vm_id="pid:200")[0].value == 0
+    # the VMM's pid, guest name and command: once per VM, in kvmtrace_vm_info
+    (info,) = samples(f, "kvmtrace_vm_info", **web)
+    assert info.value == 1 and info.labels == dict(web, pid="100", guest="web1", comm="qemu-system-x86")
+    assert samples(f, "kvmtrace_vm_info", **other)[0].labels["guest"] == ""
     # kvmtrace itself
     for name, want in (("kvmtrace_lost_events_total", 4), ("kvmtrace_map_full_total", 1),
                        ("kvmtrace_unattributed_operations_total", 9), ("kvmtrace_ignored_ioctls_total", 2),
@@ -130,6 +134,45 @@ def test_exposition_carries_every_figure_with_vm_labels_and_provenance():
     assert not samples(f, "kvmtrace_bpf_run_seconds_total")  # unavailable: no made-up zero cost
     assert samples(f, "kvmtrace_build_info")[0].labels["bcc"] == "0.26.0"
     assert samples(f, "kvmtrace_attach_info", op="unmap")[0].labels["attach"] == "tracepoint"
+
+
+PER_VM = ("kvmtrace_hva_", "kvmtrace_memslot_", "kvmtrace_vm_")
+DIMENSIONS = {"op", "change", "le"}  # what a per-VM series is per, besides the VM
+
+
+def test_every_per_vm_series_carries_the_same_two_vm_labels_and_no_provenance():
+    """One VM naming on every family (vm_id: the id, vm: the name), nothing else about the VM
+    except in kvmtrace_vm_info, and no provenance label anywhere (kvmtrace_attach_info has it)."""
+    ex = Exporter(plan_ops=[("unmap", "tracepoint", "kvm:kvm_unmap_hva_range", "syscall", "derived")])
+    ex.update(make_snap(lat_prov="exact", slots_prov="exact", cost=SelfCost("enabled", 10, 1, 0.1, (("p", 10, 1),))))
+    f = families(ex)
+    per_vm = [s for fam in f.values() for s in fam.samples if s.name.startswith(PER_VM)]
+    assert {s.name for s in per_vm} >= {"kvmtrace_hva_operations_total", "kvmtrace_hva_latency_seconds_count",
+                                        "kvmtrace_memslot_updates_total", "kvmtrace_vm_alive", "kvmtrace_vm_info"}
+    for s in per_vm:
+        extra = {"pid", "guest", "comm"} if s.name == "kvmtrace_vm_info" else set()
+        assert set(s.labels) - DIMENSIONS == {"vm_id", "vm"} | extra, (s.name, s.labels)
+    for s in (s for fam in f.values() for s in fam.samples):
+        assert "provenance" not in s.labels, (s.name, s.labels)
+    assert samples(f, "kvmtrace_attach_info", op="unmap")[0].labels["latency"] == "syscall"
+
+
+def test_a_counter_and_its_histogram_divide_without_ignoring():
+    """rate(X_count) / rate(operations_total) matches series one to one: same label sets."""
+    ex = Exporter()
+    ex.update(make_snap())
+    f = families(ex)
+
+    def keyed(name):
+        return {tuple(sorted(s.labels.items())) for s in samples(f, name)}
+
+    ops = keyed("kvmtrace_hva_operations_total")
+    for name in ("kvmtrace_hva_latency_seconds_count", "kvmtrace_hva_memslots_visited_count",
+                 "kvmtrace_hva_underived_operations_total"):
+        assert keyed(name) and keyed(name) <= ops, name
+    assert keyed("kvmtrace_memslot_update_latency_seconds_count") <= keyed("kvmtrace_memslot_updates_total")
+    vms = keyed("kvmtrace_vm_alive")
+    assert keyed("kvmtrace_vm_memslots") <= vms and keyed("kvmtrace_vm_memslots_complete") == vms
 
 
 def test_bpf_cost_exported_when_the_kernel_measures_it():
@@ -183,11 +226,13 @@ def test_exporter_reports_refused_vms_and_freezes_labels():
     f = families(ex)
     assert samples(f, "kvmtrace_exporter_vms", state="refused")[0].value == 1
     assert samples(f, "kvmtrace_exporter_vms_dropped_total")[0].value == 1
-    assert not samples(f, "kvmtrace_hva_operations_total", pid="200")
+    assert not samples(f, "kvmtrace_hva_operations_total", vm_id="pid:200")
     # the guest name learned later does not split the VM's series
     renamed = tuple(VmInfo(v.vm_id, v.pid, v.comm, "renamed", ordinal=v.ordinal) for v in make_snap().vms)
     ex.update(make_snap(seq=2, vms=renamed))
-    assert samples(families(ex), "kvmtrace_hva_operations_total", pid="100")[0].labels["guest"] == "web1"
+    f = families(ex)
+    assert samples(f, "kvmtrace_hva_operations_total", vm_id="pid:100")[0].labels["vm"] == "web1[100]#1"
+    assert samples(f, "kvmtrace_vm_info", vm_id="pid:100")[0].labels["guest"] == "web1"
 
 
 @pytest.mark.parametrize("text,want", [("127.0.0.1:9132", ("127.0.0.1", 9132)), (":80", ("", 80)),
@@ -252,7 +297,7 @@ def test_serve_publishes_each_snapshot_and_closes_the_port():
     def scrape(snap):
         body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
         f = {fam.name: fam for fam in text_string_to_metric_families(body)}
-        seen.append((snap.seq, samples(f, "kvmtrace_hva_operations_total", pid="100", op="unmap")[0].value))
+        seen.append((snap.seq, samples(f, "kvmtrace_hva_operations_total", vm_id="pid:100", op="unmap")[0].value))
         assert samples(f, "process_resident_memory_bytes")  # the process collector is served too
 
     s = FakeSession(3)

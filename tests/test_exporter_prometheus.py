@@ -1,12 +1,13 @@
 """The exporter against a real Prometheus server (root, real VMs): Debian's prometheus scrapes
-the exporter every second while the built-in workload runs; Prometheus' HTTP API must then give
-the workload's ground truth exactly. Also the command itself: run with exactly the systemd
-units' capability set, stopped by SIGTERM, nothing left attached."""
+the exporter every second while the built-in workload runs, with deploy/prometheus's rules
+loaded; Prometheus' HTTP API must then give the workload's ground truth exactly, every query of
+the Grafana dashboard (deploy/grafana) must return series, and the recording rules must record
+with their identity labels. Also the command itself: run with exactly the systemd units'
+capability set, stopped by SIGTERM, nothing left attached."""
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import signal
@@ -14,9 +15,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
-import urllib.parse
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -30,72 +28,12 @@ if WHY:
     pytest.skip(f"needs root, bcc, tracefs and /dev/kvm: {WHY}", allow_module_level=True)
 
 from tests.test_exporter import need_tool, promtool  # noqa: E402
-from tests.test_exporter_deploy import UNITS, unit_capabilities  # noqa: E402
+from tests.test_exporter_deploy import (RULES, UNITS, Prom, check_dashboard, check_recording_rules,  # noqa: E402
+                                        free_port, get, unit_capabilities, wait_for)
 from tests.test_tracer_e2e import run_workload  # noqa: E402  (the workload with its ground truth)
 
 ROOT = Path(__file__).resolve().parent.parent
 KVMTRACE = Path(sys.executable).parent / "kvmtrace"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def get(url: str, timeout=10) -> bytes:
-    return urllib.request.urlopen(url, timeout=timeout).read()
-
-
-def wait_for(pred, timeout: float, what: str):
-    end = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < end:
-        try:
-            last = pred()
-            if last:
-                return last
-        except OSError as e:
-            last = e
-        time.sleep(0.3)
-    pytest.fail(f"timed out after {timeout} s waiting for {what} (last: {last!r})")
-
-
-class Prom:
-    """A Prometheus server on a loopback port scraping one target every second."""
-
-    def __init__(self, d: Path, target: str):
-        self.port = free_port()
-        cfg = d / "prometheus.yml"
-        cfg.write_text(
-            "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n"
-            "scrape_configs:\n  - job_name: kvmtrace\n    static_configs:\n"
-            f"      - targets: ['{target}']\n"
-        )
-        self.log = open(d / "prometheus.log", "w")
-        self.proc = subprocess.Popen(
-            [need_tool("prometheus", "prometheus"), f"--config.file={cfg}", f"--storage.tsdb.path={d / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{self.port}", "--storage.tsdb.retention.time=1h"],
-            stdout=self.log, stderr=subprocess.STDOUT)
-        wait_for(lambda: self.proc.poll() is None and get(f"http://127.0.0.1:{self.port}/-/ready", 2), 60,
-                 "Prometheus to be ready")
-
-    def query(self, expr: str):
-        url = f"http://127.0.0.1:{self.port}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
-        doc = json.loads(get(url))
-        assert doc["status"] == "success", doc
-        return [(r["metric"], float(r["value"][1])) for r in doc["data"]["result"]]
-
-    def target_up(self) -> bool:
-        return any(v == 1 for _, v in self.query('up{job="kvmtrace"}'))
-
-    def stop(self):
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self.log.close()
 
 
 def recorder_class():
@@ -109,10 +47,12 @@ def recorder_class():
 def test_prometheus_scrapes_the_workloads_ground_truth(tmp_path):
     """Exporter in this process (so the very snapshots it serves are also recorded for
     `kvmtrace report`), Prometheus in a subprocess scraping it every second."""
+    from kvmtrace.commands.exporter import memslots_limit
     from kvmtrace.exporter.collector import Exporter, VmGate, plan_rows
     from kvmtrace.exporter.server import bind, serve
 
     ex = Exporter(VmGate())
+    ex.memslots_limit, ex.memslots_limit_why = memslots_limit()  # as the command does
     server = bind("127.0.0.1", 0, ex)
     port = server.server_address[1]
     stop = threading.Event()
@@ -138,13 +78,23 @@ def test_prometheus_scrapes_the_workloads_ground_truth(tmp_path):
         t = threading.Thread(target=loop, daemon=True)
         t.start()
         try:
-            prom = Prom(tmp_path, f"127.0.0.1:{port}")
+            prom = Prom(tmp_path, f"127.0.0.1:{port}", rules=RULES)
             wait_for(prom.target_up, 30, "Prometheus to scrape the exporter")
-            truth = run_workload(tmp_path, "--slots", "16", "--scenario", "mixed", "--iterations", "2")
+            scrapes = []
+            sampler = threading.Thread(target=sample_scrapes, args=(f"http://127.0.0.1:{port}/metrics", scrapes, stop),
+                                       daemon=True)
+            sampler.start()
+            # --duration: traffic over several scrapes, so rates and quantiles see it rise (a series
+            # first scraped with its final value has no increase in Prometheus' eyes)
+            truth = run_workload(tmp_path, "--slots", "16", "--scenario", "mixed", "--duration", "8")
             pid = truth["pid"]
             want_unmap = truth["hva_ops"]["unmap"]
             want_ms = {k: v for k, v in truth["memslot_updates"].items() if v}
-            sel = f'job="kvmtrace",pid="{pid}"'
+            # the VM's labels: its id and name, found from its pid through kvmtrace_vm_info
+            (info, _), = wait_for(lambda: prom.query(f'kvmtrace_vm_info{{job="kvmtrace",pid="{pid}"}}'), 30,
+                                  f"kvmtrace_vm_info of pid {pid}")
+            vm_id, vm_name = info["vm_id"], info["vm"]
+            sel = f'job="kvmtrace",vm_id="{vm_id}"'
 
             def unmap_count():
                 r = prom.query(f'kvmtrace_hva_operations_total{{{sel},op="unmap"}}')
@@ -155,7 +105,7 @@ def test_prometheus_scrapes_the_workloads_ground_truth(tmp_path):
             # a VM created while traced starts at 0: its counter is its increase over the run
             # (increase() itself extrapolates to the window's edges, so it is not an exact count)
             (m, v), = prom.query(f'max_over_time(kvmtrace_hva_operations_total{{{sel},op="unmap"}}[10m])')
-            assert v == want_unmap and m["provenance"] == "exact"
+            assert v == want_unmap and set(m) == {"job", "instance", "vm_id", "vm", "op"}, m
             (_, first), = prom.query(f'min_over_time(kvmtrace_hva_operations_total{{{sel},op="unmap"}}[10m])')
             assert 0 <= first <= want_unmap
 
@@ -168,6 +118,13 @@ def test_prometheus_scrapes_the_workloads_ground_truth(tmp_path):
             q = prom.query(f'histogram_quantile(0.5, kvmtrace_hva_latency_seconds_bucket{{{sel},op="unmap"}})')
             assert len(q) == 1
             q_ns = q[0][1] * 1e9
+            # a counter and its histogram divide as they are: same labels, no ignoring()
+            (m, share), = prom.query(f'kvmtrace_hva_latency_seconds_count{{{sel},op="unmap"}}'
+                                     f' / kvmtrace_hva_operations_total{{{sel},op="unmap"}}')
+            print(f"unmap operations with a latency figure: {share:.6f}")
+            assert 0 < share <= 1
+            check_dashboard(prom, f"127.0.0.1:{port}", vm_name, set(want_ms))
+            check_recording_rules(prom, vm_id)
             live = get(f"http://127.0.0.1:{port}/metrics")
         finally:
             stop.set()
@@ -176,6 +133,12 @@ def test_prometheus_scrapes_the_workloads_ground_truth(tmp_path):
                 prom.stop()
         rec.close(status="complete", stopped_by="stop")
     assert not errors, errors
+    # every scrape was one snapshot: no operation has a latency figure before it is counted
+    pairs = [p for s in scrapes for p in s.values() if p[0] is not None and p[1] is not None]
+    ahead = [p for p in pairs if p[1] > p[0]]
+    print(f"{len(scrapes)} scrapes, {len(pairs)} (VM, op) pairs; histogram _count short of the counter in "
+          f"{sum(1 for c, n in pairs if n < c)} (operations whose system call had not returned)")
+    assert len(scrapes) >= 5 and pairs and not ahead, ahead[:5]
     # report's p50 of the same snapshots
     # --accept-warnings: other VMs on a shared host may predate the trace ("underived")
     p = subprocess.run([str(KVMTRACE), "report", str(rec_dir), "--json", "--accept-warnings"], capture_output=True,
@@ -192,6 +155,29 @@ def test_prometheus_scrapes_the_workloads_ground_truth(tmp_path):
     # and the live exposition passes promtool's lint
     lint = subprocess.run([promtool(), "check", "metrics"], input=live, capture_output=True, timeout=60)
     assert lint.returncode == 0, lint.stdout.decode() + lint.stderr.decode()
+
+
+def sample_scrapes(url: str, out: list, stop: threading.Event):
+    """Scrape the exporter every 0.5 s: per (vm_id, op) (operations_total, latency _count) of
+    each scrape."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    while not stop.is_set():
+        try:
+            text = get(url, 5).decode()
+        except OSError:
+            stop.wait(0.5)
+            continue
+        pairs = {}
+        for fam in text_string_to_metric_families(text):
+            for smp in fam.samples:
+                k = (smp.labels.get("vm_id"), smp.labels.get("op"))
+                if smp.name == "kvmtrace_hva_operations_total":
+                    pairs[k] = (smp.value, pairs.get(k, (None, None))[1])
+                elif smp.name == "kvmtrace_hva_latency_seconds_count":
+                    pairs[k] = (pairs.get(k, (None, None))[0], smp.value)
+        out.append(pairs)
+        stop.wait(0.5)
 
 
 def kprobe_leftovers(pid: int):
@@ -223,11 +209,12 @@ def test_exporter_runs_with_the_units_capabilities_only(tmp_path):
         bnd = int(re.search(r"CapBnd:\s*(\w+)", status).group(1), 16)
         assert bin(bnd).count("1") == len(caps)
         truth = run_workload(tmp_path, "--slots", "8", "--scenario", "unmap", "--pages", "300", "--iterations", "1")
-        line = f'op="unmap",pid="{truth["pid"]}"'
+        line = f'op="unmap",vm="'
+        vm = f'[{truth["pid"]}]#'
 
         def count():
             for l in get(url, 2).decode().splitlines():
-                if l.startswith("kvmtrace_hva_operations_total{") and line in l:
+                if l.startswith("kvmtrace_hva_operations_total{") and line in l and vm in l:
                     return float(l.rsplit(" ", 1)[1])
             return None
 

@@ -121,10 +121,12 @@ def test_prometheus_scrapes_the_real_exporter_through_tls_and_basic_auth(tmp_pat
         wait_for(lambda: prom.up("wrong") == 0, 30, "Prometheus' job with the wrong password to fail")
         truth = run_workload(tmp_path, "--slots", "8", "--scenario", "unmap", "--pages", "300", "--iterations", "1")
         want = truth["hva_ops"]["unmap"]
-        sel = f'job="kvmtrace",pid="{truth["pid"]}",op="unmap"'
+        # the VM's series joined with kvmtrace_vm_info, which has its pid
+        q = (f'kvmtrace_hva_operations_total{{job="kvmtrace",op="unmap"}} * on (job, instance, vm_id) '
+             f'group_left kvmtrace_vm_info{{pid="{truth["pid"]}"}}')
 
         def unmaps():
-            r = prom.query(f"kvmtrace_hva_operations_total{{{sel}}}")
+            r = prom.query(q)
             return r and r[0][1] == want
 
         wait_for(unmaps, 30, f"Prometheus to see the workload's {want} unmaps through TLS")

@@ -611,8 +611,8 @@ def _scrape(url, scrapes, done):
                     x[smp.labels["state"]] = int(smp.value)  # exported, refused (live), refused_exited
                 elif smp.name == "kvmtrace_vm_alive" and smp.value == 0:
                     x["dead_exported"] += 1
-                elif smp.name == "kvmtrace_vm_alive":
-                    x["alive_pids"].add(smp.labels["pid"])
+                elif smp.name == "kvmtrace_vm_alive":  # vm: name[pid]#n
+                    x["alive_pids"].add(smp.labels["vm"].rsplit("[", 1)[1].split("]")[0])
                 elif smp.name == "process_cpu_seconds_total":
                     x["cpu"] = smp.value
         scrapes.append(x)

@@ -50,14 +50,15 @@ def exporter(listen, web_config, interval, max_vms, vm_grace, pid, modes, self_c
 
     \b
     The tracer aggregates in the kernel and takes a cumulative snapshot every --interval; a
-    scrape formats the latest snapshot (no per-event work). Per VM (labels vm, vm_id, pid,
-    guest) and op: operations, latency and memslots-visited histograms (the kernel's log2
+    scrape formats the latest snapshot (no per-event work). Per VM (labels vm_id: stable id,
+    vm: name) and op: operations, latency and memslots-visited histograms (the kernel's log2
     buckets), memslots scanned; per change type: memslot updates and their latency; memslot
-    count per VM; and kvmtrace's own health: lost events, full maps, unattributed operations,
-    its CPU and BPF cost, build and attach-mode info. The provenance label says how each figure
-    was obtained (exact / syscall / derived). Binds 127.0.0.1 only unless told otherwise; TLS
-    and basic authentication with --web.config.file. Connections are served by a fixed set of
-    threads, each with a deadline (idle or half-written requests are dropped after 5 s).
+    count per VM; kvmtrace_vm_info (pid, guest, comm); and kvmtrace's own health: lost events,
+    full maps, unattributed operations, its CPU and BPF cost, build and attach-mode info
+    (kvmtrace_attach_info: how each figure is obtained, exact / syscall / derived). Binds
+    127.0.0.1 only unless told otherwise; TLS and basic authentication with --web.config.file.
+    Connections are served by a fixed set of threads, each with a deadline (idle or
+    half-written requests are dropped after 5 s).
     SIGINT or SIGTERM detach every probe and exit 0."""
     from ..errors import KvmtraceError
     from ..exporter.collector import Exporter, VmGate, plan_rows

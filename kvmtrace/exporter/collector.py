@@ -6,6 +6,13 @@ scrape only turns that view into metric families: its work grows with the number
 never with the number of events traced (the kernel aggregated those already).
 
 Every figure is described once, with its provenance, in docs/exporter.md.
+
+Labels: every per-VM series carries the same two VM labels, ``vm_id`` (the stable id of one VM
+lifetime, as in recordings) and ``vm`` (the name every kvmtrace output shows), and nothing else
+about the VM; ``kvmtrace_vm_info`` carries the VMM pid, guest name and command, joined on
+``vm_id``. No series carries a ``provenance`` label: how each figure is obtained is a property
+of the host's probe plan, exported once per op by ``kvmtrace_attach_info``, so a counter and
+its histogram have the same label set and divide without ``ignoring()``.
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ import platform
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 from .. import __version__
 from ..snapshot import Log2Hist, Snapshot, VmFigures, VmInfo, departed, with_vms
@@ -27,7 +34,23 @@ from ..text import display
 LAT_BUCKETS = range(7, 36)  # le = 127 ns .. 2**35 - 1 ns (34.4 s), in seconds
 SLOT_BUCKETS = range(0, 17)  # le = 0, 1, 3, 7 .. 65535 memslots (KVM allows at most 32764)
 
-VM_LABELS = ("vm", "vm_id", "pid", "guest")
+VM_LABELS = ("vm_id", "vm")  # on every per-VM series, in this order
+VM_INFO_LABELS = ("pid", "guest", "comm")  # kvmtrace_vm_info only
+
+
+class VmLabels(NamedTuple):
+    """Label values of one exported VM, fixed when it is admitted."""
+
+    vm_id: str
+    vm: str
+    pid: str
+    guest: str
+    comm: str
+
+    @property
+    def series(self) -> Tuple[str, str]:
+        """The values of VM_LABELS."""
+        return (self.vm_id, self.vm)
 
 DEFAULT_PORT = 9132
 DEFAULT_MAX_VMS = 64
@@ -79,7 +102,7 @@ class VmGate:
     max_vms: int = DEFAULT_MAX_VMS
     grace_s: float = DEFAULT_GRACE_S
     clock: Callable[[], float] = time.monotonic
-    admitted: Dict[str, Tuple[str, ...]] = field(default_factory=dict)  # vm_id -> label values
+    admitted: Dict[str, VmLabels] = field(default_factory=dict)  # vm_id -> label values
     last_alive: Dict[str, float] = field(default_factory=dict)
     expired: set = field(default_factory=set)
     refused: int = 0
@@ -117,9 +140,9 @@ class VmGate:
                 if dead:  # the exported VM that exited longest ago gives its place to a live one
                     self._expire(min(dead, key=lambda k: (last[k], k)))
             if len(self.admitted) < self.max_vms:
-                # label values: prometheus_client escapes \\, " and newlines; the VMM-chosen name
-                # is also shown as data and capped (text.display), like every output
-                self.admitted[v.vm_id] = (v.label, v.vm_id, str(v.pid), display(v.name))
+                # label values: prometheus_client escapes \\, " and newlines; the VMM-chosen names
+                # are also shown as data and capped (text.display), like every output
+                self.admitted[v.vm_id] = VmLabels(v.vm_id, v.label, str(v.pid), display(v.name), display(v.comm))
             else:
                 refused.add(v.vm_id)
         self.last_alive = {k: t for k, t in last.items() if k not in self.expired}
@@ -134,7 +157,7 @@ class View:
     """What one scrape reads: the latest snapshot and the label values of the admitted VMs."""
 
     snap: Snapshot
-    labels: Dict[str, Tuple[str, ...]]
+    labels: Dict[str, VmLabels]
     vms_exported: int
     vms_refused: int
     vms_dropped_total: int
@@ -272,35 +295,36 @@ class Exporter:
                   "by a live VM)", v.vms_expired_total)
 
     def _hva_metrics(self, v: View, s: Snapshot, Counter, Histogram):
-        names = list(VM_LABELS) + ["op", "provenance"]
+        # every family of one (VM, op) has the same label set, so any two divide as they are;
+        # all of them come from the one HvaStats row of the one snapshot this scrape serves
+        names = list(VM_LABELS) + ["op"]
         ops = Counter("kvmtrace_hva_operations", "hva operations (MMU-notifier callbacks) per VM and op", labels=names)
-        lat = Histogram("kvmtrace_hva_latency_seconds", "latency of hva operations (log2 buckets from the kernel)",
-                        labels=names)
+        lat = Histogram("kvmtrace_hva_latency_seconds", "latency of hva operations (log2 buckets from the kernel); "
+                        "_count: operations with a latency figure", labels=names)
         slots = Histogram("kvmtrace_hva_memslots_visited", "memslots visited (matched) per hva operation", labels=names)
         scanned = Counter("kvmtrace_hva_memslots_scanned", "memslots scanned by hva operations (linear-scan kernels)",
                           labels=names)
         underived = Counter("kvmtrace_hva_underived_operations",
                             "hva operations whose memslots-visited figure could not be derived (counted, not guessed)",
-                            labels=list(VM_LABELS) + ["op"])
+                            labels=names)
         for h in s.hva:
             lv = v.labels.get(h.vm_id)
             if lv is None:
                 continue
-            ops.add_metric([*lv, h.op, "exact"], h.count)
+            key = [*lv.series, h.op]
+            ops.add_metric(key, h.count)
             if h.lat_provenance != "none" and h.lat_hist.total:
-                lat.add_metric([*lv, h.op, h.lat_provenance], hist_buckets(h.lat_hist, LAT_BUCKETS, 1e9),
-                               h.lat_sum_ns / 1e9)
+                lat.add_metric(key, hist_buckets(h.lat_hist, LAT_BUCKETS, 1e9), h.lat_sum_ns / 1e9)
             if h.slots_provenance != "none" and h.slots_hist.total:
-                slots.add_metric([*lv, h.op, h.slots_provenance], hist_buckets(h.slots_hist, SLOT_BUCKETS, 1),
-                                 h.slots_sum)
+                slots.add_metric(key, hist_buckets(h.slots_hist, SLOT_BUCKETS, 1), h.slots_sum)
             if h.scanned_sum is not None:
-                scanned.add_metric([*lv, h.op, "exact"], h.scanned_sum)
+                scanned.add_metric(key, h.scanned_sum)
             if h.slots_provenance != "exact":
-                underived.add_metric([*lv, h.op], h.underived)
+                underived.add_metric(key, h.underived)
         yield from (ops, lat, slots, scanned, underived)
 
     def _memslot_metrics(self, v: View, s: Snapshot, Counter, Histogram, Gauge):
-        names = list(VM_LABELS) + ["change", "provenance"]
+        names = list(VM_LABELS) + ["change"]
         upd = Counter("kvmtrace_memslot_updates", "memslot updates per VM and change type", labels=names)
         err = Counter("kvmtrace_memslot_update_errors", "memslot updates that returned an error", labels=names)
         lat = Histogram("kvmtrace_memslot_update_latency_seconds", "latency of memslot updates (log2 buckets)",
@@ -309,32 +333,33 @@ class Exporter:
             lv = v.labels.get(m.vm_id)
             if lv is None:
                 continue
-            upd.add_metric([*lv, m.change, m.change_provenance], m.count)
-            err.add_metric([*lv, m.change, m.change_provenance], m.errors)
+            key = [*lv.series, m.change]
+            upd.add_metric(key, m.count)
+            err.add_metric(key, m.errors)
             if m.lat_provenance != "none" and m.lat_hist.total:
-                lat.add_metric([*lv, m.change, m.lat_provenance], hist_buckets(m.lat_hist, LAT_BUCKETS, 1e9),
-                               m.lat_sum_ns / 1e9)
+                lat.add_metric(key, hist_buckets(m.lat_hist, LAT_BUCKETS, 1e9), m.lat_sum_ns / 1e9)
         yield from (upd, err, lat)
-        count = Gauge("kvmtrace_vm_memslots", "memslots the VM has now (from the mirrored memslot table)",
-                      labels=list(VM_LABELS) + ["provenance"])
-        most = Gauge("kvmtrace_vm_memslots_max", "largest memslot count of the VM seen while traced",
-                     labels=list(VM_LABELS) + ["provenance"])
+        labels = list(VM_LABELS)
+        info = Gauge("kvmtrace_vm_info", "1 per exported VM: its VMM process id, guest name (QEMU -name, else empty) "
+                     "and VMM command; join on vm_id", labels=labels + list(VM_INFO_LABELS))
+        count = Gauge("kvmtrace_vm_memslots", "memslots the VM has now (from the mirrored memslot table)", labels=labels)
+        most = Gauge("kvmtrace_vm_memslots_max", "largest memslot count of the VM seen while traced", labels=labels)
         complete = Gauge("kvmtrace_vm_memslots_complete",
                          "1 when the VM's memslot table is fully known (created while traced), 0 when it predates "
-                         "the trace (then no memslot count is exported)", labels=list(VM_LABELS))
-        alive = Gauge("kvmtrace_vm_alive", "1 while the VMM process of the VM runs, 0 after it exited",
-                      labels=list(VM_LABELS))
+                         "the trace (then no memslot count is exported)", labels=labels)
+        alive = Gauge("kvmtrace_vm_alive", "1 while the VMM process of the VM runs, 0 after it exited", labels=labels)
         for vm in s.vms:
             lv = v.labels.get(vm.vm_id)
             if lv is None:
                 continue
-            alive.add_metric(list(lv), 1 if vm.alive else 0)
-            complete.add_metric(list(lv), 0 if vm.partial else 1)
+            info.add_metric(list(lv), 1)
+            alive.add_metric(list(lv.series), 1 if vm.alive else 0)
+            complete.add_metric(list(lv.series), 0 if vm.partial else 1)
             if not vm.partial and vm.memslots is not None and vm.memslots_provenance != "none":
-                count.add_metric([*lv, vm.memslots_provenance], vm.memslots)
+                count.add_metric(list(lv.series), vm.memslots)
                 if vm.memslots_max is not None:
-                    most.add_metric([*lv, vm.memslots_provenance], vm.memslots_max)
-        yield from (count, most, complete, alive)
+                    most.add_metric(list(lv.series), vm.memslots_max)
+        yield from (info, count, most, complete, alive)
 
 
 def plan_rows(plan) -> List[Tuple[str, str, str, str, str]]:
