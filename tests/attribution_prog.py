@@ -14,6 +14,8 @@ Scenarios:
   dup       two VMs; d = dup(vm1); close(vm1); a second slot of VM 1 created through d
   many      ten VMs in one process
   gaps      twelve VMs, VMs 3 and 10 closed (one of the first eight places, one beyond)
+  over      VM_LIST_MAX + 2 VMs: the two newest are beyond the list the kernel keeps (their
+            ops are ambiguous, the truth still gives each its N)
   vcpu      one VM with a vCPU; the VM's fd closed (the vCPU fd keeps the VM alive)
   dup2      two VMs; dup2(/dev/null, vm2) closes VM 2's only descriptor (no close() call): VM 2
             is gone, VM 1 gets every unmap (truth: VM 2 none)
@@ -30,6 +32,7 @@ import os
 import socket
 import sys
 
+from kvmtrace.tracer.records import VM_LIST_MAX
 from kvmtrace.workload import kvm as K
 
 
@@ -62,7 +65,7 @@ def main(scenario: str, n: int, wait: bool = False) -> None:
         sys.stdout.write("waiting\n")
         sys.stdout.flush()
         sys.stdin.readline()
-    count = {"one": 1, "dup": 2, "dup2": 2, "many": 10, "gaps": 12, "vcpu": 1, "passed": 1}[scenario]
+    count = {"one": 1, "dup": 2, "dup2": 2, "many": 10, "gaps": 12, "over": VM_LIST_MAX + 2, "vcpu": 1, "passed": 1}[scenario]
     vms = [new_vm() for _ in range(count)]
     creates = [1] * count
     keep = []  # descriptors to close at the end

@@ -90,6 +90,20 @@ def test_vms_leave_a_long_list_from_any_place(session):
     assert amb == 0
 
 
+def test_vms_beyond_the_list_are_ambiguous_and_the_listed_ones_exact(session):
+    """VM_LIST_MAX + 2 VMs in one process: the kernel lists the first VM_LIST_MAX (each its
+    exact 200 unmaps); the two beyond are not registered (no row: map_full counts them) and
+    their 2 x 200 unmaps are counted as the process's ambiguous ops, never a listed VM's."""
+    from kvmtrace.tracer.records import VM_LIST_MAX
+
+    before = session.snapshot().map_full
+    truth, rows, _, amb, snap = run(session, "over", 200)
+    assert len(truth["vms"]) == VM_LIST_MAX + 2
+    assert counts(rows) == {i: 200 for i in range(1, VM_LIST_MAX + 1)}
+    assert amb == 2 * 200
+    assert snap.map_full - before >= 2
+
+
 def test_a_vm_kept_alive_by_its_vcpu_fd_keeps_its_ops(session):
     """The VM's fd closed while its vCPU fd keeps it alive: its 300 unmaps are still its own.
     Before: they went to unattributed."""

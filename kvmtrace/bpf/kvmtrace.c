@@ -265,8 +265,10 @@ static __always_inline void max_update(u64 *slot, u64 v)
 #define VM_PER_PROC 8  // the first places of a process's VM list, in its vmm entry (and the
                        // threads' copies); places from VM_PER_PROC on are in tp_vmmore
 #ifndef VM_LIST_MAX
-#define VM_LIST_MAX 64 // live VMs of one process the list holds; a VM beyond it is not registered
-#endif
+#define VM_LIST_MAX 16 // live VMs of one process the list holds; a VM beyond it is not registered
+#endif             // (userspace passes records.VM_LIST_MAX). The loops over the places beyond
+                   // VM_PER_PROC are unrolled: 6.1's verifier refused a bounded loop of 56
+                   // ("the sequence of 8193 jumps is too complex"), 6.12's hit its 1 M limit
 #define FD_VCPU (1ull << 63)  // tp_vmfd value: a vCPU descriptor of the VM (gen in the other bits)
 #define TP_DUP (1ull << 32)   // ioc_state.cmd of dup/dup2/dup3/fcntl(F_DUPFD*) (no ioctl number)
 #ifndef TABS_PER_PROC
@@ -497,13 +499,19 @@ static __always_inline void vmm_drop(struct vmm_val *p, u64 gen, u32 tgid)
     if (n > VM_PER_PROC) {
         struct vmfd_key k = {};
         k.tgid = tgid;
-        for (u32 j = VM_PER_PROC; j < VM_LIST_MAX; j++) {  // bounded; only lists beyond VM_PER_PROC
-            if (j >= n)
-                break;
+        u32 more = 1;
+#pragma unroll
+        for (u32 j = VM_PER_PROC; j < VM_LIST_MAX; j++) {  // only lists beyond VM_PER_PROC
+            if (!more || j >= n) {
+                more = 0;
+                continue;
+            }
             k.fd = j;
             struct vm_ent *e = tp_vmmore.lookup(&k);
-            if (!e)
-                break;
+            if (!e) {
+                more = 0;
+                continue;
+            }
             struct vm_ent x = *e;
             u32 hit = !found && x.gen == gen;
             if (found) {  // place j - 1 takes place j
@@ -581,8 +589,7 @@ static __always_inline void fd_add(u32 tgid, u32 fd, u64 val)
     struct vmfd_key k = {};
     k.tgid = tgid;
     k.fd = fd;
-    if (tp_vmfd.lookup(&k))  // a descriptor whose close was not seen: it held another VM
-        fd_close(tgid, fd);
+    // (a descriptor whose close was not seen, or that dup2 replaced: tp_fd_exit closed it)
     if (tp_vmfd.update(&k, &val) != 0) {
         bump(CNT_MAPFULL);
         return;
@@ -618,8 +625,7 @@ static __always_inline void vm_register(u32 tgid, u32 fd)
     struct vmfd_key k = {};
     k.tgid = tgid;
     k.fd = fd;
-    if (tp_vmfd.lookup(&k))  // a descriptor whose close we did not see: it no longer holds its VM
-        fd_close(tgid, fd);
+    // (a descriptor whose close was not seen no longer holds its VM: tp_fd_exit closed it)
     struct vmm_val *p = vmm.lookup(&tgid);
     if (p && p->n >= VM_LIST_MAX) {  // not registered: its ops count as ambiguous, its updates as ignored
         bump(CNT_MAPFULL);
@@ -1092,8 +1098,13 @@ struct ioc_state {
 };
 BPF_TABLE("lru_hash", u32, struct ioc_state, ioc, MAX_THREADS);
 // tail-called programs, filled by userspace before the system-call programs are attached
-enum { JOB_SHIFT_RIGHT = 0, JOB_SHIFT_LEFT = 1, JOB_IOC_EXIT = 2 };
-BPF_PROG_ARRAY(tp_jobs, 3);  // shift right (insert), shift left (remove), the ioctl's end
+// Each place where a VM can leave a process's list (fd_close, whose vmm_drop moves the places
+// beyond it) is in a program of its own: tp_close (close()) and tp_fd_exit (a new descriptor:
+// KVM_CREATE_VM, KVM_CREATE_VCPU, dup*), so that no program inlines it twice (6.12 refused
+// tp_ioc_exit at its 1 M processed-instruction limit when it held three copies).
+enum { JOB_SHIFT_RIGHT = 0, JOB_SHIFT_LEFT = 1, JOB_IOC_EXIT = 2, JOB_FD_EXIT = 3, JOB_CLOSE = 4 };
+BPF_PROG_ARRAY(tp_jobs, 5);  // shift right (insert), shift left (remove), the ioctl's end, the
+                             // end of a call returning a VM's new descriptor, a VM fd's close()
 
 static __always_inline void ioc_release(struct ioc_state *s, int changed)
 {
@@ -1241,8 +1252,54 @@ static __always_inline void ms_account(u64 gen, u32 tgid, u32 change, s64 ret, u
     hist_inc(v->lat, dur, 1);
 }
 
-// The end of a memslot ioctl or of KVM_CREATE_VM: tail-called by tp_sys_exit (a separate
-// program, so that the hot system-call exit stays small for the verifier and the cache).
+// The end of a call that returns a new descriptor of a known VM (KVM_CREATE_VCPU, dup*) or a
+// new VM (KVM_CREATE_VM): tail-called by tp_ioc_exit.
+int tp_fd_exit(struct bpf_raw_tracepoint_args *ctx)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tgid = id >> 32, tid = (u32)id;
+    struct ioc_state *s = ioc.lookup(&tid);
+    if (!s)
+        return 0;
+    s64 ret = (s64)ctx->args[1];  // raw_syscalls:sys_exit(regs, ret)
+    u64 cmd = s->cmd, gen = s->gen;
+    u32 oldfd = s->fd;
+    ioc.delete(&tid);
+    if (ret < 0 || (cmd == TP_DUP && (u32)ret == oldfd))  // failed, or dup2(fd, fd): no change
+        return 0;
+    // the new descriptor held a VM (dup2/dup3 closed it, or its close was not seen): it no
+    // longer does. The one place of this program that can drop a VM from its process's list.
+    fd_close(tgid, (u32)ret);
+    if (cmd == KVM_CREATE_VCPU_NR) {
+        fd_add(tgid, (u32)ret, gen | FD_VCPU);
+    } else if (cmd == TP_DUP) {
+        if (gen)
+            fd_add(tgid, (u32)ret, gen);
+    } else {
+        vm_register(tgid, (u32)ret);
+        // rare: lets userspace name the VMM while it is alive
+        struct event ev = {};
+        ev_head(&ev, EV_VM_CREATE, bpf_ktime_get_ns(), id);
+        ev.vm_create.ret = (s32)ret;
+        emit(ctx, &ev, 0);
+    }
+    return 0;
+}
+
+// A close() of a descriptor kvmtrace knows holds a VM: tail-called by tp_sys_enter.
+int tp_close(struct bpf_raw_tracepoint_args *ctx)
+{
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    // close's fd is its first argument: the di register of the saved user registers
+    u64 fd = 0;
+    bpf_probe_read_kernel(&fd, sizeof(fd), (void *)(ctx->args[0] + OFF_PT_REGS_DI));
+    fd_close(tgid, (u32)fd);
+    return 0;
+}
+
+// The end of a memslot ioctl, or of a call returning a new descriptor: tail-called by
+// tp_sys_exit (a separate program, so that the hot system-call exit stays small for the
+// verifier and the cache).
 int tp_ioc_exit(struct bpf_raw_tracepoint_args *ctx)
 {
     u64 id = bpf_get_current_pid_tgid();
@@ -1250,34 +1307,15 @@ int tp_ioc_exit(struct bpf_raw_tracepoint_args *ctx)
     struct ioc_state *s = ioc.lookup(&tid);
     if (!s)
         return 0;
+    if (s->cmd == TP_DUP || s->cmd == KVM_CREATE_VCPU_NR || s->cmd == KVM_CREATE_VM_NR) {
+        tp_jobs.call(ctx, JOB_FD_EXIT);
+        // not reached once the program is installed (userspace does that before attaching)
+        ioc.delete(&tid);
+        bump(CNT_LOST);
+        return 0;
+    }
     u64 now = bpf_ktime_get_ns();
     s64 ret = (s64)ctx->args[1];  // raw_syscalls:sys_exit(regs, ret)
-    if (s->cmd == TP_DUP || s->cmd == KVM_CREATE_VCPU_NR) {
-        if (ret >= 0) {
-            if (s->cmd == KVM_CREATE_VCPU_NR) {
-                fd_add(tgid, (u32)ret, s->gen | FD_VCPU);
-            } else {
-                if (s->r.flags && (u32)ret == s->r.slot)  // dup2/dup3 closed the new descriptor's VM
-                    fd_close(tgid, (u32)ret);
-                if (s->gen)
-                    fd_add(tgid, (u32)ret, s->gen);
-            }
-        }
-        ioc.delete(&tid);
-        return 0;
-    }
-    if (s->cmd == KVM_CREATE_VM_NR) {
-        if (ret >= 0) {
-            vm_register(tgid, (u32)ret);
-            // rare: lets userspace name the VMM while it is alive
-            struct event ev = {};
-            ev_head(&ev, EV_VM_CREATE, now, id);
-            ev.vm_create.ret = (s32)ret;
-            emit(ctx, &ev, 0);
-        }
-        ioc.delete(&tid);
-        return 0;
-    }
     if (ret == -KT_ENOTTY || ret == -KT_EBADF) {  // the descriptor is no VM (any more)
         bump(CNT_IGNORED);
         ioc_release(s, 0);
@@ -1540,9 +1578,10 @@ static __always_inline void vmm_forget(u32 tgid)
         if (i < n)
             vm_gone(tgid, p->fd[i], p->gen[i]);
     }
-    for (u32 j = VM_PER_PROC; j < VM_LIST_MAX; j++) {  // bounded; only lists beyond VM_PER_PROC
+#pragma unroll
+    for (u32 j = VM_PER_PROC; j < VM_LIST_MAX; j++) {  // only lists beyond VM_PER_PROC
         if (j >= n)
-            break;
+            continue;
         struct vmfd_key k = {};
         k.tgid = tgid;
         k.fd = j;
@@ -1636,13 +1675,21 @@ int tp_sys_enter(struct bpf_raw_tracepoint_args *ctx)
             return 0;
     }
     cur->ioc = ioc_pending;
+    cur->ts = bpf_ktime_get_ns();
+    cur->last_start = cur->last_end = 0;
 #ifdef MS_TP
     u64 nr = ctx->args[1];
     if (nr == NR_CLOSE) {  // a descriptor closed: a VM leaves the list once none holds it
         // close's fd is its first argument: the di register of the saved user registers
         u64 fd = 0;
         bpf_probe_read_kernel(&fd, sizeof(fd), (void *)(ctx->args[0] + OFF_PT_REGS_DI));
-        fd_close(tgid, (u32)fd);
+        struct vmfd_key k = {};
+        k.tgid = tgid;
+        k.fd = (u32)fd;
+        if (tp_vmfd.lookup(&k)) {
+            tp_jobs.call(ctx, JOB_CLOSE);
+            bump(CNT_LOST);  // not reached once the program is installed (before attaching)
+        }
     } else if (nr == NR_DUP || nr == NR_DUP2 || nr == NR_DUP3 || nr == NR_FCNTL) {
         struct sc_args3 a = {};
         bpf_probe_read_kernel(&a, sizeof(a), (void *)(ctx->args[0] + OFF_PT_REGS_DX));
@@ -1650,8 +1697,6 @@ int tp_sys_enter(struct bpf_raw_tracepoint_args *ctx)
             cur->ioc = dup_enter(tgid, tid, (u32)a.di, (u32)a.si, nr == NR_DUP2 || nr == NR_DUP3);
     }
 #endif
-    cur->ts = bpf_ktime_get_ns();
-    cur->last_start = cur->last_end = 0;
     return 0;
 }
 

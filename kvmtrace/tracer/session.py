@@ -249,7 +249,9 @@ class TraceSession:
         VM created after this returns is the kernel's: ``record`` prints "attached" after it."""
         jobs = self.bpf["tp_jobs"]
         if "-DMS_TP" in self.cflags:
-            jobs[ct.c_int(2)] = ct.c_int(self.bpf.load_func("tp_ioc_exit", BPF.RAW_TRACEPOINT).fd)
+            # the ioctl's end, the end of a call returning a VM's new descriptor, a VM fd's close
+            for i, fn in ((2, "tp_ioc_exit"), (3, "tp_fd_exit"), (4, "tp_close")):
+                jobs[ct.c_int(i)] = ct.c_int(self.bpf.load_func(fn, BPF.RAW_TRACEPOINT).fd)
             self._tp_tables(BPF, jobs)
         else:
             self.slot_tables = "unavailable: memslot updates are not traced by ioctl"
