@@ -27,7 +27,7 @@ if WHY:
 
 @pytest.fixture(scope="module")
 def session():
-    with S.TraceSession(interval=0.5) as s:
+    with S.TraceSession(interval=0.5, modes=("tracepoint",)) as s:
         yield s
 
 
