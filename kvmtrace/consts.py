@@ -89,6 +89,7 @@ def c_defines() -> list:
     out.append(f"-DMS_CHANGE_DERIVE={MS_CHANGE_DERIVE}")
     out.append(f"-DLOG2_BUCKETS={LOG2_BUCKETS}")
     out.append(f"-DKVM_CREATE_VM_NR={KVM_CREATE_VM}")
+    out.append(f"-DKVM_CREATE_VCPU_NR={KVM_CREATE_VCPU}")
     out.append(f"-DKVM_SET_USER_MEMORY_REGION_NR={KVM_SET_USER_MEMORY_REGION}")
     out.append(f"-DKVM_SET_USER_MEMORY_REGION2_NR={KVM_SET_USER_MEMORY_REGION2}")
     return out

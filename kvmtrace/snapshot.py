@@ -263,7 +263,8 @@ class Snapshot:
     memslot: Tuple[MemslotStats, ...] = ()
     lost_events: int = 0  # raw events dropped (ring/perf buffer full)
     map_full: int = 0  # aggregation map insertions that failed
-    unattributed: int = 0  # hva ops from tasks that are not a known VMM (kswapd, ...)
+    # hva ops given to no VM: from tasks that are not a known VMM (kswapd, ...), plus ``ambiguous``
+    unattributed: int = 0
     self_cpu_s: float = 0.0  # CPU time of kvmtrace itself (user+sys)
     is_delta: bool = False
     meta: Tuple[Tuple[str, str], ...] = ()  # host, kernel, mode ... as (key, value)
@@ -272,6 +273,10 @@ class Snapshot:
     ignored_ioctls: int = 0  # memslot ioctls on descriptors that are not KVM VMs (spoofs), dropped in-kernel
     # a consumer that fell behind: seconds the snapshot came later than its interval asked
     late_s: float = 0.0
+    # the part of ``unattributed`` from known VMM processes whose VM cannot be told (tracepoint
+    # mode: more notifiers fired than the process's known VMs, e.g. a VM fd passed in or a VM
+    # beyond the per-process list; docs/tracer.md), never counted for any VM
+    ambiguous: int = 0
 
     def vm(self, vm_id: str) -> Optional[VmInfo]:
         for v in self.vms:
@@ -324,6 +329,7 @@ class Snapshot:
             lost_events=self.lost_events - prev.lost_events,
             map_full=self.map_full - prev.map_full,
             unattributed=self.unattributed - prev.unattributed,
+            ambiguous=self.ambiguous - prev.ambiguous,
             self_cpu_s=self.self_cpu_s - prev.self_cpu_s,
             is_delta=True,
         )

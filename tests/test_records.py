@@ -153,3 +153,14 @@ def test_c_macros_expand_to_the_names_python_attaches(tmp_path):
     p = _compile(tmp_path, body)
     assert p.returncode == 0, p.stderr
     assert p.stdout.split() == list(calls)
+
+
+def test_the_vm_list_sizes_python_reads_are_the_kernel_programs():
+    """The seeding writes a process's VM list in the kernel's layout: its sizes must be C's."""
+    import re
+
+    src = source()
+    for name in ("VM_PER_PROC", "VM_LIST_MAX"):
+        m = re.search(r"^#define %s (\d+)" % name, src, re.M)
+        assert m, name
+        assert int(m.group(1)) == getattr(R, name), name

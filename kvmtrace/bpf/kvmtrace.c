@@ -262,7 +262,15 @@ static __always_inline void max_update(u64 *slot, u64 v)
 #ifndef MAX_TP_LIVE
 #define MAX_TP_LIVE 256  // aggregate slots (power of two): VMs created while traced, alive or
 #endif                   // not yet read after death, whose aggregates are array entries
-#define VM_PER_PROC 8  // live VMs per process in notifier order (attribution)
+#define VM_PER_PROC 8  // the first places of a process's VM list, in its vmm entry (and the
+                       // threads' copies); places from VM_PER_PROC on are in tp_vmmore
+#ifndef VM_LIST_MAX
+#define VM_LIST_MAX 16 // live VMs of one process the list holds; a VM beyond it is not registered
+#endif             // (userspace passes records.VM_LIST_MAX). The loops over the places beyond
+                   // VM_PER_PROC are unrolled: 6.1's verifier refused a bounded loop of 56
+                   // ("the sequence of 8193 jumps is too complex"), 6.12's hit its 1 M limit
+#define FD_VCPU (1ull << 63)  // tp_vmfd value: a vCPU descriptor of the VM (gen in the other bits)
+#define TP_DUP (1ull << 32)   // ioc_state.cmd of dup/dup2/dup3/fcntl(F_DUPFD*) (no ioctl number)
 #ifndef TABS_PER_PROC
 #define TABS_PER_PROC 4  // slot tables one process may hold: one process cannot take them all
 #endif
@@ -300,6 +308,15 @@ struct tp_vm {     // one VM lifetime, keyed by gen; userspace removes it once r
     u32 n;         // memslots now (exact unless VMF_PARTIAL)
     u32 nmax;
     u32 agg;       // aggregate slot in tp_avals + 1 (0: none, its aggregates are in tp_aggs)
+    u32 refs;      // descriptors of its process known to hold it: the VM fd and its dups, vCPU fds
+    u32 pad;
+};
+struct vm_ent {    // one place of a process's VM list beyond the first VM_PER_PROC
+    u64 gen;
+    u32 tab;
+    u32 fd;
+    u32 agg;
+    u32 pad;
 };
 struct tab_hdr {
     u64 gen;       // owning VM, 0 = free
@@ -345,7 +362,12 @@ struct tp_agg {
     struct tp_bkt und;  // ops whose slots figure could not be derived (nmax, nsum, slots_sum: 0)
 };
 
-BPF_HASH(vmm, u32, struct vmm_val, MAX_VMMS);  // known VMM processes
+// known VMM processes; allocated on insert, so that a value userspace replaces (seeding) stays
+// valid memory for a program still holding it (freed after an RCU grace period)
+BPF_F_TABLE("hash", u32, struct vmm_val, vmm, MAX_VMMS, BPF_F_NO_PREALLOC);
+// places VM_PER_PROC.. of a process's VM list, keyed (tgid, place): only processes with more than
+// VM_PER_PROC live VMs use it
+BPF_F_TABLE("hash", struct vmfd_key, struct vm_ent, tp_vmmore, MAX_TP_VMS, BPF_F_NO_PREALLOC);
 // One counter per tgid mod VMM_MARKS, bumped after every change of a known VMM process's VM
 // list and never cleared, so nonzero marks a VMM: the syscall programs, which run for every
 // task on the host, leave at once for almost every task that is no VMM (an array read instead
@@ -458,13 +480,14 @@ static __always_inline void vm_gone(u32 tgid, u32 fd, u64 gen)
     tp_vmfd.delete(&k);
 }
 
-// Remove `gen` from the list of process tgid, keeping the order of the others.
+// Remove `gen` from the list of process tgid, keeping the order of the others (places beyond
+// the first VM_PER_PROC move down from tp_vmmore).
 static __always_inline void vmm_drop(struct vmm_val *p, u64 gen, u32 tgid)
 {
-    u32 found = 0;
+    u32 found = 0, n = p->n;
 #pragma unroll
     for (int i = 0; i < VM_PER_PROC; i++) {
-        if (i < p->n && p->gen[i] == gen)
+        if (i < n && p->gen[i] == gen)
             found = 1;
         if (found && i + 1 < VM_PER_PROC) {
             p->gen[i] = p->gen[i + 1];
@@ -473,10 +496,105 @@ static __always_inline void vmm_drop(struct vmm_val *p, u64 gen, u32 tgid)
             p->agg[i] = p->agg[i + 1];
         }
     }
+    if (n > VM_PER_PROC) {
+        struct vmfd_key k = {};
+        k.tgid = tgid;
+        u32 more = 1;
+#pragma unroll
+        for (u32 j = VM_PER_PROC; j < VM_LIST_MAX; j++) {  // only lists beyond VM_PER_PROC
+            if (!more || j >= n) {
+                more = 0;
+                continue;
+            }
+            k.fd = j;
+            struct vm_ent *e = tp_vmmore.lookup(&k);
+            if (!e) {
+                more = 0;
+                continue;
+            }
+            struct vm_ent x = *e;
+            u32 hit = !found && x.gen == gen;
+            if (found) {  // place j - 1 takes place j
+                if (j == VM_PER_PROC) {
+                    p->gen[VM_PER_PROC - 1] = x.gen;
+                    p->tab[VM_PER_PROC - 1] = x.tab;
+                    p->fd[VM_PER_PROC - 1] = x.fd;
+                    p->agg[VM_PER_PROC - 1] = x.agg;
+                } else {
+                    struct vmfd_key pk = {};
+                    pk.tgid = tgid;
+                    pk.fd = j - 1;
+                    tp_vmmore.update(&pk, &x);
+                }
+            }
+            if (hit)
+                found = 1;
+        }
+        if (found) {
+            k.fd = n - 1;
+            tp_vmmore.delete(&k);
+        }
+    }
     if (found && p->n > 0)
         p->n--;
     if (found)
         vmm_bump(tgid);
+}
+
+// Place `i` (>= VM_PER_PROC) of process tgid's list, or NULL.
+static __always_inline struct vm_ent *more_get(u32 tgid, u32 i)
+{
+    struct vmfd_key k = {};
+    k.tgid = tgid;
+    k.fd = i;
+    return tp_vmmore.lookup(&k);
+}
+
+// Descriptor `fd` of tgid no longer holds its VM (closed, or replaced by dup2/dup3): the VM
+// leaves the process's list once no known descriptor holds it. (Whether the kernel's struct kvm
+// dies then is not seen: a reference kvmtrace does not know of, e.g. a descriptor passed to
+// another process, keeps its notifier; its ops then count as ambiguous, never as another VM's.)
+static __always_inline void fd_close(u32 tgid, u32 fd)
+{
+    struct vmfd_key k = {};
+    k.tgid = tgid;
+    k.fd = fd;
+    u64 *g = tp_vmfd.lookup(&k);
+    if (!g)
+        return;
+    u64 gen = *g & ~FD_VCPU;
+    tp_vmfd.delete(&k);
+    struct tp_vm *v = tp_vms.lookup(&gen);
+    if (!v)
+        return;
+    if (v->refs > 1) {
+        __sync_fetch_and_add(&v->refs, -1);
+        return;
+    }
+    v->refs = 0;
+    vm_gone(tgid, fd, gen);
+    struct vmm_val *p = vmm.lookup(&tgid);
+    if (p)
+        vmm_drop(p, gen, tgid);
+}
+
+// Descriptor `fd` of tgid now holds the VM of `val` (a dup of one of its descriptors, or a
+// vCPU: FD_VCPU set).
+static __always_inline void fd_add(u32 tgid, u32 fd, u64 val)
+{
+    u64 gen = val & ~FD_VCPU;
+    struct tp_vm *v = tp_vms.lookup(&gen);
+    if (!v || (v->flags & VMF_DEAD))
+        return;
+    struct vmfd_key k = {};
+    k.tgid = tgid;
+    k.fd = fd;
+    // (a descriptor whose close was not seen, or that dup2 replaced: tp_fd_exit closed it)
+    if (tp_vmfd.update(&k, &val) != 0) {
+        bump(CNT_MAPFULL);
+        return;
+    }
+    __sync_fetch_and_add(&v->refs, 1);
 }
 
 static __always_inline u32 tab_alloc(u64 gen)
@@ -507,13 +625,11 @@ static __always_inline void vm_register(u32 tgid, u32 fd)
     struct vmfd_key k = {};
     k.tgid = tgid;
     k.fd = fd;
+    // (a descriptor whose close was not seen no longer holds its VM: tp_fd_exit closed it)
     struct vmm_val *p = vmm.lookup(&tgid);
-    u64 *old = tp_vmfd.lookup(&k);
-    if (old) {  // the fd number of a VM whose close we did not see: that VM is gone
-        u64 og = *old;
-        vm_gone(tgid, fd, og);
-        if (p)
-            vmm_drop(p, og, tgid);
+    if (p && p->n >= VM_LIST_MAX) {  // not registered: its ops count as ambiguous, its updates as ignored
+        bump(CNT_MAPFULL);
+        return;
     }
     if (!p) {
         struct vmm_val z = {};
@@ -535,6 +651,7 @@ static __always_inline void vm_register(u32 tgid, u32 fd)
     struct tp_vm v = {};
     v.tgid = tgid;
     v.fd = fd;
+    v.refs = 1;
     p->created++;
     v.ordinal = p->created;
     u64 gen = 0;
@@ -575,12 +692,20 @@ static __always_inline void vm_register(u32 tgid, u32 fd)
     if (tp_vmfd.update(&k, &gen) != 0)
         bump(CNT_MAPFULL);
     u32 n = p->n;
-    if (n >= VM_PER_PROC) {  // more live VMs than the list holds: the oldest leaves it
-        bump(CNT_MAPFULL);
-        vmm_drop(p, p->gen[0], tgid);
-        n = p->n;
-    }
-    if (n < VM_PER_PROC) {
+    if (n >= VM_PER_PROC && n < VM_LIST_MAX) {  // a place beyond the vmm entry's
+        struct vm_ent e = {};
+        e.gen = gen;
+        e.tab = v.tab;
+        e.fd = fd;
+        e.agg = aslot;
+        struct vmfd_key mk = {};
+        mk.tgid = tgid;
+        mk.fd = n;
+        if (tp_vmmore.update(&mk, &e) == 0)
+            p->n = n + 1;
+        else
+            bump(CNT_MAPFULL);
+    } else if (n < VM_PER_PROC) {
         // stores at constant offsets: the verifiers of 6.1 and 6.12 refused p->gen[n] ("R4
         // unbounded memory access": the bound of n is lost on its way through the stack)
 #pragma unroll
@@ -648,7 +773,7 @@ struct sc_state {  // one system call of a VMM thread
     u32 rep;
     u32 nent;
     u32 ioc;         // a memslot ioctl or KVM_CREATE_VM: its state is in `ioc` (MS_TP)
-    u32 pad;
+    u32 last_op;     // the op of last_start/last_end
     struct sc_ent e[SC_ENTS];
     struct vm_list vl;
 };
@@ -731,44 +856,59 @@ static __always_inline int on_hva_tp(void *ctx, u32 op, u64 start, u64 end)
             }
         }
     }
-    if (n == 0) {  // not a known VMM process (kswapd, another process's madvise, ...)
-        struct tp_agg *u = tp_agg_get(0, op, 0);
-        if (u)
-            __sync_fetch_and_add(&u->und.count, 1);
-        return 0;
-    }
     // Attribution: one notifier per VM, called newest VM first, each with the same range;
-    // the rep-th repeat of a range on this thread belongs to the rep-th newest live VM.
+    // the rep-th repeat of a range (of one op) on this thread belongs to the rep-th newest live
+    // VM. Every notifier gets every range (test_young aside, which stops at the first young
+    // VM), so each listed VM gets one op per range whichever order the list had.
     u32 rep = 0;
     if (s) {
-        if (s->last_start == start && s->last_end == end) {
+        if (s->last_start == start && s->last_end == end && s->last_op == op) {
             rep = s->rep + 1;
         } else {
             s->last_start = start;
             s->last_end = end;
+            s->last_op = op;
         }
         s->rep = rep;
     }
-    if (n > VM_PER_PROC)
-        n = VM_PER_PROC;
-    u32 idx = n - 1 - rep % n;
-    // masked where it is used, behind a barrier clang cannot see through: 6.1's verifier lost
-    // the bound of a mask applied earlier on its way through the stack ("R3 unbounded memory
-    // access" at p->gen[idx])
-    asm volatile("" : "+r"(idx));
-    idx &= VM_PER_PROC - 1;
-    u64 gen;
-    u32 tab, aslot;
-    if (copied && s) {
-        gen = s->vl.gen[idx];
-        tab = s->vl.tab[idx];
-        aslot = s->vl.agg[idx];
-    } else if (p) {
-        gen = p->gen[idx];
-        tab = p->tab[idx];
-        aslot = p->agg[idx];
+    if (n > VM_LIST_MAX)
+        n = VM_LIST_MAX;
+    if (rep >= n) {
+        // More notifiers than listed VMs: a VM of this process that the list does not hold
+        // (no VMM at all: kswapd, another process's madvise: tgid 0, unattributed). Kept apart
+        // per process as ambiguous (gen 0, tgid), never given to a listed VM.
+        struct tp_agg *u = tp_agg_get(0, op, (copied || p) ? tgid : 0);
+        if (u)
+            __sync_fetch_and_add(&u->und.count, 1);
+        return 0;
+    }
+    u32 idx = n - 1 - rep;
+    u64 gen = 0;
+    u32 tab = NO_TAB, aslot = 0;
+    if (idx >= VM_PER_PROC) {  // a place beyond the first: its hash (lists longer than VM_PER_PROC)
+        struct vm_ent *e = more_get(tgid, idx);
+        if (!e)
+            return 0;
+        gen = e->gen;
+        tab = e->tab;
+        aslot = e->agg;
     } else {
-        return 0;  // not reached: n > 0 came from one of them
+        // masked where it is used, behind a barrier clang cannot see through: 6.1's verifier
+        // lost the bound of a mask applied earlier on its way through the stack ("R3 unbounded
+        // memory access" at p->gen[idx])
+        asm volatile("" : "+r"(idx));
+        idx &= VM_PER_PROC - 1;
+        if (copied && s) {
+            gen = s->vl.gen[idx];
+            tab = s->vl.tab[idx];
+            aslot = s->vl.agg[idx];
+        } else if (p) {
+            gen = p->gen[idx];
+            tab = p->tab[idx];
+            aslot = p->agg[idx];
+        } else {
+            return 0;  // not reached: n > 0 came from one of them
+        }
     }
     // Derivation: the VM's slot table, unless a memslot update is in flight or finished meanwhile
     u32 slots = 0, nslots = 0, ok = 0;
@@ -958,8 +1098,13 @@ struct ioc_state {
 };
 BPF_TABLE("lru_hash", u32, struct ioc_state, ioc, MAX_THREADS);
 // tail-called programs, filled by userspace before the system-call programs are attached
-enum { JOB_SHIFT_RIGHT = 0, JOB_SHIFT_LEFT = 1, JOB_IOC_EXIT = 2 };
-BPF_PROG_ARRAY(tp_jobs, 3);  // shift right (insert), shift left (remove), the ioctl's end
+// Each place where a VM can leave a process's list (fd_close, whose vmm_drop moves the places
+// beyond it) is in a program of its own: tp_close (close()) and tp_fd_exit (a new descriptor:
+// KVM_CREATE_VM, KVM_CREATE_VCPU, dup*), so that no program inlines it twice (6.12 refused
+// tp_ioc_exit at its 1 M processed-instruction limit when it held three copies).
+enum { JOB_SHIFT_RIGHT = 0, JOB_SHIFT_LEFT = 1, JOB_IOC_EXIT = 2, JOB_FD_EXIT = 3, JOB_CLOSE = 4 };
+BPF_PROG_ARRAY(tp_jobs, 5);  // shift right (insert), shift left (remove), the ioctl's end, the
+                             // end of a call returning a VM's new descriptor, a VM fd's close()
 
 static __always_inline void ioc_release(struct ioc_state *s, int changed)
 {
@@ -989,7 +1134,7 @@ static __always_inline u32 ioc_enter(u32 tgid, u32 tid, u64 fd, u64 cmd32, u64 a
 {
     u64 cmd = (u32)cmd32;
     if (cmd != KVM_SET_USER_MEMORY_REGION_NR && cmd != KVM_SET_USER_MEMORY_REGION2_NR &&
-        cmd != KVM_CREATE_VM_NR)
+        cmd != KVM_CREATE_VM_NR && cmd != KVM_CREATE_VCPU_NR)
         return 0;
     if (filtered_out(tgid))
         return 0;
@@ -1005,16 +1150,20 @@ static __always_inline u32 ioc_enter(u32 tgid, u32 tid, u64 fd, u64 cmd32, u64 a
         k.tgid = tgid;
         k.fd = (u32)fd;
         u64 *g = tp_vmfd.lookup(&k);
-        if (!g) {
-            bump(CNT_IGNORED);
+        if (!g || (*g & FD_VCPU)) {  // (a vCPU descriptor is no VM's)
+            if (cmd != KVM_CREATE_VCPU_NR)
+                bump(CNT_IGNORED);
             return 0;
         }
         s.gen = *g;
         struct tp_vm *v = tp_vms.lookup(&s.gen);
-        if (!v) {
-            bump(CNT_IGNORED);
+        if (!v || (v->flags & VMF_DEAD)) {
+            if (cmd != KVM_CREATE_VCPU_NR)
+                bump(CNT_IGNORED);
             return 0;
         }
+        if (cmd == KVM_CREATE_VCPU_NR)
+            goto keep;  // its descriptor holds the VM (tp_ioc_exit)
         bpf_probe_read_user(&s.r, sizeof(s.r), (void *)arg);
         u32 tab = v->tab;
         struct tab_hdr *h = tab == NO_TAB ? 0 : tp_hdr.lookup(&tab);
@@ -1023,6 +1172,7 @@ static __always_inline u32 ioc_enter(u32 tgid, u32 tid, u64 fd, u64 cmd32, u64 a
             s.tab = tab;
         }
     }
+keep:
     s.ts = bpf_ktime_get_ns();
     if (ioc.update(&tid, &s) != 0) {
         if (s.tab != NO_TAB)
@@ -1041,6 +1191,37 @@ static __always_inline void ioc_drop(u32 tid)
         ioc_release(s, 0);
         ioc.delete(&tid);
     }
+}
+
+// dup(old) / dup2(old, new) / dup3 / fcntl(old, F_DUPFD*) entered by a VMM thread: 1 when
+// `old` holds a known VM (the new descriptor will hold it too) or `new` does (dup2/dup3 close it
+// first); the state waits in `ioc` for tp_ioc_exit, which has the new descriptor.
+static __always_inline u32 dup_enter(u32 tgid, u32 tid, u32 oldfd, u32 newfd, u32 has_new)
+{
+    struct vmfd_key k = {};
+    k.tgid = tgid;
+    k.fd = oldfd;
+    u64 *g = tp_vmfd.lookup(&k);
+    u64 val = g ? *g : 0;
+    u32 closes = 0;
+    if (has_new && newfd != oldfd) {
+        k.fd = newfd;
+        closes = tp_vmfd.lookup(&k) != 0;
+    }
+    if (!val && !closes)
+        return 0;
+    struct ioc_state s = {};
+    s.cmd = TP_DUP;
+    s.fd = oldfd;
+    s.gen = val;
+    s.tab = NO_TAB;
+    s.r.slot = newfd;
+    s.r.flags = closes;
+    if (ioc.update(&tid, &s) != 0) {
+        bump(CNT_MAPFULL);
+        return 0;
+    }
+    return 1;
 }
 
 static __always_inline void ms_account(u64 gen, u32 tgid, u32 change, s64 ret, u64 dur)
@@ -1071,8 +1252,54 @@ static __always_inline void ms_account(u64 gen, u32 tgid, u32 change, s64 ret, u
     hist_inc(v->lat, dur, 1);
 }
 
-// The end of a memslot ioctl or of KVM_CREATE_VM: tail-called by tp_sys_exit (a separate
-// program, so that the hot system-call exit stays small for the verifier and the cache).
+// The end of a call that returns a new descriptor of a known VM (KVM_CREATE_VCPU, dup*) or a
+// new VM (KVM_CREATE_VM): tail-called by tp_ioc_exit.
+int tp_fd_exit(struct bpf_raw_tracepoint_args *ctx)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tgid = id >> 32, tid = (u32)id;
+    struct ioc_state *s = ioc.lookup(&tid);
+    if (!s)
+        return 0;
+    s64 ret = (s64)ctx->args[1];  // raw_syscalls:sys_exit(regs, ret)
+    u64 cmd = s->cmd, gen = s->gen;
+    u32 oldfd = s->fd;
+    ioc.delete(&tid);
+    if (ret < 0 || (cmd == TP_DUP && (u32)ret == oldfd))  // failed, or dup2(fd, fd): no change
+        return 0;
+    // the new descriptor held a VM (dup2/dup3 closed it, or its close was not seen): it no
+    // longer does. The one place of this program that can drop a VM from its process's list.
+    fd_close(tgid, (u32)ret);
+    if (cmd == KVM_CREATE_VCPU_NR) {
+        fd_add(tgid, (u32)ret, gen | FD_VCPU);
+    } else if (cmd == TP_DUP) {
+        if (gen)
+            fd_add(tgid, (u32)ret, gen);
+    } else {
+        vm_register(tgid, (u32)ret);
+        // rare: lets userspace name the VMM while it is alive
+        struct event ev = {};
+        ev_head(&ev, EV_VM_CREATE, bpf_ktime_get_ns(), id);
+        ev.vm_create.ret = (s32)ret;
+        emit(ctx, &ev, 0);
+    }
+    return 0;
+}
+
+// A close() of a descriptor kvmtrace knows holds a VM: tail-called by tp_sys_enter.
+int tp_close(struct bpf_raw_tracepoint_args *ctx)
+{
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    // close's fd is its first argument: the di register of the saved user registers
+    u64 fd = 0;
+    bpf_probe_read_kernel(&fd, sizeof(fd), (void *)(ctx->args[0] + OFF_PT_REGS_DI));
+    fd_close(tgid, (u32)fd);
+    return 0;
+}
+
+// The end of a memslot ioctl, or of a call returning a new descriptor: tail-called by
+// tp_sys_exit (a separate program, so that the hot system-call exit stays small for the
+// verifier and the cache).
 int tp_ioc_exit(struct bpf_raw_tracepoint_args *ctx)
 {
     u64 id = bpf_get_current_pid_tgid();
@@ -1080,20 +1307,15 @@ int tp_ioc_exit(struct bpf_raw_tracepoint_args *ctx)
     struct ioc_state *s = ioc.lookup(&tid);
     if (!s)
         return 0;
-    u64 now = bpf_ktime_get_ns();
-    s64 ret = (s64)ctx->args[1];  // raw_syscalls:sys_exit(regs, ret)
-    if (s->cmd == KVM_CREATE_VM_NR) {
-        if (ret >= 0) {
-            vm_register(tgid, (u32)ret);
-            // rare: lets userspace name the VMM while it is alive
-            struct event ev = {};
-            ev_head(&ev, EV_VM_CREATE, now, id);
-            ev.vm_create.ret = (s32)ret;
-            emit(ctx, &ev, 0);
-        }
+    if (s->cmd == TP_DUP || s->cmd == KVM_CREATE_VCPU_NR || s->cmd == KVM_CREATE_VM_NR) {
+        tp_jobs.call(ctx, JOB_FD_EXIT);
+        // not reached once the program is installed (userspace does that before attaching)
         ioc.delete(&tid);
+        bump(CNT_LOST);
         return 0;
     }
+    u64 now = bpf_ktime_get_ns();
+    s64 ret = (s64)ctx->args[1];  // raw_syscalls:sys_exit(regs, ret)
     if (ret == -KT_ENOTTY || ret == -KT_EBADF) {  // the descriptor is no VM (any more)
         bump(CNT_IGNORED);
         ioc_release(s, 0);
@@ -1342,23 +1564,50 @@ int tp_shift_left(void *ctx)
     return 0;
 }
 
-// A VMM process ends: its VMs are gone, its tables free, its entry removed.
+// A VMM process ends or execs (a new mm: no notifier of its VMs is on it): its VMs are gone,
+// their tables free, its entries removed. (Further descriptors of its VMs, dups and vCPUs, stay
+// in tp_vmfd until userspace removes the VM: their VM is dead, they hold nothing.)
+static __always_inline void vmm_forget(u32 tgid)
+{
+    struct vmm_val *p = vmm.lookup(&tgid);
+    if (!p)
+        return;
+    u32 n = p->n;
+#pragma unroll
+    for (int i = 0; i < VM_PER_PROC; i++) {
+        if (i < n)
+            vm_gone(tgid, p->fd[i], p->gen[i]);
+    }
+#pragma unroll
+    for (u32 j = VM_PER_PROC; j < VM_LIST_MAX; j++) {  // only lists beyond VM_PER_PROC
+        if (j >= n)
+            continue;
+        struct vmfd_key k = {};
+        k.tgid = tgid;
+        k.fd = j;
+        struct vm_ent *e = tp_vmmore.lookup(&k);
+        if (e) {
+            vm_gone(tgid, e->fd, e->gen);
+            tp_vmmore.delete(&k);
+        }
+    }
+    vmm.delete(&tgid);
+    vmm_bump(tgid);
+}
+
 TRACEPOINT_PROBE(sched, sched_process_exit)
 {
     u64 id = bpf_get_current_pid_tgid();
     u32 tgid = id >> 32;
     if ((u32)id != tgid)  // the thread group leader ends last in practice: prune once, then
         return 0;
-    struct vmm_val *p = vmm.lookup(&tgid);
-    if (!p)
-        return 0;
-#pragma unroll
-    for (int i = 0; i < VM_PER_PROC; i++) {
-        if (i < p->n)
-            vm_gone(tgid, p->fd[i], p->gen[i]);
-    }
-    vmm.delete(&tgid);
-    vmm_bump(tgid);
+    vmm_forget(tgid);
+    return 0;
+}
+
+TRACEPOINT_PROBE(sched, sched_process_exec)
+{
+    vmm_forget(bpf_get_current_pid_tgid() >> 32);
     return 0;
 }
 #endif  // MS_TP
@@ -1382,6 +1631,12 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
 #ifndef OFF_PT_REGS_DX
 #define OFF_PT_REGS_DX 96  // x86_64 struct pt_regs: dx, si, di in a row (third, second, first argument)
 #endif
+#define NR_DUP 32      // x86_64 dup, dup2, dup3, fcntl (and its F_DUPFD, F_DUPFD_CLOEXEC)
+#define NR_DUP2 33
+#define NR_DUP3 292
+#define NR_FCNTL 72
+#define KT_F_DUPFD 0
+#define KT_F_DUPFD_CLOEXEC 1030
 struct sc_args3 {
     u64 dx;
     u64 si;
@@ -1416,37 +1671,32 @@ int tp_sys_enter(struct bpf_raw_tracepoint_args *ctx)
 #endif
         if (!cur)
             cur = sc_new(tid);
-        if (!cur) {
-#ifdef MS_TP
-            if (ioc_pending) {  // its exit could not find it: not counted, and said so
-                ioc_drop(tid);
-                bump(CNT_LOST);
-            }
-#endif
+        if (!cur)  // (an ioctl's state stays in `ioc`: the exit finds it there)
             return 0;
-        }
     }
     cur->ioc = ioc_pending;
+    cur->ts = bpf_ktime_get_ns();
+    cur->last_start = cur->last_end = 0;
 #ifdef MS_TP
-    if (ctx->args[1] == NR_CLOSE) {  // a VM's descriptor closed: it leaves the attribution list
+    u64 nr = ctx->args[1];
+    if (nr == NR_CLOSE) {  // a descriptor closed: a VM leaves the list once none holds it
         // close's fd is its first argument: the di register of the saved user registers
         u64 fd = 0;
         bpf_probe_read_kernel(&fd, sizeof(fd), (void *)(ctx->args[0] + OFF_PT_REGS_DI));
         struct vmfd_key k = {};
         k.tgid = tgid;
         k.fd = (u32)fd;
-        u64 *g = tp_vmfd.lookup(&k);
-        if (g) {
-            u64 gen = *g;
-            struct vmm_val *p = vmm.lookup(&tgid);
-            vm_gone(tgid, k.fd, gen);
-            if (p)
-                vmm_drop(p, gen, tgid);
+        if (tp_vmfd.lookup(&k)) {
+            tp_jobs.call(ctx, JOB_CLOSE);
+            bump(CNT_LOST);  // not reached once the program is installed (before attaching)
         }
+    } else if (nr == NR_DUP || nr == NR_DUP2 || nr == NR_DUP3 || nr == NR_FCNTL) {
+        struct sc_args3 a = {};
+        bpf_probe_read_kernel(&a, sizeof(a), (void *)(ctx->args[0] + OFF_PT_REGS_DX));
+        if (nr != NR_FCNTL || a.si == KT_F_DUPFD || a.si == KT_F_DUPFD_CLOEXEC)
+            cur->ioc = dup_enter(tgid, tid, (u32)a.di, (u32)a.si, nr == NR_DUP2 || nr == NR_DUP3);
     }
 #endif
-    cur->ts = bpf_ktime_get_ns();
-    cur->last_start = cur->last_end = 0;
     return 0;
 }
 
@@ -1457,8 +1707,15 @@ int tp_sys_exit(struct bpf_raw_tracepoint_args *ctx)
     if (!vmm_marked(tgid))
         return 0;
     struct sc_state *s = sc_get(tid);
-    if (!s)
+    if (!s) {
+#ifdef MS_TP
+        // no state (its creation failed at the entry: task storage busy or full): an ioctl
+        // kept in `ioc` still ends (a VM created right then is registered all the same)
+        if (ioc.lookup(&tid))
+            tp_jobs.call(ctx, JOB_IOC_EXIT);
+#endif
         return 0;
+    }
 #ifdef HVA_TP
     sc_end(ctx, s, tgid, id);
 #endif

@@ -251,7 +251,8 @@ class Exporter:
                   "raw events dropped (ring buffer full, consumer behind): derived figures miss them", s.lost_events)
         yield one(Counter, "kvmtrace_map_full", "in-kernel aggregation map insertions that failed (map full)", s.map_full)
         yield one(Counter, "kvmtrace_unattributed_operations",
-                  "hva operations from tasks that are not a known VMM (kswapd, khugepaged, ...)", s.unattributed)
+                  "hva operations given to no VM: from tasks that are not a known VMM (kswapd, khugepaged, ...), "
+                  "or ambiguous (a VMM's VM that cannot be told)", s.unattributed)
         yield one(Counter, "kvmtrace_ignored_ioctls",
                   "memslot ioctls on descriptors that are not KVM VMs, dropped in the kernel", s.ignored_ioctls)
         yield one(Counter, "kvmtrace_tracer_cpu_seconds",

@@ -74,7 +74,8 @@ class Parts:
     hva: list = field(default_factory=list)
     memslot: list = field(default_factory=list)
     vm_pids: Dict[str, int] = field(default_factory=dict)
-    unattributed: int = 0
+    unattributed: int = 0  # ambiguous included
+    ambiguous: int = 0  # ops of a known VMM process whose VM cannot be told
     by_memslots: list = field(default_factory=list)  # MemslotBucketStats
     vm_extra: Dict[str, dict] = field(default_factory=dict)  # vm_id -> VmInfo fields the decoder knows
     # exact modes: per VM what the kernel knows of it (VmInfo fields: ordinal, memslots,
@@ -94,6 +95,7 @@ class SnapshotParts:
     unattributed: int
     by_memslots: tuple = ()
     ignored_ioctls: int = 0
+    ambiguous: int = 0
 
 
 class Stream:
@@ -331,6 +333,7 @@ class Decoding:
             map_full=counters[R.CNT_MAPFULL], unattributed=tp.unattributed + ex.unattributed,
             by_memslots=tuple(tp.by_memslots + ex.by_memslots),
             ignored_ioctls=counters[R.CNT_IGNORED] if len(counters) > R.CNT_IGNORED else 0,
+            ambiguous=tp.ambiguous,
         )
 
 

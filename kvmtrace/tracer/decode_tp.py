@@ -108,8 +108,11 @@ class TracepointDecoder:
             if op not in self.ops:
                 continue
             a = r.agg
-            if gen == 0:  # no known VMM: kswapd, another process's madvise, ...
+            if gen == 0:  # no known VMM (tgid 0: kswapd, another process's madvise, ...), or a
+                # known VMM whose VM cannot be told (ambiguous: kvmtrace.c, on_hva_tp)
                 out.unattributed += a.count
+                if tgid:
+                    out.ambiguous += a.count
                 continue
             vm = vm_id(gen, tgid)
             out.vm_pids[vm] = tgid

@@ -349,7 +349,9 @@ class MapContents:
 VMF_PARTIAL, VMF_DEAD, VMF_NOTAB, VMF_BROKEN = 1, 2, 4, 8
 NO_TAB = 0xFFFFFFFF
 MS_BUCKETS = 16
-VM_PER_PROC = 8  # live VMs per process the kernel keeps in notifier order
+VM_PER_PROC = 8  # places of a process's VM list in its vmm entry (the rest: tp_vmmore)
+VM_LIST_MAX = 16  # live VMs of one process the kernel's list holds (C VM_LIST_MAX; checked by tests/test_records.py)
+FD_VCPU = 1 << 63  # tp_vmfd value bit: a vCPU descriptor of the VM
 NR_OPS = 4  # C NR_OPS (len(consts.Op), checked by tests/test_records.py): entries per VM slot in tp_avals
 SEED_GEN_BASE = 1 << 62  # gens of VMs that predate the trace: base | tgid << 24 | fd (the kernel counts from 1)
 
@@ -406,11 +408,12 @@ class TpVmRow:
     n: int = 0
     nmax: int = 0
     agg: int = 0  # its aggregate slot in ``tp_avals`` + 1 (0: its aggregates are in ``tp_aggs``)
+    refs: int = 0  # descriptors of its VMM known to hold it (VM fd and dups, vCPU fds)
 
     @classmethod
     def from_map(cls, v) -> "TpVmRow":
         return cls(int(v.tgid), int(v.fd), int(v.ordinal), int(v.flags), int(v.tab), int(v.n), int(v.nmax),
-                   int(v.agg))
+                   int(v.agg), int(getattr(v, "refs", 0)))
 
     @property
     def dead(self) -> bool:

@@ -136,6 +136,7 @@ class TraceSession:
         self._t0 = 0
         self._rusage0 = 0.0
         self._cost: Optional[CostMeter] = None
+        self._seeded: set = set()  # tracepoint mode: VMM pids whose running VMs were seeded at attach
 
     # ------------------------------------------------------------------ lifecycle
     def __enter__(self) -> "TraceSession":
@@ -240,19 +241,24 @@ class TraceSession:
 
     def _tp_setup(self, BPF) -> None:
         """Tracepoint mode: install the programs the system-call exit tail-calls (the ioctl's
-        end, and the table-shifting programs it calls in turn), then attach the system-call
-        programs (raw_syscalls sys_enter/sys_exit: after the tail-call targets, so that no
-        ioctl's end finds them missing), then register the VMs running now (from
-        /proc/PID/fd) as predating the trace."""
+        end, and the table-shifting programs it calls in turn); register the VMs running now
+        (from /proc/PID/fd) as predating the trace, while no kernel program changes a VM list;
+        attach the system-call programs (raw_syscalls sys_enter/sys_exit: after the tail-call
+        targets, so that no ioctl's end finds them missing); then register the VMs created
+        between that scan and the attach, merged with those the kernel registered since. Every
+        VM created after this returns is the kernel's: ``record`` prints "attached" after it."""
         jobs = self.bpf["tp_jobs"]
         if "-DMS_TP" in self.cflags:
-            jobs[ct.c_int(2)] = ct.c_int(self.bpf.load_func("tp_ioc_exit", BPF.RAW_TRACEPOINT).fd)
+            # the ioctl's end, the end of a call returning a VM's new descriptor, a VM fd's close
+            for i, fn in ((2, "tp_ioc_exit"), (3, "tp_fd_exit"), (4, "tp_close")):
+                jobs[ct.c_int(i)] = ct.c_int(self.bpf.load_func(fn, BPF.RAW_TRACEPOINT).fd)
             self._tp_tables(BPF, jobs)
         else:
             self.slot_tables = "unavailable: memslot updates are not traced by ioctl"
+        self._tp_seed(concurrent=False)
         for tp in ("sys_enter", "sys_exit"):
             self.bpf.attach_raw_tracepoint(tp=tp.encode(), fn_name=f"tp_{tp}".encode())
-        self._tp_seed()
+        self._tp_seed(concurrent=True)
 
     def _tp_tables(self, BPF, jobs) -> None:
         try:
@@ -269,33 +275,75 @@ class TraceSession:
                 jobs[ct.c_int(i)] = ct.c_int(fd)
             self.slot_tables = "in kernel"
 
-    def _tp_seed(self) -> None:
+    def _tp_seed(self, concurrent: bool) -> None:
+        """Register the VMs of /proc/PID/fd that no one registered (descriptors of one VM, its
+        dups, are one VM: kcmp), as predating the trace. The second seeding also ends VMs seeded
+        by the first whose descriptor was closed before the system-call programs could see it."""
+        found = host.vm_fds()
+        for pid in sorted(set(found) | self._seeded):
+            if self.pid is not None and pid != self.pid:
+                continue
+            self._tp_seed_pid(pid, sorted(found.get(pid, ())), concurrent)
+            self._seeded.add(pid)
+
+    def _tp_seed_pid(self, pid: int, fds: List[int], concurrent: bool) -> None:
+        """Compare and merge, never overwrite: the process's VM list is rebuilt from tp_vms
+        (every VM the kernel or a seeding registered: predating VMs first, by fd, then the
+        kernel's in creation order), written whole, and kept only if the process's mark (bumped
+        by the kernel at a KVM_CREATE_VM's entry and after every change of a list) did not move
+        meanwhile; else rebuilt again. The wait before the check lets a program that read the
+        old value finish (its changes then show in tp_vms and in the mark)."""
         from .decode_tp import seed_gen
 
         vmm, vms, vmfd = self.bpf["vmm"], self.bpf["tp_vms"], self.bpf["tp_vmfd"]
-        marks = self.bpf["vmm_mark"]  # the syscall programs' first check, and the version of the
-        # VM list (kvmtrace.c): bumped, never set back
-        for pid, fds in sorted(host.vm_fds().items()):
-            if self.pid is not None and pid != self.pid:
-                continue
-            if vmm.get(vmm.Key(pid)) is not None:  # created a VM since attach: the kernel knows it
-                continue
-            fds = sorted(fds)[:R.VM_PER_PROC]  # creation order unknown: lower fds taken as older
-            p = vmm.Leaf()
-            p.n = len(fds)
-            for i, fd in enumerate(fds):
-                gen = seed_gen(pid, fd)
-                p.gen[i], p.tab[i], p.fd[i] = gen, R.NO_TAB, fd
+        more, marks = self.bpf["tp_vmmore"], self.bpf["vmm_mark"]
+        mk = marks.Key(pid % len(marks))
+        groups = _same_file_groups(pid, fds)
+        for attempt in range(10):
+            m0 = int(marks[mk].value)
+            new = [g for g in groups if all(vmfd.get(_fdkey(vmfd, pid, fd)) is None for fd in g)]
+            closed = 0
+            for k, x in list(vms.items()):  # seeded, and its descriptor closed unseen meanwhile
+                if (int(k.value) >= R.SEED_GEN_BASE and int(x.tgid) == pid and not int(x.flags) & R.VMF_DEAD
+                        and int(x.fd) not in fds):
+                    x.flags = int(x.flags) | R.VMF_DEAD
+                    vms[k] = x
+                    vmfd.pop(_fdkey(vmfd, pid, int(x.fd)), None)
+                    closed += 1
+            if not new and not closed and attempt == 0:
+                return  # every VM descriptor is known already
+            for g in new:
+                gen = seed_gen(pid, g[0])
                 v = vms.Leaf()
-                v.tgid, v.fd, v.ordinal, v.tab = pid, fd, 0, R.NO_TAB
+                v.tgid, v.fd, v.ordinal, v.tab, v.refs = pid, g[0], 0, R.NO_TAB, len(g)
                 v.flags = R.VMF_PARTIAL | R.VMF_NOTAB
                 vms[vms.Key(gen)] = v
-                k = vmfd.Key()
-                k.tgid, k.fd = pid, fd
-                vmfd[k] = vmfd.Leaf(gen)
+                for fd in g:
+                    _insert_new(vmfd, _fdkey(vmfd, pid, fd), vmfd.Leaf(gen))
+            rows = [(int(k.value), R.TpVmRow.from_map(x)) for k, x in vms.items()]
+            rows = [(g, r) for g, r in rows if r.tgid == pid and not r.dead]
+            lst = sorted((x for x in rows if x[0] >= R.SEED_GEN_BASE), key=lambda x: x[1].fd)
+            lst += sorted(x for x in rows if x[0] < R.SEED_GEN_BASE)
+            lst = lst[:R.VM_LIST_MAX]
+            old = vmm.get(vmm.Key(pid))
+            p = vmm.Leaf()
+            p.created = max([int(old.created) if old is not None else 0] + [r.ordinal for _, r in rows])
+            p.n = len(lst)
+            for i, (g, r) in enumerate(lst):
+                if i < R.VM_PER_PROC:
+                    p.gen[i], p.tab[i], p.fd[i], p.agg[i] = g, r.tab, r.fd, r.agg
+                else:
+                    e = more.Leaf()
+                    e.gen, e.tab, e.fd, e.agg = g, r.tab, r.fd, r.agg
+                    more[_fdkey(more, pid, i)] = e
+            for i in range(len(lst), R.VM_LIST_MAX):
+                more.pop(_fdkey(more, pid, i), None)
             vmm[vmm.Key(pid)] = p
-            mk = marks.Key(pid % len(marks))
-            marks[mk] = marks.Leaf((marks[mk].value + 1) & 0xFFFFFFFF or 1)
+            if concurrent:
+                time.sleep(0.02)
+            if int(marks[mk].value) == m0:
+                break
+        marks[mk] = marks.Leaf((marks[mk].value + 1) & 0xFFFFFFFF or 1)  # copies of the list are stale
 
     def _table(self, name: str):
         """A map of the loaded object, or None when this build does not declare it."""
@@ -495,6 +543,11 @@ class TraceSession:
         dead = set(gens)
         for k in [k for k in slots.keys() if int(k.gen) in dead]:
             slots.pop(k, None)
+        # descriptors the kernel could not drop with their VM: dups and vCPUs of a VM whose
+        # process exited or exec'd (its exit knows only the VM fds of its list)
+        vmfd = b["tp_vmfd"]
+        for k in [k for k, v in vmfd.items() if int(v.value) & ~R.FD_VCPU in dead]:
+            vmfd.pop(k, None)
 
     def snapshot(self, drain_wait: float = -1) -> Snapshot:
         """Read every map once and build a cumulative snapshot. Its time (``mono_ns``) is the
@@ -519,7 +572,7 @@ class TraceSession:
             elapsed_s=(mono - self._t0) / 1e9, vms=parts.vms, hva=parts.hva,
             memslot=parts.memslot, lost_events=parts.lost_events,
             map_full=parts.map_full, unattributed=parts.unattributed,
-            by_memslots=parts.by_memslots, ignored_ioctls=parts.ignored_ioctls,
+            by_memslots=parts.by_memslots, ignored_ioctls=parts.ignored_ioctls, ambiguous=parts.ambiguous,
             self_cpu_s=cpu, meta=tuple(sorted(self.meta.items())), cost=cost,
         )
 
@@ -556,6 +609,37 @@ class TraceSession:
                 return
             while nxt <= now:
                 nxt += self.interval
+
+
+def _fdkey(table, tgid: int, fd: int):
+    k = table.Key()
+    k.tgid, k.fd = tgid, fd
+    return k
+
+
+def _insert_new(table, key, leaf) -> bool:
+    """An insertion that never replaces an entry (BPF_NOEXIST): False when the key exists."""
+    from bcc import libbcc
+
+    return libbcc.lib.bpf_update_elem(table.map_fd, ct.byref(key), ct.byref(leaf), 1) == 0
+
+
+_SYS_KCMP, _KCMP_FILE = 312, 0  # x86_64 (tracepoint mode is built for x86 only)
+
+
+def _same_file_groups(pid: int, fds: List[int]) -> List[List[int]]:
+    """Descriptors of ``pid`` grouped by the open file they refer to (kcmp KCMP_FILE): dup()s of
+    one VM descriptor are one VM. Where kcmp fails, every descriptor is its own group."""
+    libc = ct.CDLL(None, use_errno=True)
+    groups: List[List[int]] = []
+    for fd in sorted(fds):
+        for g in groups:
+            if libc.syscall(_SYS_KCMP, pid, pid, _KCMP_FILE, g[0], fd) == 0:
+                g.append(fd)
+                break
+        else:
+            groups.append([fd])
+    return groups
 
 
 def _key(k) -> tuple:
