@@ -8,6 +8,7 @@ terminal is restored (normal screen, cursor visible, canonical mode and echo bac
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -103,20 +104,20 @@ def test_synthetic_keys_resize_quit(tmux_factory):
     t = tmux_factory(f"{PY} -m tests.synthetic_top --interval 0.3")
     s = t.wait_for(lambda s: "4343 python3" in s, what="the second VM to appear")
     assert t.display("#{alternate_on}") == "1"  # full-screen view on the alternate screen
-    assert "4242 guest-a" in s and "sort ops" in s and "keys: s sort" in s
+    assert "4242 guest-a" in s and "sort ops" in s and "keys: ? help, q quit" in s
     assert "\x1b" not in s
 
-    t.send("s")
+    t.send(">")
     t.wait_for(lambda s: "sort latency" in s, what="sort to cycle to latency")
     # latency sort: 4343 (3 µs) before guest-a (1 µs)
     s = t.wait_for(lambda s: re.search(r"4343 python3.*\n.*4242 guest-a", s), what="latency order")
 
-    t.send("p")
+    t.send("Space")
     s1 = t.wait_for(lambda s: "PAUSED" in s, what="PAUSED")
     up1 = re.search(r"up (\S+)", s1).group(1)
     time.sleep(1.0)
     assert re.search(r"up (\S+)", t.capture()).group(1) == up1  # frozen while paused
-    t.send("p")
+    t.send("Space")
     t.wait_for(lambda s: "PAUSED" not in s, what="unpause")
 
     t.send("v")
@@ -183,6 +184,191 @@ def test_not_a_tty_stdout_has_no_escape_codes(tmux_factory, tmp_path):
     assert "\x1b" not in text and text.count("# kvmtrace top interval:") == 4  # 0.1 s intervals until 0.35 s: 4
 
 
+# ---------------------------------------------------------------------------- keys (issue 26 #4)
+# The synthetic session's figures per interval are fixed (tests/synthetic_top.py): at 1 s
+# intervals guest-a makes 1000 unmaps (500 at 900 ns, 500 at 1500 ns: p50 1024 ns, p99
+# 1024 + 0.98 * 1024 = 2027 ns) and 10 age calls of 3 slots; python3 (pid 4343, intervals 3
+# to 5) 200 unmaps at 3000 ns (p50 3072, p99 4075 ns) of 2 slots and 4 memslot creates. The
+# view is paused while python3 runs, so every line below is exact.
+
+TABLE_HEAD = [
+    "                     mem      ops/s                lat       slots      upd/s",
+    " PID VM            slots vCPU unmap age test_age   p50   p99  mean max create delete move flags",
+]
+ROW_A = "4242 guest-a          37    2  1.0k  10        0 1.0µs 2.0µs   1.0   3      0      0    0     0"
+ROW_B = "4343 python3         512    1   200   0        0 3.1µs 4.1µs   2.0   2    4.0      0    0     0"
+ROW_TOTAL = "     total (2 VMs)   549    3  1.2k  10        0 1.2µs 4.0µs   1.2   3    4.0      0    0     0"
+
+
+def _lines(screen: str):
+    return [line.rstrip() for line in screen.splitlines()]
+
+
+def _table(screen: str):
+    """The table's header lines and rows: from the 'mem' line to the line before the caption."""
+    lines = _lines(screen)
+    i = next(n for n, x in enumerate(lines) if x.strip().startswith("mem"))
+    j = next(n for n, x in enumerate(lines) if x.startswith("latency p50/p99"))
+    return lines[i:j]
+
+
+def _paused_with_both(tmux_factory):
+    t = tmux_factory(f"{PY} -m tests.synthetic_top --interval 1")
+    t.wait_for(lambda s: ROW_B in s, timeout=30, what="python3 (4343) to appear")
+    t.send("Space")
+    s = t.wait_for(lambda s: "PAUSED" in s, what="PAUSED")
+    if ROW_B not in s:  # paused one interval late, after python3 ended (a loaded host)
+        pytest.skip("paused after python3 had ended")
+    return t, s
+
+
+def test_tmux_help_overlay_exact_lines(tmux_factory):
+    t = tmux_factory(f"{PY} -m tests.synthetic_top --interval 0.3")
+    t.wait_for(lambda s: "4242 guest-a" in s, what="first interval")
+    for key in ("?", "h"):
+        t.send(key)
+        s = t.wait_for(lambda s: "keys (kvm_stat's where they fit)" in s, what=f"help overlay on {key}")
+        lines = _lines(s)
+        i = lines.index("keys (kvm_stat's where they fit)")
+        assert lines[i - 2].startswith("VMs ") and lines[i - 1] == ""
+        assert lines[i:i + 15] == [
+            "keys (kvm_stat's where they fit)",
+            "  ? h    show the keys (any key closes the list)",
+            "  < >    sort by the previous / next key: ops, latency, slots, pid",
+            "  o      reverse the sort order",
+            "  p      filter by pid: type pids (e.g. 4242,4343), Enter",
+            "  g      filter by guest: part of its name or command, Enter",
+            "  f      show only the ops matching a regular expression",
+            "  c      clear the filters (pid, guest, op)",
+            "  s      set the update interval (seconds, 0.1 to 3600)",
+            "  r      reset: zero the figures shown since start",
+            "  v      choose the VM of the histogram panel",
+            "  space  pause / resume the display (tracing goes on)",
+            "  q      quit (Ctrl-C too) with a summary since start",
+            "  in a prompt: Enter applies, Esc cancels, an empty line clears that filter",
+            "",
+        ]
+        assert "PID" not in s  # the overlay replaces the table
+        t.send("x")  # any key closes it
+        s = t.wait_for(lambda s: "keys (kvm_stat" not in s and "4242 guest-a" in s, what="overlay closed")
+        assert "sort ops" in s and "sort ops reversed" not in s  # the closing key did nothing else
+    t.send("?")
+    t.wait_for(lambda s: "keys (kvm_stat's where they fit)" in s, what="help overlay")
+    t.send("q")  # q closes the help and quits
+    s = t.wait_for(lambda s: "EXITED rc=" in s, timeout=10, what="exit after q")
+    t.assert_restored(s)
+
+
+def test_tmux_sort_reverse_exact_lines(tmux_factory):
+    t, s = _paused_with_both(tmux_factory)
+    assert _lines(s)[4] == "VMs 2 running · sort ops · keys: ? help, q quit"
+    assert _table(s) == TABLE_HEAD + [ROW_A, ROW_B, ROW_TOTAL]
+    t.send("o")
+    s = t.wait_for(lambda s: "sort ops reversed" in s, what="reversed sort")
+    assert _lines(s)[4] == "VMs 2 running · sort ops reversed · keys: ? help, q quit"
+    assert _table(s) == TABLE_HEAD + [ROW_B, ROW_A, ROW_TOTAL]
+    t.send(">")  # latency (p99, slowest first), still reversed: fastest first
+    s = t.wait_for(lambda s: "sort latency reversed" in s, what="latency reversed")
+    assert _table(s) == TABLE_HEAD + [ROW_A, ROW_B, ROW_TOTAL]
+    t.send("o")
+    s = t.wait_for(lambda s: re.search(r"sort latency ·", s), what="latency")
+    assert _table(s) == TABLE_HEAD + [ROW_B, ROW_A, ROW_TOTAL]
+    t.send("<", "<")
+    s = t.wait_for(lambda s: "sort pid ·" in s, what="back to pid")  # ops <- latency... wraps to pid
+    assert _table(s) == TABLE_HEAD + [ROW_A, ROW_B, ROW_TOTAL]
+    t.send("q")
+    t.assert_restored(t.wait_for(lambda s: "EXITED rc=" in s, timeout=10, what="exit"))
+
+
+def test_tmux_pid_and_guest_filter_exact_lines(tmux_factory):
+    t, s = _paused_with_both(tmux_factory)
+    t.send("p", "43x")
+    s = t.wait_for(lambda s: "filter by pid" in s, what="pid prompt")
+    assert _lines(s)[5] == "filter by pid (e.g. 4242,4343): 43x_"
+    t.send("Enter")
+    s = t.wait_for(lambda s: "not a pid" in s, what="refused pid")
+    assert _lines(s)[5:7] == ["filter by pid (e.g. 4242,4343): 43x_", "not a pid: 43x (type pids such as 4242,4343)"]
+    t.send("BSpace", "43", "Enter")
+    s = t.wait_for(lambda s: "filter pid=4343" in s, what="pid filter")
+    lines = _lines(s)
+    assert lines[4] == "VMs 2 running · filter pid=4343 (1 hidden) · sort ops · keys: ? help, q quit"
+    assert lines[5] == ""
+    assert _table(s) == [
+        "               mem      ops/s                lat       slots      upd/s",
+        " PID VM      slots vCPU unmap age test_age   p50   p99  mean max create delete move flags",
+        "4343 python3   512    1   200   0        0 3.1µs 4.1µs   2.0   2    4.0      0    0     0",
+    ]
+    assert "VM 4343 python3 · since start: " in s  # the panel follows the filter
+    t.send("c")
+    s = t.wait_for(lambda s: "filter pid" not in s, what="filter cleared")
+    assert _table(s) == TABLE_HEAD + [ROW_A, ROW_B, ROW_TOTAL]
+    t.send("g", "GUEST", "Enter")  # part of the name, any case
+    s = t.wait_for(lambda s: "filter vm=GUEST" in s, what="guest filter")
+    assert _lines(s)[4] == "VMs 2 running · filter vm=GUEST (1 hidden) · sort ops · keys: ? help, q quit"
+    assert _table(s) == [
+        "               mem      ops/s                lat       slots      upd/s",
+        " PID VM      slots vCPU unmap age test_age   p50   p99  mean max create delete move flags",
+        "4242 guest-a    37    2  1.0k  10        0 1.0µs 2.0µs   1.0   3      0      0    0     0",
+    ]
+    t.send("f", "^unmap$", "Enter")  # kvm_stat's f: a regular expression over the op columns
+    s = t.wait_for(lambda s: "op=unmap" in s, what="op filter")
+    assert _lines(s)[4] == "VMs 2 running · filter vm=GUEST op=unmap (1 hidden) · sort ops · keys: ? help, q quit"
+    assert _table(s)[1].split() == ["PID", "VM", "slots", "vCPU", "unmap", "p50", "p99", "mean", "max",
+                                    "create", "delete", "move", "flags"]
+    t.send("g", "Escape")  # Esc: the prompt goes, the filter stays
+    s = t.wait_for(lambda s: "filter by guest" not in s, what="prompt cancelled")
+    assert "filter vm=GUEST op=unmap (1 hidden)" in s
+    t.send("g", "Enter")  # an empty line clears that filter only
+    s = t.wait_for(lambda s: "filter op=unmap (0 hidden)" in s, what="guest filter cleared")
+    t.send("q")
+    t.assert_restored(t.wait_for(lambda s: "EXITED rc=" in s, timeout=10, what="exit"))
+
+
+def test_tmux_interval_change_exact_lines(tmux_factory):
+    t = tmux_factory(f"{PY} -m tests.synthetic_top --interval 0.3")
+    s = t.wait_for(lambda s: "4242 guest-a" in s, what="first interval")
+    assert "· interval 0.3s ·" in s
+    # 1000 unmaps and 10 age calls per 0.3 s interval
+    assert re.search(r"^4242 guest-a +37 +2 +3\.3k +33 ", s, re.M)
+    t.send("s", "0.01", "Enter")
+    s = t.wait_for(lambda s: "not 0.01" in s, what="refused interval")
+    assert _lines(s)[5:7] == ["update interval in seconds (0.1 to 3600): 0.01_",
+                              "the interval is a number of seconds from 0.1 to 3600, not 0.01"]
+    t.send("Escape", "s", "2", "Enter")
+    s = t.wait_for(lambda s: "· interval 2.0s ·" in s and re.search(r"^4242 guest-a +37 +2 +500 ", s, re.M),
+                   timeout=10, what="2 s intervals")
+    # the source now takes 2 s per interval: 1000 unmaps / 2 s, 10 ages / 2 s, 7 unattributed / 2 s
+    row = next(x for x in _lines(s) if x.startswith("4242 guest-a"))
+    assert row.split()[:7] == ["4242", "guest-a", "37", "2", "500", "5.0", "0"]
+    assert "unattributed ops 7 (3.5/s)" in s
+    t.send("q")
+    t.assert_restored(t.wait_for(lambda s: "EXITED rc=" in s, timeout=10, what="exit"))
+
+
+def test_tmux_reset_exact_lines(tmux_factory):
+    t = tmux_factory(f"{PY} -m tests.synthetic_top --interval 0.3")
+    t.wait_for(lambda s: "VM 4242 guest-a · since start: " in s, what="first interval")
+    t.send("Space")
+    t.wait_for(lambda s: "PAUSED" in s, what="PAUSED")
+    t.send("r")
+    s = t.wait_for(lambda s: "since reset" in s, what="reset")
+    lines = _lines(s)
+    assert re.fullmatch(r"kvmtrace top · host testhost · kernel 6\.18\.0-test · interval 0\.3s · up \S+ · "
+                        r"reset 0s ago · PAUSED", lines[0])
+    i = lines.index("VM 4242 guest-a · since reset: 0 ops (unmap,age,test_age)")
+    assert lines[i + 1:i + 3] == ["latency ns (syscall)    slots visited (derived)",
+                                  "(no data)               (no data)"]
+    assert re.search(r"^4242 guest-a +37 +2 +3\.3k +33 ", s, re.M)  # the interval's rates stay
+    t.send("Space")  # counting again from the reset: 1010 ops per interval
+    s = t.wait_for(lambda s: re.search(r"since reset: [1-9]\d* ops", s), what="counts after reset")
+    n = int(re.search(r"VM 4242 guest-a · since reset: (\d+) ops", s).group(1))
+    assert n % 1010 == 0
+    t.send("q")
+    s = t.wait_for(lambda s: "EXITED rc=" in s, timeout=10, what="exit")
+    # the summary still covers the whole run: more than the ops since the reset
+    t.assert_restored(s)
+
+
 # ---------------------------------------------------------------------------- the real thing
 
 
@@ -194,20 +380,28 @@ def _why_not_real() -> str:
     return S.tracing_unavailable()
 
 
+def _cell(screen: str, pid: int, column: str) -> str:
+    """The cell of ``pid``'s row under the header word ``column`` (cells are right-aligned)."""
+    lines = screen.splitlines()
+    head = next(x for x in lines if re.search(r"\bPID\b", x) and column in x)
+    end = head.index(column) + len(column)
+    row = next(x for x in lines if re.match(rf"\s*{pid}\s", x))
+    return row[:end].split()[-1]
+
+
 def _ops_rate(screen: str, pid: int) -> float:
     """The unmap ops/s cell of ``pid``'s row, located under the 'unmap' header."""
-    lines = screen.splitlines()
-    head = next(x for x in lines if re.search(r"\bPID\b", x) and "unmap" in x)
-    end = head.index("unmap") + len("unmap")
-    row = next(x for x in lines if re.match(rf"\s*{pid}\s", x))
-    cell = row[:end].split()[-1]
+    cell = _cell(screen, pid, "unmap")
     m = re.fullmatch(r"([\d.]+)([kMG]?)", cell)
-    assert m, f"not a rate: {cell!r} in {row!r}"
+    assert m, f"not a rate: {cell!r}"
     return float(m.group(1)) * {"": 1, "k": 1e3, "M": 1e6, "G": 1e9}[m.group(2)]
 
 
 @pytest.mark.root
-def test_real_top_shows_workload_vm(tmux_factory):
+def test_real_top_shows_workload_vm(tmux_factory, tmp_path):
+    """The real tracer and the built-in workload VM: its row, the keys, and its vCPU count
+    against the workload's own ground truth (issue 26 #4: it showed vCPU 0 although its vCPU
+    ran; the workload closed the vCPU descriptor that top counts)."""
     why = _why_not_real()
     if why:
         pytest.skip(f"needs root, bcc, tracefs and /dev/kvm: {why}")
@@ -215,8 +409,10 @@ def test_real_top_shows_workload_vm(tmux_factory):
     # too), and its header must still be on screen
     t = tmux_factory(f"{PY} -m kvmtrace.cli top --interval 1", y=200)
     t.wait_for(lambda s: "kvmtrace top · host" in s, timeout=60, what="the tracer to attach")
+    truth_path = tmp_path / "truth.json"
     wl = subprocess.Popen(
-        [sys.executable, "-m", "kvmtrace.workload", "--slots", "64", "--scenario", "mixed", "--duration", "20", "-q"],
+        [sys.executable, "-m", "kvmtrace.workload", "--slots", "64", "--scenario", "mixed", "--duration", "8", "-q",
+         "--json-out", str(truth_path)],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -232,15 +428,22 @@ def test_real_top_shows_workload_vm(tmux_factory):
 
         s = t.wait_for(shows_activity, timeout=20, what=f"workload VM {pid} with non-zero ops/s")
         assert "attach: " in s and "tracepoint" in s or "kprobe" in s or "fentry" in s
-        t.send("s")
+        vcpus_seen = _cell(s, pid, "vCPU")
+        t.send(">")
         t.wait_for(lambda s: "sort latency" in s, what="sort key")
+        _, err = wl.communicate(timeout=60)
+        assert wl.returncode == 0, err
+        truth = json.loads(truth_path.read_text())
+        assert truth["vcpu"] == "ran", truth["vcpu"]
+        assert vcpus_seen == str(truth["vcpus"]) == "1"
         t.send("q")
         s = t.wait_for(lambda s: "EXITED rc=" in s, timeout=15, what="exit after q")
         assert "kvmtrace top summary" in s and re.search(rf"^\s*{pid}\s", s, re.M)
         t.assert_restored(s)
     finally:
-        wl.terminate()
-        try:
-            wl.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            wl.kill()
+        if wl.poll() is None:
+            wl.terminate()
+            try:
+                wl.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                wl.kill()
