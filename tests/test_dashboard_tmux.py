@@ -212,135 +212,150 @@ def _table(screen: str):
     return lines[i:j]
 
 
+def until(t, check, what: str, timeout: float = 20.0) -> str:
+    """Wait until ``check(screen)`` holds (it returns false or raises while it does not): a
+    capture can catch rich half-way through a redraw, so exact lines are the condition waited
+    for, not a test made once on the first screen that shows a new word. On timeout the error
+    shows the last screen."""
+
+    def ok(screen):
+        try:
+            return check(screen) is not False
+        except (AssertionError, StopIteration, ValueError, IndexError, AttributeError):
+            return False
+
+    return t.wait_for(ok, timeout=timeout, what=what)
+
+
 def _paused_with_both(tmux_factory):
     t = tmux_factory(f"{PY} -m tests.synthetic_top --interval 1")
     t.wait_for(lambda s: ROW_B in s, timeout=30, what="python3 (4343) to appear")
     t.send("Space")
     s = t.wait_for(lambda s: "PAUSED" in s, what="PAUSED")
-    if ROW_B not in s:  # paused one interval late, after python3 ended (a loaded host)
+    time.sleep(0.3)  # let the paused frame be drawn whole
+    if ROW_B not in t.capture():  # paused one interval late, after python3 ended (a loaded host)
         pytest.skip("paused after python3 had ended")
-    return t, s
+    return t
+
+
+HELP = [
+    "keys (kvm_stat's where they fit)",
+    "  ? h    show the keys (any key closes the list)",
+    "  < >    sort by the previous / next key: ops, latency, slots, pid",
+    "  o      reverse the sort order",
+    "  p      filter by pid: type pids (e.g. 4242,4343), Enter",
+    "  g      filter by guest: part of its name or command, Enter",
+    "  f      show only the ops matching a regular expression",
+    "  c      clear the filters (pid, guest, op)",
+    "  s      set the update interval (seconds, 0.1 to 3600)",
+    "  r      reset: zero the figures shown since start",
+    "  v      choose the VM of the histogram panel",
+    "  space  pause / resume the display (tracing goes on)",
+    "  q      quit (Ctrl-C too) with a summary since start",
+    "  in a prompt: Enter applies, Esc cancels, an empty line clears that filter",
+    "",
+]
 
 
 def test_tmux_help_overlay_exact_lines(tmux_factory):
     t = tmux_factory(f"{PY} -m tests.synthetic_top --interval 0.3")
     t.wait_for(lambda s: "4242 guest-a" in s, what="first interval")
+
+    def overlay(s):
+        lines = _lines(s)
+        i = lines.index(HELP[0])
+        assert lines[i - 2].startswith("VMs ") and lines[i - 1] == ""
+        assert lines[i:i + len(HELP)] == HELP
+        assert "PID" not in s  # the overlay replaces the table
+
     for key in ("?", "h"):
         t.send(key)
-        s = t.wait_for(lambda s: "keys (kvm_stat's where they fit)" in s, what=f"help overlay on {key}")
-        lines = _lines(s)
-        i = lines.index("keys (kvm_stat's where they fit)")
-        assert lines[i - 2].startswith("VMs ") and lines[i - 1] == ""
-        assert lines[i:i + 15] == [
-            "keys (kvm_stat's where they fit)",
-            "  ? h    show the keys (any key closes the list)",
-            "  < >    sort by the previous / next key: ops, latency, slots, pid",
-            "  o      reverse the sort order",
-            "  p      filter by pid: type pids (e.g. 4242,4343), Enter",
-            "  g      filter by guest: part of its name or command, Enter",
-            "  f      show only the ops matching a regular expression",
-            "  c      clear the filters (pid, guest, op)",
-            "  s      set the update interval (seconds, 0.1 to 3600)",
-            "  r      reset: zero the figures shown since start",
-            "  v      choose the VM of the histogram panel",
-            "  space  pause / resume the display (tracing goes on)",
-            "  q      quit (Ctrl-C too) with a summary since start",
-            "  in a prompt: Enter applies, Esc cancels, an empty line clears that filter",
-            "",
-        ]
-        assert "PID" not in s  # the overlay replaces the table
-        t.send("x")  # any key closes it
-        s = t.wait_for(lambda s: "keys (kvm_stat" not in s and "4242 guest-a" in s, what="overlay closed")
-        assert "sort ops" in s and "sort ops reversed" not in s  # the closing key did nothing else
+        until(t, overlay, f"the help overlay, exact lines, on {key}")
+        t.send("x")  # any key closes it, and does nothing else
+        until(t, lambda s: HELP[0] not in s and "4242 guest-a" in s and "sort ops ·" in s, "overlay closed")
     t.send("?")
-    t.wait_for(lambda s: "keys (kvm_stat's where they fit)" in s, what="help overlay")
+    until(t, overlay, "help overlay")
     t.send("q")  # q closes the help and quits
     s = t.wait_for(lambda s: "EXITED rc=" in s, timeout=10, what="exit after q")
     t.assert_restored(s)
 
 
 def test_tmux_sort_reverse_exact_lines(tmux_factory):
-    t, s = _paused_with_both(tmux_factory)
-    assert _lines(s)[4] == "VMs 2 running · sort ops · keys: ? help, q quit"
-    assert _table(s) == TABLE_HEAD + [ROW_A, ROW_B, ROW_TOTAL]
+    t = _paused_with_both(tmux_factory)
+
+    def shows(sort, rows):
+        return lambda s: (_lines(s)[4] == f"VMs 2 running · sort {sort} · keys: ? help, q quit"
+                          and _table(s) == TABLE_HEAD + rows)
+
+    until(t, shows("ops", [ROW_A, ROW_B, ROW_TOTAL]), "sort ops")
     t.send("o")
-    s = t.wait_for(lambda s: "sort ops reversed" in s, what="reversed sort")
-    assert _lines(s)[4] == "VMs 2 running · sort ops reversed · keys: ? help, q quit"
-    assert _table(s) == TABLE_HEAD + [ROW_B, ROW_A, ROW_TOTAL]
+    until(t, shows("ops reversed", [ROW_B, ROW_A, ROW_TOTAL]), "ops reversed")
     t.send(">")  # latency (p99, slowest first), still reversed: fastest first
-    s = t.wait_for(lambda s: "sort latency reversed" in s, what="latency reversed")
-    assert _table(s) == TABLE_HEAD + [ROW_A, ROW_B, ROW_TOTAL]
+    until(t, shows("latency reversed", [ROW_A, ROW_B, ROW_TOTAL]), "latency reversed")
     t.send("o")
-    s = t.wait_for(lambda s: re.search(r"sort latency ·", s), what="latency")
-    assert _table(s) == TABLE_HEAD + [ROW_B, ROW_A, ROW_TOTAL]
-    t.send("<", "<")
-    s = t.wait_for(lambda s: "sort pid ·" in s, what="back to pid")  # ops <- latency... wraps to pid
-    assert _table(s) == TABLE_HEAD + [ROW_A, ROW_B, ROW_TOTAL]
+    until(t, shows("latency", [ROW_B, ROW_A, ROW_TOTAL]), "latency")
+    t.send("<", "<")  # latency -> ops -> (wraps) pid
+    until(t, shows("pid", [ROW_A, ROW_B, ROW_TOTAL]), "sort pid")
     t.send("q")
     t.assert_restored(t.wait_for(lambda s: "EXITED rc=" in s, timeout=10, what="exit"))
 
 
 def test_tmux_pid_and_guest_filter_exact_lines(tmux_factory):
-    t, s = _paused_with_both(tmux_factory)
+    t = _paused_with_both(tmux_factory)
     t.send("p", "43x")
-    s = t.wait_for(lambda s: "filter by pid" in s, what="pid prompt")
-    assert _lines(s)[5] == "filter by pid (e.g. 4242,4343): 43x_"
-    t.send("Enter")
-    s = t.wait_for(lambda s: "not a pid" in s, what="refused pid")
-    assert _lines(s)[5:7] == ["filter by pid (e.g. 4242,4343): 43x_", "not a pid: 43x (type pids such as 4242,4343)"]
+    until(t, lambda s: _lines(s)[5] == "filter by pid (e.g. 4242,4343): 43x_", "pid prompt")
+    t.send("Enter")  # refused: the prompt stays open with the reason
+    until(t, lambda s: _lines(s)[5:7] == ["filter by pid (e.g. 4242,4343): 43x_",
+                                          "not a pid: 43x (type pids such as 4242,4343)"], "refused pid")
     t.send("BSpace", "43", "Enter")
-    s = t.wait_for(lambda s: "filter pid=4343" in s, what="pid filter")
-    lines = _lines(s)
-    assert lines[4] == "VMs 2 running · filter pid=4343 (1 hidden) · sort ops · keys: ? help, q quit"
-    assert lines[5] == ""
-    assert _table(s) == [
+    until(t, lambda s: _lines(s)[4:6] == [
+        "VMs 2 running · filter pid=4343 (1 hidden) · sort ops · keys: ? help, q quit", ""] and _table(s) == [
         "               mem      ops/s                lat       slots      upd/s",
         " PID VM      slots vCPU unmap age test_age   p50   p99  mean max create delete move flags",
         "4343 python3   512    1   200   0        0 3.1µs 4.1µs   2.0   2    4.0      0    0     0",
-    ]
-    assert "VM 4343 python3 · since start: " in s  # the panel follows the filter
+    ] and "VM 4343 python3 · since start: " in s, "pid filter")  # the panel follows the filter
     t.send("c")
-    s = t.wait_for(lambda s: "filter pid" not in s, what="filter cleared")
-    assert _table(s) == TABLE_HEAD + [ROW_A, ROW_B, ROW_TOTAL]
+    until(t, lambda s: "filter" not in _lines(s)[4] and _table(s) == TABLE_HEAD + [ROW_A, ROW_B, ROW_TOTAL],
+          "filter cleared")
     t.send("g", "GUEST", "Enter")  # part of the name, any case
-    s = t.wait_for(lambda s: "filter vm=GUEST" in s, what="guest filter")
-    assert _lines(s)[4] == "VMs 2 running · filter vm=GUEST (1 hidden) · sort ops · keys: ? help, q quit"
-    assert _table(s) == [
-        "               mem      ops/s                lat       slots      upd/s",
-        " PID VM      slots vCPU unmap age test_age   p50   p99  mean max create delete move flags",
-        "4242 guest-a    37    2  1.0k  10        0 1.0µs 2.0µs   1.0   3      0      0    0     0",
-    ]
-    t.send("f", "^unmap$", "Enter")  # kvm_stat's f: a regular expression over the op columns
-    s = t.wait_for(lambda s: "op=unmap" in s, what="op filter")
-    assert _lines(s)[4] == "VMs 2 running · filter vm=GUEST op=unmap (1 hidden) · sort ops · keys: ? help, q quit"
-    assert _table(s)[1].split() == ["PID", "VM", "slots", "vCPU", "unmap", "p50", "p99", "mean", "max",
-                                    "create", "delete", "move", "flags"]
+    until(t, lambda s: _lines(s)[4] == "VMs 2 running · filter vm=GUEST (1 hidden) · sort ops · keys: ? help, q quit"
+          and _table(s) == [
+              "               mem      ops/s                lat       slots      upd/s",
+              " PID VM      slots vCPU unmap age test_age   p50   p99  mean max create delete move flags",
+              "4242 guest-a    37    2  1.0k  10        0 1.0µs 2.0µs   1.0   3      0      0    0     0",
+          ], "guest filter")
+    t.send("f", "^unmap$", "Enter")  # kvm_stat's f: a regular expression, here over the op columns
+    until(t, lambda s: _lines(s)[4] == "VMs 2 running · filter vm=GUEST op=unmap (1 hidden) · sort ops · "
+          "keys: ? help, q quit" and _table(s)[1].split() == ["PID", "VM", "slots", "vCPU", "unmap", "p50", "p99",
+                                                              "mean", "max", "create", "delete", "move", "flags"],
+          "op filter")
     t.send("g", "Escape")  # Esc: the prompt goes, the filter stays
-    s = t.wait_for(lambda s: "filter by guest" not in s, what="prompt cancelled")
-    assert "filter vm=GUEST op=unmap (1 hidden)" in s
+    until(t, lambda s: _lines(s)[5] == "" and "filter vm=GUEST op=unmap (1 hidden)" in _lines(s)[4], "prompt cancelled")
     t.send("g", "Enter")  # an empty line clears that filter only
-    s = t.wait_for(lambda s: "filter op=unmap (0 hidden)" in s, what="guest filter cleared")
+    until(t, lambda s: "filter op=unmap (0 hidden) · sort ops" in _lines(s)[4], "guest filter cleared")
     t.send("q")
     t.assert_restored(t.wait_for(lambda s: "EXITED rc=" in s, timeout=10, what="exit"))
 
 
+def _row(s, pid):
+    return next(x for x in _lines(s) if x.startswith(f"{pid} ")).split()
+
+
 def test_tmux_interval_change_exact_lines(tmux_factory):
     t = tmux_factory(f"{PY} -m tests.synthetic_top --interval 0.3")
-    s = t.wait_for(lambda s: "4242 guest-a" in s, what="first interval")
-    assert "· interval 0.3s ·" in s
     # 1000 unmaps and 10 age calls per 0.3 s interval
-    assert re.search(r"^4242 guest-a +37 +2 +3\.3k +33 ", s, re.M)
+    until(t, lambda s: "· interval 0.3s ·" in s and _row(s, 4242)[:6] == ["4242", "guest-a", "37", "2", "3.3k", "33"],
+          "first interval")
     t.send("s", "0.01", "Enter")
-    s = t.wait_for(lambda s: "not 0.01" in s, what="refused interval")
-    assert _lines(s)[5:7] == ["update interval in seconds (0.1 to 3600): 0.01_",
-                              "the interval is a number of seconds from 0.1 to 3600, not 0.01"]
-    t.send("Escape", "s", "2", "Enter")
-    s = t.wait_for(lambda s: "· interval 2.0s ·" in s and re.search(r"^4242 guest-a +37 +2 +500 ", s, re.M),
-                   timeout=10, what="2 s intervals")
+    until(t, lambda s: _lines(s)[5:7] == ["update interval in seconds (0.1 to 3600): 0.01_",
+                                          "the interval is a number of seconds from 0.1 to 3600, not 0.01"],
+          "refused interval")
+    t.send("Escape")
+    until(t, lambda s: _lines(s)[5] == "", "prompt closed")
+    t.send("s", "2", "Enter")
     # the source now takes 2 s per interval: 1000 unmaps / 2 s, 10 ages / 2 s, 7 unattributed / 2 s
-    row = next(x for x in _lines(s) if x.startswith("4242 guest-a"))
-    assert row.split()[:7] == ["4242", "guest-a", "37", "2", "500", "5.0", "0"]
-    assert "unattributed ops 7 (3.5/s)" in s
+    until(t, lambda s: "· interval 2.0s ·" in s and "unattributed ops 7 (3.5/s)" in s
+          and _row(s, 4242)[:7] == ["4242", "guest-a", "37", "2", "500", "5.0", "0"], "2 s intervals", timeout=15)
     t.send("q")
     t.assert_restored(t.wait_for(lambda s: "EXITED rc=" in s, timeout=10, what="exit"))
 
@@ -351,22 +366,26 @@ def test_tmux_reset_exact_lines(tmux_factory):
     t.send("Space")
     t.wait_for(lambda s: "PAUSED" in s, what="PAUSED")
     t.send("r")
-    s = t.wait_for(lambda s: "since reset" in s, what="reset")
-    lines = _lines(s)
-    assert re.fullmatch(r"kvmtrace top · host testhost · kernel 6\.18\.0-test · interval 0\.3s · up \S+ · "
-                        r"reset 0s ago · PAUSED", lines[0])
-    i = lines.index("VM 4242 guest-a · since reset: 0 ops (unmap,age,test_age)")
-    assert lines[i + 1:i + 3] == ["latency ns (syscall)    slots visited (derived)",
-                                  "(no data)               (no data)"]
-    assert re.search(r"^4242 guest-a +37 +2 +3\.3k +33 ", s, re.M)  # the interval's rates stay
+
+    def zeroed(s):
+        lines = _lines(s)
+        assert re.fullmatch(r"kvmtrace top · host testhost · kernel 6\.18\.0-test · interval 0\.3s · up \S+ · "
+                            r"reset 0s ago · PAUSED", lines[0])
+        i = lines.index("VM 4242 guest-a · since reset: 0 ops (unmap,age,test_age)")
+        assert lines[i + 1:i + 4] == ["latency ns (syscall)    slots visited (derived)",
+                                      "(no data)               (no data)", ""]
+        assert _row(s, 4242)[:6] == ["4242", "guest-a", "37", "2", "3.3k", "33"]  # the interval's rates stay
+
+    until(t, zeroed, "the figures since the reset at zero")
     t.send("Space")  # counting again from the reset: 1010 ops per interval
-    s = t.wait_for(lambda s: re.search(r"since reset: [1-9]\d* ops", s), what="counts after reset")
-    n = int(re.search(r"VM 4242 guest-a · since reset: (\d+) ops", s).group(1))
-    assert n % 1010 == 0
+
+    def counting(s):
+        n = int(re.search(r"VM 4242 guest-a · since reset: (\d+) ops", s).group(1))
+        return n > 0 and n % 1010 == 0
+
+    until(t, counting, "counts after the reset")
     t.send("q")
-    s = t.wait_for(lambda s: "EXITED rc=" in s, timeout=10, what="exit")
-    # the summary still covers the whole run: more than the ops since the reset
-    t.assert_restored(s)
+    t.assert_restored(t.wait_for(lambda s: "EXITED rc=" in s, timeout=10, what="exit"))
 
 
 # ---------------------------------------------------------------------------- the real thing

@@ -96,6 +96,7 @@ class _Screen:
         self.latest = (None, None)  # newest pair (differs while paused)
         self.base: Optional[Snapshot] = None  # snapshot of the last reset (key r)
         self.lock = threading.Lock()  # keys arrive on the key reader's thread
+        self.quit_requested = False  # key q
 
     @property
     def opts(self) -> ViewOptions:
@@ -112,7 +113,7 @@ class _Screen:
                 self.shown = self.latest
 
     def key(self, ch: str) -> bool:
-        """Apply a key; True when it changed what is shown. ``quit`` is read from ``quit_``."""
+        """Apply a key; True when it changed what is shown (q sets ``quit_requested``)."""
         with self.lock:
             act = self.controls.press(ch)
             if act.panel and self.shown[0] is not None:
@@ -128,8 +129,6 @@ class _Screen:
             if act.unpause:
                 self.shown = self.latest
             return act.redraw
-
-    quit_requested = False
 
     def __rich_console__(self, console, options):
         with self.lock:
