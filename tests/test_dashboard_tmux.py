@@ -28,32 +28,36 @@ pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is no
 
 class Tmux:
     """One detached tmux session running ``cmd``; after the command ends the pane prints
-    EXITED rc=N and the terminal modes (icanon/echo), then stays open for inspection."""
+    EXITED rc=N and the terminal modes (icanon/echo), then stays open for inspection. Each
+    session has a tmux server of its own (``-L``): on the shared default server, killing the
+    last session stops the server while the next test (or another user's) starts a session,
+    and that start fails with "server exited unexpectedly"."""
 
     def __init__(self, cmd: str, x: int = 120, y: int = 40):
         self.name = f"kvmtrace-test-{uuid.uuid4().hex[:8]}"
+        self.tmux = ["tmux", "-L", self.name, "-f", "/dev/null"]  # its own server, no user config
         after = "echo EXITED rc=$?; stty -a | tr ' ;' '\\n\\n' | grep -x -e icanon -e -icanon -e echo -e -echo; sleep 600"
         script = f"cd {shlex.quote(REPO)} && {cmd}; {after}"
         subprocess.run(
-            ["tmux", "new-session", "-d", "-s", self.name, "-x", str(x), "-y", str(y), "bash", "-c", script],
+            [*self.tmux, "new-session", "-d", "-s", self.name, "-x", str(x), "-y", str(y), "bash", "-c", script],
             check=True,
             env={**os.environ, "TERM": "xterm-256color", "LANG": os.environ.get("LANG", "C.UTF-8")},
         )
 
     def capture(self) -> str:
-        p = subprocess.run(["tmux", "capture-pane", "-p", "-t", self.name], capture_output=True, text=True)
+        p = subprocess.run([*self.tmux, "capture-pane", "-p", "-t", self.name], capture_output=True, text=True)
         return p.stdout
 
     def send(self, *keys: str):
-        subprocess.run(["tmux", "send-keys", "-t", self.name, *keys], check=True)
+        subprocess.run([*self.tmux, "send-keys", "-t", self.name, *keys], check=True)
 
     def display(self, fmt: str) -> str:
         return subprocess.run(
-            ["tmux", "display-message", "-p", "-t", self.name, fmt], capture_output=True, text=True
+            [*self.tmux, "display-message", "-p", "-t", self.name, fmt], capture_output=True, text=True
         ).stdout.strip()
 
     def resize(self, x: int, y: int):
-        subprocess.run(["tmux", "resize-window", "-t", self.name, "-x", str(x), "-y", str(y)], check=True)
+        subprocess.run([*self.tmux, "resize-window", "-t", self.name, "-x", str(x), "-y", str(y)], check=True)
 
     def wait_for(self, pred, timeout: float = 20.0, what: str = "") -> str:
         end = time.monotonic() + timeout
@@ -66,7 +70,7 @@ class Tmux:
         raise AssertionError(f"timed out waiting for {what or pred}; screen:\n{screen}")
 
     def kill(self):
-        subprocess.run(["tmux", "kill-session", "-t", self.name], capture_output=True)
+        subprocess.run([*self.tmux, "kill-server"], capture_output=True)
 
     def assert_restored(self, screen: str):
         """After exit: normal screen, cursor shown, canonical mode and echo back on."""
