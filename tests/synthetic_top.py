@@ -53,8 +53,12 @@ def _hva(vm_id, pid, op, k, lat_values, slots_values, lat_prov="syscall"):
     )
 
 
-def snapshot_at(seq: int, interval: float = 1.0, t0: float = 1_700_000_000.0) -> Snapshot:
-    """The cumulative snapshot after ``seq`` intervals (seq >= 1)."""
+def snapshot_at(seq: int, interval: float = 1.0, t0: float = 1_700_000_000.0,
+                elapsed: Optional[float] = None) -> Snapshot:
+    """The cumulative snapshot after ``seq`` intervals (seq >= 1); ``elapsed``: the time since
+    start when the intervals were not all ``interval`` long (default ``seq * interval``)."""
+    if elapsed is None:
+        elapsed = seq * interval
     a = VmInfo("pid:4242", 4242, comm="qemu-system-x86", name="guest-a", vcpus=2, memslots=37)
     hva: List[HvaStats] = [
         # per interval: 1000 unmaps, 500 at 900 ns and 500 at 1500 ns, 1 slot each
@@ -78,9 +82,9 @@ def snapshot_at(seq: int, interval: float = 1.0, t0: float = 1_700_000_000.0) ->
         )
     return Snapshot(
         seq=seq,
-        wall_time=t0 + seq * interval,
-        mono_ns=int(seq * interval * 1e9),
-        elapsed_s=seq * interval,
+        wall_time=t0 + elapsed,
+        mono_ns=int(round(elapsed * 1e9)),
+        elapsed_s=elapsed,
         vms=tuple(vms),
         hva=tuple(hva),
         memslot=tuple(memslot),
@@ -110,23 +114,28 @@ class SyntheticSession:
         return False
 
     def snapshots(self, duration: Optional[float] = None, stop=None) -> Iterator[Snapshot]:
+        """One snapshot every ``self.interval`` seconds; a change of ``interval`` (top's key s)
+        applies to the interval under way, as in TraceSession. Snapshot times add up the
+        intervals (not the clock), so figures stay exact."""
         seq = 0
-        start = time.monotonic()
+        elapsed = 0.0
+        last = time.monotonic()
         while True:
             if self.sleep:
-                end = start + (seq + 1) * self.interval
-                while time.monotonic() < end:
+                while time.monotonic() < last + self.interval:
                     if stop is not None and stop():
                         return
-                    time.sleep(min(0.05, max(0.0, end - time.monotonic())))
+                    time.sleep(min(0.05, max(0.0, last + self.interval - time.monotonic())))
+                last = time.monotonic()
             if stop is not None and stop():
                 return
             seq += 1
             self.reads += 1
-            yield snapshot_at(seq, self.interval)
+            elapsed = round(elapsed + self.interval, 9)
+            yield snapshot_at(seq, self.interval, elapsed=elapsed)
             if self.count is not None and seq >= self.count:
                 return
-            if duration is not None and seq * self.interval >= duration - 1e-9:
+            if duration is not None and elapsed >= duration - 1e-9:
                 return
 
 

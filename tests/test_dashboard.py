@@ -82,10 +82,10 @@ latency ns (syscall)              slots visited (derived)
 2048-4095 200 ████████████████"""
 
 
-def screen(cum=CUR, delta=None, opts=None, width=WIDTH, plan=PLAN):
+def screen(cum=CUR, delta=None, opts=None, width=WIDTH, plan=PLAN, base=None):
     if delta is None and cum is CUR:
         delta = CUR.delta(PREV)
-    return render_text(cum, delta, META, plan, opts or ViewOptions(interval=2.0), width)
+    return render_text(cum, delta, META, plan, opts or ViewOptions(interval=2.0), width, base=base)
 
 
 # ---------------------------------------------------------------------------- formatting
@@ -200,7 +200,7 @@ def test_paused_and_keys_in_header():
     text = screen(opts=ViewOptions(interval=2.0, paused=True, keys=True, sort="pid"))
     lines = text.splitlines()
     assert lines[0].endswith("· up 3s · PAUSED")
-    assert lines[4] == "VMs 2 running · sort pid · keys: s sort, v panel VM, p pause, q quit"
+    assert lines[4] == "VMs 2 running · sort pid · keys: ? help, q quit"
 
 
 def test_mixed_provenance_is_marked():
@@ -281,7 +281,7 @@ def test_plain_table_exact():
         "          2     derived       0.0       0.0     0.0           0.0",
         "  200  qemu-system-x86        ~5      -      0.0    3.0         0.0       -       -      none         1.0"
         "          1     derived       0.0       1.0     0.0           0.0",
-        "total  2_VMs                 ~15      4    200.0    3.0         0.0    1024    4055   syscall         2.0"
+        "total  all_VMs               ~15      4    200.0    3.0         0.0    1024    4055   syscall         2.0"
         "          2     derived       0.0       1.0     0.0           0.0",
     ]
 
@@ -473,3 +473,284 @@ def test_command_once_with_a_fake_session(monkeypatch):
     assert r.exit_code != 0 and "exclude each other" in r.output
     r = CliRunner().invoke(top, ["--sort", "cpu"])
     assert r.exit_code != 0 and "cpu" in r.output
+
+
+# ---------------------------------------------------------------------------- keys (issue 26 #4)
+
+
+def press(controls, *keys):
+    acts = [controls.press(k) for k in keys]
+    return acts[-1]
+
+
+def typed(controls, key, text):
+    """Open the prompt of ``key``, type ``text`` and Enter."""
+    return press(controls, key, *text, "\r")
+
+
+def test_keys_help_overlay_exact_lines():
+    from kvmtrace.dashboard.keys import Controls
+
+    c = Controls(ViewOptions(interval=2.0, keys=True))
+    assert press(c, "?").redraw and c.opts.help
+    lines = screen(opts=c.opts).splitlines()
+    assert lines[4] == "VMs 2 running · sort ops · keys: ? help, q quit"
+    assert lines[5:] == [
+        "",
+        "keys (kvm_stat's where they fit)",
+        "  ? h    show the keys (any key closes the list)",
+        "  < >    sort by the previous / next key: ops, latency, slots, pid",
+        "  o      reverse the sort order",
+        "  p      filter by pid: type pids (e.g. 4242,4343), Enter",
+        "  g      filter by guest: part of its name or command, Enter",
+        "  f      show only the ops matching a regular expression",
+        "  c      clear the filters (pid, guest, op)",
+        "  s      set the update interval (seconds, 0.1 to 3600)",
+        "  r      reset: zero the figures shown since start",
+        "  v      choose the VM of the histogram panel",
+        "  space  pause / resume the display (tracing goes on)",
+        "  q      quit (Ctrl-C too) with a summary since start",
+        "  in a prompt: Enter applies, Esc cancels, an empty line clears that filter",
+    ]
+    # any key closes it and does nothing else; h opens it too; q closes it and quits
+    act = press(c, "o")
+    assert not c.opts.help and not c.opts.reverse and act.redraw and not act.quit
+    press(c, "h")
+    assert c.opts.help
+    assert press(c, "q").quit
+
+
+def test_keys_kvm_stat_moves_sort_and_pause():
+    """kvm_stat's s (interval) and p (pid filter) replaced kvmtrace's old sort and pause keys:
+    sort is < >, pause is the space bar."""
+    from kvmtrace.dashboard.keys import Controls
+
+    c = Controls(ViewOptions())
+    seen = [c.opts.sort]
+    for _ in range(4):
+        press(c, ">")
+        seen.append(c.opts.sort)
+    assert seen == ["ops", "latency", "slots", "pid", "ops"]
+    press(c, "<")
+    assert c.opts.sort == "pid"
+    act = press(c, " ")
+    assert c.opts.paused and not act.unpause
+    act = press(c, " ")
+    assert not c.opts.paused and act.unpause
+    press(c, "s")
+    assert c.opts.prompt == "update interval in seconds (0.1 to 3600): " and c.opts.sort == "pid"
+    press(c, "\x1b")
+    assert c.opts.prompt is None
+    press(c, "p")
+    assert c.opts.prompt == "filter by pid (e.g. 4242,4343): " and not c.opts.paused
+
+
+def test_keys_reverse_sort_on_the_screen():
+    from kvmtrace.dashboard.keys import Controls
+
+    c = Controls(ViewOptions(interval=2.0))
+    press(c, "o")
+    lines = screen(opts=c.opts).splitlines()
+    assert lines[4] == "VMs 2 running · sort ops reversed"
+    rows = [line.split()[0] for line in lines[8:11]]
+    assert rows == ["200", "100", "total"]  # 3.0/s before 200/s
+    press(c, "o")
+    assert [line.split()[0] for line in screen(opts=c.opts).splitlines()[8:10]] == ["100", "200"]
+
+
+def test_keys_pid_filter_typed_with_errors_kept_in_the_prompt():
+    from kvmtrace.dashboard.keys import Controls
+
+    c = Controls(ViewOptions(interval=2.0))
+    press(c, "p", "2", "0", "x")
+    assert c.opts.prompt == "filter by pid (e.g. 4242,4343): 20x"
+    act = press(c, "\r")  # refused: the prompt stays, with the reason
+    assert act.redraw and c.opts.pids == ()
+    lines = screen(opts=c.opts).splitlines()
+    assert lines[5:7] == ["filter by pid (e.g. 4242,4343): 20x_", "not a pid: 20x (type pids such as 4242,4343)"]
+    press(c, "\x7f", "0", "\r")
+    assert c.opts.pids == (200,) and c.opts.prompt is None and c.opts.message == ""
+    lines = screen(opts=c.opts).splitlines()
+    assert lines[4] == "VMs 2 running · filter pid=200 (1 hidden) · sort ops"
+    assert [line.split()[0] for line in lines[6:] if line[:1].isdigit()] == ["200"]
+    # the prompt starts empty (the filter in force is in the header); an empty line clears it
+    press(c, "p")
+    assert c.opts.prompt.endswith("4343): ")
+    press(c, "\r")
+    assert c.opts.pids == ()
+    # several pids, spaces or commas; a pid too large for Linux is refused
+    typed(c, "p", "100, 200 100")
+    assert c.opts.pids == (100, 200)
+    typed(c, "p", "99999999")
+    assert c.opts.message.startswith("not a pid: 99999999") and c.opts.pids == (100, 200)
+    press(c, "\x1b")
+    assert c.opts.prompt is None and c.opts.message == "" and c.opts.pids == (100, 200)
+
+
+def test_keys_guest_and_op_filters_and_clear():
+    from kvmtrace.dashboard.keys import Controls
+
+    c = Controls(ViewOptions(interval=2.0))
+    typed(c, "g", "WE")  # a case-insensitive part of the name, as --vm
+    assert c.opts.vms == ("WE",)
+    text = screen(opts=c.opts)
+    assert "filter vm=WE (1 hidden)" in text and "100 web" in text and "\n200 " not in text
+    typed(c, "f", "^(unmap|age)$")
+    assert c.opts.ops == ("unmap", "age")
+    head = next(line for line in screen(opts=c.opts).splitlines() if line.startswith("PID"))
+    assert head.split()[4:6] == ["unmap", "age"] and "test_age" not in head
+    typed(c, "f", "(")
+    assert c.opts.message.startswith("not a regular expression: ( (") and c.opts.ops == ("unmap", "age")
+    press(c, "\x1b")
+    typed(c, "f", "nothing")
+    assert c.opts.message == "no op matches nothing (ops: unmap, age, test_age, change_pte)"
+    press(c, "\x1b")
+    typed(c, "p", "100")
+    assert press(c, "c").redraw
+    assert (c.opts.pids, c.opts.vms, c.opts.ops) == ((), (), ())
+
+
+def test_keys_interval_change():
+    from kvmtrace.dashboard.keys import Controls
+
+    c = Controls(ViewOptions(interval=2.0))
+    act = typed(c, "s", "0.5")
+    assert act.interval == 0.5 and c.opts.interval == 0.5
+    assert screen(opts=c.opts).splitlines()[0].startswith("kvmtrace top · host h1 · kernel 6.18.0 · interval 0.5s")
+    for bad in ("0.05", "nan", "inf", "7200", "1e", "-1"):
+        act = typed(c, "s", bad)
+        assert act.interval is None and c.opts.interval == 0.5
+        assert c.opts.message == f"the interval is a number of seconds from 0.1 to 3600, not {bad}"
+        press(c, "\x1b")
+    assert typed(c, "s", "").interval is None and c.opts.prompt is None  # nothing typed: unchanged
+    fixed = Controls(ViewOptions(interval=2.0), can_set_interval=False)
+    press(fixed, "s")
+    assert fixed.opts.prompt is None and fixed.opts.message == "this source's interval cannot be changed"
+
+
+def test_keys_reset_zeroes_the_figures_since_start():
+    from kvmtrace.dashboard.keys import Controls
+
+    c = Controls(ViewOptions(interval=2.0))
+    assert press(c, "r").reset
+    # the driver keeps the snapshot on screen as the base: right after the reset nothing is
+    # counted since it; the interval's rates stay
+    lines = screen(opts=c.opts, base=CUR).splitlines()
+    assert lines[0] == "kvmtrace top · host h1 · kernel 6.18.0 · interval 2.0s · up 3s · reset 0s ago"
+    assert lines[3].startswith("lost events 1 (since reset 0) · map full 0")
+    assert lines[8].split()[:5] == ["100", "web", "10", "4", "200"]
+    assert lines[-3:] == ["VM 100 web · since reset: 0 ops (unmap,age,test_age)",
+                          "latency ns (syscall)    slots visited (derived)",
+                          "(no data)               (no data)"]
+    # reset one interval earlier: the panel counts the interval's 400 ops
+    text = screen(opts=c.opts, base=PREV)
+    assert "· reset 2s ago" in text and "VM 100 web · since reset: 400 ops" in text
+
+
+def test_keys_ignore_escape_sequences_and_control_characters():
+    from kvmtrace.dashboard.keys import Controls
+    from kvmtrace.dashboard.terminal import split_keys
+
+    assert split_keys("o\x1b[A\x1bOP\x1b\r\x7fé") == ["o", "\x1b[A", "\x1bOP", "\x1b", "\r", "\x7f", "é"]
+    c = Controls(ViewOptions())
+    before = c.opts
+    for k in ("\x1b[A", "\x1bOP", "\x1b", "x", "\x07"):
+        assert not press(c, k).redraw
+    assert c.opts == before
+    press(c, "g", "\x1b[A", "a", "\x07", "\x1b[B", "b")
+    assert c.opts.prompt.endswith(": ab")
+
+
+def test_keys_typed_and_vmm_names_stay_escaped():
+    """A guest filter typed by the user and the names a VMM chose are shown as data:
+    control characters as visible escapes, rich markup as text."""
+    from kvmtrace.dashboard.keys import Controls
+
+    evil = VmInfo("pid:300", 300, comm="x", name="[red]ev\x1b]0;pwn\x07il", vcpus=1, memslots=1)
+    h = HvaStats("pid:300", 300, "unmap", count=4)
+    cum = Snapshot(2, 1002.0, 3_000_000_000, 3.0, vms=(A, evil), hva=(HA, h))
+    c = Controls(ViewOptions(interval=2.0))
+    press(c, "g", *"[red]ev")
+    text = screen(cum=cum, delta=cum.delta(None), opts=c.opts)
+    assert "filter by guest name or command: [red]ev_" in text
+    press(c, "\r")
+    text = screen(cum=cum, delta=cum.delta(None), opts=c.opts)
+    assert "\x1b" not in text and "\x07" not in text
+    assert "filter vm=[red]ev (1 hidden)" in text
+    assert "300 [red]ev\\x1b]0;p" in text  # escaped, cut to the column
+    assert "VM 300 [red]ev\\x1b]0;pwn\\x07il" in text
+
+
+def test_keys_table_is_the_one_in_docs_and_help():
+    """docs/top.md's key table, the help overlay and `top --help` list the same keys."""
+    import pathlib
+
+    from click.testing import CliRunner
+
+    from kvmtrace.commands.top import top
+    from kvmtrace.dashboard.keys import KEYS
+
+    doc = (pathlib.Path(__file__).resolve().parent.parent / "docs" / "top.md").read_text()
+    section = doc.split("## Keys (on a terminal)", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split("|")[1:3] for line in section.splitlines() if line.startswith("| `")]
+    documented = [" ".join(k.strip().replace("`", "").split(", ")) for k, _ in rows]
+    assert documented == [k for k, _ in KEYS]
+    helptext = CliRunner().invoke(top, ["--help"]).output
+    for k, what in KEYS:
+        assert f"{k:<5}  {what}" in helptext
+
+
+def test_plain_table_total_row_wording():
+    """issue 26 #4: the totals row read `total  1_VM`."""
+    cum = snapshot_at(1)
+    lines = plain_table(cum, cum.delta(None), META, PLAN, ViewOptions()).splitlines()
+    assert lines[-1].split()[:2] == ["total", "all_VMs"]
+
+
+def test_workload_vcpu_count_as_top_sees_it_matches_the_ground_truth():
+    """issue 26 #4: `top` showed `vCPU 0` for the built-in workload's VM although its vCPU ran.
+    top counts a VM's vCPUs by its VMM's anon_inode:kvm-vcpu:N descriptors
+    (tracer.host.proc_info, what the tracer's decoder calls for every snapshot); the workload
+    closed its vCPU descriptor right after the run. Needs root and /dev/kvm."""
+    import os
+
+    from kvmtrace.tracer.host import dev_kvm, proc_info
+    from kvmtrace.workload import Workload
+
+    kvm = dev_kvm()
+    if os.geteuid() != 0 or not kvm.accessible:
+        pytest.skip(f"needs root and /dev/kvm: {kvm.detail}")
+    with Workload(slots=8, slot_size=64 << 10, scenario="unmap", iterations=1, handle_signals=False) as wl:
+        during_setup = proc_info(os.getpid()).vcpus
+        wl.run()
+        after_run = proc_info(os.getpid()).vcpus
+    truth = wl.ground_truth()
+    if truth["vcpu"].startswith("not tried"):
+        pytest.skip(f"the workload's vCPU: {truth['vcpu']}")
+    assert truth["vcpu"] == "ran" and truth["vcpus"] == 1
+    assert during_setup == after_run == truth["vcpus"]
+    assert proc_info(os.getpid()).vcpus == 0  # released with the VM
+
+
+def test_trace_session_applies_an_interval_change_to_the_interval_under_way():
+    """Key s sets ``session.interval``; TraceSession.snapshots waits for the new length from
+    the interval under way (a 1 h interval changed to 0.5 s must not wait the hour). No BPF:
+    the snapshot read is replaced."""
+    import threading
+    import time
+
+    from kvmtrace.tracer.session import TraceSession
+
+    s = TraceSession.__new__(TraceSession)
+    s.interval, s.interrupted = 30.0, False
+    s.snapshot = lambda drain_wait=-1: Snapshot(1, time.time(), time.monotonic_ns(), 0.0)
+    gen = s.snapshots(duration=10.0)
+    t0 = time.monotonic()
+    threading.Timer(0.2, lambda: setattr(s, "interval", 0.5)).start()
+    next(gen)
+    first = time.monotonic() - t0
+    next(gen)
+    second = time.monotonic() - t0 - first
+    gen.close()
+    assert 0.45 <= first < 2.0  # 0.5 s from the start, not 30 s (nor the 10 s duration)
+    assert 0.3 <= second < 2.0

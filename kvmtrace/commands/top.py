@@ -7,6 +7,7 @@ import click
 from . import INTERVAL, Number, modes_option, parse_modes, self_cost_option
 
 from ..consts import Op
+from ..dashboard.keys import help_lines
 from ..errors import CapabilityMissing
 
 SORTS = ("ops", "latency", "slots", "pid")
@@ -35,10 +36,13 @@ def top(interval, duration, once, log, csv_path, sort, pids, modes, self_cost, v
     \b
     One row per VM: VMM pid, name, memslots, vCPUs, ops/s per op, p50/p99 latency (estimated
     from a log2 histogram; the provenance says how latency was measured), memslots visited per
-    op (mean, max) and memslot updates/s by change type. Keys on a terminal: s cycle sort,
-    v choose the VM of the histogram panel, p pause, q quit. When stdout is not a terminal a
+    op (mean, max) and memslot updates/s by change type. When stdout is not a terminal a
     plain table is printed every interval. Ctrl-C, q, SIGTERM or SIGHUP restore the terminal
     and print a summary since start.
+
+    \b
+    Keys on a terminal (kvm_stat's where they fit; sort moved from s to < >, pause from p to space):
+    {keys}
 
     \b
     Examples:
@@ -76,3 +80,6 @@ def top(interval, duration, once, log, csv_path, sort, pids, modes, self_cost, v
             ops=ops,
             interval=interval,
         )
+
+
+top.help = top.help.replace("{keys}", "\n    ".join("  " + line for line in help_lines()))

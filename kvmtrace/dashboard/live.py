@@ -21,6 +21,7 @@ from typing import Optional, Sequence, TextIO
 from ..errors import UsageError
 from ..signals import STOP_SIGNALS, handling, raise_interrupt
 from ..snapshot import Snapshot, departed, with_vms
+from .keys import Controls
 from .model import ALL_OPS, SORT_KEYS, ViewOptions, build_view, cycle_selected, shown_ops
 from .plain import CsvSink, LogFormatter, plain_table
 from .terminal import KeyReader
@@ -81,42 +82,59 @@ def interrupt_on_signals(signals=STOP_SIGNALS):
 
 class _Screen:
     """The renderable given to rich.Live: renders the shown snapshot pair at the width rich
-    offers, so a terminal resize re-lays the screen out at the next refresh."""
+    offers, so a terminal resize re-lays the screen out at the next refresh. Keys go through
+    keys.Controls (pure); what only the driver can do (the session's interval, reset, quit) is
+    done here."""
 
-    def __init__(self, meta_of, plan, opts: ViewOptions, ascii_bars: bool):
+    def __init__(self, meta_of, plan, opts: ViewOptions, ascii_bars: bool, session=None):
         self.meta_of = meta_of
         self.plan = plan
-        self.opts = opts
+        self.session = session
+        self.controls = Controls(opts, can_set_interval=session is not None and hasattr(session, "interval"))
         self.ascii_bars = ascii_bars
         self.shown = (None, None)  # (cum, delta) on screen
         self.latest = (None, None)  # newest pair (differs while paused)
+        self.base: Optional[Snapshot] = None  # snapshot of the last reset (key r)
+        self.lock = threading.Lock()  # keys arrive on the key reader's thread
+        self.quit_requested = False  # key q
+
+    @property
+    def opts(self) -> ViewOptions:
+        return self.controls.opts
+
+    @opts.setter
+    def opts(self, value: ViewOptions):
+        self.controls.opts = value
 
     def update(self, cum: Snapshot, delta: Snapshot):
-        self.latest = (cum, delta)
-        if not self.opts.paused:
-            self.shown = self.latest
-
-    def key(self, ch: str) -> bool:
-        """Apply a key; True when it changed what is shown."""
-        if ch == "s":
-            self.opts = self.opts.next_sort()
-        elif ch == "p":
-            self.opts = replace(self.opts, paused=not self.opts.paused)
+        with self.lock:
+            self.latest = (cum, delta)
             if not self.opts.paused:
                 self.shown = self.latest
-        elif ch == "v":
-            cum, delta = self.shown
-            if cum is None:
-                return False
-            view = build_view(cum, delta, self.plan, self.opts)
-            self.opts = replace(self.opts, selected=cycle_selected(view, self.opts.selected))
-        else:
-            return False
-        return True
+
+    def key(self, ch: str) -> bool:
+        """Apply a key; True when it changed what is shown (q sets ``quit_requested``)."""
+        with self.lock:
+            act = self.controls.press(ch)
+            if act.panel and self.shown[0] is not None:
+                cum, delta = self.shown
+                view = build_view(cum, delta, self.plan, self.opts)
+                self.opts = replace(self.opts, selected=cycle_selected(view, self.opts.selected))
+            if act.quit:
+                self.quit_requested = True
+            if act.interval is not None:
+                self.session.interval = act.interval  # the session waits for it from now on
+            if act.reset and self.shown[0] is not None:
+                self.base = self.shown[0]
+            if act.unpause:
+                self.shown = self.latest
+            return act.redraw
 
     def __rich_console__(self, console, options):
-        cum, delta = self.shown
-        yield render(cum, delta, self.meta_of(cum), self.plan, self.opts, options.max_width, self.ascii_bars)
+        with self.lock:
+            cum, delta = self.shown
+            opts, base = self.opts, self.base
+        yield render(cum, delta, self.meta_of(cum), self.plan, opts, options.max_width, self.ascii_bars, base)
 
 
 class _Quit:
@@ -164,7 +182,7 @@ def run_live(
     is true, ``q`` or Ctrl-C; return the last cumulative snapshot (None if no interval completed)
     with the VMs that ended during the run, whose final figures the tracer no longer reports.
 
-    ``keys``: read keys (s/v/p/q) when stdin is a terminal (default: only in the live screen).
+    ``keys``: read keys (keys.KEYS) when stdin is a terminal (default: only in the live screen).
     ``out``: where to write (default sys.stdout); colour and cursor codes only on a terminal.
     ``signals``: SIGINT/SIGTERM/SIGHUP end the view like Ctrl-C (``interrupt_on_signals``);
     False when the caller handles signals itself (demo).
@@ -250,15 +268,17 @@ def _run_screen(session, duration, sink, plan, meta_of, opts, out, want_keys, st
 
     console = Console(file=out)
     ascii_bars = not (console.encoding or "").lower().startswith("utf")
-    screen = _Screen(meta_of, plan, opts, ascii_bars)
+    screen = _Screen(meta_of, plan, opts, ascii_bars, session)
     quit_ = _Quit()
     live_ref = []
 
     def on_key(ch: str):
-        if ch in ("q", "Q"):
-            quit_.request()
+        changed = screen.key(ch)
+        if screen.quit_requested:
+            if not quit_.requested:
+                quit_.request()
             return
-        if screen.key(ch) and live_ref:
+        if changed and live_ref:
             live_ref[0].refresh()
 
     def should_stop() -> bool:
@@ -301,5 +321,7 @@ def _run_screen(session, duration, sink, plan, meta_of, opts, out, want_keys, st
     except KeyboardInterrupt:
         quit_.finish()
     whole = _whole(last, gone)
-    _summary(out, whole, plan, meta_of, replace(screen.opts, paused=False), console=console)
+    # the summary keeps the sort and filters in force; it covers the whole run (a reset is for the screen)
+    final = replace(screen.opts, paused=False, help=False, prompt=None, message="")
+    _summary(out, whole, plan, meta_of, final, console=console)
     return whole

@@ -35,11 +35,18 @@ class ViewOptions:
     selected: Optional[str] = None  # vm_id of the detail panel (else the busiest VM)
     interval: Optional[float] = None
     paused: bool = False
-    keys: bool = False  # keys are read (show the key help)
+    keys: bool = False  # keys are read (show the key hint)
+    reverse: bool = False  # the sort order reversed (key o)
+    help: bool = False  # the help overlay is shown instead of the table (keys ? h)
+    prompt: Optional[str] = None  # the prompt line being typed (keys p g f s)
+    message: str = ""  # a line for the user: why typed input was refused
 
     def next_sort(self) -> "ViewOptions":
         i = SORT_KEYS.index(self.sort) if self.sort in SORT_KEYS else -1
         return _replace(self, sort=SORT_KEYS[(i + 1) % len(SORT_KEYS)])
+
+    def sort_text(self) -> str:
+        return self.sort + (" reversed" if self.reverse else "")
 
     @property
     def filtered(self) -> bool:
@@ -364,7 +371,7 @@ def build_view(
             hidden += 1
             continue
         rows.append(_row(info, hva, cum_by.get(vm_id, []), mem, ops, changes, elapsed))
-    rows.sort(key=_sort_key(opts.sort))
+    rows.sort(key=_sort_key(opts.sort), reverse=opts.reverse)
     total = _sum_rows(rows, ops, changes, elapsed)
 
     panel = None

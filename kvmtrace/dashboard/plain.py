@@ -29,6 +29,9 @@ def _name(r: VmRow) -> str:
     return name if r.alive else name + "(exited)"
 
 
+TOTAL_VM = "all_VMs"  # the vm cell of the totals row ("total  all_VMs"): one awk field
+
+
 def _memslots(r: VmRow) -> str:
     if r.memslots is None:
         return "-"
@@ -46,7 +49,7 @@ def table_columns(view: View) -> List[str]:
 
 
 def table_cells(view: View, r: VmRow, total: bool = False) -> List[str]:
-    vm = f"{len(view.rows)}_VM{'' if len(view.rows) == 1 else 's'}" if total else _name(r)
+    vm = TOTAL_VM if total else _name(r)
     c = ["total" if total else str(r.pid), vm, _memslots(r)]
     c.append(plain_num(r.vcpus))
     c += [plain_num(r.rates.get(op)) for op in view.ops]

@@ -4,11 +4,23 @@ exceptions and Ctrl-C. When stdin is not a tty nothing is read and nothing is ch
 
 from __future__ import annotations
 
+import codecs
 import os
+import re
 import select
 import sys
 import threading
 from typing import Callable, Optional
+
+
+# one key: a CSI or SS3 escape sequence (arrow and function keys) as a whole, else one character
+_KEY = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1bO.|.", re.S)
+
+
+def split_keys(text: str) -> list:
+    """The keys in what one read returned: escape sequences stay whole (the view ignores
+    them), a lone ESC is the Esc key."""
+    return _KEY.findall(text)
 
 
 def stdin_is_tty() -> bool:
@@ -19,7 +31,8 @@ def stdin_is_tty() -> bool:
 
 
 class KeyReader:
-    """Context manager: calls ``on_key(ch)`` from a daemon thread for every key pressed.
+    """Context manager: calls ``on_key(key)`` from a daemon thread for every key pressed (one
+    character, or a whole escape sequence: split_keys).
     ``active`` tells whether keys are read at all."""
 
     def __init__(self, on_key: Callable[[str], None], enabled: bool = True, fd: Optional[int] = None):
@@ -56,6 +69,7 @@ class KeyReader:
         return self
 
     def _run(self):
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")  # a character split over two reads
         while not self._stop.is_set():
             try:
                 ready, _, _ = select.select([self.fd], [], [], 0.1)
@@ -66,9 +80,9 @@ class KeyReader:
                 return
             if not data:
                 return
-            for ch in data.decode("utf-8", "replace"):
+            for key in split_keys(decoder.decode(data)):
                 try:
-                    self.on_key(ch)
+                    self.on_key(key)
                 except Exception as e:  # kept for the caller (KeyReader.error), keeps reading
                     if self.error is None:
                         self.error = e

@@ -12,8 +12,9 @@ from rich.table import Table
 from rich.text import Text
 
 from ..snapshot import Log2Hist, Snapshot
-from ..text import display
+from ..text import display, printable
 from ..fmt import fmt_count, fmt_duration, fmt_int, fmt_mean, fmt_ns, fmt_rate
+from .keys import KEYS_HINT, help_lines
 from .model import MIXED, View, ViewOptions, VmRow, build_view, panel_hists
 
 CHANGE_HEADERS = {"create": "create", "delete": "delete", "move": "move", "flags_only": "flags"}
@@ -84,29 +85,36 @@ def late_text(delta: Snapshot) -> str:
     return f"LATE by {delta.late_s:.1f}s (kvmtrace fell behind)" if delta.late_s > 0 else ""
 
 
-def header_lines(cum: Snapshot, delta: Snapshot, meta: Mapping, plan, opts: ViewOptions, view: View) -> List[Text]:
+def header_lines(cum: Snapshot, delta: Snapshot, meta: Mapping, plan, opts: ViewOptions, view: View,
+                 base: Optional[Snapshot] = None) -> List[Text]:
+    """The four header lines. ``base``: the snapshot of the last reset (key r); totals then
+    count from it."""
     host = display(meta.get("host") or "?")
     kernel = display(meta.get("kernel") or "?")
     interval = opts.interval if opts.interval is not None else delta.elapsed_s
+    since = cum if base is None else cum.delta(base)
     l1 = Text()
     l1.append("kvmtrace top", style="bold")
     l1.append(f" · host {host} · kernel {kernel} · interval {interval:.1f}s · up {fmt_duration(cum.elapsed_s)}")
+    if base is not None:
+        l1.append(f" · reset {fmt_duration(since.elapsed_s)} ago")
     if opts.paused:
         l1.append(" · ")
         l1.append("PAUSED", style="reverse")
     l2 = Text(attach_summary(plan))
 
     l3 = Text()
+    total_word = "total" if base is None else "since reset"
 
     def warn(label: str, value: int, total: int):
         l3.append(f"{label} ")
         l3.append(str(value), style="bold red" if value else "")
         if total != value:
-            l3.append(f" (total {total})")
+            l3.append(f" ({total_word} {total})")
 
-    warn("lost events", delta.lost_events, cum.lost_events)
+    warn("lost events", delta.lost_events, since.lost_events)
     l3.append(" · ")
-    warn("map full", delta.map_full, cum.map_full)
+    warn("map full", delta.map_full, since.map_full)
     un_rate = fmt_rate(delta.unattributed / delta.elapsed_s) if delta.elapsed_s > 0 else "-"
     l3.append(f" · unattributed ops {delta.unattributed} ({un_rate}/s)")
     cpu = cpu_percent(delta)
@@ -120,10 +128,30 @@ def header_lines(cum: Snapshot, delta: Snapshot, meta: Mapping, plan, opts: View
     l4 = Text(f"VMs {view.vms_running} running")
     if opts.filtered or opts.ops:
         l4.append(f" · filter {opts.filter_text()} ({view.vms_hidden} hidden)")
-    l4.append(f" · sort {opts.sort}")
+    l4.append(f" · sort {opts.sort_text()}")
     if opts.keys:
-        l4.append(" · keys: s sort, v panel VM, p pause, q quit", style="dim")
+        l4.append(f" · {KEYS_HINT}", style="dim")
     return [l1, l2, l3, l4]
+
+
+def prompt_lines(opts: ViewOptions) -> List[Text]:
+    """The line under the header: the prompt being typed and why typed input was refused, or
+    an empty line. Typed text is shown as data (text.printable), never as markup."""
+    out = []
+    if opts.prompt is not None:
+        line = Text(printable(opts.prompt), style="bold")
+        line.append("_", style="blink")
+        out.append(line)
+    if opts.message:
+        out.append(Text(printable(opts.message), style="bold red"))
+    return out or [Text("")]
+
+
+def help_overlay() -> RenderableType:
+    """The key table (keys.KEYS), shown instead of the VM table on ``?`` or ``h``."""
+    lines = [Text("keys (kvm_stat's where they fit)", style="bold")]
+    lines += [Text("  " + line) for line in help_lines()]
+    return Group(*lines)
 
 
 # ---------------------------------------------------------------------------- VM table
@@ -320,14 +348,15 @@ def hist_lines(hist: Log2Hist, label, ascii_bars: bool = False, max_rows: int = 
     return out
 
 
-def panel(cum: Snapshot, view: View, ascii_bars: bool = False) -> Optional[RenderableType]:
+def panel(cum: Snapshot, view: View, ascii_bars: bool = False, reset: bool = False) -> Optional[RenderableType]:
+    """The histograms of the panel VM since start (``reset``: ``cum`` counts from a reset)."""
     if view.panel_vm is None:
         return None
     row = next(r for r in view.rows if r.vm_id == view.panel_vm)
     lat, lat_prov, slots, slots_prov, n = panel_hists(cum, view.panel_vm, view.ops)
     title = Text()
     title.append(f"VM {row.pid} {display(row.name)}", style="bold")
-    title.append(f" · since start: {n} ops ({','.join(view.ops)})")
+    title.append(f" · since {'reset' if reset else 'start'}: {n} ops ({','.join(view.ops)})")
     left = [f"latency ns ({lat_prov})"] + hist_lines(lat, bucket_label, ascii_bars)
     right = [f"slots visited ({slots_prov})"] + hist_lines(slots, bucket_label, ascii_bars)
     grid = Table.grid(padding=(0, 4, 0, 0))
@@ -348,16 +377,27 @@ def render(
     opts: ViewOptions,
     width: int,
     ascii_bars: bool = False,
+    base: Optional[Snapshot] = None,
 ) -> RenderableType:
     """One screen of ``kvmtrace top``. ``cum`` is the cumulative snapshot, ``delta`` the interval
-    (``cum.delta(prev)``). Before the first snapshot ``cum`` is None."""
+    (``cum.delta(prev)``). Before the first snapshot ``cum`` is None. ``base``: the snapshot of
+    the last reset (key r): the figures since start (panel, header totals) count from it."""
     if cum is None:
-        return Constrain(Text(f"kvmtrace top · waiting for the first interval ({opts.interval or 1:.1f}s)…"), width)
+        parts: List[RenderableType] = [
+            Text(f"kvmtrace top · waiting for the first interval ({opts.interval or 1:.1f}s)…")]
+        if opts.prompt is not None or opts.message:
+            parts += prompt_lines(opts)
+        if opts.help:
+            parts.append(help_overlay())
+        return Constrain(Group(*parts), width)
     if delta is None:
         delta = cum.delta(None)
     view = build_view(cum, delta, plan, opts)
-    parts: List[RenderableType] = header_lines(cum, delta, meta, plan, opts, view)
-    parts.append(Text(""))
+    parts = header_lines(cum, delta, meta, plan, opts, view, base)
+    parts += prompt_lines(opts)
+    if opts.help:
+        parts.append(help_overlay())
+        return Constrain(Group(*parts), width)
     if not view.rows:
         if view.vms_running and (opts.filtered):
             parts.append(Text(f"no VMs match {opts.filter_text()} ({view.vms_running} running)", style="bold"))
@@ -366,7 +406,7 @@ def render(
         return Constrain(Group(*parts), width)
     parts.append(vm_table(view, width))
     parts.append(caption(view))
-    p = panel(cum, view, ascii_bars)
+    p = panel(cum if base is None else cum.delta(base), view, ascii_bars, reset=base is not None)
     if p is not None:
         parts.append(Text(""))
         parts.append(p)
@@ -381,13 +421,14 @@ def render_text(
     opts: ViewOptions,
     width: int,
     ascii_bars: bool = False,
+    base: Optional[Snapshot] = None,
 ) -> str:
     """``render`` as plain text (no colour, no cursor codes), trailing spaces stripped."""
     buf = io.StringIO()
     console = Console(
         file=buf, width=width, force_terminal=False, color_system=None, legacy_windows=False, soft_wrap=False
     )
-    console.print(render(cum, delta, meta, plan, opts, width, ascii_bars))
+    console.print(render(cum, delta, meta, plan, opts, width, ascii_bars, base))
     return "\n".join(line.rstrip() for line in buf.getvalue().splitlines())
 
 

@@ -582,9 +582,12 @@ class TraceSession:
         true, or Ctrl-C/SIGTERM (then one final snapshot is yielded and ``interrupted`` set)."""
         start = time.monotonic()
         nxt = start + self.interval
+        step = self.interval
         while True:
             try:
                 while True:
+                    if self.interval != step:  # changed while waiting (top's key s): applies now
+                        nxt, step = nxt - step + self.interval, self.interval
                     now = time.monotonic()
                     end = start + duration if duration is not None else None
                     target = nxt if end is None else min(nxt, end)
@@ -607,8 +610,9 @@ class TraceSession:
             now = time.monotonic()
             if (duration is not None and now - start >= duration) or (stop is not None and stop()):
                 return
+            step = self.interval
             while nxt <= now:
-                nxt += self.interval
+                nxt += step
 
 
 def _fdkey(table, tgid: int, fd: int):

@@ -215,6 +215,7 @@ class Workload:
         self.tids: List[int] = []
         self.cap: Optional[int] = None
         self.vcpu_status = "not tried"
+        self.vcpus = 0  # vCPUs the VM has (created; KVM keeps them until the VM ends)
         self.vcpu_detail = ""
         self.notes: List[str] = []
         self.slot_table: Dict[int, Slot] = {}
@@ -479,9 +480,12 @@ class Workload:
 
     def _try_vcpu(self) -> None:
         """One vCPU running a 5-byte real-mode program (as kvmtest.c does): out 0x42 to port
-        0x10, then hlt. Host-side scenarios continue whatever happens. The vCPU is released
-        right away: munmapping its kvm_run area is itself one unmap callback (outside every
-        slot), counted in the ground truth as part ``vcpu-teardown``."""
+        0x10, then hlt. Host-side scenarios continue whatever happens. Its kvm_run area is
+        unmapped right away: that munmap is itself one unmap callback (outside every slot),
+        counted in the ground truth as part ``vcpu-teardown``. Its descriptor stays open until
+        ``close()``, as a VMM keeps its vCPU descriptors: KVM keeps a vCPU until the VM ends
+        anyway, and tools (``kvmtrace top``, ``doctor``) count a VM's vCPUs by its
+        ``anon_inode:kvm-vcpu:N`` descriptors."""
         if platform.machine() not in ("x86_64", "i686", "i386"):
             self.vcpu_status = f"not tried: the test program is x86 code, host is {platform.machine()}"
             return
@@ -496,6 +500,7 @@ class Workload:
         except OSError as e:
             self.vcpu_status = f"could not create: KVM_CREATE_VCPU: {os.strerror(e.errno)}"
             return
+        self.vcpus = 1
         try:
             try:
                 msz = K.ioctl(self._kvm_fd, K.KVM_GET_VCPU_MMAP_SIZE, 0)
@@ -515,7 +520,7 @@ class Workload:
                 return
             self._run_vcpu()
         finally:
-            self._release_vcpu()
+            self._unmap_run()
 
     def _run_vcpu(self) -> None:
         addr = self._run_map[0]
@@ -550,6 +555,15 @@ class Workload:
         self.vcpu_detail = ", then ".join(seen)
 
     def _release_vcpu(self) -> None:
+        self._unmap_run()
+        if self._vcpu_fd >= 0:
+            try:
+                os.close(self._vcpu_fd)
+            except OSError:
+                pass
+            self._vcpu_fd = -1
+
+    def _unmap_run(self) -> None:
         if self._run_map is not None:
             addr, size = self._run_map
             self._run_map = None
@@ -561,12 +575,6 @@ class Workload:
                 if self._vm_fd >= 0:  # the VM's notifier sees this munmap
                     plan = self._account([(addr, size)])
                     self._add_unmap("vcpu-teardown", plan)
-        if self._vcpu_fd >= 0:
-            try:
-                os.close(self._vcpu_fd)
-            except OSError:
-                pass
-            self._vcpu_fd = -1
 
     # ---------------------------------------------------------------- plans
 
@@ -823,6 +831,7 @@ class Workload:
             "outside_range": {"hva": self.mem_base + self.slot_bytes if self.mem_base else 0, "size": GAP},
             "vcpu": self.vcpu_status,
             "vcpu_detail": self.vcpu_detail,
+            "vcpus": self.vcpus,
             "hva_ops": dict(self.hva_ops),
             "hva_ops_exact": dict(self.hva_exact),
             "hva_ops_outside_slots": dict(self.hva_outside),
