@@ -91,7 +91,7 @@ def compare(before, after, min_effect, accept_warnings, as_json, csv_file, html_
     if html_file:
         from ..analysis.html import compare_html
 
-        export.write_text(html_file, compare_html(df, *sides, status=status), "--html", force)
+        export.write_text(html_file, compare_html(df, *sides, status=status, recs=(recs_b, recs_a)), "--html", force)
         click.echo(f"wrote {html_file}", err=as_json)
     if as_json:
         click.echo(export.dumps(to_json(df, *sides, status, accept_warnings)))

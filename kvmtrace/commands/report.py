@@ -62,7 +62,7 @@ def report(paths, csv_dir, as_json, html_file, force, accept_warnings):
     if html_file:
         from ..analysis.html import report_html
 
-        export.write_text(html_file, report_html(rep), "--html", force)
+        export.write_text(html_file, report_html(rep, recs=recs), "--html", force)
         click.echo(f"wrote {html_file}", err=as_json)
     if as_json:
         click.echo(export.dumps(to_json(rep)))
