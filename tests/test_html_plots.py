@@ -72,23 +72,33 @@ def _events(kind: str):
 
 def test_timeline_rate_and_percentiles_per_interval_match_the_events(recs):
     tl = P.timeline(recs)
-    web = tl[(tl.source == "busy") & (tl.vm_label == "web1[4242]#1") & (tl.op == "unmap")].sort_values("interval")
-    # every interval of the VM, the one without unmaps at rate 0 (no row is stored for it)
-    assert web["count"].tolist() == RATES
-    assert web["rate_per_s"].tolist() == [float(r) for r in RATES]  # 1 s intervals
-    assert web["t_s"].tolist() == [float(i + 1) for i in range(INTERVALS)]
     per_iv = _events("hva")
-    cap = 0  # the in-kernel maximum is cumulative: it caps the interpolation at the largest seen so far
-    for i, row in enumerate(web.itertuples()):
-        lat = np.array([e.latency_ns for e in per_iv[i] if e.vm_id == "ffff0001" and e.op == "unmap"], dtype=np.int64)
-        assert len(lat) == RATES[i]
-        if not len(lat):
-            assert np.isnan(row.lat_p50_ns) and np.isnan(row.lat_p99_ns)
-            continue
-        cap = max(cap, int(lat.max()))
-        h = Log2Hist.from_counts(np.bincount([int(v).bit_length() for v in lat], minlength=64).tolist())
-        assert row.lat_p50_ns == pytest.approx(min(h.quantile(0.5), cap))
-        assert row.lat_p99_ns == pytest.approx(min(h.quantile(0.99), cap))
+    for source in ("busy", "busy-hist"):  # with raw events, and the same run without them
+        web = tl[(tl.source == source) & (tl.vm_label == "web1[4242]#1") & (tl.op == "unmap")].sort_values("interval")
+        # every interval of the VM, the one without unmaps at rate 0 (no row is stored for it)
+        assert web["count"].tolist() == RATES
+        assert web["rate_per_s"].tolist() == [float(r) for r in RATES]  # 1 s intervals
+        assert web["t_s"].tolist() == [float(i + 1) for i in range(INTERVALS)]
+        cap = 0  # the in-kernel maximum is cumulative: it caps the interpolation at the largest seen so far
+        for i, row in enumerate(web.itertuples()):
+            lat = np.array([e.latency_ns for e in per_iv[i] if e.vm_id == "ffff0001" and e.op == "unmap"], dtype=np.int64)
+            assert len(lat) == RATES[i]
+            if not len(lat):
+                assert np.isnan(row.lat_p50_ns) and np.isnan(row.lat_p99_ns) and row.latency_source == ""
+                continue
+            if source == "busy":  # exact: numpy's percentiles of the interval's events
+                assert row.latency_source == P.EVENT_SOURCE
+                assert row.lat_p50_ns == pytest.approx(np.percentile(lat, 50), rel=1e-12)
+                assert row.lat_p99_ns == pytest.approx(np.percentile(lat, 99), rel=1e-12)
+                continue
+            cap = max(cap, int(lat.max()))
+            h = Log2Hist.from_counts(np.bincount([int(v).bit_length() for v in lat], minlength=64).tolist())
+            assert row.latency_source == P.HIST_SOURCE
+            assert row.lat_p50_ns == pytest.approx(min(h.quantile(0.5), cap))
+            assert row.lat_p99_ns == pytest.approx(min(h.quantile(0.99), cap))
+    # without raw events: the histogram for the busy run too
+    hist = P.timeline(recs[:1], events=False)
+    assert set(hist["latency_source"]) == {P.HIST_SOURCE, ""}
     # all VMs and ops of all recordings: the multi-vm fixture's five VMs too
     assert set(tl[tl.source == "multi-vm"]["vm_label"]) == {"selftest[900]#1", "selftest[900]#2", "selftest[900]#3",
                                                             "web1[901]#1", "web2[901]#2"}

@@ -176,7 +176,7 @@ def _cap_note(panels_left: int, series_left: int, what: str) -> str:
 
 
 TIMELINE_COLS = ["key", "source", "vm_id", "pid", "vm_label", "op", "lat_provenance", "interval", "t_s", "elapsed_s",
-                 "count", "rate_per_s", "lat_p50_ns", "lat_p99_ns"]
+                 "count", "rate_per_s", "lat_p50_ns", "lat_p99_ns", "latency_source"]
 
 
 def _vm_labels(r) -> Dict[Tuple[str, int], str]:
@@ -194,13 +194,64 @@ def _vm_labels(r) -> Dict[Tuple[str, int], str]:
     return out
 
 
-def timeline(recs, keys: Optional[Sequence[str]] = None) -> pd.DataFrame:
+EVENT_SOURCE = "raw events"
+HIST_SOURCE = "log2 histogram"
+
+
+def interval_quantiles(recs) -> pd.DataFrame:
+    """Exact latency p50 / p99 per recording (``rec``), VM, op and interval from the raw events
+    (numpy's linear interpolation: DuckDB's quantile_cont, out of core), with ``n`` the events
+    of the group (known latency or not), for the intervals whose events are complete."""
+    from . import engine as E
+
+    key = ["rec", "vm_id", "pid", "op", "lat_provenance", "interval"]
+    parts = []
+    src = [(i, r.events["hva_events"]) for i, r in enumerate(recs) if "hva_events" in r.events]
+    if src:
+        con = E.connect()
+        try:
+            rel = E.union_sql(con, src, ["interval", "vm_id", "pid", "op", "lat_provenance", "latency_ns"])
+            if rel:
+                parts.append(E._query(con, f"""SELECT {", ".join(key)}, count(*) AS n,
+                    quantile_cont(latency_ns, 0.5) FILTER (WHERE latency_ns >= 0) AS p50,
+                    quantile_cont(latency_ns, 0.99) FILTER (WHERE latency_ns >= 0) AS p99
+                    FROM ({rel}) GROUP BY ALL"""))
+        finally:
+            con.close()
+    for i, r in enumerate(recs):  # event tables held in memory (recordings built by hand)
+        if "hva_events" in r.events or "hva_events" not in r.tables or r.tables["hva_events"].empty:
+            continue
+        ev = r.tables["hva_events"].assign(rec=i)
+        known = ev[ev["latency_ns"] >= 0]
+        g = known.groupby(key, observed=True)["latency_ns"]
+        q = pd.DataFrame({"p50": g.quantile(0.5), "p99": g.quantile(0.99)})
+        q["n"] = ev.groupby(key, observed=True).size()
+        parts.append(q.reset_index())
+    if not parts:
+        return pd.DataFrame(columns=key + ["n", "p50", "p99"])
+    df = pd.concat(parts, ignore_index=True)
+    for c in ("rec", "pid", "interval", "n"):
+        df[c] = df[c].astype("int64")
+    for c in ("vm_id", "op", "lat_provenance"):
+        df[c] = df[c].astype(str)
+    return df
+
+
+def timeline(recs, keys: Optional[Sequence[str]] = None, events: bool = True) -> pd.DataFrame:
     """Per recording, VM, op and interval: the operations, their rate (count / the interval's
-    length) and latency p50 / p99 from the interval's in-kernel log2 histogram (linear
-    interpolation within the bucket, capped by the in-kernel maximum). An interval in which a VM
-    ran no such op (no row is stored) counts 0 between the VM's first and last row; its
-    latency is unknown (NaN). ``t_s``: the interval's end, seconds after the recording's first
-    interval began. ``keys``: the colour key per recording (default: its source)."""
+    length) and latency p50 / p99: exact from the raw events where the interval holds one for
+    every operation (``latency_source`` "raw events"), else from the interval's in-kernel log2
+    histogram (linear interpolation within the bucket, capped by the in-kernel maximum). An
+    interval in which a VM ran no such op (no row is stored) counts 0 between the VM's first
+    and last row; its latency is unknown (NaN). ``t_s``: the interval's end, seconds after the
+    recording's first interval began. ``keys``: the colour key per recording (default: its
+    source). ``events``: use raw events where complete."""
+    exact = interval_quantiles(recs) if events else None
+    ex = {}
+    if exact is not None and not exact.empty:
+        ex = {tuple(k): (n, p50, p99) for k, n, p50, p99 in zip(
+            exact[["rec", "vm_id", "pid", "op", "lat_provenance", "interval"]].itertuples(index=False, name=None),
+            exact["n"], exact["p50"], exact["p99"])}
     rows = []
     for i, r in enumerate(recs):
         hva, iv = r["hva"], r["intervals"]
@@ -225,12 +276,17 @@ def timeline(recs, keys: Optional[Sequence[str]] = None) -> pd.DataFrame:
                     continue
                 c = int(cnt.get(n, 0))
                 p50 = p99 = math.nan
-                if c and lp != "none" and int(lat_n.get(n, 0)) > 0:
+                src = ""
+                e = ex.get((i, vm_id, int(pid), op, lp, n))
+                if c and lp != "none" and e is not None and int(e[0]) == c and not pd.isna(e[1]):
+                    p50, p99, src = float(e[1]), float(e[2]), EVENT_SOURCE
+                elif c and lp != "none" and int(lat_n.get(n, 0)) > 0:
                     qs = T.hist_quantiles(hist.loc[n].to_numpy(), (0.5, 0.99))
                     cap = float(lat_max.get(n, math.nan))
                     p50, p99 = (min(float(q), cap) if not math.isnan(cap) else float(q) for q in qs)
+                    src = HIST_SOURCE
                 rows.append([key, r.source, vm_id, int(pid), labels.get((vm_id, int(pid)), str(vm_id)), op, lp, n,
-                             float(t_end) - t0, float(el), c, c / float(el) if el > 0 else math.nan, p50, p99])
+                             float(t_end) - t0, float(el), c, c / float(el) if el > 0 else math.nan, p50, p99, src])
     return pd.DataFrame(rows, columns=TIMELINE_COLS)
 
 
@@ -258,8 +314,13 @@ def timelines(tl: pd.DataFrame) -> List[Figure]:
         rate = _finish(Panel(f"{op}: operations per second per interval", t, Axis("operations / s", "rate"), kept))
         latp = _finish(Panel(f"{op}: latency per interval, p50 solid, p99 dashed", Axis(t.label, "s", lim=t.lim),
                              Axis(NS_LABEL, "ns", log=True), lat))
-        note = ("per-interval p50/p99 from the interval's in-kernel log2 histogram (linear interpolation within "
-                "the bucket); an interval without operations has rate 0 and no latency point")
+        used = set(g["latency_source"]) - {""}
+        how = {frozenset([EVENT_SOURCE]): "exact over the interval's raw events",
+               frozenset([HIST_SOURCE]): "from the interval's in-kernel log2 histogram (linear interpolation within the "
+                                         "bucket)"}.get(frozenset(used),
+                                                        "exact over the interval's raw events where it holds one for "
+                                                        "every operation, else from its in-kernel log2 histogram")
+        note = f"per-interval p50/p99 {how}; an interval without operations has rate 0 and no latency point"
         cap = _cap_note(0, left, "VMs")
         figs.append(Figure(f"{op} per interval", f"timeline of {op}: rate and latency per interval", [rate, latp],
                            note + (f"; {cap}" if cap else "")))
