@@ -207,13 +207,14 @@ def test_every_plot_area_shows_data_in_a_1280px_screenshot(tmp_path, capsys):
     pages = _rich_pages(tmp_path, capsys)
     pages.update(_pages(tmp_path, capsys, report=False))
     expect = {
-        # timelines of age and unmap; CDFs; histograms; against the memslot count
+        # timelines of age and unmap; CDFs; histograms; memslots visited; against the memslot count
         "report-rich": ["timeline of age: rate and latency per interval", "timeline of unmap: rate and latency per interval",
-                        "latency CDFs", "latency histograms", "latency and slots against memslot count"],
-        "compare-rich": ["ratio per row", "latency CDFs", "latency histograms"],
+                        "latency CDFs", "latency histograms", "memslots visited per operation",
+                        "latency and slots against memslot count"],
+        "compare-rich": ["ratio per row", "latency CDFs", "latency histograms", "memslots visited per operation"],
         "compare-bench": ["latency and slots against memslot count, before and after", "ratio per row", "latency CDFs",
-                          "latency histograms"],
-        "compare": ["ratio per row", "latency CDFs", "latency histograms"],
+                          "latency histograms", "memslots visited per operation"],
+        "compare": ["ratio per row", "latency CDFs", "latency histograms", "memslots visited per operation"],
     }
     ink = {}
     for name, page in pages.items():

@@ -169,6 +169,24 @@ def test_latency_figures_cdf_log_x_and_histogram_log_y_show_the_tail(recs):
     assert busy.x[-1] == float(hi)
 
 
+def test_slots_visited_distribution_per_op_matches_the_events(recs):
+    d = P.slots_dists(recs, lambda i, r: (r.source, r.source, ""))
+    fig = P.slots_figure(d)
+    assert [p.title for p in fig.panels] == ["age", "unmap"]
+    hva = [e for b in _events("hva") for e in b]
+    for p in fig.panels:
+        assert p.x.unit == "bucket" and p.y.log
+        busy = [s for s in p.series if s.label == "busy"][0]
+        slots = np.array([e.slots for e in hva if e.op == p.title])
+        buckets = np.array([int(v).bit_length() for v in slots])
+        for x, y in zip(busy.x[:-1], busy.y[:-1]):  # steps over bucket indices: i - 0.5 .. i + 0.5
+            b = int(x + 0.5)
+            assert y == max(float(np.sum(buckets == b)), P.HIST_FLOOR), (p.title, b)
+    # unmaps visit 1 memslot (bucket 1), ages 2 (bucket 2: "2-3")
+    assert [s.x[0] for s in fig.panels[1].series if s.label == "busy"] == [0.5]
+    assert [s.x[0] for s in fig.panels[0].series if s.label == "busy"] == [1.5]
+
+
 # ----------------------------------------------------------------------------- against the memslot count
 
 
@@ -201,7 +219,7 @@ def test_one_colour_per_recording_across_every_figure_of_the_page(rep, recs):
     assert list(colours) == ["busy", "busy-hist", "multi-vm"]
     assert len(set(colours.values())) == 3
     figs = [f for _, fs in sections for f in fs]
-    assert len(figs) == 5  # timelines of age and unmap, CDFs, histograms, against the memslot count
+    assert len(figs) == 6  # timelines of age and unmap, CDFs, histograms, slots visited, against the memslot count
     for f in figs:
         for p in f.panels:
             for s in p.series:
@@ -223,7 +241,7 @@ def test_one_colour_per_recording_across_every_figure_of_the_page(rep, recs):
     assert list(c) == ["before", "after"] and c["before"] != c["after"]
 
 
-_READABLE = re.compile(r"^(\d+(\.\d+)? (ns|µs|ms|s)|[\d,]+(\.\d+)?)$")
+_READABLE = re.compile(r"^(\d+(\.\d+)? (ns|µs|ms|s)|[\d,]+(\.\d+)?|\d+-\d+)$")  # 1 µs, 1,000, 2-3 (slots)
 
 
 def test_log_ticks_are_readable_never_powers_of_ten(rep, recs):
@@ -259,7 +277,7 @@ def test_plot_labels_from_outside_are_text(tmp_path):
     path = busy_recording(str(tmp_path / "r"), label=label)
     recs = read_inputs([path], event_columns=EVENT_COLUMNS)
     doc = H.report_html(build_report(recs), recs=recs)
-    assert doc.count('<img class="plot"') == 5
+    assert doc.count('<img class="plot"') == 6
     assert "<img src=x>" not in doc and "\x1b" not in doc
     colours, sections = P.report_figures(build_report(recs), recs)
     labels = {s.label for _, fs in sections for f in fs for p in f.panels for s in p.series}

@@ -2,7 +2,8 @@
 figure in human units (the terminal's formatting, render.py), no sentinels, dates instead of Unix
 timestamps, tables that fit a 1280 px window, and matplotlib (Agg) plots with labelled axes
 inlined as base64 PNG. No external resources, no scripts. matplotlib is imported inside
-functions. Numbers are computed in report.py / compare.py; this module only lays them out."""
+functions. Numbers are computed in report.py / compare.py, and what each plot shows (series,
+axis ranges, tick labels) in plots.py; this module only lays them out and draws them."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from .. import __version__
 from ..text import display, printable
 from . import plots as P
 from .plots import compare_figures, report_figures
-from .report import MEMSLOTS_EVENTS, MEMSLOTS_INTERVAL_END, MEMSLOTS_KERNEL
+from .report import MEMSLOTS_EVENTS, MEMSLOTS_INTERVAL_END, MEMSLOTS_KERNEL, memslot_bucket_label
 from .render import (
     LEGEND,
     _src_mark,
@@ -150,6 +151,11 @@ def _axis(ax, which: str, a) -> None:
         axis.set_minor_formatter(ticker.NullFormatter())
         fmt = P.ns_tick if a.unit == "ns" else P.count_tick
         axis.set_major_formatter(ticker.FuncFormatter(lambda v, _pos: fmt(v)))
+    elif a.unit == "bucket":  # log2 buckets by index, labelled with the counts they hold
+        lo, hi = (math.ceil(a.lim[0]), math.floor(a.lim[1])) if a.lim else (0, 1)
+        ticks = list(range(lo, hi + 1))
+        axis.set_major_locator(ticker.FixedLocator(ticks[:: max(1, math.ceil(len(ticks) / 8))]))
+        axis.set_major_formatter(ticker.FuncFormatter(lambda v, _pos: memslot_bucket_label(int(round(v)))))
     else:
         if a.unit == "count":
             axis.set_major_locator(ticker.MaxNLocator(nbins=6, integer=True))

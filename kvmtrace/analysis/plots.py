@@ -29,7 +29,10 @@ import pandas as pd
 from ..consts import LOG2_BUCKETS
 from ..snapshot import Log2Hist
 from ..text import display
+from . import engine as E
 from . import tables as T
+from .compare import _latency_counts
+from .report import vm_label
 
 # matplotlib's tab10 without its grey (grey reads as an axis, not as data)
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22")
@@ -180,8 +183,6 @@ TIMELINE_COLS = ["key", "source", "vm_id", "pid", "vm_label", "op", "lat_provena
 
 
 def _vm_labels(r) -> Dict[Tuple[str, int], str]:
-    from .report import vm_label
-
     out: Dict[Tuple[str, int], str] = {}
     for table in ("hva", "vms"):
         df = r[table]
@@ -202,8 +203,6 @@ def interval_quantiles(recs) -> pd.DataFrame:
     """Exact latency p50 / p99 per recording (``rec``), VM, op and interval from the raw events
     (numpy's linear interpolation: DuckDB's quantile_cont, out of core), with ``n`` the events
     of the group (known latency or not), for the intervals whose events are complete."""
-    from . import engine as E
-
     key = ["rec", "vm_id", "pid", "op", "lat_provenance", "interval"]
     parts = []
     src = [(i, r.events["hva_events"]) for i, r in enumerate(recs) if "hva_events" in r.events]
@@ -335,8 +334,6 @@ DIST_COLS = ["key", "label", "panel", "kind", "name", "lat_provenance", "n", "ex
 
 def latency_counts(recs) -> Dict[str, Optional[pd.DataFrame]]:
     """Raw-event latency value counts of every recording (the engine's one scan per table)."""
-    from .compare import _latency_counts
-
     return _latency_counts(recs)
 
 
@@ -377,12 +374,10 @@ def latency_dists(recs, key: Callable[[int, object], Tuple[str, str, str]],
                 if exact is not None:
                     a["parts"].append(exact)
     rows = []
-    from .engine import merge_counts
-
     for (panel, kind, name, lp, ck, label), a in acc.items():
         v = c = None
         if a["exact"]:
-            v, c = merge_counts(a["parts"])
+            v, c = E.merge_counts(a["parts"])
         rows.append([ck, label, panel, kind, name, lp, int(a["hist"].sum()), bool(a["exact"]), v, c, a["hist"]])
     return pd.DataFrame(rows, columns=DIST_COLS)
 
@@ -484,6 +479,68 @@ def latency_figures(d: pd.DataFrame) -> List[Figure]:
                    note_c + (f"; {cap}" if cap else ""), ncols=3 if len(cdfs) > 4 else 2),
             Figure("latency histogram per op and memslot change type", "latency histograms", hists,
                    note_h + (f"; {cap}" if cap else ""), ncols=3 if len(hists) > 4 else 2)]
+
+
+SLOTS_COLS = ["key", "label", "panel", "op", "slots_provenance", "n", "hist"]
+
+
+def slots_dists(recs, key: Callable[[int, object], Tuple[str, str, str]]) -> pd.DataFrame:
+    """Memslots visited per hva operation: the in-kernel log2 histograms (``hist``, 64 buckets)
+    per op, summed over the recordings that share a ``key(i, recording)`` (colour key, legend
+    label, panel); operations whose slots were not observed (provenance none) are left out."""
+    acc: Dict[tuple, np.ndarray] = {}
+    for i, r in enumerate(recs):
+        ck, label, panel = key(i, r)
+        df = r["hva"]
+        if df.empty:
+            continue
+        g = df.assign(_n=df["op"].astype(str), _p=df["slots_provenance"].astype(str)).groupby(["_n", "_p"], sort=True)
+        for (op, sp), part in g:
+            h = T.hist_sum(part, T.SLOTS_B).astype(np.int64)
+            if sp == "none" or not h.sum():
+                continue
+            k = (panel, op, sp, ck, label)
+            acc[k] = acc.get(k, np.zeros(LOG2_BUCKETS, np.int64)) + h
+    rows = [[ck, label, panel, op, sp, int(h.sum()), h] for (panel, op, sp, ck, label), h in acc.items()]
+    return pd.DataFrame(rows, columns=SLOTS_COLS)
+
+
+def bucket_steps(hist: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """A log2 histogram over its bucket indices (x: i - 0.5 for each bucket from the first to
+    the last non-empty one, and the last + 0.5; y: count per bucket, the last repeated for
+    steps-post)."""
+    h = np.asarray(hist, dtype=float)
+    nz = np.nonzero(h)[0]
+    if not len(nz):
+        return np.zeros(0), np.zeros(0)
+    lo, hi = int(nz.min()), int(nz.max())
+    return np.arange(lo, hi + 2) - 0.5, np.concatenate([h[lo: hi + 1], [h[hi]]])
+
+
+def slots_figure(d: pd.DataFrame) -> Optional[Figure]:
+    """Memslots visited per operation: one panel per op, operations per log2 bucket of the
+    slots visited (x: the counts each bucket holds, 0, 1, 2-3, 4-7 ...), log y, one series
+    per colour key and label."""
+    if d is None or d.empty:
+        return None
+    panels = []
+    groups = sorted(d.groupby(["panel", "op", "slots_provenance"], sort=False), key=lambda kv: tuple(map(str, kv[0])))
+    left = max(0, len(groups) - MAX_PANELS)
+    for (panel, op, sp), g in groups[:MAX_PANELS]:
+        series = []
+        for r in g.itertuples(index=False):
+            x, y = bucket_steps(r.hist)
+            series.append(Series(r.key, r.label, x, np.maximum(y, HIST_FLOOR), drawstyle="steps-post"))
+        xs = _all(series, "x")
+        title = (f"{op} ({sp})" if sp != "exact" else op) + (f" · {panel}" if panel else "")
+        p = Panel(title, Axis("memslots visited (log2 buckets)", "bucket", lim=(min(xs) - 0.5, max(xs) + 0.5)),
+                  Axis("operations per bucket", "count", log=True), series)
+        p.y.lim = (HIST_FLOOR, (log_range(_all(series, "y")) or (1.0, 10.0))[1])
+        panels.append(p)
+    cap = _cap_note(left, 0, "")
+    return Figure("memslots visited per operation", "memslots visited per operation", panels,
+                  "operations per in-kernel log2 bucket of the memslots each visited, log scale"
+                  + (f"; {cap}" if cap else ""), ncols=3 if len(panels) > 4 else 2)
 
 
 # ----------------------------------------------------------------------------- against memslot count
@@ -602,12 +659,16 @@ def report_figures(rep, recs=None) -> Sections:
     colours = colour_map(keys)
     groups = {r["source"]: r["bench_dir"] for _, r in src.iterrows() if r.get("bench_dir")} if not src.empty else {}
     sections: List[Tuple[str, List[Figure]]] = []
+    slots = None
     if recs is not None:
         sections.append(("Per VM and op over time", timelines(timeline(recs, keys))))
-        d = latency_dists(recs, lambda i, r: (keys[i] if i < len(keys) else r.source, display(r.source), ""))
+        key = lambda i, r: (keys[i] if i < len(keys) else r.source, display(r.source), "")  # noqa: E731
+        d = latency_dists(recs, key)
+        slots = slots_figure(slots_dists(recs, key))
     else:
         d = _hist_dists(rep.hist, by_source) if rep.hist is not None and not rep.hist.empty else None
     sections.append(("Latency distributions", latency_figures(d)))
+    sections.append(("Memslots visited per operation", [slots] if slots is not None else []))
     vm = vs_memslots(rep["by_memslots"], groups, by_source)
     sections.append(("Against the memslot count", [vm] if vm is not None else []))
     return colours, sections
@@ -641,10 +702,14 @@ def compare_figures(df: pd.DataFrame, recs=None) -> Sections:
     count (bench directories), and the latency CDFs and histograms per op and memslot change
     type (bench: per scenario and memslot count), overlaid. ``recs``: (before, after)
     recordings, for exact CDFs from raw events; else the compare table's summed histograms."""
+    slots = None
     if recs is not None:
         d = pd.concat([latency_dists(rs, _side_key(side)) for side, rs in zip(SIDES, recs)], ignore_index=True)
+        slots = slots_figure(pd.concat([slots_dists(rs, _side_key(side)) for side, rs in zip(SIDES, recs)],
+                                       ignore_index=True))
     else:
         d = _compare_dists(df)
     vm = compare_vs_memslots(df)
     return colour_map(SIDES), [("Against the memslot count", [vm] if vm is not None else []),
-                               ("Latency distributions, before and after", latency_figures(d))]
+                               ("Latency distributions, before and after", latency_figures(d)),
+                               ("Memslots visited per operation, before and after", [slots] if slots is not None else [])]

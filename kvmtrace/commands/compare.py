@@ -59,7 +59,9 @@ Exit status (the highest applicable in the order 2, 4, 1, 3, 0):
 @click.option("--json", "as_json", is_flag=True,
               help="print the comparison as JSON on stdout instead of the text (schema: docs/compare.schema.json)")
 @click.option("--csv", "csv_file", type=click.Path(), default=None, help="write the comparison table as CSV")
-@click.option("--html", "html_file", type=click.Path(), default=None, help="write a self-contained HTML page")
+@click.option("--html", "html_file", type=click.Path(), default=None,
+              help="write a self-contained HTML page (before and after overlaid: latency CDFs and histograms, "
+                   "against the memslot count)")
 @click.option("--force", is_flag=True, help="replace existing --csv/--html files")
 def compare(before, after, min_effect, accept_warnings, as_json, csv_file, html_file, force):
     """Compare BEFORE and AFTER run by run: per op and memslot change type (x scenario x memslot

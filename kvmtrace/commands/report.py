@@ -29,7 +29,8 @@ Exit status:
               help="write one CSV per table into this directory (created 0750; an existing one must be yours "
                    "and writable by nobody else)")
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON (schema: docs/report.schema.json)")
-@click.option("--html", "html_file", type=click.Path(), default=None, help="write a self-contained HTML page with plots")
+@click.option("--html", "html_file", type=click.Path(), default=None, help="write a self-contained HTML page with plots (per VM and op over time, latency CDFs and "
+                   "histograms, memslots visited, against the memslot count)")
 @click.option("--force", is_flag=True, help="replace existing --csv/--html files")
 @click.option("--accept-warnings", is_flag=True,
               help="exit 0 although an input carries warnings (they are still shown); without it such a report exits 4")
