@@ -144,7 +144,7 @@ def _axis(ax, which: str, a) -> None:
     (ax.set_xlabel if which == "x" else ax.set_ylabel)(a.label)
     if a.log:
         (ax.set_xscale if which == "x" else ax.set_yscale)("log")
-        few = a.lim is not None and a.lim[1] / max(a.lim[0], 1e-300) <= 10.5  # one decade: ticks at 1, 2, 5
+        few = a.lim is not None and a.lim[1] / max(a.lim[0], 1e-300) <= 13  # one decade (+ room): ticks at 1, 2, 5
         axis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0) if few else (1.0,)))
         axis.set_minor_locator(ticker.LogLocator(base=10, subs=(3.0, 4.0, 6.0, 7.0, 8.0, 9.0) if few
                                                  else tuple(range(2, 10))))

@@ -118,14 +118,16 @@ def _finite(values) -> np.ndarray:
 
 
 def log_range(values, floor: float = 0.0) -> Optional[Tuple[float, float]]:
-    """Limits of a log axis: whole decades around the positive values, with headroom at the top
-    (a constant series gets the decade it lies in, so at least two labelled ticks show); None
-    without positive values."""
+    """Limits of a log axis: whole decades around the positive values, with room at either end
+    so no point sits on the frame (a constant series gets the decade it lies in, so at least two
+    labelled ticks show); None without positive values."""
     a = _finite(values)
     a = a[a > floor] if floor else a[a > 0]
     if not len(a):
         return None
     lo = 10.0 ** math.floor(math.log10(a.min()))
+    if a.min() < lo * 1.05:  # a point on a decade (10 memslots, 1 µs) does not sit on the frame
+        lo /= 1.25
     hi = 10.0 ** math.ceil(math.log10(a.max() * 1.05))  # headroom: a maximum of 10 does not touch the top
     if hi <= lo:
         hi = lo * 10
