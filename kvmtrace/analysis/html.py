@@ -152,7 +152,7 @@ def _axis(ax, which: str, a) -> None:
         fmt = P.ns_tick if a.unit == "ns" else P.count_tick
         axis.set_major_formatter(ticker.FuncFormatter(lambda v, _pos: fmt(v)))
     elif a.unit == "bucket":  # log2 buckets by index, labelled with the counts they hold
-        lo, hi = (math.ceil(a.lim[0]), math.floor(a.lim[1])) if a.lim else (0, 1)
+        lo, hi = (math.ceil(a.lim[0] + 0.5), math.floor(a.lim[1] - 0.5)) if a.lim else (0, 1)  # drawn buckets only
         ticks = list(range(lo, hi + 1))
         axis.set_major_locator(ticker.FixedLocator(ticks[:: max(1, math.ceil(len(ticks) / 8))]))
         axis.set_major_formatter(ticker.FuncFormatter(lambda v, _pos: memslot_bucket_label(int(round(v)))))
