@@ -321,8 +321,7 @@ def test_report_shows_any_recorded_name_as_data(tmp_path_factory, monkeypatch, n
     assert shown_label in plain
     assert not controls(report_text(rep, terminal=True, width=WIDTH), terminal=True)
     # HTML (plots left out here: test_report_html_plot_labels_are_text covers them)
-    monkeypatch.setattr(H, "vs_memslots_plots", lambda *a, **k: "")
-    monkeypatch.setattr(H, "latency_hist_plot", lambda *a, **k: "")
+    monkeypatch.setattr(H, "report_figures", lambda *a, **k: ({}, []))
     doc = H.report_html(rep)
     assert not controls(doc)
     page = page_of(doc)

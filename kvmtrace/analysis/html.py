@@ -2,7 +2,8 @@
 figure in human units (the terminal's formatting, render.py), no sentinels, dates instead of Unix
 timestamps, tables that fit a 1280 px window, and matplotlib (Agg) plots with labelled axes
 inlined as base64 PNG. No external resources, no scripts. matplotlib is imported inside
-functions. Numbers are computed in report.py / compare.py; this module only lays them out."""
+functions. Numbers are computed in report.py / compare.py, and what each plot shows (series,
+axis ranges, tick labels) in plots.py; this module only lays them out and draws them."""
 
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ import pandas as pd
 
 from .. import __version__
 from ..text import display, printable
-from .report import MEMSLOTS_EVENTS, MEMSLOTS_INTERVAL_END, MEMSLOTS_KERNEL
+from . import plots as P
+from .plots import compare_figures, report_figures
+from .report import MEMSLOTS_EVENTS, MEMSLOTS_INTERVAL_END, MEMSLOTS_KERNEL, memslot_bucket_label
 from .render import (
     LEGEND,
     _src_mark,
@@ -56,11 +59,26 @@ def _plt():
     return plt
 
 
+def _axes_rects(fig) -> str:
+    """Where each axes lies in the image, as fractions (left, top, right, bottom; origin top
+    left), for the browser test's check that every plot area holds data."""
+    out = []
+    for ax in fig.axes:
+        p = ax.get_position()
+        out.append(f"{p.x0:.4f},{1 - p.y1:.4f},{p.x1:.4f},{1 - p.y0:.4f}")
+    return ";".join(out)
+
+
 def _fig_png(fig, alt: str) -> str:
+    """The figure as an inline PNG, exactly the figure's area (no tight bbox: the axes
+    fractions in data-axes stay true)."""
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    if fig.get_layout_engine() is not None:
+        fig.canvas.draw()  # a layout engine places the axes when drawing
+    rects = _axes_rects(fig)
+    fig.savefig(buf, format="png", dpi=fig.dpi)
     _plt().close(fig)
-    return (f'<img class="plot" alt="{html.escape(alt)}" src="data:image/png;base64,'
+    return (f'<img class="plot" alt="{html.escape(alt)}" data-axes="{rects}" src="data:image/png;base64,'
             + base64.b64encode(buf.getvalue()).decode() + '">')
 
 
@@ -108,109 +126,122 @@ def fmt_time(t) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
 
 
-def _ns_axis(values) -> tuple:
-    """(divisor, unit) for a latency axis so tick labels read 1.5 µs rather than 1500."""
-    v = [x for x in values if x is not None and not (isinstance(x, float) and math.isnan(x))]
-    top = max(v) if v else 0
-    for unit, div in (("s", 1e9), ("ms", 1e6), ("µs", 1e3)):
-        if top >= div:
-            return div, unit
-    return 1.0, "ns"
-
-
 # ----------------------------------------------------------------------------- plots
 
-
-def _bucket_lo(i: int) -> str:
-    if i <= 0:
-        return "0"
-    v = 1 << (i - 1)
-    return fmt_ns(v).replace(" ", "")
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">")
+FIG_WIDTH_IN = 13.0
+PANEL_HEIGHT_IN = 2.6
+DPI = 90
 
 
-def _bucket_ticks(ax, lo: int, hi: int, most: int = 8) -> None:
-    """At most ``most`` readable tick labels (bucket lower bounds in human units) on a log2-bucket axis."""
-    ticks = list(range(lo, hi + 1))
-    ticks = ticks[:: max(1, math.ceil(len(ticks) / most))]
-    ax.set_xticks(ticks)
-    ax.set_xticklabels([_bucket_lo(t) for t in ticks], rotation=30, ha="right")
+def _axis(ax, which: str, a) -> None:
+    """Scale, limits and readable ticks of one axis (plots.Axis): latency in human units at
+    whole decades (1 µs, 10 µs, 100 µs, 1 ms), counts as plain integers, never an offset or
+    scientific notation."""
+    from matplotlib import ticker
+
+    axis = ax.xaxis if which == "x" else ax.yaxis
+    (ax.set_xlabel if which == "x" else ax.set_ylabel)(a.label)
+    if a.log:
+        (ax.set_xscale if which == "x" else ax.set_yscale)("log")
+        few = a.lim is not None and a.lim[1] / max(a.lim[0], 1e-300) <= 13  # one decade (+ room): ticks at 1, 2, 5
+        axis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0) if few else (1.0,)))
+        axis.set_minor_locator(ticker.LogLocator(base=10, subs=(3.0, 4.0, 6.0, 7.0, 8.0, 9.0) if few
+                                                 else tuple(range(2, 10))))
+        axis.set_minor_formatter(ticker.NullFormatter())
+        fmt = P.ns_tick if a.unit == "ns" else P.count_tick
+        axis.set_major_formatter(ticker.FuncFormatter(lambda v, _pos: fmt(v)))
+    elif a.unit == "bucket":  # log2 buckets by index, labelled with the counts they hold
+        lo, hi = (math.ceil(a.lim[0] + 0.5), math.floor(a.lim[1] - 0.5)) if a.lim else (0, 1)  # drawn buckets only
+        ticks = list(range(lo, hi + 1))
+        axis.set_major_locator(ticker.FixedLocator(ticks[:: max(1, math.ceil(len(ticks) / 8))]))
+        axis.set_major_formatter(ticker.FuncFormatter(lambda v, _pos: memslot_bucket_label(int(round(v)))))
+    else:
+        if a.unit == "count":
+            axis.set_major_locator(ticker.MaxNLocator(nbins=6, integer=True))
+        fmt = P.ns_tick if a.unit == "ns" else (lambda v: f"{v:,.6g}")
+        axis.set_major_formatter(ticker.FuncFormatter(lambda v, _pos: fmt(v)))
+    if a.lim is not None:
+        (ax.set_xlim if which == "x" else ax.set_ylim)(*a.lim)
 
 
-def latency_hist_plot(hist: pd.DataFrame, max_series: int = 12) -> str:
-    """Latency distribution per (recording, op) from the summed in-kernel log2 histograms."""
-    from .tables import LAT_B
+def render(spec, colours):
+    """A plots.Figure as a matplotlib figure: its panels in a grid, every series in its key's
+    colour (``colours``: the page's one colour per recording), series of one key told apart by
+    marker, and one legend below the panels (outside them: a plot area holds only data)."""
+    from matplotlib.lines import Line2D
 
-    if hist is None or hist.empty:
-        return ""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(9, 3.8))
-    drawn = 0
-    for _, r in hist.iterrows():
-        if drawn >= max_series:
-            break
-        c = r[LAT_B].to_numpy(dtype=float)
-        if c.sum() == 0:
-            continue
-        idx = np.nonzero(c)[0]
-        lo, hi = max(0, idx.min() - 1), min(len(c) - 1, idx.max() + 1)
-        xs = np.arange(lo, hi + 1)
-        ax.step(xs, c[lo: hi + 1] / c.sum(), where="mid", label=f"{display(r['source'])} {r['op']} ({r['lat_provenance']})")
-        drawn += 1
-    if not drawn:
-        plt.close(fig)
+    n = len(spec.panels)
+    ncols = max(1, min(spec.ncols, n))
+    nrows = math.ceil(n / ncols)
+    labels: dict = {}
+    for p in spec.panels:
+        for s in p.series:
+            labels.setdefault(s.key, {}).setdefault(s.label, len(labels.get(s.key, {})))
+    multi = {k for k, v in labels.items() if len(v) > 1}
+    n_handles = sum(len(v) for v in labels.values())
+    longest = max((len(lab) for v in labels.values() for lab in v), default=0)
+    leg_cols = max(1, min(4 if longest <= 40 else 2 if longest <= 80 else 1, n_handles))
+    # a fixed grid in inches (constrained layout costs seconds per figure): room for the title,
+    # every panel's title, tick labels and axis labels, and the legend rows below
+    top_in, row_gap, xl_in, left_in, right_in, col_gap = 0.7, 0.85, 0.6, 0.95, 0.25, 0.95
+    leg_in = 0.24 * math.ceil(n_handles / leg_cols) + 0.1 if n_handles else 0.0
+    height = top_in + nrows * PANEL_HEIGHT_IN + (nrows - 1) * row_gap + xl_in + leg_in
+    pw = (FIG_WIDTH_IN - left_in - right_in - (ncols - 1) * col_gap) / ncols
+    fig, axes = plt.subplots(nrows, ncols, figsize=(FIG_WIDTH_IN, height), dpi=DPI, squeeze=False,
+                             gridspec_kw={"left": left_in / FIG_WIDTH_IN, "right": 1 - right_in / FIG_WIDTH_IN,
+                                          "top": 1 - top_in / height, "bottom": (xl_in + leg_in) / height,
+                                          "wspace": col_gap / pw, "hspace": row_gap / PANEL_HEIGHT_IN})
+    handles = {}
+    for ax, p in zip(axes.flat, spec.panels):
+        for s in p.series:
+            colour = colours.get(s.key, "#000000")
+            marker = _MARKERS[labels[s.key][s.label] % len(_MARKERS)] if s.key in multi else s.marker
+            every = max(1, len(s.x) // 12) if len(s.x) > 24 else 1  # a dense series: a dozen markers
+            ax.plot(s.x, s.y, color=colour, linestyle=s.linestyle, marker=marker or None, markersize=4,
+                    markevery=every, drawstyle=s.drawstyle, linewidth=1.4)
+            handles.setdefault((s.key, s.label), Line2D([], [], color=colour, marker=marker or None, markersize=5,
+                                                        linestyle="-", label=s.label))
+        ax.set_title(p.title, fontsize=10)
+        _axis(ax, "x", p.x)
+        _axis(ax, "y", p.y)
+        ax.grid(False)
+    for ax in list(axes.flat)[n:]:
+        ax.remove()
+    if handles:
+        order = list(colours)
+        ranked = sorted(handles.items(), key=lambda kv: (order.index(kv[0][0]) if kv[0][0] in order else len(order),
+                                                         labels[kv[0][0]][kv[0][1]]))
+        fig.legend(handles=[h for _, h in ranked], loc="lower center", bbox_to_anchor=(0.5, 0.0), ncols=leg_cols,
+                   fontsize=8, frameon=False)
+    fig.suptitle(spec.title, fontsize=12, y=1 - 0.1 / height)
+    return fig
+
+
+def draw(spec, colours) -> str:
+    """A plots.Figure as an inline PNG ("" when it has no data: no empty axes on a page)."""
+    if spec is None or spec.empty:
         return ""
-    lo, hi = ax.get_xlim()
-    _bucket_ticks(ax, max(0, int(math.ceil(lo))), int(hi))
-    ax.set_xlabel("latency (log2 buckets; tick = bucket lower bound)")
-    ax.set_ylabel("fraction of operations")
-    ax.set_title("latency distribution per recording and op (in-kernel histograms)")
-    ax.legend(fontsize=7)
-    return _fig_png(fig, "latency distribution")
+    return _fig_png(render(spec, colours), spec.alt)
 
 
-def vs_memslots_plots(bym: pd.DataFrame, groups: Optional[dict] = None, max_series: int = 10) -> str:
-    """Per recording (bench directory: per directory and scenario) and op: latency, and slots
-    visited / scanned, against the memslot count at the operation. x = the largest memslot count
-    seen in each bucket (exact when a bucket holds one count). ``groups``: source -> the bench
-    directory it belongs to."""
-    if bym is None or bym.empty:
+def _figure_html(spec, colours) -> str:
+    img = draw(spec, colours)
+    if not img:
         return ""
-    plt = _plt()
-    d = bym.copy()
-    groups = groups or {}
+    return f'<div class="fig">{img}' + (f'<p class="note">{_h(spec.note)}</p>' if spec.note else "") + "</div>"
 
-    def series(r) -> str:
-        g = groups.get(r["source"])
-        return f"{display(g)} {display(r['scenario'])}: {r['op']}" if g else f"{display(r['source'])}: {r['op']}"
 
-    d["series"] = [series(r) for _, r in d.iterrows()]
-    d = d[d["memslots_max"] >= 0]
-    if d.empty:
-        return ""
-    have_p50 = d["lat_p50_ns"].notna()
-    d["lat_y"] = np.where(have_p50, d["lat_p50_ns"], d["lat_mean_ns"])
-    div, unit = _ns_axis(list(d["lat_y"]))
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4))
-    for i, (name, g) in enumerate(d.groupby("series", sort=True)):
-        if i >= max_series:
-            break
-        g = g.sort_values("memslots_max")
-        what = "p50" if g["lat_p50_ns"].notna().all() else "mean"
-        a1.plot(g["memslots_max"], g["lat_y"] / div, marker="o", label=f"{name} ({what})")
-        if g["slots_mean"].notna().any():
-            a2.plot(g["memslots_max"], g["slots_mean"], marker="o", label=f"{name} visited")
-        if g["scanned_mean"].notna().any():
-            a2.plot(g["memslots_max"], g["scanned_mean"], marker="s", linestyle="--", label=f"{name} scanned")
-    for a in (a1, a2):
-        a.set_xscale("log")
-        a.set_xlabel("memslot count at the operation (log scale)")
-        if a.get_legend_handles_labels()[0]:
-            a.legend(fontsize=7)
-    a1.set_ylabel(f"latency ({unit})")
-    a1.set_title("latency against memslot count")
-    a2.set_ylabel("memslots per operation")
-    a2.set_title("slots visited / scanned against memslot count")
-    return _fig_png(fig, "latency and slots against memslot count")
+def figures_html(sections) -> str:
+    """plots.Section list -> HTML: a heading per section with data, its figures and notes."""
+    colours, parts = sections
+    out = []
+    for head, figs in parts:
+        body = "".join(_figure_html(f, colours) for f in figs)
+        if body:
+            out.append(f"<h3>{html.escape(head)}</h3>" + body)
+    return "".join(out)
 
 
 # ----------------------------------------------------------------------------- report
@@ -240,7 +271,10 @@ def warnings_box(warnings) -> str:
             f"say.</p><ul>{items}</ul></div>")
 
 
-def report_html(rep, title: str = "kvmtrace report") -> str:
+def report_html(rep, title: str = "kvmtrace report", recs=None) -> str:
+    """The report page. ``recs``: the recordings the report was built from (the order of
+    ``rep["sources"]``), for the timelines and the exact latency CDFs; without them the page
+    plots what the report holds (histograms, memslot-count tables)."""
     src = rep["sources"]
     multi = len(src) > 1
     first = ["recording"] if multi else []
@@ -278,10 +312,7 @@ def report_html(rep, title: str = "kvmtrace report") -> str:
         body.append("<p class=\"note\">count from: " + html.escape("; ".join(
             f"{_MEMSLOTS_FROM.get(u, u)} = {u}" for u in used)) + ". p50/p99 need a histogram or raw events: in-kernel "
             "memslot-count buckets keep sums, so they give the mean.</p>")
-    body.append("<h2>Plots</h2>")
-    groups = {r["source"]: r["bench_dir"] for _, r in src.iterrows() if r.get("bench_dir")}
-    body.append(vs_memslots_plots(b, groups))
-    body.append(latency_hist_plot(rep.hist))
+    body.append("<h2>Plots</h2>" + figures_html(report_figures(rep, recs)))
     body.append("<h2>Recordings</h2>" + html_table(
         ["recording", "host", "kernel", "start", "duration", "intervals", "status", "lost events", "map full",
          "unattributed", "raw events"],
@@ -325,43 +356,26 @@ def _verdict_class(v: str) -> str:
     return {"improvement": "good", "regression": "bad"}.get(v, "")
 
 
-def compare_vs_memslots_plot(df: pd.DataFrame, max_series: int = 8) -> str:
-    """Bench comparisons: p50 latency against memslot count, before (solid) and after (dashed)."""
-    d = df[(df["slots"] >= 0) & (df["kind"] != "iteration") & (df["metric"] == "p50")]
-    if d.empty:
-        return ""
-    plt = _plt()
-    div, unit = _ns_axis(list(d["before"]) + list(d["after"]))
-    fig, ax = plt.subplots(figsize=(9, 4))
-    for i, ((scen, kind, op, lp), g) in enumerate(d.groupby(["scenario", "kind", "op", "lat_provenance"], sort=True)):
-        if i >= max_series:
-            break
-        g = g.sort_values("slots")
-        name = f"{scen} {'memslot ' if kind == 'memslot' else ''}{op}"
-        line = ax.plot(g["slots"], g["before"] / div, marker="o", label=f"{name} before")
-        ax.plot(g["slots"], g["after"] / div, marker="x", linestyle="--", color=line[0].get_color(),
-                label=f"{name} after")
-    ax.set_xscale("log")
-    ax.set_xlabel("memslot count (log scale)")
-    ax.set_ylabel(f"p50 latency ({unit})")
-    ax.set_title("p50 latency against memslot count: before (solid) and after (dashed)")
-    ax.legend(fontsize=7)
-    return _fig_png(fig, "latency against memslot count, before and after")
+RATIO_TICKS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 0.8, 1.0, 1.25, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0)
 
 
 def compare_ratio_plot(df: pd.DataFrame) -> str:
-    """Every row's ratio after / before with its 95% interval (log scale)."""
+    """Every row's ratio after / before with its 95% interval (log scale; ticks 0.5x, 1x, 2x).
+    One neutral colour: rows are not recordings."""
+    from matplotlib import ticker
+
     d = df[df["ratio"].notna() & (df["ratio"] > 0)]
     if d.empty:
         return ""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(9, max(2.5, 0.3 * len(d))))
-    labels = [f"{'memslot ' if r.kind == 'memslot' else ''}{r.op} {r.metric} {r.scenario} "
+    fig, ax = plt.subplots(figsize=(FIG_WIDTH_IN, max(2.5, 0.3 * len(d) + 1.2)), dpi=DPI, layout="constrained")
+    labels = [f"{'memslot ' if r.kind == 'memslot' else ''}{r.op}{'' if r.metric == r.op else ' ' + r.metric} "
+              f"{display(r.scenario)} "
               f"{f'{r.slots} slots' if r.slots >= 0 else ''}".strip() for r in d.itertuples()]
     y = np.arange(len(d))
     lo = (d["ratio"] - d["ci_lo"]).clip(lower=0).fillna(0)
     hi = (d["ci_hi"] - d["ratio"]).clip(lower=0).fillna(0)
-    ax.errorbar(d["ratio"], y, xerr=[lo, hi], fmt="o")
+    ax.errorbar(d["ratio"], y, xerr=[lo, hi], fmt="o", color="#333333")
     ax.axvline(1.0, color="grey", linestyle=":")
     me = df.attrs.get("min_effect")
     if me:
@@ -370,56 +384,28 @@ def compare_ratio_plot(df: pd.DataFrame) -> str:
     ax.set_yticks(y)
     ax.set_yticklabels(labels, fontsize=7)
     ax.set_xscale("log")
+    xs = np.concatenate([d["ratio"].to_numpy(float), d["ci_lo"].to_numpy(float), d["ci_hi"].to_numpy(float), [1.0]])
+    xs = xs[np.isfinite(xs) & (xs > 0)]
+    lo_x, hi_x = min(xs.min(), 1 / 1.3), max(xs.max(), 1.3)
+    ax.set_xlim(lo_x / 1.1, hi_x * 1.1)
+    ax.xaxis.set_major_locator(ticker.FixedLocator([t for t in RATIO_TICKS if lo_x / 1.1 <= t <= hi_x * 1.1]))
+    ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _pos: f"{v:g}x"))
+    ax.xaxis.set_minor_formatter(ticker.NullFormatter())
     ax.set_xlabel("ratio after / before (log scale; < 1 is faster), simultaneous 95% intervals; dashed: minimum effect")
     ax.set_ylabel("row")
     ax.set_title("before -> after per row")
     return _fig_png(fig, "ratio per row")
 
 
-def compare_hist_plot(df: pd.DataFrame, max_series: int = 6) -> str:
-    """Latency distributions before (solid) and after (dashed) per op / change type."""
-    from .tables import LAT_B
-
-    h = df.attrs.get("latency_hists")
-    if h is None or h.empty:
-        return ""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(9, 3.8))
-    keys = h[["kind", "scenario", "slots", "op", "lat_provenance"]].drop_duplicates().values.tolist()
-    lo_all, hi_all = None, None
-    for i, (kind, scen, nslots, op, lp) in enumerate(keys[:max_series]):
-        color = None
-        for side, style in (("before", "-"), ("after", "--")):
-            part = h[(h.side == side) & (h.kind == kind) & (h.scenario == scen) & (h.slots == nslots) & (h.op == op)
-                     & (h.lat_provenance == lp)]
-            if part.empty:
-                continue
-            c = part[LAT_B].to_numpy(dtype=float).sum(axis=0)
-            idx = np.nonzero(c)[0]
-            lo, hi = max(0, idx.min() - 1), min(len(c) - 1, idx.max() + 1)
-            lo_all = lo if lo_all is None else min(lo_all, lo)
-            hi_all = hi if hi_all is None else max(hi_all, hi)
-            name = f"{'memslot ' if kind == 'memslot' else ''}{op}" + (f" {scen} {nslots}" if scen or nslots >= 0 else "")
-            line = ax.step(np.arange(lo, hi + 1), c[lo: hi + 1] / c.sum(), where="mid", linestyle=style, color=color,
-                           label=f"{name} {side}")
-            color = line[0].get_color()
-    if lo_all is None:
-        plt.close(fig)
-        return ""
-    _bucket_ticks(ax, lo_all, hi_all)
-    ax.set_xlabel("latency (log2 buckets; tick = bucket lower bound)")
-    ax.set_ylabel("fraction of operations")
-    ax.set_title("latency distribution: before (solid) and after (dashed)")
-    ax.legend(fontsize=7)
-    return _fig_png(fig, "latency distribution before and after")
-
-
 def compare_html(df: pd.DataFrame, before: Optional[dict] = None, after: Optional[dict] = None,
-                 title: str = "kvmtrace compare", status: Optional[int] = None) -> str:
+                 title: str = "kvmtrace compare", status: Optional[int] = None, recs=None) -> str:
+    """The compare page. ``recs``: (before, after) recordings, for exact latency CDFs."""
     from .compare import bench_matrix, fmt_ratio_ci, is_bench, summary
     from .render import EXIT_TEXT
 
     body = [_side_lines(before, after)]
+    colours, sections = compare_figures(df, recs)
+    sections = dict(sections)
     rows = []
     for _, r in df.iterrows():
         u = fmt_s if r["unit"] == "s" else fmt_ns if r["unit"] == "ns" else fmt_num
@@ -446,7 +432,7 @@ def compare_html(df: pd.DataFrame, before: Optional[dict] = None, after: Optiona
             mt.append([m["scenario"], m["what"]] + cells)
         body.append("<h2>By scenario and memslot count</h2>" + html_table(
             ["scenario", "what"] + [f"{n} slots" for n in slots], mt, left=["scenario", "what"]))
-        body.append(compare_vs_memslots_plot(df))
+        body.append(figures_html((colours, [("Against the memslot count", sections.pop("Against the memslot count", []))])))
     body.append("<h2>Verdicts</h2><table><tbody>" + "".join(
         f"<tr><td class=\"l {_verdict_class(v)}\">{_h(line)}</td></tr>"
         for v, line in zip(df["verdict"], df["line"])) + "</tbody></table>")
@@ -454,8 +440,10 @@ def compare_html(df: pd.DataFrame, before: Optional[dict] = None, after: Optiona
     body.append("<p>" + html.escape(", ".join(f"{n} {v}" for v, n in s.items())) + " (rows)"
                 + (f"; exit status {status}: {html.escape(EXIT_TEXT.get(status, ''))}" if status is not None else "")
                 + "</p>")
-    body.append(compare_ratio_plot(df))
-    body.append(compare_hist_plot(df))
+    ratio = compare_ratio_plot(df)
+    if ratio:
+        body.append("<h3>Ratio per row</h3>" + ratio)
+    body.append(figures_html((colours, list(sections.items()))))
     me = df.attrs.get("min_effect")
     body.append("<p class=\"note\">One figure per run and row; ratio = after / before of the geometric means over runs "
                 "(&lt; 1 is faster), with a Welch t interval on the log scale (the intervals of all rows hold together at 95%: "

@@ -42,6 +42,7 @@ class SynthOp:
     lat_provenance: str = "exact"
     slots_provenance: str = "exact"
     memslots: Optional[int] = None  # the VM's memslot count at these ops (default: the VM's final count)
+    counts: Optional[Sequence[int]] = None  # events per interval (cycled), instead of per_interval: a varying rate
 
 
 @dataclass
@@ -88,7 +89,7 @@ def simulate(
         batch = []
         t0 = mono0 + int(i * interval_s * 1e9)
         for o in ops:
-            n = o.per_interval
+            n = o.counts[i % len(o.counts)] if o.counts else o.per_interval
             lat = np.maximum(1, rng.lognormal(np.log(o.lat_median_ns), o.lat_sigma, n)).astype(np.int64)
             vm = vm_by_id[o.vm_id]
             kind = "hva" if o.op else "mem"

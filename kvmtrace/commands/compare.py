@@ -59,7 +59,9 @@ Exit status (the highest applicable in the order 2, 4, 1, 3, 0):
 @click.option("--json", "as_json", is_flag=True,
               help="print the comparison as JSON on stdout instead of the text (schema: docs/compare.schema.json)")
 @click.option("--csv", "csv_file", type=click.Path(), default=None, help="write the comparison table as CSV")
-@click.option("--html", "html_file", type=click.Path(), default=None, help="write a self-contained HTML page")
+@click.option("--html", "html_file", type=click.Path(), default=None,
+              help="write a self-contained HTML page (before and after overlaid: latency CDFs and histograms, "
+                   "against the memslot count)")
 @click.option("--force", is_flag=True, help="replace existing --csv/--html files")
 def compare(before, after, min_effect, accept_warnings, as_json, csv_file, html_file, force):
     """Compare BEFORE and AFTER run by run: per op and memslot change type (x scenario x memslot
@@ -91,7 +93,7 @@ def compare(before, after, min_effect, accept_warnings, as_json, csv_file, html_
     if html_file:
         from ..analysis.html import compare_html
 
-        export.write_text(html_file, compare_html(df, *sides, status=status), "--html", force)
+        export.write_text(html_file, compare_html(df, *sides, status=status, recs=(recs_b, recs_a)), "--html", force)
         click.echo(f"wrote {html_file}", err=as_json)
     if as_json:
         click.echo(export.dumps(to_json(df, *sides, status, accept_warnings)))

@@ -29,7 +29,8 @@ Exit status:
               help="write one CSV per table into this directory (created 0750; an existing one must be yours "
                    "and writable by nobody else)")
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON (schema: docs/report.schema.json)")
-@click.option("--html", "html_file", type=click.Path(), default=None, help="write a self-contained HTML page with plots")
+@click.option("--html", "html_file", type=click.Path(), default=None, help="write a self-contained HTML page with plots (per VM and op over time, latency CDFs and "
+                   "histograms, memslots visited, against the memslot count)")
 @click.option("--force", is_flag=True, help="replace existing --csv/--html files")
 @click.option("--accept-warnings", is_flag=True,
               help="exit 0 although an input carries warnings (they are still shown); without it such a report exits 4")
@@ -62,7 +63,7 @@ def report(paths, csv_dir, as_json, html_file, force, accept_warnings):
     if html_file:
         from ..analysis.html import report_html
 
-        export.write_text(html_file, report_html(rep), "--html", force)
+        export.write_text(html_file, report_html(rep, recs=recs), "--html", force)
         click.echo(f"wrote {html_file}", err=as_json)
     if as_json:
         click.echo(export.dumps(to_json(rep)))
