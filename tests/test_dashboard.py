@@ -24,6 +24,25 @@ WIDTH = 100
 META = {"host": "h1", "kernel": "6.18.0"}
 
 
+# the help overlay's lines, as `?` shows them (tests/test_dashboard_tmux.py reads them too)
+HELP_SCREEN = [
+    "keys (kvm_stat's where they fit)",
+    "  ? h    show the keys (any key closes the list)",
+    "  < >    sort by the previous / next key: ops, latency, slots, pid",
+    "  o      reverse the sort order",
+    "  p      filter by pid: type pids (e.g. 4242,4343), Enter",
+    "  g      filter by guest: part of its name or command, Enter",
+    "  f      show only the ops matching a regular expression",
+    "  c      clear the filters (pid, guest, op)",
+    "  s      set the update interval (seconds, 0.1 to 3600)",
+    "  r      reset: zero the figures shown since start",
+    "  v      choose the VM of the histogram panel",
+    "  space  pause / resume the display (tracing goes on)",
+    "  q      quit (Ctrl-C too) with a summary since start",
+    "  in a prompt: Enter applies, Esc cancels, an empty line clears that filter",
+]
+
+
 @pytest.fixture(autouse=True)
 def _columns(monkeypatch):
     monkeypatch.setenv("COLUMNS", str(WIDTH))
@@ -495,23 +514,7 @@ def test_keys_help_overlay_exact_lines():
     assert press(c, "?").redraw and c.opts.help
     lines = screen(opts=c.opts).splitlines()
     assert lines[4] == "VMs 2 running · sort ops · keys: ? help, q quit"
-    assert lines[5:] == [
-        "",
-        "keys (kvm_stat's where they fit)",
-        "  ? h    show the keys (any key closes the list)",
-        "  < >    sort by the previous / next key: ops, latency, slots, pid",
-        "  o      reverse the sort order",
-        "  p      filter by pid: type pids (e.g. 4242,4343), Enter",
-        "  g      filter by guest: part of its name or command, Enter",
-        "  f      show only the ops matching a regular expression",
-        "  c      clear the filters (pid, guest, op)",
-        "  s      set the update interval (seconds, 0.1 to 3600)",
-        "  r      reset: zero the figures shown since start",
-        "  v      choose the VM of the histogram panel",
-        "  space  pause / resume the display (tracing goes on)",
-        "  q      quit (Ctrl-C too) with a summary since start",
-        "  in a prompt: Enter applies, Esc cancels, an empty line clears that filter",
-    ]
+    assert lines[5:] == [""] + HELP_SCREEN
     # any key closes it and does nothing else; h opens it too; q closes it and quits
     act = press(c, "o")
     assert not c.opts.help and not c.opts.reverse and act.redraw and not act.quit

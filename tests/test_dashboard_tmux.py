@@ -21,6 +21,8 @@ import uuid
 
 import pytest
 
+from tests.test_dashboard import HELP_SCREEN
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
@@ -246,23 +248,7 @@ def _paused_with_both(tmux_factory):
     return t
 
 
-HELP = [
-    "keys (kvm_stat's where they fit)",
-    "  ? h    show the keys (any key closes the list)",
-    "  < >    sort by the previous / next key: ops, latency, slots, pid",
-    "  o      reverse the sort order",
-    "  p      filter by pid: type pids (e.g. 4242,4343), Enter",
-    "  g      filter by guest: part of its name or command, Enter",
-    "  f      show only the ops matching a regular expression",
-    "  c      clear the filters (pid, guest, op)",
-    "  s      set the update interval (seconds, 0.1 to 3600)",
-    "  r      reset: zero the figures shown since start",
-    "  v      choose the VM of the histogram panel",
-    "  space  pause / resume the display (tracing goes on)",
-    "  q      quit (Ctrl-C too) with a summary since start",
-    "  in a prompt: Enter applies, Esc cancels, an empty line clears that filter",
-    "",
-]
+HELP = HELP_SCREEN + [""]
 
 
 def test_tmux_help_overlay_exact_lines(tmux_factory):

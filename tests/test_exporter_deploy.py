@@ -211,14 +211,15 @@ def wait_for(pred, timeout: float, what: str):
 class Prom:
     """A Prometheus server on a loopback port scraping one target every second."""
 
-    def __init__(self, d: Path, target: str, rules: Path = None):
+    def __init__(self, d: Path, target: str, rules: Path = None, jobs: str = None):
+        """``jobs``: the scrape_configs entries (YAML), default one plain-HTTP job kvmtrace."""
         self.port = free_port()
         cfg = d / "prometheus.yml"
         cfg.write_text(
             "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n"
             + (f"rule_files: ['{rules}']\n" if rules else "")
-            + "scrape_configs:\n  - job_name: kvmtrace\n    static_configs:\n"
-            f"      - targets: ['{target}']\n"
+            + "scrape_configs:\n"
+            + (jobs or f"  - job_name: kvmtrace\n    static_configs:\n      - targets: ['{target}']\n")
         )
         self.log = open(d / "prometheus.log", "w")
         self.proc = subprocess.Popen(

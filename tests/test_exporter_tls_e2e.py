@@ -37,8 +37,7 @@ class TlsProm(Prom):
     """Prometheus on a loopback port scraping the exporter every second over https with basic
     auth: job kvmtrace with the right password, job wrong with a wrong one."""
 
-    def __init__(self, d, target: str, pki):  # noqa: super().__init__ writes a plain-HTTP config
-        self.port = free_port()
+    def __init__(self, d, target: str, pki):
         (d / "right").write_text(PASSWORD)
         (d / "wrong").write_text("not-" + PASSWORD)
         jobs = "".join(
@@ -47,16 +46,7 @@ class TlsProm(Prom):
             f"    basic_auth:\n      username: prometheus\n      password_file: {d / job.replace('kvmtrace', 'right')}\n"
             f"    static_configs:\n      - targets: ['{target}']\n"
             for job in ("kvmtrace", "wrong"))
-        cfg = d / "prometheus.yml"
-        cfg.write_text("global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n"
-                       "scrape_configs:\n" + jobs)
-        self.log = open(d / "prometheus.log", "w")
-        self.proc = subprocess.Popen(
-            [need_tool("prometheus", "prometheus"), f"--config.file={cfg}", f"--storage.tsdb.path={d / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{self.port}", "--storage.tsdb.retention.time=1h"],
-            stdout=self.log, stderr=subprocess.STDOUT)
-        wait_for(lambda: self.proc.poll() is None and get(f"http://127.0.0.1:{self.port}/-/ready", 2), 60,
-                 "Prometheus to be ready")
+        super().__init__(d, target, jobs=jobs)
 
     def up(self, job: str):
         r = self.query(f'up{{job="{job}"}}')
