@@ -266,7 +266,7 @@ static __always_inline void max_update(u64 *slot, u64 v)
                        // threads' copies); places from VM_PER_PROC on are in tp_vmmore
 #ifndef VM_LIST_MAX
 #define VM_LIST_MAX 16 // live VMs of one process the list holds; a VM beyond it is not registered
-#endif             // (userspace passes records.VM_LIST_MAX). The loops over the places beyond
+#endif             // (records.VM_LIST_MAX: the same, tests/test_records.py). The loops beyond
                    // VM_PER_PROC are unrolled: 6.1's verifier refused a bounded loop of 56
                    // ("the sequence of 8193 jumps is too complex"), 6.12's hit its 1 M limit
 #define FD_VCPU (1ull << 63)  // tp_vmfd value: a vCPU descriptor of the VM (gen in the other bits)
